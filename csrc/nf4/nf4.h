@@ -1,0 +1,109 @@
+// NF4 (QLoRA's 4-bit NormalFloat), in bitsandbytes' format byte for byte.
+//
+// Format. A tensor of n elements, flattened, is cut into blocks of `blocksize` (a power of two,
+// 32..4096); the last block may be partial. Per block: absmax = max |x| (fp32). Each element is
+// scaled s = x * (1 / absmax) and encoded as the index of the nearest of the 16 NF4 code values:
+// the number of midpoints (code[i] + code[i+1]) / 2 (in fp32) strictly below s, so a value exactly
+// on a midpoint takes the lower code. Two codes per byte, the first element in the high nibble; an
+// odd count pads the last low nibble with code 7 (0.0). Decoding: x' = code[q] * absmax, in fp32,
+// rounded once to the output dtype.
+//
+// Double quantization ("nested", bnb's compress_statistics=True): offset = mean(absmax); the
+// centred absmax - offset is 8-bit quantized with a sorted 256-entry code (bnb's signed dynamic
+// map) in blocks of 256 with fp32 absmax2. Decoding one block's scale:
+//   scale = fl(fl(code2[qabsmax] * absmax2[b / 256]) + offset)   (two roundings, no FMA),
+// the order bitsandbytes uses, so dequantizing a bnb checkpoint reproduces bnb's values exactly.
+//
+// This header holds the math both the CPU and the CUDA kernels run.
+#pragma once
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/macros.h"
+#include "common/tensor.h"
+
+// The 16 NF4 values (QLoRA, Dettmers et al. 2023, Appendix E), as fp32 in bitsandbytes.
+#define PYLLMOPS_NF4_CODE_VALUES                                                                \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,                   \
+      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,               \
+      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f, \
+      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f
+
+namespace pyllmops {
+namespace nf4 {
+
+constexpr int kMinBlocksize = 32;  // >= 32 lets a CUDA thread own 16 packed bytes of one block
+constexpr int kMaxBlocksize = 4096;
+constexpr int kNestedCodeSize = 256;
+constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit (decode batches)
+
+// Reciprocal used to scale a block; bnb clamps absmax at 1e-38 so an all-zero block encodes 0.
+PYLLMOPS_HD float block_reciprocal(float absmax) { return 1.0f / (absmax < 1e-38f ? 1e-38f : absmax); }
+
+// Nearest NF4 code of a scaled value (ties to the lower code), branch-free.
+PYLLMOPS_HD uint32_t encode(const float* code, float s) {
+  uint32_t q = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 15; ++i) q += s > PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(code[i], code[i + 1]), 0.5f) ? 1u : 0u;
+  return q;
+}
+
+// Nearest entry of a sorted code of size n (ties to the lower index): the number of midpoints
+// strictly below s, found by binary search.
+PYLLMOPS_HD uint32_t encode_sorted(const float* code, int n, float s) {
+  int lo = 0, hi = n - 1;  // answer in [lo, hi]; midpoint i lies between code[i] and code[i + 1]
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const float m = PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(code[mid], code[mid + 1]), 0.5f);
+    if (s > m) lo = mid + 1; else hi = mid;
+  }
+  return static_cast<uint32_t>(lo);
+}
+
+// Where each block's scale comes from: plain fp32 absmax, or the nested 8-bit form.
+struct Scales {
+  const float* absmax = nullptr;   // plain: [n_blocks] fp32
+  const uint8_t* qabsmax = nullptr;  // nested: [n_blocks] codes into code2
+  const float* absmax2 = nullptr;  // nested: [ceil(n_blocks / blocksize2)] fp32
+  const float* code2 = nullptr;    // nested: [256] sorted code
+  const float* offset = nullptr;   // nested: [1] fp32 mean of the original absmax
+  int64_t blocksize2 = 256;
+
+  PYLLMOPS_HD bool nested() const { return qabsmax != nullptr; }
+  PYLLMOPS_HD float operator()(int64_t block) const {
+    if (qabsmax == nullptr) return absmax[block];
+    const float v = PYLLMOPS_MUL_RN(code2[qabsmax[block]], absmax2[block / blocksize2]);
+    return PYLLMOPS_ADD_RN(v, offset[0]);
+  }
+};
+
+// ---- kernel entry points (bindings.cpp checks views, then calls one of these) ------------------
+// Buffers are contiguous. `stream` is a cudaStream_t handle for the CUDA entry points.
+
+// w[n] (f32/f16/bf16) -> packed[(n + 1) / 2], absmax[ceil(n / blocksize)]
+void quantize_cpu(const TensorView& w, int64_t blocksize, const TensorView& packed, const TensorView& absmax);
+void quantize_cuda(const TensorView& w, int64_t blocksize, const TensorView& packed, const TensorView& absmax,
+                   uintptr_t stream);
+
+// x[n] fp32 -> q[n] uint8 codes into `code` (sorted, code_size entries), absmax[ceil(n / blocksize)]
+void quantize_sorted_code_cpu(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,
+                              const TensorView& absmax);
+void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,
+                               const TensorView& absmax, uintptr_t stream);
+
+// packed + scales -> out[n] (f32/f16/bf16)
+void dequantize_cpu(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out);
+void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out,
+                     uintptr_t stream);
+
+// y[m, n] = x[m, k] . W[n, k]^T (+ bias[n]) with W in NF4 (flattened row-major, n*k elements),
+// m <= kMaxSkinnyRows; W is decoded in registers and never written out.
+void skinny_matmul_cpu(const TensorView& x, const TensorView& packed, const Scales& scales, int64_t blocksize,
+                       const TensorView* bias, const TensorView& y);
+void skinny_matmul_cuda(const TensorView& x, const TensorView& packed, const Scales& scales, int64_t blocksize,
+                        const TensorView* bias, const TensorView& y, uintptr_t stream);
+
+}  // namespace nf4
+}  // namespace pyllmops

@@ -1,0 +1,12 @@
+"""pyllmops: fast, exact kernels for fine-tuning, aligning and serving LLMs.
+
+Functional API (this module), modules (pyllmops.nn), references (pyllmops.reference).
+"""
+__version__ = "0.1.0"
+
+from pyllmops import ops  # noqa: F401  (registers torch.ops.pyllmops.*)
+from pyllmops import nn  # noqa: F401
+from pyllmops._ext import build_info
+from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
+
+__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__"]

@@ -1,0 +1,5 @@
+"""Op families, each declared once with torch.library (schema, fake, kernels, autograd).
+
+Importing a family module registers its ops under torch.ops.pyllmops.*.
+"""
+from pyllmops.ops import nf4  # noqa: F401

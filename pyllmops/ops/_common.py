@@ -1,0 +1,90 @@
+"""What every op family shares: tensor views for _C, streams, output allocation, argument checks.
+
+Arguments are checked here, before any kernel runs, with messages that name the argument, the
+value received and what was expected. _C checks again what its kernels rely on.
+"""
+import contextlib
+import os
+
+import torch
+
+from pyllmops._ext import dtype_codes
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DEVICES = ("cpu", "cuda")
+
+# Tests poison every output before the kernel runs (NaN for floats, 0xA5 bytes for integers), so an
+# element a kernel fails to write cannot pass. Off by default: it costs a fill per output.
+_poison = os.environ.get("PYLLMOPS_POISON", "0") == "1"
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled=True):
+    global _poison
+    old, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+def empty(shape, dtype, device):
+    """Allocates a kernel output (poisoned when poison_outputs() is on)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0xA5)
+    return out
+
+
+def view(t):
+    """The 5-tuple _C takes for a tensor: (data_ptr, dtype code, shape, strides, device index)."""
+    codes = dtype_codes()
+    if t.dtype not in codes:
+        raise ValueError(f"tensor of dtype {t.dtype} cannot be passed to a kernel")
+    return (t.data_ptr(), codes[t.dtype], tuple(t.shape), tuple(t.stride()),
+            t.device.index if t.is_cuda else -1)
+
+
+def opt_view(t):
+    return None if t is None else view(t)
+
+
+def stream(t):
+    """Handle of the current CUDA stream of t's device (0 for CPU tensors)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+# ---- argument checks -------------------------------------------------------------------------
+def check_tensor(name, t, *, dtypes=None, dim=None, min_dim=None, device=None, nonempty=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({expected}), got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
+    if t.device.type not in KERNEL_DEVICES and t.device.type != "meta":
+        raise ValueError(f"{name} is on {t.device}; pyllmops kernels run on cpu and cuda")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of the other inputs)")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def check_int(name, value, *, choices=None, min_value=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")

@@ -1,0 +1,2 @@
+"""Pure-PyTorch implementations of every op: the test oracle, runnable in float64."""
+from pyllmops.reference import nf4  # noqa: F401
