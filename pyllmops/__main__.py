@@ -1,0 +1,65 @@
+"""python -m pyllmops {info, bench FAMILY}"""
+import argparse
+import importlib
+import sys
+
+
+def cmd_info(args):
+    import torch
+
+    import pyllmops
+
+    b = pyllmops.build_info()
+    print(f"pyllmops {pyllmops.__version__}")
+    print(f"  backends compiled: cpu{', cuda' if b['cuda'] else ''}")
+    if b["cuda"]:
+        print(f"  CUDA {b['cuda_version']}, archs {b['cuda_archs']}")
+    print(f"  CPU threads: {pyllmops._ext.lib().num_threads()}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"GPUs visible to torch: {n}")
+    archs = {a.rstrip("a") for a in b["cuda_archs"].split(",") if a}
+    for i in range(n):
+        major, minor = torch.cuda.get_device_capability(i)
+        cap = f"{major}{minor}"
+        covered = cap in archs or any(int(a) <= int(cap) for a in archs) if b["cuda"] else False
+        print(f"  cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap}"
+              f"{'' if covered else '  (no kernels compiled for this arch)'}")
+
+
+def cmd_bench(args):
+    import torch
+
+    from pyllmops.bench import FAMILIES
+    from pyllmops.bench.harness import Bench, device_slug
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    families = list(FAMILIES) if args.family == "all" else [args.family]
+    for family in families:
+        if family not in FAMILIES:
+            sys.exit(f"unknown benchmark family {family!r}; choose from {sorted(FAMILIES)} or 'all'")
+        bench = Bench(family, device, quick=args.quick)
+        importlib.import_module(FAMILIES[family]).run(bench)
+        print(bench.markdown())
+        if args.out:
+            out = bench.write(args.out if args.flat else f"{args.out}/{device_slug(bench.device)}")
+            print(f"wrote {out}/{family}.json and {family}.md")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pyllmops")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="version, compiled backends, CUDA archs, visible GPUs").set_defaults(fn=cmd_info)
+    b = sub.add_parser("bench", help="kernel microbenchmarks")
+    b.add_argument("family", help="op family (e.g. nf4) or 'all'")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--out", default=None, help="write <out>/<device>/<family>.json and .md")
+    b.add_argument("--flat", action="store_true", help="write straight into --out, without the device folder")
+    b.set_defaults(fn=cmd_bench)
+    args = p.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Kernel microbenchmarks: `python -m pyllmops bench <family>`; one module per family, one harness."""
+
+# family -> module defining run(bench: harness.Bench)
+FAMILIES = {
+    "nf4": "pyllmops.bench.nf4",
+}

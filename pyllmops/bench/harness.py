@@ -1,0 +1,221 @@
+"""The benchmark harness every op family shares.
+
+A family's bench module (pyllmops/bench/<family>.py) defines `run(bench)` and calls
+`bench.measure(kernel, provider, mode, x, fn, bytes=..., flops=...)` once per (case, provider); the
+harness times it, converts to GB/s or TFLOP/s, relates it to the device's measured ceilings and to
+the baseline provider of the same case, and writes one long-format table:
+  kernel, provider, mode, x, median_ms, p20_ms, p80_ms, gbps, tflops, pct_of_ceiling, vs_baseline
+plus the run's metadata (device, commit, date, torch, CUDA) to <out>/<family>.json and .md.
+
+Timing. CUDA: triton.testing.do_bench when triton is importable (warm-up, L2 flushed before each
+run, CUDA-event timing), else the same procedure here. CPU: perf_counter over repeated calls after
+a warm-up. Both report the median and the 20th/80th percentiles.
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import pyllmops
+
+
+def _quantiles(samples):
+    s = sorted(samples)
+    pick = (lambda q: s[min(len(s) - 1, int(round(q * (len(s) - 1))))])
+    return statistics.median(s), pick(0.2), pick(0.8)
+
+
+def time_cuda(fn, warmup_ms=25, rep_ms=100):
+    """-> (median, p20, p80) in ms, L2 flushed before every run."""
+    try:
+        from triton.testing import do_bench
+
+        return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+    except ImportError:
+        pass
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warm, n_rep = max(1, int(warmup_ms / est)), max(5, min(1000, int(rep_ms / est)))
+    for _ in range(n_warm):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rep)]
+    for s, e in events:
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _quantiles([s.elapsed_time(e) for s, e in events])
+
+
+def time_cpu(fn, warmup=2, min_time_s=0.3, max_reps=50):
+    """-> (median, p20, p80) in ms."""
+    for _ in range(warmup):
+        fn()
+    samples, total = [], 0.0
+    while len(samples) < 3 or (total < min_time_s and len(samples) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        samples.append(dt * 1e3)
+        total += dt
+    return _quantiles(samples)
+
+
+def git_commit():
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def device_slug(device):
+    return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+
+
+class Bench:
+    def __init__(self, family, device, quick=False, timer=None):
+        self.family, self.device, self.quick = family, torch.device(device), quick
+        self.rows = []
+        self._ceilings = None
+        self._timer = timer
+        self.meta = {
+            "family": family,
+            "device": device_name(self.device),
+            "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "pyllmops": pyllmops.__version__,
+            "build": pyllmops.build_info(),
+            "threads": torch.get_num_threads(),
+            "quick": quick,
+        }
+
+    # ---- timing -------------------------------------------------------------------------------
+    def time(self, fn):
+        if self._timer is not None:
+            return self._timer(fn)
+        if self.device.type == "cuda":
+            return time_cuda(fn)
+        return time_cpu(fn, min_time_s=0.1 if self.quick else 0.3)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- ceilings -----------------------------------------------------------------------------
+    def ceilings(self):
+        """Measured once per run: large device copy (GB/s, bytes read + written) and a large matmul
+        (TFLOP/s; bf16 8192^3 on CUDA, fp32 on CPU where bf16 is not a fast path)."""
+        if self._ceilings is None:
+            dev = self.device
+            if dev.type == "cuda":
+                n_bytes, mm_n, mm_dtype = 1 << 30, 8192, torch.bfloat16
+            else:
+                n_bytes, mm_n, mm_dtype = (64 << 20) if self.quick else (256 << 20), 1024 if self.quick else 2048, \
+                    torch.float32
+            src = torch.empty(n_bytes, dtype=torch.uint8, device=dev).random_(0, 255)
+            dst = torch.empty_like(src)
+            t_copy = self.time(lambda: dst.copy_(src))[0]
+            a = torch.randn(mm_n, mm_n, dtype=mm_dtype, device=dev)
+            b = torch.randn(mm_n, mm_n, dtype=mm_dtype, device=dev)
+            t_mm = self.time(lambda: a @ b)[0]
+            self._ceilings = {
+                "copy_gbps": 2 * n_bytes / (t_copy * 1e-3) / 1e9,
+                "matmul_tflops": 2 * mm_n ** 3 / (t_mm * 1e-3) / 1e12,
+                "matmul": f"{str(mm_dtype).replace('torch.', '')} {mm_n}^3",
+            }
+            del src, dst, a, b
+            self.meta["ceilings"] = self._ceilings
+        return self._ceilings
+
+    # ---- measuring ----------------------------------------------------------------------------
+    def measure(self, kernel, provider, mode, x, fn, *, bytes=None, flops=None, baseline=False):
+        """Times fn and records a row. bytes: bytes moved (each read or written once) -> GB/s;
+        flops -> TFLOP/s. The case's `baseline=True` provider is what vs_baseline divides by."""
+        try:
+            fn()
+            self.sync()
+            med, p20, p80 = self.time(fn)
+        except Exception as e:  # a peer that cannot run this case: recorded, not fatal
+            self.rows.append(dict(kernel=kernel, provider=provider, mode=mode, x=x, error=f"{type(e).__name__}: {e}"))
+            return None
+        ceil = self.ceilings()
+        row = dict(kernel=kernel, provider=provider, mode=mode, x=x, median_ms=med, p20_ms=p20, p80_ms=p80,
+                   gbps=None, tflops=None, pct_of_ceiling=None, baseline=baseline)
+        if bytes is not None:
+            row["gbps"] = bytes / (med * 1e-3) / 1e9
+            row["pct_of_ceiling"] = 100 * row["gbps"] / ceil["copy_gbps"]
+        if flops is not None:
+            row["tflops"] = flops / (med * 1e-3) / 1e12
+            row["pct_of_ceiling"] = 100 * row["tflops"] / ceil["matmul_tflops"]
+        self.rows.append(row)
+        return row
+
+    def _finish(self):
+        """vs_baseline = baseline median / this median (> 1: faster than the baseline)."""
+        for row in self.rows:
+            if "median_ms" not in row:
+                continue
+            base = [r for r in self.rows if r.get("baseline") and "median_ms" in r and
+                    (r["kernel"], r["mode"], r["x"]) == (row["kernel"], row["mode"], row["x"])]
+            row["vs_baseline"] = base[0]["median_ms"] / row["median_ms"] if base else None
+
+    # ---- output -------------------------------------------------------------------------------
+    def markdown(self):
+        self._finish()
+        c = self.ceilings()
+        lines = [
+            f"# {self.family} on {self.meta['device']}",
+            "",
+            f"commit {self.meta['commit']}, {self.meta['date']}, torch {self.meta['torch']}, "
+            f"CUDA {self.meta['cuda']}, pyllmops {self.meta['pyllmops']}, threads {self.meta['threads']}",
+            f"ceilings (measured): copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.2f} TFLOP/s "
+            f"({c['matmul']})",
+            "",
+            "| kernel | mode | x | provider | median ms | p20 | p80 | GB/s | TFLOP/s | % ceiling | vs baseline |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        fmt = (lambda v, f: "" if v is None else format(v, f))
+        for r in self.rows:
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']} | n/a: {r['error'][:80]} "
+                             f"| | | | | | |")
+                continue
+            lines.append(
+                f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']}{' (baseline)' if r['baseline'] else ''} "
+                f"| {r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {fmt(r['gbps'], '.1f')} "
+                f"| {fmt(r['tflops'], '.2f')} | {fmt(r['pct_of_ceiling'], '.1f')} | {fmt(r.get('vs_baseline'), '.2f')}x |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir):
+        self._finish()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{self.family}.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        (out / f"{self.family}.md").write_text(self.markdown())
+        return out

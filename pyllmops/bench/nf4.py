@@ -1,0 +1,78 @@
+"""NF4 benchmarks: quantize, dequantize (GB/s vs the copy ceiling) and the fused decode matmul
+(GB/s of weight + activations) against bitsandbytes and a dense torch matmul, when available.
+
+Bytes counted once each: packed weight n/2, scales (4 bytes per block, or 1 per block + 4 per 256
+blocks when nested), dense input/output at their element size.
+"""
+import torch
+
+import pyllmops
+from pyllmops.ops.nf4 import NESTED_BLOCKSIZE
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+
+        return F
+    except Exception:
+        return None
+
+
+def _scale_bytes(n, blocksize, nested):
+    blocks = -(-n // blocksize)
+    return blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 if nested else 4 * blocks
+
+
+def run(bench):
+    dev, F = bench.device, _bnb()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    esize = torch.empty(0, dtype=dtype).element_size()
+    if dev.type == "cuda":
+        shapes = [(4096, 4096), (14336, 4096), (4096, 14336)] if not bench.quick else [(4096, 4096), (14336, 4096)]
+        rows_list = [1, 4, 8]
+    else:
+        shapes = [(1024, 4096)] if bench.quick else [(1024, 4096), (4096, 4096)]
+        rows_list = [1, 8]
+    blocksize, nested = 64, True
+    for (n_out, n_in) in shapes:
+        x_label = f"{n_out}x{n_in} bs{blocksize} dq"
+        w = torch.randn(n_out, n_in, dtype=dtype, device=dev) * 0.02
+        n = w.numel()
+        packed, state = pyllmops.quantize_nf4(w, blocksize, nested)
+        qbytes = n // 2 + _scale_bytes(n, blocksize, nested)
+
+        # quantize: read w, write packed + scales
+        bench.measure("quantize", "pyllmops", "fwd", x_label, lambda: pyllmops.quantize_nf4(w, blocksize, nested),
+                      bytes=n * esize + qbytes)
+        if F is not None:
+            bench.measure("quantize", "bitsandbytes", "fwd", x_label, baseline=True,
+                          fn=lambda: F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                                     compress_statistics=nested), bytes=n * esize + qbytes)
+
+        # dequantize: read packed + scales, write w
+        bench.measure("dequantize", "pyllmops", "fwd", x_label, lambda: pyllmops.dequantize_nf4(packed, state),
+                      bytes=qbytes + n * esize)
+        if F is not None:
+            pb, sb = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+            bench.measure("dequantize", "bitsandbytes", "fwd", x_label, lambda: F.dequantize_4bit(pb, sb),
+                          bytes=qbytes + n * esize, baseline=True)
+        bench.measure("dequantize", "torch copy of the dense weight", "fwd", x_label, lambda: w.clone(),
+                      bytes=2 * n * esize)
+
+        # decode matmul: y[m, n_out] = x[m, n_in] W^T
+        for m in rows_list:
+            x = torch.randn(m, n_in, dtype=dtype, device=dev)
+            io = (m * n_in + m * n_out) * esize
+            label = f"{x_label} m{m}"
+            bench.measure("linear", "pyllmops fused", "fwd", label, lambda: pyllmops.nf4_linear(x, packed, state),
+                          bytes=qbytes + io)
+            bench.measure("linear", "pyllmops dequantize+matmul", "fwd", label,
+                          lambda: x @ pyllmops.dequantize_nf4(packed, state, x.dtype).T, bytes=qbytes + io)
+            if F is not None:
+                import bitsandbytes as bnb
+
+                bench.measure("linear", "bitsandbytes matmul_4bit", "fwd", label,
+                              lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb), bytes=qbytes + io, baseline=True)
+            bench.measure("linear", f"torch dense {str(dtype).replace('torch.', '')}", "fwd", label,
+                          lambda: torch.nn.functional.linear(x, w), bytes=n * esize + io)
