@@ -101,12 +101,11 @@ class NF4Linear(nn.Module):
             except ValueError as e:
                 error_msgs.append(f"{prefix}weight: {e}")
                 return
-            if len(state.shape) != 2:
-                error_msgs.append(f"{prefix}weight: quant state shape {tuple(state.shape)} is not 2-D")
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(state.shape)} does not match the layer's "
+                                  f"(out_features, in_features) = {(self.out_features, self.in_features)}")
                 return
-            self.out_features, self.in_features = state.shape
+            # The blocksize and nesting are the checkpoint's; the packed size depends on the shape only.
             self.quant_state = state
-            # Make room for the incoming packed weight (its size follows the loaded shape).
-            self._buffers["weight"] = torch.empty_like(rest[prefix + "weight"], device=self.weight.device)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -1,0 +1,419 @@
+"""NF4: kernels vs the reference (bit-exact where the format is defined bit for bit, float64 otherwise),
+bitsandbytes byte-compatibility, NF4Linear, torch.library registration, bad inputs."""
+import json
+
+import pytest
+import torch
+
+import pyllmops
+from pyllmops import reference as R
+from pyllmops._ext import lib
+from pyllmops.nn import NF4Linear
+from pyllmops.ops import nf4 as nf4_ops
+from pyllmops.ops._common import view
+from tests.conftest import assert_close, devices
+
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+except Exception:  # pragma: no cover - bitsandbytes is in the test extra
+    bnb = bnbF = None
+
+needs_bnb = pytest.mark.skipif(bnbF is None, reason="bitsandbytes not importable")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# awkward element counts: 1, odd, partial last blocks, several blocks, a 2-D and a 3-D tensor
+SHAPES = [(1,), (2,), (17,), (63,), (4097,), (7, 5), (33, 129), (3, 17, 41)]
+
+
+def _weights(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float32) * scale).to(dtype).to(device)
+
+
+# ---- quantize / dequantize vs the reference ------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+def test_quantize_bit_exact_vs_reference(device, dtype, shape, blocksize):
+    w = _weights(shape, dtype, device)
+    packed, state = pyllmops.quantize_nf4(w, blocksize)
+    ref_packed, ref_absmax = R.nf4.quantize_nf4(w.cpu(), blocksize)
+    assert packed.shape == ((w.numel() + 1) // 2, 1) and packed.dtype == torch.uint8
+    assert torch.equal(packed.cpu(), ref_packed)
+    assert torch.equal(state.absmax.cpu(), ref_absmax)
+    assert state.shape == w.shape and state.dtype == dtype and state.blocksize == blocksize
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("blocksize", nf4_ops.BLOCKSIZES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_every_blocksize(device, blocksize, double_quant):
+    w = _weights((5, 3001), torch.bfloat16, device)
+    packed, state = pyllmops.quantize_nf4(w, blocksize, double_quant)
+    ref_packed, _ = R.nf4.quantize_nf4(w.cpu(), blocksize)
+    assert torch.equal(packed.cpu(), ref_packed)
+    out = pyllmops.dequantize_nf4(packed, state)
+    exact = R.nf4.dequantize_nf4(packed.cpu(), state.to("cpu"), torch.float32, out_dtype=torch.bfloat16)
+    assert torch.equal(out.cpu(), exact)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_bit_exact_and_accurate(device, dtype, out_dtype, shape, double_quant):
+    w = _weights(shape, dtype, device, scale=0.05)
+    packed, state = pyllmops.quantize_nf4(w, 64, double_quant)
+    out = pyllmops.dequantize_nf4(packed, state, out_dtype)
+    want_dtype = out_dtype or dtype
+    assert out.shape == w.shape and out.dtype == want_dtype
+    # the format fixes every value: code * absmax in fp32, rounded once
+    exact = R.nf4.dequantize_nf4(packed.cpu(), state.to("cpu"), torch.float32, out_dtype=want_dtype)
+    assert torch.equal(out.cpu(), exact)
+    # and against float64 decoding, only the output rounding remains
+    ref64 = R.nf4.dequantize_nf4(packed.cpu(), state.to("cpu"), torch.float64)
+    tol = 1e-7 if want_dtype == torch.float32 else 4e-3
+    assert_close(out.cpu(), ref64, tol, "dequantized")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_roundtrip_error_is_nf4_sized(device, double_quant):
+    # NF4 of Gaussian weights keeps ~10% relative error (4 bits); a broken code or scale gives far more
+    w = _weights((256, 512), torch.float32, device)
+    packed, state = pyllmops.quantize_nf4(w, 64, double_quant)
+    err = (pyllmops.dequantize_nf4(packed, state) - w).norm() / w.norm()
+    assert 0.05 < err.item() < 0.12
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nested_absmax(device):
+    w = _weights((300, 257), torch.float16, device)
+    packed, state = pyllmops.quantize_nf4(w, 64, double_quant=True)
+    _, plain = pyllmops.quantize_nf4(w, 64)
+    assert state.nested and state.absmax.dtype == torch.uint8
+    assert torch.equal(state.nested_code.cpu(), nf4_ops.dynamic_code())
+    offset = plain.absmax.mean()
+    assert torch.equal(state.nested_offset.cpu(), offset.cpu())
+    q, a2 = R.nf4.quantize_sorted_code((plain.absmax - offset).cpu(), nf4_ops.dynamic_code(), 256)
+    assert torch.equal(state.absmax.cpu(), q) and torch.equal(state.nested_absmax.cpu(), a2)
+    decoded = R.nf4.block_scales(state.to("cpu"))
+    assert_close(decoded, plain.absmax.cpu(), 5e-3, "decoded nested absmax")
+
+
+def test_single_and_multi_thread_agree():
+    w = _weights((64, 4096), torch.bfloat16, "cpu")
+    x = _weights((8, 4096), torch.bfloat16, "cpu")
+    results = []
+    for n in (1, 2):
+        lib().set_num_threads(n)
+        try:
+            packed, state = pyllmops.quantize_nf4(w, 64, True)
+            results.append((packed, pyllmops.dequantize_nf4(packed, state), pyllmops.nf4_linear(x, packed, state)))
+        finally:
+            lib().set_num_threads(0)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---- bitsandbytes compatibility -------------------------------------------------------------------
+def test_dynamic_code_matches_bnb():
+    if bnbF is None:
+        pytest.skip("bitsandbytes not importable")
+    assert torch.equal(nf4_ops.dynamic_code(), bnbF.create_dynamic_map(signed=True))
+    assert torch.equal(nf4_ops.nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(256, 1024)])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024])
+def test_bytes_equal_bnb(dtype, shape, blocksize):
+    w = _weights(shape, dtype, "cpu")
+    packed, state = pyllmops.quantize_nf4(w, blocksize)
+    bp, bs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    assert torch.equal(packed, bp)
+    assert torch.equal(state.absmax, bs.absmax)
+    bnb_out = bnbF.dequantize_4bit(bp, bs).reshape(shape)
+    assert torch.equal(pyllmops.dequantize_nf4(packed, state), bnb_out)
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 5), (4097,), (512, 1024)])
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_double_quant_matches_bnb(dtype, shape, blocksize):
+    """The 4-bit bytes, offset and nested absmax equal bnb's. bnb's CPU 8-bit quantizer rounds through a
+    65536-entry lookup table, so a code of absmax may differ by one step where the scaled value lies
+    within the table's resolution of a midpoint between two codes; we round exactly (as bnb's CUDA
+    kernel). Decoding bnb's own nested state reproduces bnb's values bit for bit."""
+    w = _weights(shape, dtype, "cpu")
+    packed, state = pyllmops.quantize_nf4(w, blocksize, double_quant=True)
+    bp, bs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(packed, bp)
+    assert torch.equal(state.nested_offset, bs.offset)
+    assert torch.equal(state.nested_absmax, bs.state2.absmax)
+    code = bs.state2.code
+    block2 = torch.arange(state.absmax.numel()) // 256
+    # where a nested block's absmax is 0 every code decodes to the offset: the choice is immaterial
+    diff = ((state.absmax != bs.absmax) & (bs.state2.absmax[block2] > 0)).nonzero().flatten()
+    _, plain = pyllmops.quantize_nf4(w, blocksize)
+    scaled = (plain.absmax - bs.offset) * (1.0 / bs.state2.absmax.clamp(min=1e-38)[block2])
+    err_ours = (code[state.absmax.long()] - scaled).abs()
+    err_bnb = (code[bs.absmax.long()] - scaled).abs()
+    assert (err_ours <= err_bnb).all(), "ours is the nearest code"
+    assert (err_bnb[diff] - err_ours[diff] <= 2.0 / 65535).all(), "bnb differs only within its LUT's resolution"
+    assert diff.numel() <= max(2, state.absmax.numel() // 50)
+    # bnb's nested state decodes identically through our kernel
+    ours = pyllmops.dequantize_nf4(bp, pyllmops.NF4State.from_bnb_dict(bs.as_dict(packed=True)))
+    assert torch.equal(ours, bnbF.dequantize_4bit(bp, bs).reshape(shape))
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bnb_dict_round_trip(double_quant, dtype):
+    w = _weights((33, 70), dtype, "cpu")
+    bp, bs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    bnb_dict = bs.as_dict(packed=True)
+    state = pyllmops.NF4State.from_bnb_dict(bnb_dict)
+    ours = state.as_bnb_dict()
+    assert ours.keys() == bnb_dict.keys()
+    for k in bnb_dict:
+        assert ours[k].dtype == bnb_dict[k].dtype and torch.equal(ours[k], bnb_dict[k]), k
+    # ours -> bnb: bnb reads our dict and decodes our bytes like we do
+    packed, own = pyllmops.quantize_nf4(w, 64, double_quant)
+    back = bnb.functional.QuantState.from_dict(own.as_bnb_dict(), device=torch.device("cpu"))
+    assert torch.equal(bnbF.dequantize_4bit(packed, back).reshape(w.shape), pyllmops.dequantize_nf4(packed, own))
+    # the packed=False form and prefixed keys (as in a Linear4bit state dict) read too
+    plain = pyllmops.NF4State.from_bnb_dict(bs.as_dict(packed=False))
+    prefixed = pyllmops.NF4State.from_bnb_dict({"weight." + k: v for k, v in bnb_dict.items()})
+    for s in (plain, prefixed):
+        assert torch.equal(pyllmops.dequantize_nf4(bp, s), pyllmops.dequantize_nf4(bp, state))
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4linear_loads_bnb_linear4bit_state_dict(double_quant):
+    lin = torch.nn.Linear(96, 40)
+    bp, bs = bnbF.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4",
+                                compress_statistics=double_quant)
+    # exactly the keys Linear4bit._save_to_state_dict writes
+    sd = {"weight": bp, "bias": lin.bias.detach()}
+    sd.update({"weight." + k: v for k, v in bs.as_dict(packed=True).items()})
+    layer = NF4Linear(96, 40, blocksize=32, double_quant=not double_quant)  # another blocksize and format
+    layer.load_state_dict(sd)
+    assert layer.quant_state.blocksize == 64 and layer.quant_state.nested == double_quant
+    x = torch.randn(3, 96)
+    # decoded from bnb's bytes and scales by the format's definition (bnb 0.50's CPU dequantize_4bit is
+    # itself wrong when a row is not a multiple of the blocksize, as here: 96 = 1.5 blocks)
+    w_bnb = R.nf4.dequantize_nf4(bp, pyllmops.NF4State.from_bnb_dict(bs.as_dict(packed=True)), torch.float64)
+    assert_close(layer(x), torch.nn.functional.linear(x.double(), w_bnb, lin.bias.double()), 1e-5)
+    # and our state dict has the same keys, dtypes and shapes as bnb's
+    ours = layer.state_dict()
+    assert ours.keys() == sd.keys()
+    for k in sd:
+        assert ours[k].dtype == sd[k].dtype and ours[k].shape == sd[k].shape, k
+
+
+# ---- fused linear ---------------------------------------------------------------------------------
+LINEAR_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 4), (9,), (5, 7)])  # <= 8 rows: fused kernel
+@pytest.mark.parametrize("in_out", [(256, 96), (100, 33), (33, 7), (4096, 64)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_forward(device, dtype, lead, in_out, double_quant):
+    k, n = in_out
+    w = _weights((n, k), dtype, device, scale=k ** -0.5)
+    packed, state = pyllmops.quantize_nf4(w, 64, double_quant)
+    x = _weights((*lead, k), dtype, device)
+    bias = _weights((n,), dtype, device)
+    for b in (None, bias):
+        y = pyllmops.nf4_linear(x, packed, state, b)
+        assert y.shape == (*lead, n) and y.dtype == dtype
+        ref = R.nf4.nf4_linear(x.cpu(), packed.cpu(), state.to("cpu"), None if b is None else b.cpu())
+        assert_close(y.cpu(), ref, LINEAR_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(2,), (4, 3)])
+def test_nf4_linear_backward(device, dtype, lead):
+    k, n = 130, 48
+    w = _weights((n, k), dtype, device, scale=k ** -0.5)
+    packed, state = pyllmops.quantize_nf4(w, 64, True)
+    x = _weights((*lead, k), dtype, device).requires_grad_()
+    bias = _weights((n,), dtype, device).requires_grad_()
+    dy = _weights((*lead, n), dtype, device)
+    pyllmops.nf4_linear(x, packed, state, bias).backward(dy)
+    x64 = x.detach().cpu().double().requires_grad_()
+    b64 = bias.detach().cpu().double().requires_grad_()
+    R.nf4.nf4_linear(x64, packed.cpu(), state.to("cpu"), b64).backward(dy.cpu().double())
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    assert_close(x.grad.cpu(), x64.grad, tol, "dx")
+    assert_close(bias.grad.cpu(), b64.grad, tol, "dbias")
+
+
+# ---- NF4Linear ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+def test_nf4linear_module(device):
+    lin = torch.nn.Linear(192, 80).to(device)
+    layer = NF4Linear.from_linear(lin, blocksize=64, double_quant=True)
+    x = torch.randn(2, 5, 192, device=device, requires_grad=True)
+    y = layer(x)
+    w = R.nf4.dequantize_nf4(layer.weight.cpu(), layer.quant_state.to("cpu"), torch.float64).to(device)
+    ref = torch.nn.functional.linear(x.detach().double(), w, lin.bias.detach().double())
+    assert_close(y, ref, 2e-5)
+    y.sum().backward()
+    assert_close(x.grad, torch.ones(2, 5, 80, dtype=torch.float64, device=device) @ w, 2e-5, "dx")
+    assert layer.bias.grad is not None and layer.weight.grad is None
+    # state dict round trip into a fresh layer with another format; another shape is refused
+    fresh = NF4Linear(192, 80, blocksize=128, double_quant=False, device=device)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), y)
+    with pytest.raises(RuntimeError, match="shape \\(80, 192\\) does not match"):
+        NF4Linear(16, 16).load_state_dict(layer.state_dict())
+    # dtype casts leave the quant state alone; the forward follows x's dtype
+    layer.half()
+    assert layer.quant_state.nested_absmax.dtype == torch.float32
+    assert layer(x.detach().half()).dtype == torch.float16
+    assert "blocksize=64" in repr(layer)
+
+
+def test_nf4linear_init_and_errors():
+    layer = NF4Linear(64, 32, bias=False, blocksize=32)
+    assert layer(torch.randn(3, 64)).shape == (3, 32)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        NF4Linear.from_linear(torch.nn.Conv1d(1, 1, 1))
+    bad = layer.state_dict()
+    del bad["weight.absmax"]
+    with pytest.raises(RuntimeError, match="absmax"):
+        NF4Linear(64, 32, bias=False).load_state_dict(bad)
+
+
+# ---- torch.library: opcheck, fake tensors, torch.compile -----------------------------------------
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_opcheck(double_quant):
+    w = torch.randn(48, 80)
+    packed, state = pyllmops.quantize_nf4(w, 32, double_quant)
+    a = state.kernel_args()
+    torch.library.opcheck(torch.ops.pyllmops.nf4_quantize.default, (w, 64))
+    torch.library.opcheck(torch.ops.pyllmops.nf4_quantize_sorted_code.default,
+                          (torch.randn(1000), nf4_ops.dynamic_code(), 256))
+    torch.library.opcheck(torch.ops.pyllmops.nf4_dequantize.default, (packed, *a, w.numel(), torch.bfloat16))
+    for rows in (3, 20):  # fused and dequantize paths
+        x = torch.randn(rows, 80, requires_grad=True)
+        bias = torch.randn(48, requires_grad=True)
+        torch.library.opcheck(torch.ops.pyllmops.nf4_linear.default, (x, packed, *a[:4], bias, a[4], a[5], 48))
+
+
+def test_meta_tensors():
+    w = torch.empty(100, 64, device="meta", dtype=torch.bfloat16)
+    packed, absmax = torch.ops.pyllmops.nf4_quantize(w, 64)
+    assert packed.shape == (3200, 1) and absmax.shape == (100,) and packed.device.type == "meta"
+
+
+def test_torch_compile_nf4linear():
+    layer = NF4Linear(64, 24)
+    x = torch.randn(4, 64, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    assert torch.equal(out, eager)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- bad inputs: Python first, C++ re-checks --------------------------------------------------------
+def test_bad_inputs_python():
+    w = torch.randn(64, 64)
+    packed, state = pyllmops.quantize_nf4(w)
+    with pytest.raises(ValueError, match="w must have dtype"):
+        pyllmops.quantize_nf4(torch.ones(8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="w must be a torch.Tensor"):
+        pyllmops.quantize_nf4([1.0, 2.0])
+    with pytest.raises(ValueError, match="blocksize must be one of .* got 48"):
+        pyllmops.quantize_nf4(w, 48)
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        pyllmops.quantize_nf4(w, 64.0)
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        pyllmops.quantize_nf4(w, 64, 1)
+    with pytest.raises(ValueError, match="must not be empty"):
+        pyllmops.quantize_nf4(torch.empty(0))
+    with pytest.raises(ValueError, match="packed has 100 bytes, expected 2048"):
+        pyllmops.dequantize_nf4(packed[:100], state)
+    with pytest.raises(ValueError, match="packed must have dtype"):
+        pyllmops.dequantize_nf4(packed.float(), state)
+    with pytest.raises(TypeError, match="state must be an NF4State"):
+        pyllmops.dequantize_nf4(packed, {"absmax": state.absmax})
+    with pytest.raises(ValueError, match="out_dtype"):
+        pyllmops.dequantize_nf4(packed, state, torch.int8)
+    with pytest.raises(ValueError, match="state.absmax has 3 entries, expected 64"):
+        pyllmops.dequantize_nf4(packed, nf4_ops.replace(state, absmax=state.absmax[:3]))
+    with pytest.raises(ValueError, match="x has 63 features .* expected in_features=64"):
+        pyllmops.nf4_linear(torch.randn(2, 63), packed, state)
+    with pytest.raises(ValueError, match="bias has 3 elements, expected out_features=64"):
+        pyllmops.nf4_linear(torch.randn(2, 64), packed, state, torch.randn(3))
+    with pytest.raises(ValueError, match="bias must have dtype in \\(float32\\), got bfloat16"):
+        pyllmops.nf4_linear(torch.randn(2, 64), packed, state, torch.randn(64, dtype=torch.bfloat16))
+    p1, s1 = pyllmops.quantize_nf4(torch.randn(64))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        pyllmops.nf4_linear(torch.randn(2, 64), p1, s1)
+    fp4 = dict(state.as_bnb_dict())
+    blob = json.loads(bytes(fp4.pop("quant_state.bitsandbytes__nf4").tolist()))
+    blob["quant_type"] = "fp4"
+    fp4["quant_state.bitsandbytes__fp4"] = torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="fp4 is not supported"):
+        pyllmops.NF4State.from_bnb_dict(fp4)
+
+
+def test_bad_inputs_cpp_layer():
+    """_C checks every view itself: direct calls with bad arguments raise, never crash."""
+    C = lib()
+    w = torch.randn(100)
+    packed = torch.empty(50, dtype=torch.uint8)
+    absmax = torch.empty(2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="blocksize must be a power of two"):
+        C.nf4_quantize(view(w), 48, view(packed), view(absmax), 0)
+    with pytest.raises(ValueError, match="packed has 10 elements, expected at least 50"):
+        C.nf4_quantize(view(w), 64, view(packed[:10]), view(absmax), 0)
+    with pytest.raises(ValueError, match="absmax must be float32, got float16"):
+        C.nf4_quantize(view(w), 64, view(packed), view(absmax.half()), 0)
+    with pytest.raises(ValueError, match="w must be contiguous"):
+        C.nf4_quantize(view(torch.randn(10, 20).t()), 64, view(torch.empty(100, dtype=torch.uint8)),
+                       view(torch.empty(4)), 0)
+    out = torch.empty(100)
+    with pytest.raises(ValueError, match="nested_absmax, nested_code and nested_offset must be given together"):
+        C.nf4_dequantize(view(packed), view(absmax), view(absmax), None, None, 64, 256, view(out), 0)
+    with pytest.raises(ValueError, match="x must have 1..8 rows, got 9"):
+        C.nf4_skinny_matmul(view(torch.randn(9, 10)), view(packed), view(absmax), None, None, None, 64, 256, None,
+                            view(torch.empty(9, 10)), 0)
+    with pytest.raises(TypeError):
+        C.nf4_dequantize("not a view", view(absmax), None, None, None, 64, 256, view(out), 0)
+
+
+# ---- the harness itself -----------------------------------------------------------------------------
+def test_poison_is_active():
+    from pyllmops.ops._common import empty
+
+    assert torch.isnan(empty((4,), torch.float32, "cpu")).all()
+    assert (empty((4,), torch.uint8, "cpu") == 0xA5).all()
+
+
+def test_bench_nf4_writes_results(tmp_path):
+    from pyllmops.bench import nf4 as bench_nf4
+    from pyllmops.bench.harness import Bench
+
+    bench = Bench("nf4", "cpu", quick=True, timer=lambda fn: (1.0, 0.9, 1.1))
+    bench_nf4.run(bench)
+    out = bench.write(tmp_path)
+    data = json.loads((out / "nf4.json").read_text())
+    assert data["meta"]["device"].startswith("cpu") and data["rows"]
+    kinds = {(r["kernel"], r["provider"]) for r in data["rows"]}
+    assert ("dequantize", "pyllmops") in kinds and ("linear", "pyllmops fused") in kinds
+    assert "| dequantize |" in (out / "nf4.md").read_text()
