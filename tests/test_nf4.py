@@ -26,14 +26,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (2,), (17,), (63,), (4097,), (7, 5), (33, 129), (3, 17, 41)]
 
 
+def _name(v):
+    """Readable test ids: float16, 7x5."""
+    return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else "x".join(map(str, v))
+
+
 def _weights(shape, dtype, device, scale=1.0):
     return (torch.randn(shape, dtype=torch.float32) * scale).to(dtype).to(device)
 
 
 # ---- quantize / dequantize vs the reference ------------------------------------------------------
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=_name)
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 def test_quantize_bit_exact_vs_reference(device, dtype, shape, blocksize):
     w = _weights(shape, dtype, device)
@@ -59,9 +64,9 @@ def test_every_blocksize(device, blocksize, double_quant):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_name)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_dequantize_bit_exact_and_accurate(device, dtype, out_dtype, shape, double_quant):
     w = _weights(shape, dtype, device, scale=0.05)
@@ -127,8 +132,8 @@ def test_dynamic_code_matches_bnb():
 
 
 @needs_bnb
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(256, 1024)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("shape", SHAPES + [(256, 1024)], ids=_name)
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 1024])
 def test_bytes_equal_bnb(dtype, shape, blocksize):
     w = _weights(shape, dtype, "cpu")
@@ -141,7 +146,7 @@ def test_bytes_equal_bnb(dtype, shape, blocksize):
 
 
 @needs_bnb
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("shape", [(7, 5), (4097,), (512, 1024)])
 @pytest.mark.parametrize("blocksize", [64, 256])
 def test_double_quant_matches_bnb(dtype, shape, blocksize):
@@ -223,7 +228,7 @@ LINEAR_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 4), (9,), (5, 7)])  # <= 8 rows: fused kernel
 @pytest.mark.parametrize("in_out", [(256, 96), (100, 33), (33, 7), (4096, 64)])
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -40,13 +40,19 @@ constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit (decode batch
 // Reciprocal used to scale a block; bnb clamps absmax at 1e-38 so an all-zero block encodes 0.
 PYLLMOPS_HD float block_reciprocal(float absmax) { return 1.0f / (absmax < 1e-38f ? 1e-38f : absmax); }
 
-// Nearest NF4 code of a scaled value (ties to the lower code), branch-free.
-PYLLMOPS_HD uint32_t encode(const float* code, float s) {
+// Midpoint i of a sorted code, between code[i] and code[i + 1], rounded as fp32 (code[i] + code[i+1]) / 2.
+PYLLMOPS_HD float midpoint(const float* code, int i) {
+  return PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(code[i], code[i + 1]), 0.5f);
+}
+
+// Nearest NF4 code of a scaled value (ties to the lower code), branch-free: the number of the 15
+// midpoints (mid[i] = midpoint(code, i), computed once per kernel) strictly below s.
+PYLLMOPS_HD uint32_t encode(const float* mid, float s) {
   uint32_t q = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) q += s > PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(code[i], code[i + 1]), 0.5f) ? 1u : 0u;
+  for (int i = 0; i < 15; ++i) q += s > mid[i] ? 1u : 0u;
   return q;
 }
 
@@ -56,8 +62,7 @@ PYLLMOPS_HD uint32_t encode_sorted(const float* code, int n, float s) {
   int lo = 0, hi = n - 1;  // answer in [lo, hi]; midpoint i lies between code[i] and code[i + 1]
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    const float m = PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(code[mid], code[mid + 1]), 0.5f);
-    if (s > m) lo = mid + 1; else hi = mid;
+    if (s > midpoint(code, mid)) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint32_t>(lo);
 }

@@ -21,6 +21,14 @@ namespace {
 
 const float kCode[16] = {PYLLMOPS_NF4_CODE_VALUES};
 
+struct Midpoints {
+  float v[15];
+  Midpoints() {
+    for (int i = 0; i < 15; ++i) v[i] = midpoint(kCode, i);
+  }
+};
+const Midpoints kMid;
+
 // Blocks per parallel_for chunk: keep each thread's share at >= ~64k elements.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 65536 / blocksize); }
 
@@ -36,8 +44,8 @@ void quantize_impl(const T* w, int64_t n, int64_t blocksize, uint8_t* packed, fl
       const float rcp = block_reciprocal(amax);
       // blocksize is even, so a block starts on a byte; only the very last byte can be half full.
       for (int64_t i = start; i < end; i += 2) {
-        const uint32_t hi = encode(kCode, to_float(w[i]) * rcp);
-        const uint32_t lo = i + 1 < end ? encode(kCode, to_float(w[i + 1]) * rcp) : 7u;
+        const uint32_t hi = encode(kMid.v, to_float(w[i]) * rcp);
+        const uint32_t lo = i + 1 < end ? encode(kMid.v, to_float(w[i + 1]) * rcp) : 7u;
         packed[i >> 1] = static_cast<uint8_t>((hi << 4) | lo);
       }
     }
@@ -76,10 +84,18 @@ void decode_row(const uint8_t* packed, const Scales& scales, int64_t blocksize, 
     float table[16];
     const float scale = scales(block);
     for (int t = 0; t < 16; ++t) table[t] = kCode[t] * scale;
-    for (; j < seg_end; ++j) {
-      const int64_t e = flat + j;
-      const uint8_t byte = packed[e >> 1];
-      wrow[j] = table[(e & 1) ? (byte & 15) : (byte >> 4)];
+    if (((flat + j) & 1) && j < seg_end) {  // a row of odd length can start on a low nibble
+      wrow[j] = table[packed[(flat + j) >> 1] & 15];
+      ++j;
+    }
+    for (; j + 1 < seg_end; j += 2) {  // now byte-aligned: two elements per byte
+      const uint8_t byte = packed[(flat + j) >> 1];
+      wrow[j] = table[byte >> 4];
+      wrow[j + 1] = table[byte & 15];
+    }
+    if (j < seg_end) {
+      wrow[j] = table[packed[(flat + j) >> 1] >> 4];
+      ++j;
     }
   }
 }

@@ -42,6 +42,11 @@ __device__ __forceinline__ void load_code(float* s_code) {
   __syncthreads();
 }
 
+__device__ __forceinline__ void load_midpoints(float* s_mid) {
+  if (threadIdx.x < 15) s_mid[threadIdx.x] = midpoint(c_code, threadIdx.x);
+  __syncthreads();
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -62,8 +67,8 @@ int grid_for(int64_t work_items, int per_block) {
 template <typename T>
 __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t blocksize, uint8_t* __restrict__ packed,
                                 float* __restrict__ absmax) {
-  __shared__ float s_code[16];
-  load_code(s_code);
+  __shared__ float s_mid[15];
+  load_midpoints(s_mid);
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
@@ -75,8 +80,8 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t bloc
     if (lane == 0) absmax[b] = amax;
     const float rcp = block_reciprocal(amax);
     for (int64_t i = start + 2 * lane; i < end; i += 64) {
-      const uint32_t hi = encode(s_code, __fmul_rn(to_float(w[i]), rcp));
-      const uint32_t lo = i + 1 < end ? encode(s_code, __fmul_rn(to_float(w[i + 1]), rcp)) : 7u;
+      const uint32_t hi = encode(s_mid, __fmul_rn(to_float(w[i]), rcp));
+      const uint32_t lo = i + 1 < end ? encode(s_mid, __fmul_rn(to_float(w[i + 1]), rcp)) : 7u;
       packed[i >> 1] = static_cast<uint8_t>((hi << 4) | lo);
     }
   }
