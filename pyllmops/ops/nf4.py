@@ -9,6 +9,7 @@ Public API: quantize_nf4, dequantize_nf4, nf4_linear, NF4State.
 
 Format, exactly as bitsandbytes' quantize_4bit(quant_type="nf4"): see csrc/nf4/nf4.h.
 """
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -43,6 +44,11 @@ def dynamic_code(device="cpu"):
     For exponent i = 0..6 the 2**i fractions are midpoints of linspace(0.1, 1, 2**i + 1), scaled by
     10**(i - 6), with both signs; plus 0 and 1: 256 sorted values in [-0.993, 1].
     """
+    return _dynamic_code_cpu().to(device, copy=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_code_cpu():
     values = [0.0, 1.0]
     for i in range(7):
         bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
@@ -50,7 +56,7 @@ def dynamic_code(device="cpu"):
         values += ((10 ** (i - 6)) * means).tolist()
         values += (-(10 ** (i - 6)) * means).tolist()
     values.sort()
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _dtype_name(dtype):

@@ -1,0 +1,35 @@
+"""The package around the kernels: build info, the CLI."""
+import subprocess
+import sys
+
+import pytest
+
+import pyllmops
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pyllmops", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_build_info():
+    info = pyllmops.build_info()
+    assert info["cpu"] is True and isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_version"]
+
+
+def test_cli_info():
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    assert f"pyllmops {pyllmops.__version__}" in r.stdout
+    assert "backends compiled: cpu" in r.stdout and "GPUs visible to torch" in r.stdout
+
+
+def test_cli_bench_unknown_family():
+    r = _cli("bench", "nope")
+    assert r.returncode != 0 and "unknown benchmark family 'nope'" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_cli_usage_errors(argv):
+    assert _cli(*argv).returncode == 2
