@@ -164,7 +164,7 @@ void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr
 
 // paged attention: p filled by the binding; dtype of q / caches / out.
 void attention_cpu(const AttnParams& p, DType dtype);
-void attention_cuda(const AttnParams& p, DType dtype, uintptr_t stream);
+void attention_cuda(const AttnParams& p, DType dtype, int device, uintptr_t stream);
 
 // Host-side validation of block tables, seq_lens and cu_seqlens_q (CPU tensors): throws ValueError
 // naming the sequence and value. Checks only the table entries some row can see.

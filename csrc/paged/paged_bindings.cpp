@@ -65,6 +65,7 @@ void paged_reshape_and_cache(const TensorView& key, const TensorView& value, con
 }
 
 void paged_copy_blocks(const TensorView& caches, const TensorView& pairs, uintptr_t stream) {
+  check_float_dtype(caches, "caches");
   check_input(caches, caches, "caches", "caches");
   check_input(pairs, caches, "pairs", "caches");
   pyllmops::check_dtype(pairs, DType::i64, "pairs");
@@ -140,7 +141,7 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
   p.scale_log2 = static_cast<float>(softmax_scale) * pyllmops::softmax::kLog2e;
   if (p.total_q == 0 || p.num_seqs == 0) return;
   p.error_flag = flag_ptr(error_flag, key_cache);
-  PYLLMOPS_ON_DEVICE(q, "paged_attention", paged::attention_cpu(p, q.dtype), paged::attention_cuda(p, q.dtype, stream));
+  PYLLMOPS_ON_DEVICE(q, "paged_attention", paged::attention_cpu(p, q.dtype), paged::attention_cuda(p, q.dtype, q.device, stream));
 }
 
 }  // namespace
