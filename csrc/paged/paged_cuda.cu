@@ -38,6 +38,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/online_softmax.h"
+#include "common/warp_reduce.cuh"
 #include "paged/paged.h"
 
 namespace pyllmops {
@@ -48,26 +49,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kElems = 8;  // elements of a K/V/q row per lane
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the kLanes consecutive lanes of a key group (kLanes divides 32).
-template <int kLanes>
-__device__ __forceinline__ float group_sum(float v) {
-#pragma unroll
-  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Element index of element e of lane li: contiguous chunks (16-byte loads) or strided by kLanes.
 template <int kLanes, bool kContig>
@@ -220,9 +201,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
       softmax::RowState st;
       st.m = s_m[r];
       st.l = s_l[r];
-      const float fac = st.rescale_to(warp_max(fmaxf(x0, x1)));
+      const float fac = st.rescale_to(group_max(fmaxf(x0, x1)));
       const float p0 = softmax::exp2_shifted(x0, st.m), p1 = softmax::exp2_shifted(x1, st.m);
-      const float sum = warp_sum(p0 + p1);
+      const float sum = group_sum(p0 + p1);
       s_p[r][lane] = p0;
       s_p[r][lane + 32] = p1;
       if (lane == 0) {

@@ -281,20 +281,21 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
         if max_seqlen_q not in (None, 1):
             raise ValueError(f"max_seqlen_q must be 1 (or None) for decode, got {max_seqlen_q}")
         max_seqlen_q = 1
-        q_lens = torch.ones(num_seqs, dtype=torch.long, device=dev)
     else:
         check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=(torch.int32,), dim=1, device=dev)
         if cu_seqlens_q.shape[0] != num_seqs + 1:
             raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = "
                              f"{num_seqs + 1}")
-        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-        if max_seqlen_q is None:
-            max_seqlen_q = int(q_lens.max().item()) if (dev.type == "cpu" and num_seqs) else max(total_q, 1)
+        if max_seqlen_q is None:  # on CUDA, reading the sizes would synchronize: use the bound total_q
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if (
+                dev.type == "cpu" and num_seqs) else max(total_q, 1)
         check_int("max_seqlen_q", max_seqlen_q, min_value=1)
     if validate is None:
         validate = dev.type == "cpu"
     check_bool("validate", validate)
     if validate:
+        q_lens = (torch.ones(num_seqs, dtype=torch.long, device=dev) if cu_seqlens_q is None
+                  else (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
         _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, num_blocks, block_size, heads_q // heads_kv,
                            window_left, max_seqlen_q)
     if dev.type == "cuda" and -(-max_seqlen_q * (heads_q // heads_kv) // ROW_TILE) > 65535:
