@@ -82,15 +82,18 @@ __device__ __forceinline__ int64_t out_row(const AttnParams& p, int64_t q_begin,
   return (q_begin + row / G) * p.heads_q + h * G + row % G;
 }
 
-template <typename T, int kLanes, bool kContig>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p) {
+// kRows: register rows (1, 4 or 8 >= the rows a tile really has), so a decode step without GQA
+// keeps 2 x 8 fp32 registers of q / accumulator per thread instead of 2 x 64.
+template <typename T, int kLanes, bool kContig, int kRows>
+__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams p) {
   constexpr int kGroups = kThreads / kLanes;
   constexpr int kDMax = kLanes * kElems;
-  static_assert(kKeyTile % kGroups == 0 && kKeyTile == 64 && kRowTile <= 8, "tile shapes");
-  __shared__ float s_p[kRowTile][kKeyTile];        // scores, then probabilities
-  __shared__ float s_m[kRowTile], s_l[kRowTile], s_fac[kRowTile];
-  __shared__ int64_t s_off[kKeyTile];              // element offset of each key's row, -1: none
-  __shared__ float s_red[kGroups][kRowTile][kDMax];  // 32 KiB: the key groups' accumulators
+  constexpr int kKeysPerGroup = kKeyTile / kGroups;
+  static_assert(kKeyTile % kGroups == 0 && kKeyTile == 64 && kRows <= kRowTile, "tile shapes");
+  __shared__ float s_p[kRows][kKeyTile];        // scores, then probabilities
+  __shared__ float s_m[kRows], s_l[kRows], s_fac[kRows];
+  __shared__ int64_t s_off[kKeyTile];           // element offset of each key's row, -1: none
+  __shared__ float s_red[kGroups][kRows][kDMax];  // <= 32 KiB: the key groups' accumulators
   __shared__ int s_bad;
 
   const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid / 32, lane = tid % 32;
@@ -107,6 +110,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   const int64_t row_end = q_len_c * G < row_begin + kRowTile ? q_len_c * G : row_begin + kRowTile;
   if (row_begin >= row_end) return;  // block-uniform
   const int n_rows = static_cast<int>(row_end - row_begin);
+  if (n_rows > kRows) {  // the launcher's kRows is too small: a bug, never a silent partial result
+    if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
+    return;
+  }
 
   if (!ok) {  // never read the cache for bad metadata: NaN rows (where addressable) + error bit
     if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
@@ -126,9 +133,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
-  float q_reg[kRowTile][kElems];
+  float q_reg[kRows][kElems];
 #pragma unroll
-  for (int r = 0; r < kRowTile; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     if (r < n_rows) {
       load_row<T, kLanes, kContig>(q + out_row(p, q_begin, row_begin + r, h) * D, li, D, q_reg[r]);
 #pragma unroll
@@ -141,15 +148,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   int64_t kb, ke, sb, se;
   visible_keys(seq_len, q_len, G, row_begin, row_end, p.window_left, &kb, &ke);
   split_keys(kb, ke, BS, split, p.num_splits, &sb, &se);
-  if (tid < kRowTile) {
+  if (tid < kRows) {
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.0f;
     s_fac[tid] = 1.0f;
   }
   if (tid == 0) s_bad = 0;
-  float acc[kRowTile][kElems];
+  float acc[kRows][kElems];
 #pragma unroll
-  for (int r = 0; r < kRowTile; ++r)
+  for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int e = 0; e < kElems; ++e) acc[r][e] = 0.0f;
   const int32_t* __restrict__ table = p.block_tables + s * p.max_blocks;
@@ -172,7 +179,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
     }
     __syncthreads();
     // 2. scores: one K row load per key for all rows of the tile
-    for (int t = g; t < kKeyTile; t += kGroups) {  // same trip count for every group: shuffles are safe
+#pragma unroll
+    for (int it = 0; it < kKeysPerGroup; ++it) {  // same trip count for every group: shuffles are safe
+      const int t = g + it * kGroups;
       const int64_t off = s_off[t];
       float kv[kElems];
       if (off >= 0) {
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
       }
       const int64_t j = t0 + t;
 #pragma unroll
-      for (int r = 0; r < kRowTile; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         if (r < n_rows) {  // block-uniform
           float dot = 0.0f;
 #pragma unroll
@@ -215,18 +224,20 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
     __syncthreads();
     // 4. P V: one V row load per key for all rows
 #pragma unroll
-    for (int r = 0; r < kRowTile; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       const float f = s_fac[r];
 #pragma unroll
       for (int e = 0; e < kElems; ++e) acc[r][e] *= f;
     }
-    for (int t = g; t < kKeyTile; t += kGroups) {
+#pragma unroll
+    for (int it = 0; it < kKeysPerGroup; ++it) {
+      const int t = g + it * kGroups;
       const int64_t off = s_off[t];
       if (off < 0) continue;  // uniform within the key group
       float vv[kElems];
       load_row<T, kLanes, kContig>(vc + off, li, D, vv);
 #pragma unroll
-      for (int r = 0; r < kRowTile; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         if (r < n_rows) {
           const float pr = s_p[r][t];
 #pragma unroll
@@ -239,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   // Sum the key groups' accumulators, normalize, write.
   __syncthreads();
 #pragma unroll
-  for (int r = 0; r < kRowTile; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     if (r < n_rows) {
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
@@ -288,18 +299,29 @@ __global__ void merge_kernel(const AttnParams p) {
   }
 }
 
+template <typename T, int kRows>
+void launch_rows(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
+  const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
+  if (p.head_dim == 64 && aligned) {
+    attention_kernel<T, 8, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+  } else if (p.head_dim == 128 && aligned) {
+    attention_kernel<T, 16, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    attention_kernel<T, 32, false, kRows><<<grid, kThreads, 0, stream>>>(p);  // any head_dim <= 256
+  }
+}
+
 template <typename T>
 void launch_attention(const AttnParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.num_seqs * p.num_splits), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.row_tiles()));
-  const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
-  if (p.head_dim == 64 && aligned) {
-    attention_kernel<T, 8, true><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.head_dim == 128 && aligned) {
-    attention_kernel<T, 16, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    attention_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(p);  // any head_dim <= 256
-  }
+  const int64_t rows = p.max_q_len * p.group();  // rows of the fullest tile, capped at kRowTile
+  if (rows <= 1)
+    launch_rows<T, 1>(p, grid, stream);
+  else if (rows <= 4)
+    launch_rows<T, 4>(p, grid, stream);
+  else
+    launch_rows<T, kRowTile>(p, grid, stream);
   PYLLMOPS_CUDA_LAUNCH_CHECK();
   if (p.num_splits > 1) {
     const int threads = p.head_dim >= 128 ? 128 : (p.head_dim >= 64 ? 64 : 32);
