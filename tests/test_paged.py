@@ -386,8 +386,14 @@ def small():
     (lambda a: a.update(kw=dict(softmax_scale="x")), TypeError, "softmax_scale"),
     (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32))), ValueError,
      "cu_seqlens_q has 2 entries"),
-    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32))), ValueError,
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 3, 2], dtype=torch.int32))), ValueError,
      "non-decreasing"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1, 3], dtype=torch.int32))), ValueError,
+     "end at total_q=2"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([1, 1, 2], dtype=torch.int32))), ValueError,
+     "start at 0"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 2, 2], dtype=torch.int32), max_seqlen_q=1)),
+     ValueError, "max_seqlen_q = 1 but a sequence has 2 queries"),
     (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32), max_seqlen_q=0)),
      ValueError, "max_seqlen_q must be >= 1"),
 ])
@@ -405,6 +411,13 @@ def test_cpp_rechecks_metadata():
         pyllmops.paged_attention(q, kc, vc, torch.tensor([[0, 9], [2, 3]], dtype=torch.int32), sl, validate=False)
     with pytest.raises(ValueError, match=r"seq_lens\[1\] = 40"):
         pyllmops.paged_attention(q, kc, vc, bt, torch.tensor([3, 40], dtype=torch.int32), validate=False)
+
+
+def test_empty_batch():
+    _, kc, vc, _, _ = small()
+    out = pyllmops.paged_attention(torch.randn(0, 4, 16), kc, vc, torch.zeros(0, 2, dtype=torch.int32),
+                                   torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 4, 16)
 
 
 def test_unread_table_entries_are_not_validated():

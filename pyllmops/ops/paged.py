@@ -145,7 +145,7 @@ def plan_num_splits(num_seqs, num_kv_heads, group, max_seqlen_q, max_keys, block
     row_tiles = -(-max_seqlen_q * group // ROW_TILE)
     items = num_seqs * num_kv_heads * row_tiles
     target = 2 * _parallel_units(torch.device(device))
-    if items >= target or max_keys <= 0:
+    if items == 0 or items >= target or max_keys <= 0:
         return 1
     by_work = -(-target // items)
     by_len = max(1, min(max_keys // 256, -(-max_keys // block_size)))
@@ -170,10 +170,12 @@ def _check_cache(key_cache, value_cache, dtypes=FLOAT_DTYPES):
         raise ValueError(f"head_dim (key_cache.shape[3]) must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
-def _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, num_blocks, block_size, group, window_left,
+def _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, total_q, num_blocks, block_size, window_left,
                        max_seqlen_q):
     """Checks the metadata values (syncs on CUDA): what the C++ CPU path re-checks."""
     n, max_blocks = block_tables.shape
+    if n == 0:
+        return
     cap = max_blocks * block_size
     lens = seq_lens.long()
     bad = ((lens < 0) | (lens > cap)).nonzero()
@@ -183,8 +185,9 @@ def _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, num_blocks,
                          f"blocks of {block_size} per sequence)")
     if cu_seqlens_q is not None:
         cu = cu_seqlens_q.long()
-        if cu[0].item() != 0 or cu[-1].item() != q_lens.sum().item() + cu[0].item():
-            raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q, got {cu.tolist()[:8]}...")
+        if cu[0].item() != 0 or cu[-1].item() != total_q:
+            raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q={total_q} (q.shape[0]), got "
+                             f"{cu.tolist()[:16]}")
         if (q_lens < 0).any():
             raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu.tolist()[:16]}")
         if q_lens.max().item() > max_seqlen_q:
@@ -296,7 +299,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
     if validate:
         q_lens = (torch.ones(num_seqs, dtype=torch.long, device=dev) if cu_seqlens_q is None
                   else (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
-        _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, num_blocks, block_size, heads_q // heads_kv,
+        _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, total_q, num_blocks, block_size,
                            window_left, max_seqlen_q)
     if dev.type == "cuda" and -(-max_seqlen_q * (heads_q // heads_kv) // ROW_TILE) > 65535:
         raise ValueError(f"max_seqlen_q * heads_q / num_kv_heads = {max_seqlen_q * heads_q // heads_kv} is too "
