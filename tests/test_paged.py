@@ -474,3 +474,66 @@ def test_opcheck(device):
     caches = torch.randn(4, 10, 8, 2, 16, device=device).to(dtype)
     torch.library.opcheck(torch.ops.pyllmops.paged_copy_blocks,
                           (caches, torch.tensor([[0, 3], [5, 9]], device=device)))
+
+
+# ---------------------------------------------------------------- CUDA only: in-kernel checks, graph capture
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_bad_metadata_is_flagged_not_read(device):
+    """CUDA checks device-resident metadata in the kernel (no host sync): out-of-range entries are
+    never dereferenced, the affected rows are NaN, and check_kernel_errors raises."""
+    P.check_kernel_errors(device)  # start clean
+    kc, vc = random_cache(8, 16, 2, 64, torch.bfloat16, device)
+    bt = torch.tensor([[0, 10 ** 6], [2, 3]], dtype=torch.int32, device=device)
+    sl = torch.tensor([20, 20], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 64, device=device).bfloat16()
+    for splits in (1, 3):
+        out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=splits)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
+        with pytest.raises(RuntimeError, match="block-table entry"):
+            P.check_kernel_errors(device)
+        P.check_kernel_errors(device)  # cleared
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 1000000"):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, validate=True)
+    bad_len = torch.tensor([20, 33], dtype=torch.int32, device=device)
+    out = pyllmops.paged_attention(q, kc, vc, bt.clamp(max=3), bad_len)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1]).all()
+    with pytest.raises(RuntimeError, match="seq_len"):
+        P.check_kernel_errors(device)
+    k0 = kc.clone()
+    key = torch.randn(2, 2, 64, device=device).bfloat16()
+    pyllmops.reshape_and_cache(key, key, kc, vc, torch.tensor([5, 8 * 16], device=device))
+    torch.cuda.synchronize()
+    assert torch.equal(kc.view(-1, 2, 64)[5], key[0])
+    k0.view(-1, 2, 64)[5] = key[0]
+    assert torch.equal(kc, k0)  # the out-of-range token was skipped
+    with pytest.raises(RuntimeError, match="slot"):
+        P.check_kernel_errors(device)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_graph_decode_step(device):
+    """A decode step (split-KV included) is captured once and replayed with new q / seq_lens."""
+    kc, vc = random_cache(80, 16, 2, 128, torch.bfloat16, device)
+    bt = shuffled_tables([600, 500], 16, 80, device)
+    sl = torch.tensor([300, 450], dtype=torch.int32, device=device)
+    q = torch.randn(2, 8, 128, device=device).bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=4)  # warm-up: error word, allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=4)
+    for lens in ([301, 451], [17, 600]):
+        q.copy_(torch.randn_like(q))
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref.paged_attention(q, kc, vc, bt, sl), TOL[torch.bfloat16])
+    P.check_kernel_errors(device)
