@@ -1,0 +1,174 @@
+// Paged KV cache and paged attention (vLLM-style block tables), shared by the CPU and CUDA kernels.
+//
+// Storage. Per layer, K and V pools [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
+// logical token t lives in physical block block_table[t / block_size] at offset t % block_size,
+// i.e. slot = block * block_size + offset. block_size is a power of two in [8, 256].
+//
+// Attention. Sequence s has seq_len keys (positions 0..seq_len-1) and q_len queries (1 for decode;
+// cu_seqlens_q[s+1] - cu_seqlens_q[s] for multi-token queries), the last at position seq_len - 1:
+// query i sits at p = seq_len - q_len + i and sees keys j with max(0, p - window_left) <= j <= p
+// (window_left = -1: unbounded). A query that sees no key outputs 0 (never NaN).
+//
+// Work decomposition (identical on CPU and CUDA):
+//   * rows: the q_len * group query rows of one (sequence, kv head), row r = query (r / group),
+//     query head kv_head * group + r % group; cut into tiles of kRowTile rows. One work item reads
+//     each K/V element it needs once for the whole tile, so a KV head is read once per GQA group
+//     (decode with group <= kRowTile), not once per query head.
+//   * keys: the blocks any row of the sequence can see, [first_block, last_block), cut into
+//     num_splits contiguous chunks (split-KV / flash-decoding); blocks wholly outside every row's
+//     window are never touched. Each split walks its keys in tiles of kKeyTile tokens with the
+//     online softmax (common/online_softmax.h) and writes a normalized partial output plus its LSE;
+//     a second pass merges the splits with softmax::merge_weight in a fixed order (deterministic).
+//     With num_splits == 1 the split writes the final output directly.
+//   * num_splits is a function of host-side sizes only (ops/paged.py: plan_num_splits), and the
+//     fp32 partial workspaces are allocated by Python, so a decode step is CUDA-graph capturable.
+//
+// Napkin math (decode, bf16, head_dim 128, GQA group 8, context 4096): per (seq, kv head) the kernel
+// reads 2 * 4096 * 128 * 2 B = 2 MiB of K/V and does 2 * 8 * 4096 * 128 * 2 = 17 MFLOP, i.e. ~8
+// FLOP/byte: far below an H100's ~20 (CUDA-core fp32) FLOP/byte, so decode is bound by HBM
+// bandwidth (~3.3 TB/s): "fast" means near the device-copy rate counted over K/V bytes actually read.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/online_softmax.h"
+#include "common/tensor.h"
+
+namespace pyllmops {
+namespace paged {
+
+constexpr int kMinBlockSize = 8;
+constexpr int kMaxBlockSize = 256;
+constexpr int kMaxHeadDim = 256;
+constexpr int kRowTile = 8;    // query rows per work item (GQA group of a decode step fits in one)
+constexpr int kKeyTile = 64;   // keys per online-softmax step
+constexpr int kMaxSplits = 64;
+
+// Error bits a CUDA kernel raises (atomicOr into an int32 flag) instead of reading out of bounds.
+constexpr int kErrBlockIndex = 1;  // a visible block-table entry outside [0, num_blocks)
+constexpr int kErrSeqLen = 2;      // seq_len < 0, > table capacity, or < q_len
+constexpr int kErrSlot = 4;        // reshape_and_cache slot outside [-1, num_blocks * block_size)
+
+// Everything the attention kernels need, as plain pointers and sizes (no TensorView on the device).
+struct AttnParams {
+  const void* q = nullptr;            // [total_q, heads_q, head_dim], contiguous
+  const void* k_cache = nullptr;      // [num_blocks, block_size, heads_kv, head_dim], contiguous
+  const void* v_cache = nullptr;
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks]
+  const int32_t* seq_lens = nullptr;      // [num_seqs]
+  const int32_t* cu_seqlens_q = nullptr;  // [num_seqs + 1] or null (decode: one query per sequence)
+  void* out = nullptr;                // [total_q, heads_q, head_dim]
+  float* partial_out = nullptr;       // [num_splits, total_q, heads_q, head_dim] (num_splits > 1)
+  float* partial_lse = nullptr;       // [num_splits, total_q, heads_q]
+  int* error_flag = nullptr;          // CUDA only: bits above; null on the CPU (which throws instead)
+  int64_t num_seqs = 0, total_q = 0, max_q_len = 1;
+  int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
+  int64_t num_blocks = 0, block_size = 0, max_blocks = 0;
+  int64_t num_splits = 1;
+  int window_left = -1;
+  float scale_log2 = 0.0f;            // softmax_scale * log2(e): scores live in the base-2 domain
+
+  PYLLMOPS_HD int64_t group() const { return heads_q / heads_kv; }
+  PYLLMOPS_HD int64_t row_tiles() const { return (max_q_len * group() + kRowTile - 1) / kRowTile; }
+};
+
+// The queries of sequence s: [q_begin, q_begin + q_len).
+PYLLMOPS_HD void query_range(const AttnParams& p, int64_t s, int64_t* q_begin, int64_t* q_len) {
+  if (p.cu_seqlens_q == nullptr) {
+    *q_begin = s;
+    *q_len = 1;
+  } else {
+    *q_begin = p.cu_seqlens_q[s];
+    *q_len = static_cast<int64_t>(p.cu_seqlens_q[s + 1]) - p.cu_seqlens_q[s];
+  }
+}
+
+// First key position query at position `pos` may see.
+PYLLMOPS_HD int64_t first_visible_key(int64_t pos, int window_left) {
+  if (window_left < 0) return 0;
+  const int64_t lo = pos - window_left;
+  return lo > 0 ? lo : 0;
+}
+
+// Keys [key_begin, key_end) that the rows [row_begin, row_end) of a sequence can see (rows are
+// ordered query-major: row r is query r / group). Empty when the rows see nothing.
+PYLLMOPS_HD void visible_keys(int64_t seq_len, int64_t q_len, int64_t group, int64_t row_begin, int64_t row_end,
+                              int window_left, int64_t* key_begin, int64_t* key_end) {
+  const int64_t first_q = row_begin / group, last_q = (row_end - 1) / group;
+  const int64_t first_pos = seq_len - q_len + first_q, last_pos = seq_len - q_len + last_q;
+  *key_begin = first_visible_key(first_pos, window_left);
+  *key_end = last_pos + 1;  // causal: the last row sees up to its own position
+  if (*key_end > seq_len) *key_end = seq_len;
+  if (*key_end < *key_begin) *key_end = *key_begin;
+}
+
+// The key range of split `split` out of `num_splits` over [key_begin, key_end), cut on block
+// boundaries so that no block is read by two splits.
+PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int64_t block_size, int64_t split, int64_t num_splits,
+                            int64_t* split_begin, int64_t* split_end) {
+  if (key_end <= key_begin) {
+    *split_begin = *split_end = key_begin;
+    return;
+  }
+  const int64_t b0 = key_begin / block_size, b1 = (key_end + block_size - 1) / block_size;
+  const int64_t per = (b1 - b0 + num_splits - 1) / num_splits;
+  int64_t lo = (b0 + split * per) * block_size, hi = (b0 + (split + 1) * per) * block_size;
+  if (lo < key_begin) lo = key_begin;
+  if (hi > key_end) hi = key_end;
+  if (hi < lo) hi = lo;
+  *split_begin = lo;
+  *split_end = hi;
+}
+
+// Whether row `row` (query row r / group of a sequence with q_len queries and seq_len keys) sees key j.
+PYLLMOPS_HD bool row_sees(int64_t seq_len, int64_t q_len, int64_t group, int64_t row, int64_t j, int window_left) {
+  const int64_t pos = seq_len - q_len + row / group;
+  return j <= pos && j >= first_visible_key(pos, window_left);
+}
+
+// Whether sequence s's sizes are usable (checked host-side on the CPU; flagged and skipped on CUDA).
+PYLLMOPS_HD bool seq_ok(const AttnParams& p, int64_t seq_len, int64_t q_len) {
+  return seq_len >= 0 && q_len >= 0 && q_len <= seq_len && seq_len <= p.max_blocks * p.block_size;
+}
+
+// Split-KV merge: natural-log LSE of the union of n partials (lse[i * stride]); -inf when all are
+// empty. Partial i then weighs softmax::merge_weight(lse_i, total). Fixed order: deterministic.
+PYLLMOPS_HD float merged_lse(const float* lse, int64_t stride, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = lse[i * stride] > mx ? lse[i * stride] : mx;
+  if (mx == -INFINITY) return -INFINITY;
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += softmax::merge_weight(lse[i * stride], mx);
+#if defined(__CUDA_ARCH__)
+  return mx + log2f(sum) * softmax::kLn2;
+#else
+  return mx + std::log2(sum) * softmax::kLn2;
+#endif
+}
+
+// ---- kernel entry points (paged_bindings.cpp checks views, then calls these) -------------------
+// reshape_and_cache: key/value [num_tokens, heads_kv, head_dim] -> caches at slot_mapping (int64,
+// -1 = skip). CPU throws on a slot out of range (before writing anything); CUDA skips it and raises
+// kErrSlot in error_flag.
+void reshape_and_cache_cpu(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                           const TensorView& value_cache, const TensorView& slot_mapping);
+void reshape_and_cache_cuda(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                            const TensorView& value_cache, const TensorView& slot_mapping, int* error_flag,
+                            uintptr_t stream);
+
+// copy_blocks: caches [num_caches, num_blocks, block_elems...] (all layers' K and V pools in one
+// tensor); pairs int64 [n, 2] of (src, dst) blocks, copied in every cache by one launch.
+void copy_blocks_cpu(const TensorView& caches, const TensorView& pairs);
+void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr_t stream);
+
+// paged attention: p filled by the binding; dtype of q / caches / out.
+void attention_cpu(const AttnParams& p, DType dtype);
+void attention_cuda(const AttnParams& p, DType dtype, int device, uintptr_t stream);
+
+// Host-side validation of block tables, seq_lens and cu_seqlens_q (CPU tensors): throws ValueError
+// naming the sequence and value. Checks only the table entries some row can see.
+void validate_metadata_cpu(const AttnParams& p);
+
+}  // namespace paged
+}  // namespace pyllmops

@@ -1,0 +1,417 @@
+// Paged attention, reshape_and_cache and copy_blocks on CUDA (fp16 / bf16).
+//
+// attention_kernel: one CTA (128 threads, 4 warps) per (sequence x split, kv head, row tile of
+//   kRowTile = 8 query rows); the decomposition, masks and split ranges are paged.h's, shared with
+//   paged_cpu.cpp. Inside a CTA, keys are handled by "key groups" of kLanes lanes: each lane owns
+//   kElems = 8 elements of a K/V row (one 16-byte load when head_dim == kLanes * 8: head_dim 64 ->
+//   8 lanes, 128 -> 16 lanes; any other head_dim <= 256 takes the strided 32-lane variant with scalar
+//   loads). Per key tile of kKeyTile = 64 keys:
+//     1. 64 threads translate the tile's keys to element offsets through the block table (bounds-
+//        checked: an entry outside [0, num_blocks) is never dereferenced, the key is masked, the
+//        rows become NaN and kErrBlockIndex is raised);
+//     2. each key group loads a K row once and dots it with all (<= 8) query rows held in registers
+//        (q pre-scaled by softmax_scale * log2 e), reducing across its lanes with shuffles;
+//     3. one warp per row updates the online-softmax state (common/online_softmax.h RowState) and
+//        turns scores into probabilities in shared memory;
+//     4. each key group loads the V row once and accumulates p * v into per-thread fp32 registers.
+//   At the end the key groups' accumulators are summed through shared memory, normalized by 1/l,
+//   and written to out (one split) or to the fp32 partials + LSE (several splits), which
+//   merge_kernel combines in split order (deterministic). Registers are indexed with compile-time
+//   indices only (rows and elements are unrolled loops).
+//   GQA: the 8 rows of a tile are the group's query heads (decode) or consecutive queries, so each
+//   K/V element is read from memory once per CTA, i.e. once per group of query heads.
+//
+// Napkin math (decode, bf16, head_dim 128, GQA 8, context 4096, batch 32, 8 kv heads): K/V bytes
+//   read 32 * 8 * 2 * 4096 * 128 * 2 B = 537 MB, q + out 2 * 32 * 64 * 128 * 2 B = 1 MB; at an
+//   H100's ~3.3 TB/s that is ~160 us. Math: 2 * 2 * 32 * 64 * 4096 * 128 = 4.3 GFLOP of fp32 FMA,
+//   ~90 us at ~50 TFLOP/s, so the kernel is bandwidth-bound when it overlaps loads with math; with
+//   few sequences x kv heads the split-KV planner (ops/paged.py) multiplies CTAs to fill the SMs.
+//
+// reshape_and_cache_kernel: one CTA per token copies its K and V rows (16-byte units when sizes
+//   and pointers allow) to the slot; slot -1 is skipped, an out-of-range slot raises kErrSlot.
+// copy_blocks_kernel: grid (pair, cache): one launch copies every (src, dst) block pair in every
+//   layer's K and V pool (copy-on-write after fork).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "common/dtype.h"
+#include "common/online_softmax.h"
+#include "common/warp_reduce.cuh"
+#include "paged/paged.h"
+
+namespace pyllmops {
+namespace paged {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kElems = 8;  // elements of a K/V/q row per lane
+
+// Element index of element e of lane li: contiguous chunks (16-byte loads) or strided by kLanes.
+template <int kLanes, bool kContig>
+__device__ __forceinline__ int elem_index(int li, int e) {
+  return kContig ? li * kElems + e : e * kLanes + li;
+}
+
+// The kElems elements lane li owns of a row of `dim` elements, as floats (0 past the end).
+template <typename T, int kLanes, bool kContig>
+__device__ __forceinline__ void load_row(const T* __restrict__ row, int li, int dim, float (&v)[kElems]) {
+  if constexpr (kContig) {
+    union {
+      uint4 vec;
+      T elems[kElems];
+    } u;
+    u.vec = __ldg(reinterpret_cast<const uint4*>(row) + li);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) v[e] = to_float(u.elems[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int d = elem_index<kLanes, kContig>(li, e);
+      v[e] = d < dim ? to_float(row[d]) : 0.0f;
+    }
+  }
+}
+
+// Where row r of a tile writes: element offset of (query, head) in out, in units of head_dim rows.
+__device__ __forceinline__ int64_t out_row(const AttnParams& p, int64_t q_begin, int64_t row, int64_t h) {
+  const int64_t G = p.group();
+  return (q_begin + row / G) * p.heads_q + h * G + row % G;
+}
+
+// kRows: register rows (1, 4 or 8 >= the rows a tile really has), so a decode step without GQA
+// keeps 2 x 8 fp32 registers of q / accumulator per thread instead of 2 x 64.
+template <typename T, int kLanes, bool kContig, int kRows>
+__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams p) {
+  constexpr int kGroups = kThreads / kLanes;
+  constexpr int kDMax = kLanes * kElems;
+  constexpr int kKeysPerGroup = kKeyTile / kGroups;
+  static_assert(kKeyTile % kGroups == 0 && kKeyTile == 64 && kRows <= kRowTile, "tile shapes");
+  __shared__ float s_p[kRows][kKeyTile];        // scores, then probabilities
+  __shared__ float s_m[kRows], s_l[kRows], s_fac[kRows];
+  __shared__ int64_t s_off[kKeyTile];           // element offset of each key's row, -1: none
+  __shared__ float s_red[kGroups][kRows][kDMax];  // <= 32 KiB: the key groups' accumulators
+  __shared__ int s_bad;
+
+  const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid / 32, lane = tid % 32;
+  const int64_t s = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
+  const int64_t h = blockIdx.y, tile = blockIdx.z;
+  const int64_t G = p.group(), BS = p.block_size;
+  const int D = static_cast<int>(p.head_dim);
+  int64_t q_begin, q_len;
+  query_range(p, s, &q_begin, &q_len);
+  const int64_t seq_len = p.seq_lens[s];
+  const bool ok = seq_ok(p, seq_len, q_len) && q_len <= p.max_q_len && q_begin >= 0 && q_begin + q_len <= p.total_q;
+  const int64_t q_len_c = ok ? q_len : (q_len < 0 ? 0 : (q_len > p.max_q_len ? p.max_q_len : q_len));
+  const int64_t row_begin = tile * kRowTile;
+  const int64_t row_end = q_len_c * G < row_begin + kRowTile ? q_len_c * G : row_begin + kRowTile;
+  if (row_begin >= row_end) return;  // block-uniform
+  const int n_rows = static_cast<int>(row_end - row_begin);
+  if (n_rows > kRows) {  // the launcher's kRows is too small: a bug, never a silent partial result
+    if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
+    return;
+  }
+
+  if (!ok) {  // never read the cache for bad metadata: NaN rows (where addressable) + error bit
+    if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
+    for (int i = tid; i < n_rows * D; i += kThreads) {
+      const int64_t orow = out_row(p, q_begin, row_begin + i / D, h);
+      if (orow < 0 || orow >= p.total_q * p.heads_q) continue;
+      if (p.num_splits == 1) {
+        static_cast<T*>(p.out)[orow * D + i % D] = from_float<T>(NAN);
+      } else {
+        p.partial_out[(split * p.total_q * p.heads_q + orow) * D + i % D] = NAN;
+        if (i % D == 0) p.partial_lse[split * p.total_q * p.heads_q + orow] = NAN;
+      }
+    }
+    return;
+  }
+
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
+  const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
+  float q_reg[kRows][kElems];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (r < n_rows) {
+      load_row<T, kLanes, kContig>(q + out_row(p, q_begin, row_begin + r, h) * D, li, D, q_reg[r]);
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) q_reg[r][e] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) q_reg[r][e] = 0.0f;
+    }
+  }
+  int64_t kb, ke, sb, se;
+  visible_keys(seq_len, q_len, G, row_begin, row_end, p.window_left, &kb, &ke);
+  split_keys(kb, ke, BS, split, p.num_splits, &sb, &se);
+  if (tid < kRows) {
+    s_m[tid] = -INFINITY;
+    s_l[tid] = 0.0f;
+    s_fac[tid] = 1.0f;
+  }
+  if (tid == 0) s_bad = 0;
+  float acc[kRows][kElems];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) acc[r][e] = 0.0f;
+  const int32_t* __restrict__ table = p.block_tables + s * p.max_blocks;
+  const int log2_bs = __ffsll(BS) - 1;
+
+  for (int64_t t0 = sb; t0 < se; t0 += kKeyTile) {
+    __syncthreads();  // the previous tile's s_off / s_p are consumed (and the init is visible)
+    // 1. keys -> element offsets through the block table
+    if (tid < kKeyTile) {
+      const int64_t j = t0 + tid;
+      int64_t off = -1;
+      if (j < se) {
+        const int64_t blk = table[j >> log2_bs];
+        if (blk >= 0 && blk < p.num_blocks)
+          off = ((blk * BS + (j & (BS - 1))) * p.heads_kv + h) * D;
+        else
+          s_bad = 1;
+      }
+      s_off[tid] = off;
+    }
+    __syncthreads();
+    // 2. scores: one K row load per key for all rows of the tile
+#pragma unroll
+    for (int it = 0; it < kKeysPerGroup; ++it) {  // same trip count for every group: shuffles are safe
+      const int t = g + it * kGroups;
+      const int64_t off = s_off[t];
+      float kv[kElems];
+      if (off >= 0) {
+        load_row<T, kLanes, kContig>(kc + off, li, D, kv);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) kv[e] = 0.0f;
+      }
+      const int64_t j = t0 + t;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < n_rows) {  // block-uniform
+          float dot = 0.0f;
+#pragma unroll
+          for (int e = 0; e < kElems; ++e) dot = fmaf(q_reg[r][e], kv[e], dot);
+          dot = group_sum<kLanes>(dot);
+          if (li == 0)
+            s_p[r][t] = (off >= 0 && row_sees(seq_len, q_len, G, row_begin + r, j, p.window_left)) ? dot : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+    // 3. online softmax: one warp per row
+    for (int r = warp; r < n_rows; r += kWarps) {
+      const float x0 = s_p[r][lane], x1 = s_p[r][lane + 32];
+      softmax::RowState st;
+      st.m = s_m[r];
+      st.l = s_l[r];
+      const float fac = st.rescale_to(group_max(fmaxf(x0, x1)));
+      const float p0 = softmax::exp2_shifted(x0, st.m), p1 = softmax::exp2_shifted(x1, st.m);
+      const float sum = group_sum(p0 + p1);
+      s_p[r][lane] = p0;
+      s_p[r][lane + 32] = p1;
+      if (lane == 0) {
+        s_m[r] = st.m;
+        s_l[r] = st.l + sum;
+        s_fac[r] = fac;
+      }
+    }
+    __syncthreads();
+    // 4. P V: one V row load per key for all rows
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float f = s_fac[r];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[r][e] *= f;
+    }
+#pragma unroll
+    for (int it = 0; it < kKeysPerGroup; ++it) {
+      const int t = g + it * kGroups;
+      const int64_t off = s_off[t];
+      if (off < 0) continue;  // uniform within the key group
+      float vv[kElems];
+      load_row<T, kLanes, kContig>(vc + off, li, D, vv);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < n_rows) {
+          const float pr = s_p[r][t];
+#pragma unroll
+          for (int e = 0; e < kElems; ++e) acc[r][e] = fmaf(pr, vv[e], acc[r][e]);
+        }
+      }
+    }
+  }
+
+  // Sum the key groups' accumulators, normalize, write.
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (r < n_rows) {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        const int d = elem_index<kLanes, kContig>(li, e);
+        if (d < D) s_red[g][r][d] = acc[r][e];
+      }
+    }
+  }
+  __syncthreads();
+  const bool bad = s_bad != 0;
+  if (bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
+  for (int i = tid; i < n_rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float v = 0.0f;
+#pragma unroll
+    for (int gg = 0; gg < kGroups; ++gg) v += s_red[gg][r][d];
+    const float l = s_l[r];
+    v = bad ? NAN : v * (l > 0.0f ? 1.0f / l : 0.0f);
+    const int64_t orow = out_row(p, q_begin, row_begin + r, h);
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[orow * D + d] = from_float<T>(v);
+    } else {
+      const int64_t prow = split * p.total_q * p.heads_q + orow;
+      p.partial_out[prow * D + d] = v;
+      if (d == 0) {
+        softmax::RowState st;
+        st.m = s_m[r];
+        st.l = l;
+        p.partial_lse[prow] = bad ? NAN : st.lse_natural();
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void merge_kernel(const AttnParams p) {
+  const int64_t row = blockIdx.x, rows = p.total_q * p.heads_q;
+  const float total = merged_lse(p.partial_lse + row, rows, p.num_splits);
+  for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    float v = 0.0f;
+    for (int64_t i = 0; i < p.num_splits; ++i) {
+      const float w = softmax::merge_weight(p.partial_lse[i * rows + row], total);
+      v += w == 0.0f ? 0.0f : w * p.partial_out[(i * rows + row) * p.head_dim + d];
+    }
+    static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(v);
+  }
+}
+
+template <typename T, int kRows>
+void launch_rows(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
+  const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
+  if (p.head_dim == 64 && aligned) {
+    attention_kernel<T, 8, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+  } else if (p.head_dim == 128 && aligned) {
+    attention_kernel<T, 16, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    attention_kernel<T, 32, false, kRows><<<grid, kThreads, 0, stream>>>(p);  // any head_dim <= 256
+  }
+}
+
+template <typename T>
+void launch_attention(const AttnParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.num_seqs * p.num_splits), static_cast<unsigned>(p.heads_kv),
+                  static_cast<unsigned>(p.row_tiles()));
+  const int64_t rows = p.max_q_len * p.group();  // rows of the fullest tile, capped at kRowTile
+  if (rows <= 1)
+    launch_rows<T, 1>(p, grid, stream);
+  else if (rows <= 4)
+    launch_rows<T, 4>(p, grid, stream);
+  else
+    launch_rows<T, kRowTile>(p, grid, stream);
+  PYLLMOPS_CUDA_LAUNCH_CHECK();
+  if (p.num_splits > 1) {
+    const int threads = p.head_dim >= 128 ? 128 : (p.head_dim >= 64 ? 64 : 32);
+    merge_kernel<T><<<static_cast<unsigned>(p.total_q * p.heads_q), threads, 0, stream>>>(p);
+    PYLLMOPS_CUDA_LAUNCH_CHECK();
+  }
+}
+
+// ---- reshape_and_cache / copy_blocks: typeless row copies -----------------------------------
+template <typename U>
+__global__ void reshape_and_cache_kernel(const U* __restrict__ key, const U* __restrict__ value, U* __restrict__ kc,
+                                         U* __restrict__ vc, const int64_t* __restrict__ slots, int64_t row_units,
+                                         int64_t num_slots, int* error_flag) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slots[t];
+  if (slot == -1) return;
+  if (slot < 0 || slot >= num_slots) {
+    if (threadIdx.x == 0) atomicOr(error_flag, kErrSlot);
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < row_units; i += blockDim.x) {
+    kc[slot * row_units + i] = key[t * row_units + i];
+    vc[slot * row_units + i] = value[t * row_units + i];
+  }
+}
+
+template <typename U>
+__global__ void copy_blocks_kernel(U* __restrict__ caches, const int64_t* __restrict__ pairs, int64_t num_blocks,
+                                   int64_t block_units) {
+  const int64_t pair = blockIdx.x, c = blockIdx.y;
+  const int64_t src = pairs[2 * pair], dst = pairs[2 * pair + 1];
+  if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) return;  // validated host-side
+  U* base = caches + c * num_blocks * block_units;
+  for (int64_t i = threadIdx.x; i < block_units; i += blockDim.x) base[dst * block_units + i] = base[src * block_units + i];
+}
+
+}  // namespace
+
+void attention_cuda(const AttnParams& p, DType dtype, int device, uintptr_t stream) {
+  PYLLMOPS_CHECK(dtype == DType::f16 || dtype == DType::bf16, "paged_attention on CUDA takes float16 or bfloat16, got ",
+                 dtype_name(dtype));
+  PYLLMOPS_CHECK(p.num_seqs * p.num_splits <= INT32_MAX && p.heads_kv <= 65535 && p.row_tiles() <= 65535,
+                 "paged_attention: launch too large (num_seqs * num_splits ", p.num_seqs * p.num_splits,
+                 ", kv heads ", p.heads_kv, ", row tiles ", p.row_tiles(), ")");
+  CudaDeviceGuard guard(device);
+  if (dtype == DType::f16)
+    launch_attention<__half>(p, as_stream(stream));
+  else
+    launch_attention<__nv_bfloat16>(p, as_stream(stream));
+}
+
+void reshape_and_cache_cuda(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                            const TensorView& value_cache, const TensorView& slot_mapping, int* error_flag,
+                            uintptr_t stream) {
+  CudaDeviceGuard guard(key.device);
+  const int64_t n = key.size(0);
+  PYLLMOPS_CHECK(n <= INT32_MAX, "reshape_and_cache: too many tokens (", n, ")");
+  const int64_t row_bytes = key.size(1) * key.size(2) * dtype_size(key.dtype);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const bool vec = row_bytes % 16 == 0 && is_aligned(key.data, 16) && is_aligned(value.data, 16) &&
+                   is_aligned(key_cache.data, 16) && is_aligned(value_cache.data, 16);
+  const auto* slots = slot_mapping.ptr<const int64_t>();
+  if (vec) {
+    reshape_and_cache_kernel<uint4><<<static_cast<unsigned>(n), 128, 0, as_stream(stream)>>>(
+        key.ptr<const uint4>(), value.ptr<const uint4>(), key_cache.ptr<uint4>(), value_cache.ptr<uint4>(), slots,
+        row_bytes / 16, num_slots, error_flag);
+  } else {
+    reshape_and_cache_kernel<uint16_t><<<static_cast<unsigned>(n), 128, 0, as_stream(stream)>>>(
+        key.ptr<const uint16_t>(), value.ptr<const uint16_t>(), key_cache.ptr<uint16_t>(),
+        value_cache.ptr<uint16_t>(), slots, row_bytes / 2, num_slots, error_flag);
+  }
+  PYLLMOPS_CUDA_LAUNCH_CHECK();
+}
+
+void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr_t stream) {
+  CudaDeviceGuard guard(caches.device);
+  const int64_t n = pairs.size(0), num_caches = caches.size(0), num_blocks = caches.size(1);
+  PYLLMOPS_CHECK(n <= INT32_MAX && num_caches <= 65535, "copy_blocks: launch too large");
+  const int64_t block_bytes = caches.numel() / (num_caches * num_blocks) * dtype_size(caches.dtype);
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(num_caches));
+  if (block_bytes % 16 == 0 && is_aligned(caches.data, 16)) {
+    copy_blocks_kernel<uint4><<<grid, 256, 0, as_stream(stream)>>>(caches.ptr<uint4>(), pairs.ptr<const int64_t>(),
+                                                                   num_blocks, block_bytes / 16);
+  } else {
+    PYLLMOPS_CHECK(block_bytes % 2 == 0, "copy_blocks: block of ", block_bytes, " bytes");
+    copy_blocks_kernel<uint16_t><<<grid, 256, 0, as_stream(stream)>>>(
+        caches.ptr<uint16_t>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 2);
+  }
+  PYLLMOPS_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace paged
+}  // namespace pyllmops

@@ -1,0 +1,539 @@
+"""Paged KV cache + paged attention against dense float64 attention over K/V gathered from the cache."""
+import math
+import random
+
+import pytest
+import torch
+
+import pyllmops
+from pyllmops.ops import paged as P
+from pyllmops.reference import paged as ref
+
+from conftest import assert_close, devices
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 2e-3}  # ~10x, 5x, 10x the errors measured on the CPU kernels
+
+
+def dtypes_for(device):
+    return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16, torch.bfloat16)
+
+
+def random_cache(num_blocks, block_size, heads_kv, head_dim, dtype, device):
+    k = torch.randn(num_blocks, block_size, heads_kv, head_dim, device=device).to(dtype)
+    v = torch.randn(num_blocks, block_size, heads_kv, head_dim, device=device).to(dtype)
+    return k, v
+
+
+def shuffled_tables(seq_lens, block_size, num_blocks, device, pad=2):
+    """Non-contiguous, shuffled block tables over a random permutation of the pool; -1 past the end."""
+    need = [-(-L // block_size) for L in seq_lens]
+    perm = torch.randperm(num_blocks).tolist()
+    assert sum(need) <= num_blocks
+    width = max(need + [1]) + pad
+    rows, i = [], 0
+    for n in need:
+        rows.append(perm[i:i + n] + [-1] * (width - n))
+        i += n
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def run_case(device, dtype, seq_lens, q_lens=None, heads_kv=2, group=4, head_dim=64, block_size=16, window=-1,
+             num_splits=None, scale=None):
+    n_blocks = sum(-(-L // block_size) for L in seq_lens) + 3
+    kc, vc = random_cache(n_blocks, block_size, heads_kv, head_dim, dtype, device)
+    bt = shuffled_tables(seq_lens, block_size, n_blocks, device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu = None
+    total = len(seq_lens)
+    if q_lens is not None:
+        cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+        total = sum(q_lens)
+    q = torch.randn(total, heads_kv * group, head_dim, device=device).to(dtype)
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, num_splits=num_splits,
+                                   softmax_scale=scale,
+                                   max_seqlen_q=None if q_lens is None else max(max(q_lens), 1))
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, softmax_scale=scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    if device == "cuda":
+        P.check_kernel_errors(device)
+    assert_close(out, want, TOL[dtype])
+    return out
+
+
+# ---------------------------------------------------------------- attention
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("block_size,head_dim", [(8, 64), (16, 128), (128, 64)])
+def test_decode(device, group, block_size, head_dim):
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [1, 17, 129, 300, 64], group=group, head_dim=head_dim, block_size=block_size,
+                 heads_kv=2 if group < 8 else 1)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("window", [-1, 0, 5, 100])
+def test_decode_splits_and_windows(device, num_splits, window):
+    dtype = dtypes_for(device)[-1]
+    run_case(device, dtype, [1000, 1, 33, 257], group=4, window=window, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("head_dim", [1, 17, 80, 256])
+def test_odd_head_dims(device, head_dim):
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [5, 129], group=2, head_dim=head_dim, block_size=32, num_splits=2)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("block_size", [8, 16, 256])
+def test_multi_token(device, block_size):
+    for dtype in dtypes_for(device):
+        # chunked prefill (17 new of 129), a whole prefill (40 of 40), one query, no queries, spec verify
+        run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=4, block_size=block_size)
+        run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=1, block_size=block_size,
+                 window=9, num_splits=3)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_scale_and_automatic_splits(device):
+    dtype = dtypes_for(device)[-1]
+    # one long sequence and one kv head: too few work items, so the planner splits
+    n = P.plan_num_splits(1, 1, 1, 1, 2048, 16, torch.device(device))
+    assert n > 1
+    run_case(device, dtype, [2000], heads_kv=1, group=1, scale=0.3)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_split_result_is_deterministic(device):
+    dtype = dtypes_for(device)[-1]
+    kc, vc = random_cache(40, 16, 2, 64, dtype, device)
+    bt = shuffled_tables([600], 16, 40, device)
+    sl = torch.tensor([600], dtype=torch.int32, device=device)
+    q = torch.randn(1, 8, 64, device=device).to(dtype)
+    outs = [pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=5) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_planner_is_host_side_and_bounded():
+    dev = torch.device("cpu")
+    assert P.plan_num_splits(4096, 8, 1, 1, 32768, 16, dev) == 1  # plenty of work items
+    for keys in (1, 100, 5000, 10 ** 6):
+        n = P.plan_num_splits(1, 1, 1, 1, keys, 16, dev)
+        assert 1 <= n <= P.MAX_SPLITS and n == P.plan_num_splits(1, 1, 1, 1, keys, 16, dev)
+
+
+# ---------------------------------------------------------------- cache + attention end to end
+def dense_causal(x, wq, wk, wv, heads_q, heads_kv, d):
+    t = x.shape[0]
+    q = (x @ wq).view(t, heads_q, d)
+    k = (x @ wk).view(t, heads_kv, d)
+    v = (x @ wv).view(t, heads_kv, d)
+    return ref.attention(q, k, v, softmax_scale=1 / math.sqrt(d), positions=torch.arange(t, device=x.device))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("window", [None, 12])
+def test_prefill_then_decode_equals_recompute(device, window):
+    """One attention layer: prefill two prompts, then decode 40 steps through the cache; every step's
+    output equals dense attention over the full sequence so far."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    heads_q, heads_kv, d, hidden = 8, 2, 64, 32
+    wq = torch.randn(hidden, heads_q * d, device=device) / hidden ** 0.5
+    wk = torch.randn(hidden, heads_kv * d, device=device) / hidden ** 0.5
+    wv = torch.randn(hidden, heads_kv * d, device=device) / hidden ** 0.5
+    cache = pyllmops.PagedKVCache(1, 40, 8, heads_kv, d, dtype=dtype, device=device, sliding_window=window)
+    wl = -1 if window is None else window
+    prompts = [torch.randn(n, hidden, device=device) for n in (13, 30)]
+    seqs = [cache.add_sequence() for _ in prompts]
+    xs = [p.clone() for p in prompts]
+
+    def step(new):  # new: list of (t_i, hidden) per sequence
+        lens = [n.shape[0] for n in new]
+        slots = cache.allocate_slots(seqs, lens)
+        x = torch.cat(new)
+        cache.write(0, (x @ wk).view(-1, heads_kv, d).to(dtype), (x @ wv).view(-1, heads_kv, d).to(dtype), slots)
+        q = (x @ wq).view(-1, heads_q, d).to(dtype)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        multi = max(lens) > 1
+        return pyllmops.paged_attention(q, cache.key_cache[0], cache.value_cache[0], cache.block_tables(seqs),
+                                        cache.seq_lens(seqs), window_left=wl, cu_seqlens_q=cu if multi else None,
+                                        max_seqlen_q=max(lens) if multi else None).split(lens)
+
+    outs = step(prompts)
+    for i in range(2):
+        want = dense_causal(xs[i], wq, wk, wv, heads_q, heads_kv, d) if window is None else None
+        if want is not None:
+            assert_close(outs[i], want, TOL[dtype] * 2, f"prefill {i}")
+    min_free = cache.num_free_blocks
+    for t in range(40):
+        new = [torch.randn(1, hidden, device=device) for _ in seqs]
+        xs = [torch.cat([a, b]) for a, b in zip(xs, new)]
+        outs = step(new)
+        for i in range(2):
+            x = xs[i]
+            L = x.shape[0]
+            q = (x[-1:] @ wq).view(1, heads_q, d).to(dtype)
+            k = (x @ wk).view(L, heads_kv, d).to(dtype)
+            v = (x @ wv).view(L, heads_kv, d).to(dtype)
+            want = ref.attention(q, k, v, softmax_scale=1 / math.sqrt(d), positions=torch.tensor([L - 1]),
+                                 window_left=wl)
+            assert_close(outs[i], want, TOL[dtype] * 2, f"decode step {t} seq {i}")
+        min_free = min(min_free, cache.num_free_blocks)
+    if window is not None:  # blocks wholly outside the window were released: at most ~3 blocks per sequence live
+        assert cache.num_free_blocks >= 40 - 2 * (-(-(window + 1) // 8) + 2)
+        assert (cache.block_tables(seqs)[:, 0] == -1).all()
+    else:
+        assert cache.num_free_blocks == 40 - sum(-(-x.shape[0] // 8) for x in xs)
+
+
+# ---------------------------------------------------------------- reshape_and_cache
+@pytest.mark.parametrize("device", devices())
+def test_reshape_and_cache(device):
+    for dtype in dtypes_for(device):
+        kc = torch.zeros(6, 8, 3, 16, dtype=dtype, device=device)
+        vc = torch.zeros_like(kc)
+        n = 11
+        key = torch.randn(n, 3, 16, device=device).to(dtype)
+        value = torch.randn(n, 3, 16, device=device).to(dtype)
+        slots = torch.randperm(48)[:n].to(device)
+        slots[3] = -1
+        pyllmops.reshape_and_cache(key, value, kc, vc, slots)
+        flat_k, flat_v = kc.view(48, 3, 16), vc.view(48, 3, 16)
+        keep = slots >= 0
+        assert torch.equal(flat_k[slots[keep]], key[keep]) and torch.equal(flat_v[slots[keep]], value[keep])
+        written = torch.zeros(48, dtype=torch.bool, device=device)
+        written[slots[keep]] = True
+        assert (flat_k[~written] == 0).all() and (flat_v[~written] == 0).all()
+
+
+def test_reshape_and_cache_out_of_range_leaves_cache_unchanged():
+    kc, vc = random_cache(4, 8, 2, 16, torch.float32, "cpu")
+    k0, v0 = kc.clone(), vc.clone()
+    key, value = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    for bad in (32, -2, 10 ** 6):
+        with pytest.raises(ValueError, match=rf"slot_mapping\[2\] = {bad}"):
+            pyllmops.reshape_and_cache(key, value, kc, vc, torch.tensor([0, 5, bad]))
+        # the C++ binding checks too, before writing anything
+        with pytest.raises(ValueError, match="slot_mapping"):
+            pyllmops.reshape_and_cache(key, value, kc, vc, torch.tensor([0, 5, bad]), validate=False)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+
+
+# ---------------------------------------------------------------- block manager
+def snapshot(cache):
+    return (list(cache._free), list(cache._ref), {s: (list(q.blocks), q.length) for s, q in cache._seqs.items()},
+            cache.storage.clone())
+
+
+def same_snapshot(a, b):
+    return a[0] == b[0] and a[1] == b[1] and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+def check_invariants(cache):
+    owners = {}
+    for s, q in cache._seqs.items():
+        assert len(q.blocks) == -(-q.length // cache.block_size)
+        for b in q.blocks:
+            if b >= 0:
+                owners[b] = owners.get(b, 0) + 1
+    free = cache._free
+    assert len(set(free)) == len(free), "a block is on the free list twice"
+    for b in range(cache.num_blocks):
+        assert cache._ref[b] == owners.get(b, 0), f"block {b}: refcount {cache._ref[b]} != owners {owners.get(b, 0)}"
+        assert (b in free) == (cache._ref[b] == 0), f"block {b} leaked or owned while free"
+    assert cache.num_free_blocks + len(owners) == cache.num_blocks
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fork_copy_on_write(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cache = pyllmops.PagedKVCache(2, 10, 16, 2, 8, dtype=dtype, device=device)
+    a = cache.add_sequence()
+    kv = {}
+    slots = cache.allocate_slots([a], 20)
+    for layer in range(2):
+        k, v = torch.randn(20, 2, 8, device=device).to(dtype), torch.randn(20, 2, 8, device=device).to(dtype)
+        cache.write(layer, k, v, slots)
+        kv[layer] = (k, v)
+    b = cache.fork(a)
+    assert cache.blocks(a) == cache.blocks(b) and cache.num_free_blocks == 8
+    # b writes into the shared partial block: it gets a copy (in every layer), a keeps its block
+    sb = cache.allocate_slots([b], 3)
+    assert cache.blocks(b)[0] == cache.blocks(a)[0] and cache.blocks(b)[1] != cache.blocks(a)[1]
+    new_b = {}
+    for layer in range(2):
+        k, v = torch.randn(3, 2, 8, device=device).to(dtype), torch.randn(3, 2, 8, device=device).to(dtype)
+        cache.write(layer, k, v, sb)
+        new_b[layer] = (k, v)
+    sa = cache.allocate_slots([a], 2)  # a's block is no longer shared: written in place, no copy
+    assert cache.blocks(a)[1] == cache.blocks(a)[1] and cache.num_free_blocks == 7
+    new_a = {}
+    for layer in range(2):
+        k, v = torch.randn(2, 2, 8, device=device).to(dtype), torch.randn(2, 2, 8, device=device).to(dtype)
+        cache.write(layer, k, v, sa)
+        new_a[layer] = (k, v)
+    bt = cache.block_tables([a, b]).cpu()
+    for layer in range(2):
+        for i, (seq, new) in enumerate(((a, new_a), (b, new_b))):
+            L = cache.seq_len(seq)
+            got_k = ref.gather_kv(cache.key_cache[layer].cpu(), bt[i], L)
+            got_v = ref.gather_kv(cache.value_cache[layer].cpu(), bt[i], L)
+            assert torch.equal(got_k, torch.cat([kv[layer][0], new[layer][0]]).cpu())
+            assert torch.equal(got_v, torch.cat([kv[layer][1], new[layer][1]]).cpu())
+    check_invariants(cache)
+    cache.free(a)
+    cache.free(b)
+    assert cache.num_free_blocks == 10
+    check_invariants(cache)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_allocate_fork_free_churn(window):
+    """Random add / allocate / fork / free: no block leaked, none owned twice, refusals change nothing."""
+    rng = random.Random(torch.initial_seed())
+    cache = pyllmops.PagedKVCache(1, 24, 8, 1, 4, dtype=torch.float32, device="cpu", sliding_window=window)
+    refusals = 0
+    for _ in range(600):
+        live = list(cache._seqs)
+        op = rng.random()
+        if op < 0.15 or not live:
+            cache.add_sequence()
+        elif op < 0.25:
+            cache.fork(rng.choice(live))
+        elif op < 0.4:
+            cache.free(rng.choice(live))
+        else:
+            ids = rng.sample(live, rng.randint(1, min(3, len(live))))
+            counts = [rng.choice([0, 1, 1, 1, 3, 9, 20]) for _ in ids]
+            before = snapshot(cache)
+            try:
+                slots = cache.allocate_slots(ids, counts)
+            except pyllmops.OutOfBlocksError:
+                refusals += 1
+                assert same_snapshot(before, snapshot(cache))
+            else:
+                assert slots.numel() == sum(counts) and len(set(slots.tolist())) == slots.numel()
+                # a slot written now is in a block owned by that sequence alone
+                for b in {s // 8 for s in slots.tolist()}:
+                    assert cache._ref[b] == 1
+        check_invariants(cache)
+    assert refusals > 0  # the loop does reach exhaustion
+    for s in list(cache._seqs):
+        cache.free(s)
+    assert cache.num_free_blocks == 24
+    check_invariants(cache)
+
+
+def test_out_of_blocks_is_all_or_nothing():
+    cache = pyllmops.PagedKVCache(2, 6, 8, 1, 4, dtype=torch.float32, device="cpu")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.allocate_slots([a], 12)
+    cache.write(0, torch.randn(12, 1, 4), torch.randn(12, 1, 4), torch.arange(12))
+    c = cache.fork(a)
+    before = snapshot(cache)
+    # b needs 2 blocks, a 1 new + 1 copy, c 1 new (a took the copy): 5 > 4, the whole call is refused
+    with pytest.raises(pyllmops.OutOfBlocksError, match="need 5 free blocks, have 4"):
+        cache.allocate_slots([b, a, c], [16, 10, 10])
+    assert same_snapshot(before, snapshot(cache))
+    cache.allocate_slots([b, a], [16, 4])  # b: 2 blocks, a: 1 copy, no new block
+    assert cache.num_free_blocks == 1
+    check_invariants(cache)
+
+
+def test_block_tables_and_lens():
+    cache = pyllmops.PagedKVCache(1, 8, 8, 1, 4, dtype=torch.float32, device="cpu")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.allocate_slots([a, b], [17, 3])
+    bt = cache.block_tables([a, b])
+    assert bt.dtype == torch.int32 and bt.shape == (2, 3) and bt[1, 1:].tolist() == [-1, -1]
+    assert cache.seq_lens([b, a]).tolist() == [3, 17]
+    assert cache.block_tables([b], max_blocks=5).shape == (1, 5)
+    with pytest.raises(KeyError):
+        cache.block_tables([99])
+
+
+# ---------------------------------------------------------------- validation
+def small():
+    kc, vc = random_cache(4, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    sl = torch.tensor([9, 16], dtype=torch.int32)
+    return q, kc, vc, bt, sl
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda a: a.update(bt=torch.tensor([[0, 7], [2, 3]], dtype=torch.int32)), ValueError, r"block_tables\[0, 1\] = 7"),
+    (lambda a: a.update(bt=torch.tensor([[0, 1], [-1, 3]], dtype=torch.int32)), ValueError, r"block_tables\[1, 0\] = -1"),
+    (lambda a: a.update(sl=torch.tensor([9, 17], dtype=torch.int32)), ValueError, r"seq_lens\[1\] = 17"),
+    (lambda a: a.update(sl=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, r"seq_lens\[0\] = -1"),
+    (lambda a: a.update(sl=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "queries but seq_lens"),
+    (lambda a: a.update(bt=a["bt"].long()), ValueError, "block_tables must have dtype in"),
+    (lambda a: a.update(sl=a["sl"][:1]), ValueError, "seq_lens has 1 entries"),
+    (lambda a: a.update(q=a["q"][:, :3]), ValueError, "multiple of num_kv_heads"),
+    (lambda a: a.update(q=a["q"].double()), ValueError, "q must have dtype"),
+    (lambda a: a.update(q=a["q"].bfloat16()), ValueError, "key_cache has dtype"),
+    (lambda a: a.update(q=a["q"][:1]), ValueError, "one query per sequence"),
+    (lambda a: a.update(q=a["q"][..., :8]), ValueError, "head_dim 8"),
+    (lambda a: a.update(kc=a["kc"][:, :6]), ValueError, "value_cache has shape"),
+    (lambda a: a.update(kc=a["kc"][:, :6].contiguous(), vc=a["vc"][:, :6].contiguous()), ValueError,
+     "power of two"),
+    (lambda a: a.update(q="q"), TypeError, "q must be a torch.Tensor"),
+    (lambda a: a.update(kw=dict(window_left=-2)), ValueError, "window_left must be >= -1"),
+    (lambda a: a.update(kw=dict(window_left=1.5)), TypeError, "window_left must be an int"),
+    (lambda a: a.update(kw=dict(num_splits=0)), ValueError, "num_splits must be >= 1"),
+    (lambda a: a.update(kw=dict(num_splits=65)), ValueError, "num_splits must be in"),
+    (lambda a: a.update(kw=dict(softmax_scale="x")), TypeError, "softmax_scale"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32))), ValueError,
+     "cu_seqlens_q has 2 entries"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 3, 2], dtype=torch.int32))), ValueError,
+     "non-decreasing"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1, 3], dtype=torch.int32))), ValueError,
+     "end at total_q=2"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([1, 1, 2], dtype=torch.int32))), ValueError,
+     "start at 0"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 2, 2], dtype=torch.int32), max_seqlen_q=1)),
+     ValueError, "max_seqlen_q = 1 but a sequence has 2 queries"),
+    (lambda a: a.update(kw=dict(cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32), max_seqlen_q=0)),
+     ValueError, "max_seqlen_q must be >= 1"),
+])
+def test_bad_inputs(change, err, match):
+    a = dict(zip(("q", "kc", "vc", "bt", "sl"), small()), kw={})
+    change(a)
+    with pytest.raises(err, match=match):
+        pyllmops.paged_attention(a["q"], a["kc"], a["vc"], a["bt"], a["sl"], **a["kw"])
+
+
+def test_cpp_rechecks_metadata():
+    """With Python's checks skipped (validate=False) the C++ layer still refuses before reading."""
+    q, kc, vc, bt, sl = small()
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 9"):
+        pyllmops.paged_attention(q, kc, vc, torch.tensor([[0, 9], [2, 3]], dtype=torch.int32), sl, validate=False)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 40"):
+        pyllmops.paged_attention(q, kc, vc, bt, torch.tensor([3, 40], dtype=torch.int32), validate=False)
+
+
+def test_empty_batch():
+    _, kc, vc, _, _ = small()
+    out = pyllmops.paged_attention(torch.randn(0, 4, 16), kc, vc, torch.zeros(0, 2, dtype=torch.int32),
+                                   torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 4, 16)
+
+
+def test_unread_table_entries_are_not_validated():
+    """Entries past seq_len, or wholly outside the window, may hold anything (e.g. -1 of released blocks)."""
+    q, kc, vc, _, _ = small()
+    bt = torch.tensor([[-1, 1, 77], [2, -5, -1]], dtype=torch.int32)
+    sl = torch.tensor([16, 3], dtype=torch.int32)
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, window_left=4)
+    want = ref.paged_attention(q, kc, vc, bt.clamp(min=0), sl, window_left=4)
+    assert_close(out, want, TOL[torch.float32])
+
+
+def test_reshape_and_cache_bad_inputs():
+    kc, vc = random_cache(4, 8, 2, 16, torch.float32, "cpu")
+    key = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="key has shape"):
+        pyllmops.reshape_and_cache(key[:, :1], key[:, :1], kc, vc, torch.arange(3))
+    with pytest.raises(ValueError, match="slot_mapping must have dtype"):
+        pyllmops.reshape_and_cache(key, key, kc, vc, torch.arange(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="slot_mapping has 2 entries"):
+        pyllmops.reshape_and_cache(key, key, kc, vc, torch.arange(2))
+    with pytest.raises(ValueError, match="key must have dtype"):
+        pyllmops.reshape_and_cache(key.bfloat16(), key, kc, vc, torch.arange(3))
+
+
+def test_cache_constructor_checks():
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        pyllmops.PagedKVCache(1, 4, 24, 1, 8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="head_dim must be <= 256"):
+        pyllmops.PagedKVCache(1, 4, 16, 1, 300, dtype=torch.float32, device="cpu")
+    with pytest.raises(TypeError, match="num_blocks must be an int"):
+        pyllmops.PagedKVCache(1, 4.0, 16, 1, 8, dtype=torch.float32, device="cpu")
+    cache = pyllmops.PagedKVCache(1, 4, 16, 1, 8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="distinct"):
+        a = cache.add_sequence()
+        cache.allocate_slots([a, a], 1)
+
+
+# ---------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    dtype = dtypes_for(device)[-1]
+    kc, vc = random_cache(10, 8, 2, 16, dtype, device)
+    bt = shuffled_tables([20, 9], 8, 10, device)
+    sl = torch.tensor([20, 9], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 16, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q, kc, vc, bt, sl, None, 0.25, -1, 1, 2))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    q3 = torch.randn(5, 4, 16, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q3, kc, vc, bt, sl, cu, 0.25, 4, 3, 1))
+    key = torch.randn(3, 2, 16, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.pyllmops.reshape_and_cache,
+                          (key, key.clone(), kc, vc, torch.tensor([0, -1, 79], device=device)))
+    caches = torch.randn(4, 10, 8, 2, 16, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.pyllmops.paged_copy_blocks,
+                          (caches, torch.tensor([[0, 3], [5, 9]], device=device)))
+
+
+# ---------------------------------------------------------------- CUDA only: in-kernel checks, graph capture
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_bad_metadata_is_flagged_not_read(device):
+    """CUDA checks device-resident metadata in the kernel (no host sync): out-of-range entries are
+    never dereferenced, the affected rows are NaN, and check_kernel_errors raises."""
+    P.check_kernel_errors(device)  # start clean
+    kc, vc = random_cache(8, 16, 2, 64, torch.bfloat16, device)
+    bt = torch.tensor([[0, 10 ** 6], [2, 3]], dtype=torch.int32, device=device)
+    sl = torch.tensor([20, 20], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 64, device=device).bfloat16()
+    for splits in (1, 3):
+        out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=splits)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
+        with pytest.raises(RuntimeError, match="block-table entry"):
+            P.check_kernel_errors(device)
+        P.check_kernel_errors(device)  # cleared
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 1000000"):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, validate=True)
+    bad_len = torch.tensor([20, 33], dtype=torch.int32, device=device)
+    out = pyllmops.paged_attention(q, kc, vc, bt.clamp(max=3), bad_len)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1]).all()
+    with pytest.raises(RuntimeError, match="seq_len"):
+        P.check_kernel_errors(device)
+    k0 = kc.clone()
+    key = torch.randn(2, 2, 64, device=device).bfloat16()
+    pyllmops.reshape_and_cache(key, key, kc, vc, torch.tensor([5, 8 * 16], device=device))
+    torch.cuda.synchronize()
+    assert torch.equal(kc.view(-1, 2, 64)[5], key[0])
+    k0.view(-1, 2, 64)[5] = key[0]
+    assert torch.equal(kc, k0)  # the out-of-range token was skipped
+    with pytest.raises(RuntimeError, match="slot"):
+        P.check_kernel_errors(device)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_graph_decode_step(device):
+    """A decode step (split-KV included) is captured once and replayed with new q / seq_lens."""
+    kc, vc = random_cache(80, 16, 2, 128, torch.bfloat16, device)
+    bt = shuffled_tables([600, 500], 16, 80, device)
+    sl = torch.tensor([300, 450], dtype=torch.int32, device=device)
+    q = torch.randn(2, 8, 128, device=device).bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=4)  # warm-up: error word, allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=4)
+    for lens in ([301, 451], [17, 600]):
+        q.copy_(torch.randn_like(q))
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref.paged_attention(q, kc, vc, bt, sl), TOL[torch.bfloat16])
+    P.check_kernel_errors(device)
