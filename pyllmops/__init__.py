@@ -8,5 +8,7 @@ from pyllmops import ops  # noqa: F401  (registers torch.ops.pyllmops.*)
 from pyllmops import nn  # noqa: F401
 from pyllmops._ext import build_info
 from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
+from pyllmops.ops.attention import flash_attention, flash_attention_varlen
 
-__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__"]
+__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__",
+           "flash_attention", "flash_attention_varlen"]

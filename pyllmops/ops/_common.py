@@ -39,6 +39,19 @@ def empty(shape, dtype, device):
     return out
 
 
+def empty_like(t, dtype=None):
+    """Allocates a kernel output with t's shape and strides (torch.empty_like's memory format
+    preservation), poisoned as `empty` does. For kernels that take strides: a transposed input
+    gets an output of the same layout, with no copy."""
+    out = torch.empty_like(t, dtype=dtype)
+    if _poison:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0xA5)
+    return out
+
+
 def view(t):
     """The 5-tuple _C takes for a tensor: (data_ptr, dtype code, shape, strides, device index)."""
     codes = dtype_codes()
