@@ -61,10 +61,14 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     top_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
+    # Contiguous copies are bound to names: a view tuple holds only the data pointer, so a temporary
+    # would be freed (and its memory reused) before the kernel reads it.
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     delta = empty(lse.shape, torch.float32, q.device)
-    lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse.contiguous()),
-                             opt_view(None if dlse is None else dlse.contiguous()), view(delta), view(dq), view(dk),
+    lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
+                             opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
                              softmax_scale, window_left, window_right, top_left, stream(q))
     return dq, dk, dv
