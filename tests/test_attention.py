@@ -9,11 +9,13 @@ from pyllmops.nn.functional import scaled_dot_product_attention
 from pyllmops.reference import attention as ref
 from tests.conftest import assert_close, devices, rel_err
 
-# Tolerances (relative Frobenius error vs float64), a few times what the kernels show. Measured on the CPU
-# kernel: fp32 out ~2e-7, grads ~5e-7; bf16 out ~2e-3, grads ~3e-3 (one rounding of out / grads to bf16).
-TOL = {torch.float32: {"out": 2e-5, "grad": 5e-5, "lse": 1e-5},
-       torch.bfloat16: {"out": 1e-2, "grad": 1.5e-2, "lse": 1e-5},
-       torch.float16: {"out": 2e-3, "grad": 4e-3, "lse": 1e-5}}
+# Tolerances (relative Frobenius error vs float64), a few times what a correct kernel shows. Measured on
+# the CPU kernel (max over 3 seeds of seqlen 129-300 cases): fp32 out 1.6e-7, lse 5e-8, grads 4.9e-7;
+# bf16 out 1.7e-3, grads 1.9e-3; fp16 out 2.1e-4, grads 2.4e-4 (dominated by rounding out / grads to the
+# 16-bit type). The GPU kernel also rounds P to 16 bits before P V, hence the fp16 margin.
+TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
+       torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 1e-5},
+       torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5}}
 
 
 def _dtypes(device):
@@ -257,11 +259,11 @@ def test_multi_head_attention(device):
     q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
     o, _ = ref.attention(q, k, v, causal=True, window_size=(24, 0))
     want = o.reshape(2, 70, 128) @ w["o_proj.weight"].T
-    assert_close(y, want, 2e-5, "y")
+    assert_close(y, want, 1e-5, "y")
     g = torch.randn_like(y)
     y.backward(g)
     want.backward(g.double())
-    assert_close(x.grad, x64.grad, 5e-5, "dx")
+    assert_close(x.grad, x64.grad, 1e-5, "dx")
     assert set(dict(m.named_parameters())) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
 
 
