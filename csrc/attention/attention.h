@@ -117,6 +117,7 @@ struct Params {
   float scale = 1.0f;
   int64_t window_left = -1, window_right = -1;
   bool top_left = false;                  // diagonal through (0, 0) instead of (sq - 1, sk - 1)
+  int device = -1;                        // CUDA device index of the tensors (-1: CPU)
 
   // Backward only: dO (layout of O), dQ/dK/dV (layouts of Q/K/V: the Python layer allocates them so),
   // delta (float32, the lse layout) = rowsum(dO * O).

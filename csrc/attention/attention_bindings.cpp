@@ -89,6 +89,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.window_left = left;
   p.window_right = right;
   p.top_left = top_left;
+  p.device = q.device;
   if (!varlen) {
     p.batch = q.size(0);
     p.seqlen_q = q.size(1);
@@ -139,7 +140,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
         PYLLMOPS_CHECK(c[b + 1] - c[b] <= mx, "sequence ", b, " has length ", c[b + 1] - c[b], " > max_seqlen_",
                        which ? "k " : "q ", mx);
       }
-      PYLLMOPS_CHECK(c[p.batch] <= total, name, "[-1] = ", c[p.batch], " exceeds the ", total, " rows of ",
+      PYLLMOPS_CHECK(c[p.batch] == total, name, "[-1] = ", c[p.batch], " must equal the ", total, " rows of ",
                      which ? "k" : "q");
     }
   }

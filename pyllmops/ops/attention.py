@@ -24,7 +24,13 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    """What the kernels take without a copy: head_dim contiguous; on CUDA also 16-byte aligned rows
+    (data pointer and every other stride a multiple of 8 elements) for the vector loads."""
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        return t.contiguous()
+    if t.is_cuda and (t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1])):
+        return t.contiguous()
+    return t
 
 
 def _lse_shape(q, varlen):
@@ -166,8 +172,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         lens = [b - a for a, b in zip(vals, vals[1:])]
         if min(lens) < 0:
             raise ValueError(f"{name} must be non-decreasing, got {vals}")
-        if vals[-1] > total:
-            raise ValueError(f"{name}[-1] = {vals[-1]} exceeds the {total} rows of {name[-1]}")
+        if vals[-1] != total:
+            raise ValueError(f"{name}[-1] = {vals[-1]} must equal the {total} rows of {name[-1]}")
         if max(lens) > mx:
             raise ValueError(f"{name} has a sequence of length {max(lens)} > max_seqlen_{name[-1]} = {mx}")
 
