@@ -97,17 +97,20 @@ struct Mask {
   }
 };
 
-// Everything a kernel needs. Strides are in elements; head_dim is contiguous (stride 1).
+// Strides (in elements) of a token-major tensor; head_dim is contiguous. Varlen tensors have batch = 0.
+struct Layout {
+  int64_t batch = 0, seq = 0, head = 0;
+  PYLLMOPS_HD int64_t at(int64_t b, int64_t row, int64_t h) const { return b * batch + row * seq + h * head; }
+};
+
+// Everything a kernel needs.
 struct Params {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   void* o = nullptr;
   float* lse = nullptr;
-  int64_t q_batch_stride = 0, q_seq_stride = 0, q_head_stride = 0;
-  int64_t k_batch_stride = 0, k_seq_stride = 0, k_head_stride = 0;
-  int64_t v_batch_stride = 0, v_seq_stride = 0, v_head_stride = 0;
-  int64_t o_batch_stride = 0, o_seq_stride = 0, o_head_stride = 0;
+  Layout lq, lk, lv, lo;
   int64_t lse_batch_stride = 0, lse_head_stride = 0;  // lse seq stride is 1
   int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   int64_t seqlen_q = 0, seqlen_k = 0;  // varlen: the maxima
@@ -127,10 +130,7 @@ struct Params {
   void* dv = nullptr;
   float* delta = nullptr;
   const float* dlse = nullptr;  // optional gradient of the returned lse (same layout): delta -= dlse
-  int64_t do_batch_stride = 0, do_seq_stride = 0, do_head_stride = 0;
-  int64_t dq_batch_stride = 0, dq_seq_stride = 0, dq_head_stride = 0;
-  int64_t dk_batch_stride = 0, dk_seq_stride = 0, dk_head_stride = 0;
-  int64_t dv_batch_stride = 0, dv_seq_stride = 0, dv_head_stride = 0;
+  Layout ldo, ldq, ldk, ldv;
 
   bool varlen() const { return cu_seqlens_q != nullptr; }
 };
@@ -164,6 +164,20 @@ PYLLMOPS_HD SeqInfo seq_info(const Params& p, int64_t b) {
     s.lse_off = b * p.lse_batch_stride;
   }
   return s;
+}
+
+// Row `row` of sequence s, head h, of a query-side (q, o, dO, dq) or key-side (k, v, dk, dv) tensor.
+template <typename T>
+PYLLMOPS_HD T* q_row(T* base, const Layout& l, const SeqInfo& s, int64_t row, int64_t h) {
+  return base + l.at(s.q_batch, s.q_row0 + row, h);
+}
+template <typename T>
+PYLLMOPS_HD T* k_row(T* base, const Layout& l, const SeqInfo& s, int64_t row, int64_t h) {
+  return base + l.at(s.k_batch, s.k_row0 + row, h);
+}
+// lse / delta of sequence s, head h, from query row `row` on.
+PYLLMOPS_HD int64_t lse_index(const Params& p, const SeqInfo& s, int64_t row, int64_t h) {
+  return s.lse_off + h * p.lse_head_stride + row;
 }
 
 PYLLMOPS_HD Mask seq_mask(const Params& p, const SeqInfo& s) {

@@ -36,16 +36,21 @@ void check_same_shape(const TensorView& t, const TensorView& ref, const char* na
                  shape_str(t));
 }
 
-void set_strides(const TensorView& t, bool varlen, int64_t* batch, int64_t* seq, int64_t* head) {
-  if (varlen) {
-    *batch = 0;
-    *seq = t.stride(0);
-    *head = t.stride(1);
-  } else {
-    *batch = t.stride(0);
-    *seq = t.stride(1);
-    *head = t.stride(2);
-  }
+attn::Layout layout(const TensorView& t, bool varlen) {
+  attn::Layout l;
+  const int off = varlen ? 1 : 0;  // varlen: (total, heads, d), no batch stride
+  l.batch = varlen ? 0 : t.stride(0);
+  l.seq = t.stride(1 - off);
+  l.head = t.stride(2 - off);
+  return l;
+}
+
+// A float32 per-row buffer laid out as lse (delta, dlse).
+void check_row_stats(const TensorView& t, const TensorView& lse, const TensorView& q, const char* name) {
+  pyllmops::check_dtype(t, DType::f32, name);
+  pyllmops::check_contiguous(t, name);
+  pyllmops::check_same_device(t, q, name, "q");
+  check_same_shape(t, lse, name, "lse");
 }
 
 // Checks q/k/v/out/lse and cu_seqlens, and fills everything the forward needs.
@@ -78,10 +83,10 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.v = v.data;
   p.o = out.data;
   p.lse = lse.ptr<float>();
-  set_strides(q, varlen, &p.q_batch_stride, &p.q_seq_stride, &p.q_head_stride);
-  set_strides(k, varlen, &p.k_batch_stride, &p.k_seq_stride, &p.k_head_stride);
-  set_strides(v, varlen, &p.v_batch_stride, &p.v_seq_stride, &p.v_head_stride);
-  set_strides(out, varlen, &p.o_batch_stride, &p.o_seq_stride, &p.o_head_stride);
+  p.lq = layout(q, varlen);
+  p.lk = layout(k, varlen);
+  p.lv = layout(v, varlen);
+  p.lo = layout(out, varlen);
   p.heads_q = hq;
   p.heads_kv = hkv;
   p.head_dim = d;
@@ -172,15 +177,9 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   check_same_shape(dq, q, "dq", "q");
   check_same_shape(dk, k, "dk", "k");
   check_same_shape(dv, v, "dv", "v");
-  pyllmops::check_dtype(delta, DType::f32, "delta");
-  pyllmops::check_contiguous(delta, "delta");
-  pyllmops::check_same_device(delta, q, "delta", "q");
-  check_same_shape(delta, lse, "delta", "lse");
+  check_row_stats(delta, lse, q, "delta");
   if (dlse) {
-    pyllmops::check_dtype(*dlse, DType::f32, "dlse");
-    pyllmops::check_contiguous(*dlse, "dlse");
-    pyllmops::check_same_device(*dlse, q, "dlse", "q");
-    check_same_shape(*dlse, lse, "dlse", "lse");
+    check_row_stats(*dlse, lse, q, "dlse");
     p.dlse = dlse->ptr<const float>();
   }
   p.dout = dout.data;
@@ -188,10 +187,10 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   p.dk = dk.data;
   p.dv = dv.data;
   p.delta = delta.ptr<float>();
-  set_strides(dout, varlen, &p.do_batch_stride, &p.do_seq_stride, &p.do_head_stride);
-  set_strides(dq, varlen, &p.dq_batch_stride, &p.dq_seq_stride, &p.dq_head_stride);
-  set_strides(dk, varlen, &p.dk_batch_stride, &p.dk_seq_stride, &p.dk_head_stride);
-  set_strides(dv, varlen, &p.dv_batch_stride, &p.dv_seq_stride, &p.dv_head_stride);
+  p.ldo = layout(dout, varlen);
+  p.ldq = layout(dq, varlen);
+  p.ldk = layout(dk, varlen);
+  p.ldv = layout(dv, varlen);
   PYLLMOPS_ON_DEVICE(q, "flash_attention (backward)", attn::backward_cpu(p, q.dtype),
                      attn::backward_cuda(p, q.dtype, stream));
 }

@@ -51,13 +51,11 @@ __global__ void delta_kernel(Params p) {
   const SeqInfo si = seq_info(p, b);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaRows + threadIdx.x;
   if (i >= si.sq) return;
-  const T* o = static_cast<const T*>(p.o) + si.q_batch * p.o_batch_stride + (si.q_row0 + i) * p.o_seq_stride +
-               h * p.o_head_stride;
-  const T* g = static_cast<const T*>(p.dout) + si.q_batch * p.do_batch_stride + (si.q_row0 + i) * p.do_seq_stride +
-               h * p.do_head_stride;
+  const T* o = q_row(static_cast<const T*>(p.o), p.lo, si, i, h);
+  const T* g = q_row(static_cast<const T*>(p.dout), p.ldo, si, i, h);
   float acc = 0.0f;
   for (int64_t c = 0; c < p.head_dim; ++c) acc += to_float(o[c]) * to_float(g[c]);
-  const int64_t off = si.lse_off + h * p.lse_head_stride + i;
+  const int64_t off = lse_index(p, si, i, h);
   p.delta[off] = p.dlse ? acc - p.dlse[off] : acc;
 }
 
@@ -80,21 +78,18 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   const int warp = threadIdx.x / kWarpSize;
   const float scale_log2 = p.scale * softmax::kLog2e;
 
-  const int64_t q_off = si.q_batch * p.q_batch_stride + (si.q_row0 + i0) * p.q_seq_stride + h * p.q_head_stride;
-  const int64_t do_off = si.q_batch * p.do_batch_stride + (si.q_row0 + i0) * p.do_seq_stride + h * p.do_head_stride;
-  const T* k = static_cast<const T*>(p.k) + si.k_batch * p.k_batch_stride + si.k_row0 * p.k_seq_stride +
-               hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + si.k_batch * p.v_batch_stride + si.k_row0 * p.v_seq_stride +
-               hk * p.v_head_stride;
-  load_tile<T, kBlockM, kD, kThreads>(sQ, static_cast<const T*>(p.q) + q_off, p.q_seq_stride, si.sq - i0, d);
-  load_tile<T, kBlockM, kD, kThreads>(sdO, static_cast<const T*>(p.dout) + do_off, p.do_seq_stride, si.sq - i0, d);
+  const T* k = k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk);
+  const T* v = k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk);
+  load_tile<T, kBlockM, kD, kThreads>(sQ, q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq, si.sq - i0, d);
+  load_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
+                                      si.sq - i0, d);
 
   // This lane's two rows: lse in base 2 (-inf for padding rows and rows that see no key) and delta.
   float lse2[2], dl[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = i0 + warp * 16 + acc_row(2 * r);
-    const int64_t off = si.lse_off + h * p.lse_head_stride + i;
+    const int64_t off = lse_index(p, si, i, h);
     lse2[r] = i < si.sq ? p.lse[off] * softmax::kLog2e : -INFINITY;
     dl[r] = i < si.sq ? p.delta[off] : 0.0f;
   }
@@ -106,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   for (int64_t nt = nb; nt < ne; ++nt) {
     const int64_t j0 = nt * kBlockN;
     __syncthreads();
-    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.k_seq_stride, p.k_seq_stride, si.sk - j0, d);
-    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.v_seq_stride, p.v_seq_stride, si.sk - j0, d);
+    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
+    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
     __syncthreads();
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
     zero(s);
@@ -132,9 +127,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
     gemm_rs<T, kD, kBlockN, kStride>(acc_dq, a, sK);
   }
   const float mul[2] = {p.scale, p.scale};
-  T* dq = static_cast<T*>(p.dq) + si.q_batch * p.dq_batch_stride + (si.q_row0 + i0) * p.dq_seq_stride +
-          h * p.dq_head_stride;
-  store_acc<T, kD>(acc_dq, mul, dq + warp * 16 * p.dq_seq_stride, p.dq_seq_stride, si.sq - i0 - warp * 16, d);
+  T* dq = q_row(static_cast<T*>(p.dq), p.ldq, si, i0 + warp * 16, h);
+  store_acc<T, kD>(acc_dq, mul, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
 }
 
 template <typename T, int kD, bool kDoDK, bool kDoDV>
@@ -158,12 +152,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   const int warp = threadIdx.x / kWarpSize;
   const float scale_log2 = p.scale * softmax::kLog2e;
 
-  const T* k = static_cast<const T*>(p.k) + si.k_batch * p.k_batch_stride + (si.k_row0 + j0) * p.k_seq_stride +
-               hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + si.k_batch * p.v_batch_stride + (si.k_row0 + j0) * p.v_seq_stride +
-               hk * p.v_head_stride;
-  load_tile<T, kBlockN, kD, kThreads>(sK, k, p.k_seq_stride, si.sk - j0, d);
-  load_tile<T, kBlockN, kD, kThreads>(sV, v, p.v_seq_stride, si.sk - j0, d);
+  load_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq, si.sk - j0, d);
+  load_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq, si.sk - j0, d);
 
   float acc_dk[kDoDK ? kD / 8 : 1][4], acc_dv[kDoDV ? kD / 8 : 1][4];
   zero(acc_dk);
@@ -172,17 +162,15 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   mask.query_tiles(j0, j0 + kBlockN < si.sk ? j0 + kBlockN : si.sk, kBlockM, &mb, &me);
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
-    const T* q = static_cast<const T*>(p.q) + si.q_batch * p.q_batch_stride + si.q_row0 * p.q_seq_stride +
-                 h * p.q_head_stride;
-    const T* dout = static_cast<const T*>(p.dout) + si.q_batch * p.do_batch_stride + si.q_row0 * p.do_seq_stride +
-                    h * p.do_head_stride;
-    const float* lse = p.lse + si.lse_off + h * p.lse_head_stride;
-    const float* delta = p.delta + si.lse_off + h * p.lse_head_stride;
+    const T* q = q_row(static_cast<const T*>(p.q), p.lq, si, 0, h);
+    const T* dout = q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h);
+    const float* lse = p.lse + lse_index(p, si, 0, h);
+    const float* delta = p.delta + lse_index(p, si, 0, h);
     for (int64_t mt = mb; mt < me; ++mt) {
       const int64_t i0 = mt * kBlockM;
       __syncthreads();
-      load_tile<T, kBlockM, kD, kThreads>(sQ, q + i0 * p.q_seq_stride, p.q_seq_stride, si.sq - i0, d);
-      load_tile<T, kBlockM, kD, kThreads>(sdO, dout + i0 * p.do_seq_stride, p.do_seq_stride, si.sq - i0, d);
+      load_tile<T, kBlockM, kD, kThreads>(sQ, q + i0 * p.lq.seq, p.lq.seq, si.sq - i0, d);
+      load_tile<T, kBlockM, kD, kThreads>(sdO, dout + i0 * p.ldo.seq, p.ldo.seq, si.sq - i0, d);
       for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
         const bool in = i0 + r < si.sq;
         sL[r] = in ? lse[i0 + r] * softmax::kLog2e : -INFINITY;
@@ -226,15 +214,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   const int64_t rows = si.sk - j0 - warp * 16;
   if constexpr (kDoDK) {
     const float mul[2] = {p.scale, p.scale};
-    T* dk = static_cast<T*>(p.dk) + si.k_batch * p.dk_batch_stride + (si.k_row0 + j0 + warp * 16) * p.dk_seq_stride +
-            hk * p.dk_head_stride;
-    store_acc<T, kD>(acc_dk, mul, dk, p.dk_seq_stride, rows, d);
+    store_acc<T, kD>(acc_dk, mul, k_row(static_cast<T*>(p.dk), p.ldk, si, j0 + warp * 16, hk), p.ldk.seq, rows, d);
   }
   if constexpr (kDoDV) {
     const float one[2] = {1.0f, 1.0f};
-    T* dv = static_cast<T*>(p.dv) + si.k_batch * p.dv_batch_stride + (si.k_row0 + j0 + warp * 16) * p.dv_seq_stride +
-            hk * p.dv_head_stride;
-    store_acc<T, kD>(acc_dv, one, dv, p.dv_seq_stride, rows, d);
+    store_acc<T, kD>(acc_dv, one, k_row(static_cast<T*>(p.dv), p.ldv, si, j0 + warp * 16, hk), p.ldv.seq, rows, d);
   }
 }
 
@@ -278,14 +262,12 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
   PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
-template <typename T>
-void dispatch_bwd(const Params& p, cudaStream_t stream) {
-  switch (padded_head_dim(p.head_dim)) {
-    case 64: return launch_bwd<T, 64>(p, stream);
-    case 128: return launch_bwd<T, 128>(p, stream);
-    default: return launch_bwd<T, 256>(p, stream);
-  }
-}
+struct LaunchBwd {
+  const Params& p;
+  cudaStream_t stream;
+  template <typename T, int kD>
+  void operator()() const { launch_bwd<T, kD>(p, stream); }
+};
 
 }  // namespace
 
@@ -295,11 +277,7 @@ void backward_cuda(const Params& p, DType dtype, uintptr_t stream) {
   cuda::check_cuda_params(p, true);
   if (p.batch == 0) return;
   CudaDeviceGuard guard(p.device);
-  switch (dtype) {
-    case DType::f16: return cuda::dispatch_bwd<__half>(p, as_stream(stream));
-    case DType::bf16: return cuda::dispatch_bwd<__nv_bfloat16>(p, as_stream(stream));
-    default: throw_invalid("pyllmops.flash_attention: CUDA kernels take float16 or bfloat16, got ", dtype_name(dtype));
-  }
+  cuda::dispatch(p, dtype, cuda::LaunchBwd{p, as_stream(stream)});
 }
 
 }  // namespace attention

@@ -185,9 +185,9 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // Launch helpers shared by the forward and backward launchers.
-inline void check_aligned_rows(const void* p, std::initializer_list<int64_t> strides, const char* name) {
+inline void check_aligned_rows(const void* p, const Layout& l, const char* name) {
   PYLLMOPS_CHECK(is_aligned(p, 16), name, " must be 16-byte aligned on CUDA (the Python layer copies otherwise)");
-  for (int64_t s : strides)
+  for (int64_t s : {l.batch, l.seq, l.head})
     PYLLMOPS_CHECK(s % 8 == 0, name, " strides must be multiples of 8 elements on CUDA, got ", s);
 }
 
@@ -206,19 +206,34 @@ void set_smem(Kernel kernel, int bytes) {
 
 // What the kernels rely on beyond the bindings' checks: 16-byte aligned rows for the vector loads.
 inline void check_cuda_params(const Params& p, bool backward) {
-  check_aligned_rows(p.q, {p.q_batch_stride, p.q_seq_stride, p.q_head_stride}, "q");
-  check_aligned_rows(p.k, {p.k_batch_stride, p.k_seq_stride, p.k_head_stride}, "k");
-  check_aligned_rows(p.v, {p.v_batch_stride, p.v_seq_stride, p.v_head_stride}, "v");
-  check_aligned_rows(p.o, {p.o_batch_stride, p.o_seq_stride, p.o_head_stride}, "out");
+  check_aligned_rows(p.q, p.lq, "q");
+  check_aligned_rows(p.k, p.lk, "k");
+  check_aligned_rows(p.v, p.lv, "v");
+  check_aligned_rows(p.o, p.lo, "out");
   if (!backward) return;
-  check_aligned_rows(p.dout, {p.do_batch_stride, p.do_seq_stride, p.do_head_stride}, "dout");
-  check_aligned_rows(p.dq, {p.dq_batch_stride, p.dq_seq_stride, p.dq_head_stride}, "dq");
-  check_aligned_rows(p.dk, {p.dk_batch_stride, p.dk_seq_stride, p.dk_head_stride}, "dk");
-  check_aligned_rows(p.dv, {p.dv_batch_stride, p.dv_seq_stride, p.dv_head_stride}, "dv");
+  check_aligned_rows(p.dout, p.ldo, "dout");
+  check_aligned_rows(p.dq, p.ldq, "dq");
+  check_aligned_rows(p.dk, p.ldk, "dk");
+  check_aligned_rows(p.dv, p.ldv, "dv");
 }
 
-// Padded head dim of the kernel instantiation serving head_dim d (d <= 64, 128, 256).
-inline int padded_head_dim(int64_t d) { return d <= 64 ? 64 : (d <= 128 ? 128 : 256); }
+// Calls f.template operator()<T, kD>() for the dtype and the padded head dim serving head_dim (the next of
+// 64, 128, 256): the one place that decides which instantiations exist.
+template <typename F>
+void dispatch(const Params& p, DType dtype, const F& f) {
+  const auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.head_dim <= 64) return f.template operator()<T, 64>();
+    if (p.head_dim <= 128) return f.template operator()<T, 128>();
+    return f.template operator()<T, 256>();
+  };
+  switch (dtype) {
+    case DType::f16: return by_dim(__half());
+    case DType::bf16: return by_dim(__nv_bfloat16());
+    default:
+      throw_invalid("pyllmops.flash_attention: CUDA kernels take float16 or bfloat16, got ", dtype_name(dtype));
+  }
+}
 
 }  // namespace cuda
 }  // namespace attention

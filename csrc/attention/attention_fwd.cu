@@ -61,13 +61,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
   const int warp = threadIdx.x / kWarpSize;
   const float scale_log2 = p.scale * softmax::kLog2e;
 
-  const T* q = static_cast<const T*>(p.q) + si.q_batch * p.q_batch_stride + (si.q_row0 + i0) * p.q_seq_stride +
-               h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + si.k_batch * p.k_batch_stride + si.k_row0 * p.k_seq_stride +
-               hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + si.k_batch * p.v_batch_stride + si.k_row0 * p.v_seq_stride +
-               hk * p.v_head_stride;
-  load_tile<T, kBlockM, kD, kThreads>(sQ, q, p.q_seq_stride, si.sq - i0, d);
+  const T* q = q_row(static_cast<const T*>(p.q), p.lq, si, i0, h);
+  const T* k = k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk);
+  const T* v = k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk);
+  load_tile<T, kBlockM, kD, kThreads>(sQ, q, p.lq.seq, si.sq - i0, d);
 
   float acc_o[kD / 8][4];
   zero(acc_o);
@@ -78,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
   for (int64_t nt = nb; nt < ne; ++nt) {
     const int64_t j0 = nt * kBlockN;
     __syncthreads();  // previous tile fully consumed (and, the first time, nothing pending)
-    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.k_seq_stride, p.k_seq_stride, si.sk - j0, d);
-    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.v_seq_stride, p.v_seq_stride, si.sk - j0, d);
+    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
+    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
     __syncthreads();
 
     float s[kBlockN / 8][4];
@@ -126,12 +123,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
     st[r].l = quad_sum(st[r].l);
     inv_l[r] = st[r].inv_l();
   }
-  T* o = static_cast<T*>(p.o) + si.q_batch * p.o_batch_stride + (si.q_row0 + i0) * p.o_seq_stride +
-         h * p.o_head_stride;
+  T* o = q_row(static_cast<T*>(p.o), p.lo, si, i0 + warp * 16, h);
   const int64_t rows = si.sq - i0;
-  store_acc<T, kD>(acc_o, inv_l, o + warp * 16 * p.o_seq_stride, p.o_seq_stride, rows - warp * 16, d);
+  store_acc<T, kD>(acc_o, inv_l, o, p.lo.seq, rows - warp * 16, d);
   if (threadIdx.x % 4 == 0) {
-    float* lse = p.lse + si.lse_off + h * p.lse_head_stride + i0;
+    float* lse = p.lse + lse_index(p, si, i0, h);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = warp * 16 + acc_row(2 * r);
@@ -151,14 +147,12 @@ void launch_fwd(const Params& p, cudaStream_t stream) {
   PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
-template <typename T>
-void dispatch_fwd(const Params& p, cudaStream_t stream) {
-  switch (padded_head_dim(p.head_dim)) {
-    case 64: return launch_fwd<T, 64>(p, stream);
-    case 128: return launch_fwd<T, 128>(p, stream);
-    default: return launch_fwd<T, 256>(p, stream);
-  }
-}
+struct LaunchFwd {
+  const Params& p;
+  cudaStream_t stream;
+  template <typename T, int kD>
+  void operator()() const { launch_fwd<T, kD>(p, stream); }
+};
 
 }  // namespace
 
@@ -168,11 +162,7 @@ void forward_cuda(const Params& p, DType dtype, uintptr_t stream) {
   cuda::check_cuda_params(p, false);
   if (p.batch == 0 || p.seqlen_q == 0) return;
   CudaDeviceGuard guard(p.device);
-  switch (dtype) {
-    case DType::f16: return cuda::dispatch_fwd<__half>(p, as_stream(stream));
-    case DType::bf16: return cuda::dispatch_fwd<__nv_bfloat16>(p, as_stream(stream));
-    default: throw_invalid("pyllmops.flash_attention: CUDA kernels take float16 or bfloat16, got ", dtype_name(dtype));
-  }
+  cuda::dispatch(p, dtype, cuda::LaunchFwd{p, as_stream(stream)});
 }
 
 }  // namespace attention
