@@ -24,10 +24,16 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _last_dim_contiguous(t):
-    """What the kernels take without a copy: head_dim contiguous; on CUDA also 16-byte aligned rows
-    (data pointer and every other stride a multiple of 8 elements) for the vector loads."""
-    if t.stride(-1) != 1 and t.shape[-1] != 1:
-        return t.contiguous()
+    """Inputs and the layout outputs copy (empty_like): head_dim must be contiguous. Used by the fake
+    kernels too, so it must not read data pointers."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _kernel_input(t):
+    """An input as the kernel reads it: on CUDA also 16-byte aligned rows (data pointer and every other
+    stride a multiple of 8 elements) for the vector loads, else one copy. Outputs made by empty_like of a
+    head_dim-contiguous tensor always qualify (fresh allocation; strides of a dense tensor are multiples
+    of head_dim, itself a multiple of 8; a non-dense one gets contiguous strides)."""
     if t.is_cuda and (t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1])):
         return t.contiguous()
     return t
@@ -44,8 +50,11 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     window_left: int, window_right: int, top_left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
-    out = empty_like(q)
+    out = empty_like(q)  # q's layout, as the fake kernel promises
     lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
+    # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
+    # be freed (and its memory reused) before the kernel reads it.
+    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                             window_right, top_left, stream(q))
@@ -66,12 +75,12 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     softmax_scale: float, window_left: int, window_right: int,
                     top_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
-    # Contiguous copies are bound to names: a view tuple holds only the data pointer, so a temporary
-    # would be freed (and its memory reused) before the kernel reads it.
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # the inputs' layouts, as the fake kernel promises
+    # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
+    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
+    out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     delta = empty(lse.shape, torch.float32, q.device)
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
