@@ -35,5 +35,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &pyllmops::set_num_threads, py::arg("n"));
 
   register_nf4(m);
+  register_attention(m);
   register_paged(m);
 }

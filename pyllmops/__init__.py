@@ -8,7 +8,9 @@ from pyllmops import ops  # noqa: F401  (registers torch.ops.pyllmops.*)
 from pyllmops import nn  # noqa: F401
 from pyllmops._ext import build_info
 from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
+from pyllmops.ops.attention import flash_attention, flash_attention_varlen
 from pyllmops.ops.paged import OutOfBlocksError, PagedKVCache, paged_attention, reshape_and_cache
 
 __all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__",
+           "flash_attention", "flash_attention_varlen",
            "PagedKVCache", "OutOfBlocksError", "paged_attention", "reshape_and_cache"]

@@ -11,7 +11,7 @@ from pyllmops._ext import lib
 from pyllmops.nn import NF4Linear
 from pyllmops.ops import nf4 as nf4_ops
 from pyllmops.ops._common import view
-from tests.conftest import assert_close, devices
+from conftest import assert_close, devices
 
 try:
     import bitsandbytes as bnb

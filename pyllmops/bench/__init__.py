@@ -3,5 +3,6 @@
 # family -> module defining run(bench: harness.Bench)
 FAMILIES = {
     "nf4": "pyllmops.bench.nf4",
+    "attention": "pyllmops.bench.attention",
     "paged": "pyllmops.bench.paged",
 }

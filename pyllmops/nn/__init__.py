@@ -1,4 +1,7 @@
 """Drop-in modules built on pyllmops' ops."""
 from pyllmops.nn.nf4 import NF4Linear
+from pyllmops.nn import functional  # noqa: F401
+from pyllmops.nn.attention import MultiHeadAttention
+from pyllmops.nn.rotary import RotaryEmbedding, apply_rotary
 
-__all__ = ["NF4Linear"]
+__all__ = ["NF4Linear", "MultiHeadAttention", "RotaryEmbedding", "apply_rotary", "functional"]

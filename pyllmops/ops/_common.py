@@ -30,7 +30,17 @@ def poison_outputs(enabled=True):
 
 def empty(shape, dtype, device):
     """Allocates a kernel output (poisoned when poison_outputs() is on)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
+
+
+def empty_like(t, dtype=None):
+    """Allocates a kernel output with t's shape and strides (torch.empty_like's memory format
+    preservation), poisoned as `empty` does. For kernels that take strides: a transposed input
+    gets an output of the same layout, with no copy."""
+    return _maybe_poison(torch.empty_like(t, dtype=dtype))
+
+
+def _maybe_poison(out):
     if _poison:
         if out.is_floating_point():
             out.fill_(float("nan"))

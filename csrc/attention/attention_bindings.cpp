@@ -1,0 +1,204 @@
+// Python bindings of the flash attention kernels (csrc/attention/attention.h). Every view is checked
+// (dtype, rank, shapes, head_dim contiguity, devices, cu_seqlens) before a kernel runs.
+#include "attention/attention.h"
+#include "bindings.h"
+
+using pyllmops::DType;
+using pyllmops::TensorView;
+using pyllmops::bind::OptView;
+using pyllmops::bind::check_float_dtype;
+namespace attn = pyllmops::attention;
+
+namespace {
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "(";
+  for (size_t i = 0; i < t.shape.size(); ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.shape.size() == 1 ? ",)" : ")");
+}
+
+// A token-major tensor: (batch, seq, heads, d) or, varlen, (total, heads, d), d contiguous.
+void check_tokens(const TensorView& t, const TensorView& ref, const char* name, bool varlen) {
+  pyllmops::check_not_null(t, name);
+  pyllmops::check_same_device(t, ref, name, "q");
+  PYLLMOPS_CHECK(t.dtype == ref.dtype, name, " must have q's dtype ", pyllmops::dtype_name(ref.dtype), ", got ",
+                 pyllmops::dtype_name(t.dtype));
+  const int64_t want = varlen ? 3 : 4;
+  PYLLMOPS_CHECK(t.dim() == want, name, " must be ", want, "-D, got shape ", shape_str(t));
+  PYLLMOPS_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, name, " must have a contiguous last (head_dim) dim, got strides",
+                 " with last stride ", t.stride(-1));
+  for (int64_t i = 0; i < t.dim(); ++i)
+    PYLLMOPS_CHECK(t.stride(i) >= 0, name, " has a negative stride in dim ", i);
+}
+
+void check_same_shape(const TensorView& t, const TensorView& ref, const char* name, const char* ref_name) {
+  PYLLMOPS_CHECK(t.shape == ref.shape, name, " must have ", ref_name, "'s shape ", shape_str(ref), ", got ",
+                 shape_str(t));
+}
+
+attn::Layout layout(const TensorView& t, bool varlen) {
+  attn::Layout l;
+  const int off = varlen ? 1 : 0;  // varlen: (total, heads, d), no batch stride
+  l.batch = varlen ? 0 : t.stride(0);
+  l.seq = t.stride(1 - off);
+  l.head = t.stride(2 - off);
+  return l;
+}
+
+// A float32 per-row buffer laid out as lse (delta, dlse).
+void check_row_stats(const TensorView& t, const TensorView& lse, const TensorView& q, const char* name) {
+  pyllmops::check_dtype(t, DType::f32, name);
+  pyllmops::check_contiguous(t, name);
+  pyllmops::check_same_device(t, q, name, "q");
+  check_same_shape(t, lse, name, "lse");
+}
+
+// Checks q/k/v/out/lse and cu_seqlens, and fills everything the forward needs.
+attn::Params make_params(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                         const TensorView& lse, const OptView& cu_q, const OptView& cu_k, int64_t max_seqlen_q,
+                         int64_t max_seqlen_k, double scale, int64_t left, int64_t right, bool top_left) {
+  const bool varlen = cu_q.has_value();
+  PYLLMOPS_CHECK(varlen == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  check_float_dtype(q, "q");
+  check_tokens(q, q, "q", varlen);
+  check_tokens(k, q, "k", varlen);
+  check_tokens(v, q, "v", varlen);
+  check_tokens(out, q, "out", varlen);
+  check_same_shape(out, q, "out", "q");
+  check_same_shape(v, k, "v", "k");
+  const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
+  PYLLMOPS_CHECK(d % 8 == 0 && d >= 8 && d <= attn::kMaxHeadDim, "head_dim must be a multiple of 8 in [8, ",
+                 attn::kMaxHeadDim, "], got ", d);
+  PYLLMOPS_CHECK(k.size(-1) == d, "k must have q's head_dim ", d, ", got ", k.size(-1));
+  PYLLMOPS_CHECK(hkv >= 1 && hq % hkv == 0, "heads of q (", hq, ") must be a multiple of heads of k/v (", hkv, ")");
+  PYLLMOPS_CHECK(left >= -1 && right >= -1, "window_size entries must be >= -1, got (", left, ", ", right, ")");
+  PYLLMOPS_CHECK(scale > 0.0 && scale < 1e30, "softmax_scale must be positive and finite, got ", scale);
+  pyllmops::check_dtype(lse, DType::f32, "lse");
+  pyllmops::check_contiguous(lse, "lse");
+  pyllmops::check_same_device(lse, q, "lse", "q");
+
+  attn::Params p;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.o = out.data;
+  p.lse = lse.ptr<float>();
+  p.lq = layout(q, varlen);
+  p.lk = layout(k, varlen);
+  p.lv = layout(v, varlen);
+  p.lo = layout(out, varlen);
+  p.heads_q = hq;
+  p.heads_kv = hkv;
+  p.head_dim = d;
+  p.scale = static_cast<float>(scale);
+  p.window_left = left;
+  p.window_right = right;
+  p.top_left = top_left;
+  p.device = q.device;
+  if (!varlen) {
+    p.batch = q.size(0);
+    p.seqlen_q = q.size(1);
+    p.seqlen_k = k.size(1);
+    PYLLMOPS_CHECK(k.size(0) == p.batch, "k has batch ", k.size(0), " but q has batch ", p.batch);
+    const std::vector<int64_t> want{p.batch, hq, p.seqlen_q};
+    PYLLMOPS_CHECK(lse.shape == want, "lse must have shape (batch, heads_q, seqlen_q) = (", p.batch, ", ", hq, ", ",
+                   p.seqlen_q, "), got ", shape_str(lse));
+    p.lse_batch_stride = hq * p.seqlen_q;
+    p.lse_head_stride = p.seqlen_q;
+    return p;
+  }
+  const TensorView& cq = *cu_q;
+  const TensorView& ck = *cu_k;
+  for (const auto* c : {&cq, &ck}) {
+    const char* name = c == &cq ? "cu_seqlens_q" : "cu_seqlens_k";
+    pyllmops::check_dtype(*c, DType::i32, name);
+    pyllmops::check_contiguous(*c, name);
+    pyllmops::check_same_device(*c, q, name, "q");
+    PYLLMOPS_CHECK(c->dim() == 1 && c->size(0) >= 2, name, " must be 1-D with batch + 1 >= 2 entries, got shape ",
+                   shape_str(*c));
+  }
+  PYLLMOPS_CHECK(cq.size(0) == ck.size(0), "cu_seqlens_q has ", cq.size(0), " entries but cu_seqlens_k has ",
+                 ck.size(0));
+  PYLLMOPS_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0, got ", max_seqlen_q, ", ",
+                 max_seqlen_k);
+  p.batch = cq.size(0) - 1;
+  p.seqlen_q = max_seqlen_q;
+  p.seqlen_k = max_seqlen_k;
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.cu_seqlens_q = cq.ptr<const int32_t>();
+  p.cu_seqlens_k = ck.ptr<const int32_t>();
+  const std::vector<int64_t> want{hq, p.total_q};
+  PYLLMOPS_CHECK(lse.shape == want, "lse must have shape (heads_q, total_q) = (", hq, ", ", p.total_q, "), got ",
+                 shape_str(lse));
+  p.lse_batch_stride = 0;
+  p.lse_head_stride = p.total_q;
+  if (!q.is_cuda()) {
+    // Host-side offsets can be checked for free; on the GPU the kernels clamp them instead.
+    for (int which = 0; which < 2; ++which) {
+      const int32_t* c = which ? p.cu_seqlens_k : p.cu_seqlens_q;
+      const int64_t total = which ? p.total_k : p.total_q, mx = which ? max_seqlen_k : max_seqlen_q;
+      const char* name = which ? "cu_seqlens_k" : "cu_seqlens_q";
+      PYLLMOPS_CHECK(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        PYLLMOPS_CHECK(c[b + 1] >= c[b], name, " must be non-decreasing, got ", c[b], " then ", c[b + 1]);
+        PYLLMOPS_CHECK(c[b + 1] - c[b] <= mx, "sequence ", b, " has length ", c[b + 1] - c[b], " > max_seqlen_",
+                       which ? "k " : "q ", mx);
+      }
+      PYLLMOPS_CHECK(c[p.batch] == total, name, "[-1] = ", c[p.batch], " must equal the ", total, " rows of ",
+                     which ? "k" : "q");
+    }
+  }
+  return p;
+}
+
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const TensorView& lse, const OptView& cu_q, const OptView& cu_k, int64_t max_seqlen_q,
+                       int64_t max_seqlen_k, double scale, int64_t left, int64_t right, bool top_left,
+                       uintptr_t stream) {
+  const attn::Params p =
+      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+  PYLLMOPS_ON_DEVICE(q, "flash_attention", attn::forward_cpu(p, q.dtype), attn::forward_cuda(p, q.dtype, stream));
+}
+
+void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                        const TensorView& dout, const TensorView& lse, const OptView& dlse, const TensorView& delta,
+                        const TensorView& dq, const TensorView& dk, const TensorView& dv, const OptView& cu_q,
+                        const OptView& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left,
+                        int64_t right, bool top_left, uintptr_t stream) {
+  attn::Params p =
+      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+  const bool varlen = p.varlen();
+  check_tokens(dout, q, "dout", varlen);
+  check_tokens(dq, q, "dq", varlen);
+  check_tokens(dk, q, "dk", varlen);
+  check_tokens(dv, q, "dv", varlen);
+  check_same_shape(dout, q, "dout", "q");
+  check_same_shape(dq, q, "dq", "q");
+  check_same_shape(dk, k, "dk", "k");
+  check_same_shape(dv, v, "dv", "v");
+  check_row_stats(delta, lse, q, "delta");
+  if (dlse) {
+    check_row_stats(*dlse, lse, q, "dlse");
+    p.dlse = dlse->ptr<const float>();
+  }
+  p.dout = dout.data;
+  p.dq = dq.data;
+  p.dk = dk.data;
+  p.dv = dv.data;
+  p.delta = delta.ptr<float>();
+  p.ldo = layout(dout, varlen);
+  p.ldq = layout(dq, varlen);
+  p.ldk = layout(dk, varlen);
+  p.ldv = layout(dv, varlen);
+  PYLLMOPS_ON_DEVICE(q, "flash_attention (backward)", attn::backward_cpu(p, q.dtype),
+                     attn::backward_cuda(p, q.dtype, stream));
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("attention_forward", &attention_forward, nogil);
+  m.def("attention_backward", &attention_backward, nogil);
+}

@@ -1,0 +1,240 @@
+// Warp-level tile primitives of the sm80+ flash attention kernels (attention_fwd.cu, attention_bwd.cu).
+//
+// Every matmul of the forward and backward is one of two shapes, on 16-row warp slices:
+//   gemm_ss: acc(16 x N) += A(16 x K) . B(N x K)^T, A and B in shared memory, row-major, K contiguous
+//            (S = Q K^T, dP = dO V^T, and in the dk/dv pass S^T = K Q^T, dP^T = V dO^T);
+//   gemm_rs: acc(16 x N) += A(16 x K) . B(K x N), A in registers (a converted accumulator: P, dS),
+//            B in shared memory row-major with N contiguous, read transposed by ldmatrix.trans
+//            (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+// Both issue mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate) with operands loaded by ldmatrix.x4.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"); g = lane / 4, t = lane % 4:
+//   A 16x16: reg0 = (row g, cols 2t, 2t+1), reg1 = (row g+8, same), reg2 = (row g, cols 2t+8, 2t+9), reg3 = (g+8, +8)
+//   B 16x8 : reg0 = (k 2t, 2t+1; col g), reg1 = (k 2t+8, 2t+9; col g)
+//   C 16x8 : c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
+// so a C accumulator over 16 columns (two n8 tiles) is exactly an A fragment (acc_to_a).
+//
+// Shared tiles are row-major with a row stride of kD + 8 elements: rows stay 16-byte aligned and the 8
+// row addresses of one ldmatrix phase fall in 8 distinct 16-byte bank groups (no conflicts).
+// Register arrays are indexed only with compile-time constants (fully unrolled loops).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "attention/attention.h"
+#include "common/cuda_utils.cuh"
+#include "common/online_softmax.h"
+
+namespace pyllmops {
+namespace attention {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+
+// ---- mma / ldmatrix -------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Two floats -> one register of two 16-bit values, the first in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// ---- tiles ----------------------------------------------------------------------------------
+// rows x kD tile from global (row r at g + r * row_stride, d contiguous) into shared (row stride kD + 8);
+// rows >= valid_rows and columns >= d are zero, so padded head dims and ragged tiles add nothing.
+// 16-byte vectors: the caller guarantees 16-byte aligned rows (checked by forward_cuda / backward_cuda).
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int64_t valid_rows, int64_t d) {
+  constexpr int kChunks = kD / 8, kStride = kD + 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, cc = c % kChunks;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < valid_rows && cc * 8 < d) val = *reinterpret_cast<const uint4*>(g + r * row_stride + cc * 8);
+    *reinterpret_cast<uint4*>(s + r * kStride + cc * 8) = val;
+  }
+}
+
+// acc(16 x kN) += A(16 x kK) . B(kN x kK)^T; sA: the warp's first A row, sB: the first B row.
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], const T* sA, const T* sB) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    ldsm_x4(a, sA + (lane % 16) * kStride + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (np * 16 + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 + ((lane / 8) % 2) * 8);
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc(16 x kN) += A(16 x kK) . B(kK x kN); A as fragments, sB: row k0 of B (row-major, N contiguous).
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4], const uint32_t (&a)[kK / 16][4], const T* sB) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride + np * 16 + (lane / 16) * 8);
+      mma_16816<T>(acc[2 * np], a[ks], b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a[ks], b[2], b[3]);
+    }
+  }
+}
+
+// A 16 x kK fp32 accumulator -> A fragments in T (rounded to nearest).
+template <typename T, int kK>
+__device__ __forceinline__ void acc_to_a(const float (&acc)[kK / 8][4], uint32_t (&a)[kK / 16][4]) {
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    a[ks][0] = pack2<T>(acc[2 * ks][0], acc[2 * ks][1]);
+    a[ks][1] = pack2<T>(acc[2 * ks][2], acc[2 * ks][3]);
+    a[ks][2] = pack2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
+    a[ks][3] = pack2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+}
+
+// Row / column coordinates of accumulator element (n8 tile nt, register e) inside a warp's 16 x N slice.
+__device__ __forceinline__ int acc_row(int e) { return (threadIdx.x % kWarpSize) / 4 + (e >= 2 ? 8 : 0); }
+__device__ __forceinline__ int acc_col(int nt, int e) { return nt * 8 + (threadIdx.x % 4) * 2 + (e & 1); }
+
+// Stores a warp's 16 x kD fp32 accumulator * mul[row half] to global rows [0, valid_rows), cols [0, d).
+template <typename T, int kD>
+__device__ __forceinline__ void store_acc(const float (&acc)[kD / 8][4], const float (&mul)[2], T* g,
+                                          int64_t row_stride, int64_t valid_rows, int64_t d) {
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = acc_row(2 * half), c = acc_col(nt, 0);
+      if (r < valid_rows && c < d)
+        *reinterpret_cast<uint32_t*>(g + r * row_stride + c) =
+            pack2<T>(acc[nt][2 * half] * mul[half], acc[nt][2 * half + 1] * mul[half]);
+    }
+}
+
+// Reductions over the 4 lanes that share an accumulator row.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Launch helpers shared by the forward and backward launchers.
+inline void check_aligned_rows(const void* p, const Layout& l, const char* name) {
+  PYLLMOPS_CHECK(is_aligned(p, 16), name, " must be 16-byte aligned on CUDA (the Python layer copies otherwise)");
+  for (int64_t s : {l.batch, l.seq, l.head})
+    PYLLMOPS_CHECK(s % 8 == 0, name, " strides must be multiples of 8 elements on CUDA, got ", s);
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) {
+    int dev = 0, max_optin = 0;
+    PYLLMOPS_CUDA_CHECK(cudaGetDevice(&dev));
+    PYLLMOPS_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (bytes > max_optin)
+      throw_runtime("pyllmops.flash_attention: the kernel needs ", bytes, " bytes of shared memory, the device "
+                    "allows ", max_optin, " per block");
+    PYLLMOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
+// What the kernels rely on beyond the bindings' checks: 16-byte aligned rows for the vector loads.
+inline void check_cuda_params(const Params& p, bool backward) {
+  check_aligned_rows(p.q, p.lq, "q");
+  check_aligned_rows(p.k, p.lk, "k");
+  check_aligned_rows(p.v, p.lv, "v");
+  check_aligned_rows(p.o, p.lo, "out");
+  if (!backward) return;
+  check_aligned_rows(p.dout, p.ldo, "dout");
+  check_aligned_rows(p.dq, p.ldq, "dq");
+  check_aligned_rows(p.dk, p.ldk, "dk");
+  check_aligned_rows(p.dv, p.ldv, "dv");
+}
+
+// Calls f.template operator()<T, kD>() for the dtype and the padded head dim serving head_dim (the next of
+// 64, 128, 256): the one place that decides which instantiations exist.
+template <typename F>
+void dispatch(const Params& p, DType dtype, const F& f) {
+  const auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.head_dim <= 64) return f.template operator()<T, 64>();
+    if (p.head_dim <= 128) return f.template operator()<T, 128>();
+    return f.template operator()<T, 256>();
+  };
+  switch (dtype) {
+    case DType::f16: return by_dim(__half());
+    case DType::bf16: return by_dim(__nv_bfloat16());
+    default:
+      throw_invalid("pyllmops.flash_attention: CUDA kernels take float16 or bfloat16, got ", dtype_name(dtype));
+  }
+}
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pyllmops

@@ -1,0 +1,271 @@
+"""Flash attention, forward and backward, with causal, sliding-window and GQA masks.
+
+Ops (torch.ops.pyllmops.*), in the order: schema + kernel, fake, autograd:
+  flash_attn_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k, softmax_scale,
+                 window_left, window_right, top_left) -> (out, lse)
+  flash_attn_bwd(dout, q, k, v, out, lse, dlse?, cu_seqlens_q?, cu_seqlens_k?, ...) -> (dq, dk, dv)
+Public API: flash_attention, flash_attention_varlen (scaled_dot_product_attention is in pyllmops.nn.functional).
+
+Layouts: q (batch, seqlen_q, heads_q, d), k/v (batch, seqlen_k, heads_kv, d) with any batch / seq / head
+strides (d contiguous), or varlen (total, heads, d) + cu_seqlens. out has q's layout (empty_like), lse
+is float32 (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen. Kernel design: csrc/attention.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from pyllmops._ext import lib
+from pyllmops.ops._common import check_bool, check_int, check_tensor, empty, empty_like, opt_view, stream, view
+
+MAX_HEAD_DIM = 256  # csrc/attention/attention.h kMaxHeadDim
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _last_dim_contiguous(t):
+    """Inputs and the layout outputs copy (empty_like): head_dim must be contiguous. Used by the fake
+    kernels too, so it must not read data pointers."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _kernel_input(t):
+    """An input as the kernel reads it: on CUDA also 16-byte aligned rows (data pointer and every other
+    stride a multiple of 8 elements) for the vector loads, else one copy. Outputs made by empty_like of a
+    head_dim-contiguous tensor always qualify (fresh allocation; strides of a dense tensor are multiples
+    of head_dim, itself a multiple of 8; a non-dense one gets contiguous strides)."""
+    if t.is_cuda and (t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1])):
+        return t.contiguous()
+    return t
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+# ================================ torch.library ops ================================
+@torch.library.custom_op("pyllmops::flash_attn_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                    cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                    window_left: int, window_right: int, top_left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    varlen = cu_seqlens_q is not None
+    out = empty_like(q)  # q's layout, as the fake kernel promises
+    lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
+    # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
+    # be freed (and its memory reused) before the kernel reads it.
+    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
+    lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
+                            opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                            window_right, top_left, stream(q))
+    return out, lse
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      top_left):
+    q = _last_dim_contiguous(q)
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllmops::flash_attn_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                    cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                    softmax_scale: float, window_left: int, window_right: int,
+                    top_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # the inputs' layouts, as the fake kernel promises
+    # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
+    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
+    out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    delta = empty(lse.shape, torch.float32, q.device)
+    lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
+                             opt_view(dlse), view(delta), view(dq), view(dk),
+                             view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
+                             softmax_scale, window_left, window_right, top_left, stream(q))
+    return dq, dk, dv
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, top_left):
+    return (torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)),
+            torch.empty_like(_last_dim_contiguous(v)))
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, top_left = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.meta = (max_q, max_k, scale, left, right, top_left)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, left, right, top_left = ctx.meta
+    dq, dk, dv = torch.ops.pyllmops.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale,
+                                                   left, right, top_left)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ================================ argument checks ================================
+def _check_qkv(q, k, v, varlen):
+    dims = 3 if varlen else 4
+    layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    check_tensor("q", q, dim=dims)
+    dtypes = CUDA_DTYPES if q.is_cuda else CPU_DTYPES
+    check_tensor("q", q, dtypes=dtypes)
+    check_tensor("k", k, dtypes=(q.dtype,), dim=dims, device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), dim=dims, device=q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    d = q.shape[-1]
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[-1]) must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have q's head_dim {d}, got k.shape = {tuple(k.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hkv}) (GQA/MQA), got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if not varlen:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+        if q.shape[0] < 1 or q.shape[1] < 1 or k.shape[1] < 1:
+            raise ValueError(f"batch, seqlen_q and seqlen_k must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _window(causal, window_size):
+    check_bool("causal", causal)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    left, right = window_size
+    check_int("window_size[0]", left, min_value=-1)
+    check_int("window_size[1]", right, min_value=-1)
+    return left, 0 if causal else right
+
+
+def _scale(softmax_scale, head_dim):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, c, dtypes=(torch.int32,), dim=1, device=q.device)
+        if c.shape[0] < 2:
+            raise ValueError(f"{name} must have batch + 1 >= 2 entries, got shape {tuple(c.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    check_int("max_seqlen_q", max_seqlen_q, min_value=0)
+    check_int("max_seqlen_k", max_seqlen_k, min_value=0)
+    if q.is_cuda:
+        return  # reading the offsets would synchronize; the kernels clamp them to the tensors instead
+    for name, c, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        vals = c.tolist()
+        if vals[0] != 0:
+            raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+        lens = [b - a for a, b in zip(vals, vals[1:])]
+        if min(lens) < 0:
+            raise ValueError(f"{name} must be non-decreasing, got {vals}")
+        if vals[-1] != total:
+            raise ValueError(f"{name}[-1] = {vals[-1]} must equal the {total} rows of {name[-1]}")
+        if max(lens) > mx:
+            raise ValueError(f"{name} has a sequence of length {max(lens)} > max_seqlen_{name[-1]} = {mx}")
+
+
+# ================================ public API ================================
+def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, deterministic=False,
+                    return_lse=False):
+    """softmax(q k^T * softmax_scale + mask) v, computed tile by tile (FlashAttention-2); differentiable.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim), heads_q a
+            multiple of heads_kv (GQA / MQA: query head h uses kv head h // (heads_q // heads_kv)).
+            head_dim a multiple of 8 up to 256. Any batch / seq / head strides (head_dim contiguous), so a
+            (batch, heads, seqlen, head_dim) tensor passed as x.transpose(1, 2) is not copied.
+            dtypes: float16 / bfloat16 on CUDA; float32 / bfloat16 / float16 on CPU.
+        causal: mask aligned bottom-right when seqlen_q != seqlen_k (FlashAttention): sets right = 0.
+        window_size: (left, right): query i sees key j iff i + sk - sq - left <= j <= i + sk - sq + right;
+            -1 is unbounded. A query that sees no key outputs 0 (lse -inf) and gets zero gradients.
+        softmax_scale: default 1 / sqrt(head_dim).
+        deterministic: accepted for FlashAttention compatibility; the backward is always deterministic
+            (every gradient element has a single writer, no atomics), so gradients are bitwise
+            reproducible either way.
+        return_lse: also return the float32 log-sum-exp (batch, heads_q, seqlen_q) (natural log);
+            it is differentiable too.
+
+    Returns:
+        out shaped like q (and lse when return_lse).
+
+    Example:
+        >>> q = torch.randn(2, 1024, 32, 128, dtype=torch.bfloat16, device="cuda")
+        >>> k = v = torch.randn(2, 1024, 8, 128, dtype=torch.bfloat16, device="cuda")
+        >>> out = pyllmops.flash_attention(q, k, v, causal=True, window_size=(256, 0))
+    """
+    _check_qkv(q, k, v, varlen=False)
+    left, right = _window(causal, window_size)
+    scale = _scale(softmax_scale, q.shape[-1])
+    check_bool("deterministic", deterministic)
+    check_bool("return_lse", return_lse)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right,
+                                                 False)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                           window_size=(-1, -1), softmax_scale=None, deterministic=False, return_lse=False):
+    """flash_attention on packed sequences without padding; differentiable.
+
+    Args:
+        q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0: sequence b is
+            rows cu_seqlens[b]:cu_seqlens[b + 1]. Lengths may differ between q and k (masks align per
+            sequence, bottom-right) and may be 0.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints; they size the kernel grid).
+            On CPU the offsets are validated; on CUDA they are not read on the host (that would
+            synchronize) and the kernel clamps them to the tensors' rows and to max_seqlen.
+        causal, window_size, softmax_scale, deterministic, return_lse: as flash_attention.
+
+    Returns:
+        out (total_q, heads_q, head_dim) (and lse float32 (heads_q, total_q) when return_lse).
+
+    Example:
+        >>> cu = torch.tensor([0, 100, 1100], dtype=torch.int32)
+        >>> q = torch.randn(1100, 8, 64); k = v = torch.randn(1100, 2, 64)
+        >>> out = pyllmops.flash_attention_varlen(q, k, v, cu, cu, 1000, 1000, causal=True)
+    """
+    _check_qkv(q, k, v, varlen=True)
+    _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    left, right = _window(causal, window_size)
+    scale = _scale(softmax_scale, q.shape[-1])
+    check_bool("deterministic", deterministic)
+    check_bool("return_lse", return_lse)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 scale, left, right, False)
+    return (out, lse) if return_lse else out
+
+
+def _sdpa(query, key, value, *, is_causal, scale, window_size):
+    """(batch, heads, seqlen, head_dim) attention with torch SDPA's top-left causal alignment; the
+    arguments are already checked by pyllmops.nn.functional.scaled_dot_product_attention."""
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # views, no copies
+    left, right = window_size
+    if is_causal:
+        right = 0
+    out, _ = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right,
+                                               True)
+    return out.transpose(1, 2)

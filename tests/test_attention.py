@@ -1,0 +1,418 @@
+"""Flash attention (forward, backward, varlen, SDPA drop-in, module) against float64 references."""
+import math
+
+import pytest
+import torch
+
+import pyllmops
+from pyllmops.nn.functional import scaled_dot_product_attention
+from pyllmops.reference import attention as ref
+from tests.conftest import assert_close, devices, rel_err
+
+# Tolerances (relative Frobenius error vs float64), a few times what a correct kernel shows. Measured on
+# the CPU kernel (max over 3 seeds of seqlen 129-300 cases): fp32 out 1.6e-7, lse 5e-8, grads 4.9e-7;
+# bf16 out 1.7e-3, grads 1.9e-3; fp16 out 2.1e-4, grads 2.4e-4 (dominated by rounding out / grads to the
+# 16-bit type). The GPU kernel also rounds P to 16 bits before P V, hence the fp16 margin.
+TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
+       torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 1e-5},
+       torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5}}
+
+
+def _dtypes(device):
+    return [torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _inputs(b, sq, sk, hq, hkv, d, dtype, device):
+    q = torch.randn(b, sq, hq, d, device=device).to(dtype)
+    k = torch.randn(b, sk, hkv, d, device=device).to(dtype)
+    v = torch.randn(b, sk, hkv, d, device=device).to(dtype)
+    return q, k, v
+
+
+def _check(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, grads=True):
+    """Runs pyllmops' forward (+ backward) and the float64 reference; compares out, lse, dq, dk, dv."""
+    dtype = q.dtype
+    tol = TOL[dtype]
+    qs, ks, vs = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    out, lse = pyllmops.flash_attention(qs, ks, vs, causal=causal, window_size=window_size,
+                                        softmax_scale=softmax_scale, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
+    ro, rl = ref.attention(q64, k64, v64, causal, window_size, softmax_scale)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
+    assert_close(out, ro, tol["out"], "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "lse: -inf rows differ from the reference"
+    fin = torch.isfinite(rl)
+    if fin.any():
+        assert_close(lse[fin], rl[fin], tol["lse"], "lse")
+    empty_rows = torch.isinf(rl)  # (b, h, sq) queries that see no key: out exactly 0
+    if empty_rows.any():
+        assert (out.transpose(1, 2)[empty_rows] == 0).all()
+    if not grads:
+        return out
+    g = torch.randn_like(out)
+    out.backward(g)
+    ro.backward(g.double())
+    for name, a, r in (("dq", qs.grad, q64.grad), ("dk", ks.grad, k64.grad), ("dv", vs.grad, v64.grad)):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        if r.abs().max() == 0:  # e.g. dq with one key: softmax is constant; only rounding noise remains
+            assert a.double().norm() <= tol["grad"] * g.double().norm(), f"{name} must be ~zero"
+        else:
+            assert_close(a, r, tol["grad"], name)
+    return out
+
+
+# ---- forward + backward -----------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (129, 129), (17, 129), (129, 17), (1, 300), (300, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_shapes(device, sq, sk, causal):
+    for dtype in _dtypes(device):
+        q, k, v = _inputs(2, sq, sk, 4, 2, 64, dtype, device)
+        _check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_seqlen_1000(device):
+    dtype = _dtypes(device)[0]
+    q, k, v = _inputs(1, 1000, 1000, 2, 1, 64, dtype, device)
+    _check(q, k, v, causal=True)
+    q, k, v = _inputs(1, 1000, 1000, 2, 2, 32, dtype, device)
+    _check(q, k, v, window_size=(100, 37))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_gqa(device, group):
+    for dtype in _dtypes(device):
+        q, k, v = _inputs(2, 77, 93, 8, 8 // group, 64, dtype, device)
+        _check(q, k, v, causal=group == 2, window_size=(-1, -1) if group != 8 else (20, 5))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("head_dim", [8, 24, 64, 72, 128, 256])
+def test_head_dims(device, head_dim):
+    for dtype in _dtypes(device):
+        q, k, v = _inputs(1, 70, 65, 2, 1, head_dim, dtype, device)
+        _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("sq,sk,window", [
+    (150, 150, (16, 0)), (150, 150, (0, 16)), (150, 150, (7, 23)), (130, 70, (5, 3)),
+    (70, 130, (0, 0)), (100, 100, (64, 64)), (90, 200, (-1, 10)), (200, 90, (10, -1)),
+    (129, 17, (0, 0)),   # rows 0..111 see no key (bottom-right alignment)
+    (64, 200, (3, 0)),
+])
+def test_windows(device, sq, sk, window):
+    for dtype in _dtypes(device):
+        q, k, v = _inputs(2, sq, sk, 4, 2, 64, dtype, device)
+        _check(q, k, v, window_size=window)
+    q, k, v = _inputs(1, sq, sk, 2, 1, 64, _dtypes(device)[0], device)
+    _check(q, k, v, causal=True, window_size=window)  # causal sets right = 0
+
+
+@pytest.mark.parametrize("device", devices())
+def test_rows_that_see_nothing(device):
+    """Causal with seqlen_q > seqlen_k: the first sq - sk queries see no key: out 0, lse -inf, zero grads."""
+    dtype = _dtypes(device)[0]
+    q, k, v = _inputs(1, 100, 20, 2, 2, 64, dtype, device)
+    q.requires_grad_(True)
+    out, lse = pyllmops.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert (out[:, :80] == 0).all() and torch.isinf(lse[..., :80]).all() and (lse[..., :80] < 0).all()
+    assert torch.isfinite(lse[..., 80:]).all()
+    out.sum().backward()
+    assert (q.grad[:, :80] == 0).all() and not torch.isnan(q.grad).any()
+    _check(q.detach(), k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_softmax_scale_and_lse_gradient(device):
+    dtype = _dtypes(device)[0]
+    q, k, v = _inputs(2, 40, 50, 4, 4, 64, dtype, device)
+    _check(q, k, v, softmax_scale=0.3, window_size=(10, 10))
+    # a loss that depends on the returned lse: d lse / d scores = P enters dq and dk
+    qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = pyllmops.flash_attention(qs, ks, vs, causal=True, return_lse=True)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = ref.attention(q64, k64, v64, causal=True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    ((out * go).sum() + (lse * gl).sum()).backward()
+    ((ro * go.double()).sum() + (rl * gl.double()).sum()).backward()
+    tol = TOL[dtype]["grad"]
+    assert_close(qs.grad, q64.grad, tol, "dq")
+    assert_close(ks.grad, k64.grad, tol, "dk")
+    assert_close(vs.grad, v64.grad, tol, "dv")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_deterministic_bitwise(device):
+    dtype = _dtypes(device)[-1]
+    q, k, v = _inputs(2, 200, 180, 8, 2, 64, dtype, device)
+    g = torch.randn(q.shape, device=device).to(dtype)
+    grads = []
+    for _ in range(2):
+        qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+        pyllmops.flash_attention(qs, ks, vs, causal=True, deterministic=True).backward(g)
+        grads.append((qs.grad, ks.grad, vs.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ---- strides -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+def test_strided_bhsd_inputs(device):
+    """(batch, heads, seqlen, d) tensors passed as transposed views, and a slice of a packed qkv."""
+    for dtype in _dtypes(device):
+        qb = torch.randn(2, 4, 33, 64, device=device).to(dtype)
+        kb = torch.randn(2, 2, 47, 64, device=device).to(dtype)
+        vb = torch.randn(2, 2, 47, 64, device=device).to(dtype)
+        out = _check(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), causal=True)
+        assert out.transpose(1, 2).is_contiguous()  # output keeps the input's layout: no copies
+        qkv = torch.randn(2, 50, 3, 4, 64, device=device).to(dtype)  # packed projections
+        _check(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], window_size=(8, 8))
+
+
+# ---- varlen --------------------------------------------------------------------------------------
+def _cu(lens, device):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (12, 4)), (True, (30, 0))])
+def test_varlen(device, causal, window):
+    lens_q, lens_k = [1, 300, 17, 0, 64, 129], [5, 260, 17, 3, 64, 1]
+    for dtype in _dtypes(device):
+        tol = TOL[dtype]
+        hq, hkv, d = 4, 2, 64
+        q = torch.randn(sum(lens_q), hq, d, device=device).to(dtype).requires_grad_(True)
+        k = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype).requires_grad_(True)
+        v = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype).requires_grad_(True)
+        cq, ck = _cu(lens_q, device), _cu(lens_k, device)
+        out, lse = pyllmops.flash_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=causal,
+                                                   window_size=window, return_lse=True)
+        q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        ro, rl = ref.attention_varlen(q64, k64, v64, cq.cpu(), ck.cpu(), causal, window)
+        assert lse.shape == (hq, sum(lens_q))
+        assert_close(out, ro, tol["out"], "out")
+        assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+        fin = torch.isfinite(rl)
+        assert_close(lse[fin], rl[fin], tol["lse"], "lse")
+        g = torch.randn_like(out)
+        out.backward(g)
+        ro.backward(g.double())
+        assert_close(q.grad, q64.grad, tol["grad"], "dq")
+        assert_close(k.grad, k64.grad, tol["grad"], "dk")
+        assert_close(v.grad, v64.grad, tol["grad"], "dv")
+
+
+# ---- SDPA drop-in ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("L,S,is_causal,gqa", [(33, 33, True, False), (20, 70, True, False), (70, 20, True, True),
+                                               (65, 40, False, True), (1, 129, False, False)])
+def test_sdpa_matches_torch(device, L, S, is_causal, gqa):
+    hq, hkv = (8, 2) if gqa else (4, 4)
+    for dtype in _dtypes(device):
+        q = torch.randn(2, hq, L, 64, device=device).to(dtype).requires_grad_(True)
+        k = torch.randn(2, hkv, S, 64, device=device).to(dtype).requires_grad_(True)
+        v = torch.randn(2, hkv, S, 64, device=device).to(dtype).requires_grad_(True)
+        out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa, scale=0.2)
+        q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=is_causal, scale=0.2,
+                                                                 enable_gqa=gqa)
+        assert out.shape == want.shape and out.is_contiguous()
+        assert_close(out, want, TOL[dtype]["out"], "out")
+        g = torch.randn_like(out)
+        out.backward(g)
+        want.backward(g.double())
+        for name, a, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+            assert_close(a, r, TOL[dtype]["grad"], name)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sdpa_window(device):
+    dtype = _dtypes(device)[0]
+    q = torch.randn(1, 2, 50, 64, device=device).to(dtype)
+    out = scaled_dot_product_attention(q, q, q, is_causal=True, window_size=(8, -1))
+    ro, _ = ref.attention(*(q.double().transpose(1, 2),) * 3, causal=True, window_size=(8, -1))
+    assert_close(out, ro.transpose(1, 2), TOL[dtype]["out"], "out")
+
+
+# ---- module ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+def test_multi_head_attention(device):
+    torch_dtype = torch.float32
+    m = pyllmops.nn.MultiHeadAttention(128, num_heads=8, num_kv_heads=2, window=24).to(device, torch_dtype)
+    x = torch.randn(2, 70, 128, device=device, dtype=torch_dtype, requires_grad=True)
+    y = m(x)
+    # reference: same weights, float64, rotary + reference attention
+    x64 = x.detach().double().requires_grad_(True)
+    w = {n: p.detach().double() for n, p in m.named_parameters()}
+    q = (x64 @ w["q_proj.weight"].T).view(2, 70, 8, 16)
+    k = (x64 @ w["k_proj.weight"].T).view(2, 70, 2, 16)
+    v = (x64 @ w["v_proj.weight"].T).view(2, 70, 2, 16)
+    pos = torch.arange(70, device=device, dtype=torch.float64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, device=device, dtype=torch.float64) / 16))
+    ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    rot = (lambda t: torch.cat((-t[..., 8:], t[..., :8]), -1))
+    q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    o, _ = ref.attention(q, k, v, causal=True, window_size=(24, 0))
+    want = o.reshape(2, 70, 128) @ w["o_proj.weight"].T
+    assert_close(y, want, 1e-5, "y")
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g.double())
+    assert_close(x.grad, x64.grad, 1e-5, "dx")
+    assert set(dict(m.named_parameters())) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+
+
+# ---- torch.library / torch.compile ------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    dtype = _dtypes(device)[0]
+    q, k, v = _inputs(2, 19, 23, 4, 2, 32, dtype, device)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    args = (q, k, v, None, None, 19, 23, 0.2, 5, 0, False)
+    torch.library.opcheck(torch.ops.pyllmops.flash_attn_fwd.default, args)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(*args)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.pyllmops.flash_attn_bwd.default,
+                          (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, None, 19,
+                           23, 0.2, 5, 0, False))
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+    cuk = torch.tensor([0, 10, 23], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.pyllmops.flash_attn_fwd.default,
+                          (q[0].detach(), k[0].detach(), v[0].detach(), cu, cuk, 12, 13, 0.2, -1, -1, False))
+
+
+def test_torch_compile_cpu():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 24, 2, 32, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return pyllmops.flash_attention(q, k, v, causal=True).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        assert torch.equal(a, b)
+    fwd = torch.compile(lambda q, k, v: pyllmops.flash_attention(q, k, v, window_size=(4, 4)) * 2, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(fwd(q, k, v), pyllmops.flash_attention(q, k, v, window_size=(4, 4)) * 2)
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+def test_bad_inputs():
+    q, k, v = _inputs(1, 8, 8, 4, 2, 64, torch.float32, "cpu")
+    fa = pyllmops.flash_attention
+    cases = [
+        (lambda: fa(q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda: fa(q[0], k, v), ValueError, "q must be 4-D"),
+        (lambda: fa(q.double(), k, v), ValueError, "q must have dtype"),
+        (lambda: fa(q, k.bfloat16(), v), ValueError, "k must have dtype"),
+        (lambda: fa(q, k, v[:, :4]), ValueError, "k and v must have the same shape"),
+        (lambda: fa(q[..., :60], k[..., :60], v[..., :60]), ValueError, "head_dim"),
+        (lambda: fa(torch.randn(1, 8, 4, 264), torch.randn(1, 8, 4, 264), torch.randn(1, 8, 4, 264)), ValueError,
+         "head_dim"),
+        (lambda: fa(q, k[..., :32], v[..., :32]), ValueError, "head_dim"),
+        (lambda: fa(q[:, :, :3], k, v), ValueError, "multiple of heads"),
+        (lambda: fa(q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch"),
+        (lambda: fa(q, k, v, causal=1), TypeError, "causal must be a bool"),
+        (lambda: fa(q, k, v, window_size=(3,)), ValueError, "window_size must be a pair"),
+        (lambda: fa(q, k, v, window_size=(-2, 0)), ValueError, "window_size[0] must be >= -1"),
+        (lambda: fa(q, k, v, window_size=(1, 2.0)), TypeError, "window_size[1] must be an int"),
+        (lambda: fa(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be positive"),
+        (lambda: fa(q, k, v, softmax_scale="x"), TypeError, "softmax_scale must be a float"),
+        (lambda: fa(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
+        (lambda: fa(q[:, :0], k, v), ValueError, "seqlen_q"),
+    ]
+    qv, kv = q[0], k[0]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    fv = pyllmops.flash_attention_varlen
+    cases += [
+        (lambda: fv(qv, kv, kv, cu.long(), cu, 5, 5), ValueError, "cu_seqlens_q must have dtype"),
+        (lambda: fv(qv, kv, kv, cu, cu[:2], 5, 5), ValueError, "cu_seqlens_q and cu_seqlens_k"),
+        (lambda: fv(qv, kv, kv, cu, cu, 4, 5), ValueError, "max_seqlen_q"),
+        (lambda: fv(qv, kv, kv, cu + 1, cu, 5, 5), ValueError, "cu_seqlens_q[0] must be 0"),
+        (lambda: fv(qv, kv, kv, torch.tensor([0, 5, 3], dtype=torch.int32), cu, 5, 5), ValueError,
+         "non-decreasing"),
+        (lambda: fv(qv, kv, kv, torch.tensor([0, 5, 9], dtype=torch.int32), cu, 5, 5), ValueError, "must equal"),
+        (lambda: fv(qv, kv, kv, cu, cu, 5.0, 5), TypeError, "max_seqlen_q must be an int"),
+        (lambda: fv(q, k, v, cu, cu, 5, 5), ValueError, "q must be 3-D"),
+    ]
+    sdpa = scaled_dot_product_attention
+    qb = q.transpose(1, 2)
+    kb = k.transpose(1, 2)
+    cases += [
+        (lambda: sdpa(qb, kb, kb), ValueError, "enable_gqa=True"),
+        (lambda: sdpa(qb, qb, qb, attn_mask=torch.ones(8, 8, dtype=torch.bool)), ValueError, "attn_mask"),
+        (lambda: sdpa(qb, qb, qb, dropout_p=0.1), ValueError, "dropout_p"),
+        (lambda: sdpa(qb, qb, qb, is_causal=None), TypeError, "is_causal must be a bool"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=_re(msg)):
+            fn()
+    m = pyllmops.nn.MultiHeadAttention
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        m(64, 4, 3)
+
+
+def _re(s):
+    import re
+
+    return re.escape(s)
+
+
+def test_binding_rechecks():
+    """_C re-checks what its kernels rely on, and throws (ValueError), never crashes."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    q, k, v = _inputs(1, 8, 8, 2, 2, 64, torch.float32, "cpu")
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 8)
+    # every tensor is bound to a name: a view holds only the data pointer
+    lse7, kb, lse_v = torch.empty(1, 2, 7), k.bfloat16(), torch.empty(2, 8)
+    cq, ck = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32)
+    C = lib()
+    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, 8, 8, 0.125, -1, -1, False, 0)
+    common = (8, 8, 0.125, -1, -1, False, 0)
+    bad = [
+        ((view(q), view(k), view(v), view(out), view(lse7), None, None) + common, "lse must have shape"),
+        ((view(q), view(kb), view(v), view(out), view(lse), None, None) + common, "k must have q's dtype"),
+        ((view(q), view(k), view(v), view(out), view(lse), None, None, 8, 8, 0.125, -2, -1, False, 0),
+         "window_size"),
+        ((view(q[..., :4]), view(k[..., :4]), view(v[..., :4]), view(out[..., :4]), view(lse), None, None) + common,
+         "head_dim"),
+        ((view(q.transpose(-1, -2)), view(k), view(v), view(out), view(lse), None, None) + common,
+         "contiguous last"),
+        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), 9, 8, 0.125, -1, -1,
+          False, 0), "must equal"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=_re(msg)):
+            C.attention_forward(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_rejects_fp32():
+    q = torch.randn(1, 8, 2, 64, device="cuda")
+    with pytest.raises(ValueError, match="q must have dtype"):
+        pyllmops.flash_attention(q, q, q)
+
+
+def test_reference_matches_naive():
+    """The oracle itself against the textbook formula with a -inf additive mask (no empty rows)."""
+    q, k, v = (torch.randn(1, 9, 2, 16, dtype=torch.float64) for _ in range(3))
+    o, lse = ref.attention(q, k, v, causal=True)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(16)
+    s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), -math.inf)
+    want = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
+    assert rel_err(o, want) < 1e-12
+    assert rel_err(lse, torch.logsumexp(s, -1)) < 1e-12
