@@ -1,6 +1,6 @@
 // pyllmops._C: the module. Each op family registers its kernels from csrc/<family>/<family>_bindings.cpp.
 //
-// Each tensor arrives as a 5-tuple (data_ptr, dtype code, shape, strides, device index) built by
+// Each tensor arrives as a tuple (data_ptr, dtype code, shape, strides, device index, owner) built by
 // pyllmops/ops/_common.py; CUDA kernels also get the caller's stream handle. Every function checks
 // what its kernel relies on and throws (ValueError / RuntimeError in Python) before any kernel runs.
 #include "bindings.h"

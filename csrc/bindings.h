@@ -18,7 +18,9 @@ struct type_caster<pyllmops::TensorView> {
   bool load(handle src, bool) {
     if (!isinstance<tuple>(src)) return false;
     auto t = reinterpret_borrow<tuple>(src);
-    if (t.size() != 5) return false;
+    // (data_ptr, dtype, shape, strides, device, owner): the owner (the tensor itself) is not read
+    // here; it keeps a temporary such as view(x.contiguous()) alive until the kernel has returned.
+    if (t.size() != 6) return false;
     try {
       value.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
       const int code = t[1].cast<int>();

@@ -108,6 +108,25 @@ def test_nested_absmax(device):
     assert_close(decoded, plain.absmax.cpu(), 5e-3, "decoded nested absmax")
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_non_contiguous_inputs(device, double_quant):
+    """Strided packed/absmax/x/bias are copied to contiguous temporaries that must outlive the kernel."""
+    w = _weights((96, 128), torch.float32, device)
+    packed, state = pyllmops.quantize_nf4(w, 64, double_quant)
+    strided = (lambda t: torch.stack([t, torch.zeros_like(t)], dim=1)[:, 0])
+    packed_nc = strided(packed.view(-1)).view(-1, 1)
+    state_nc = nf4_ops.replace(state, absmax=strided(state.absmax))
+    assert not packed_nc.is_contiguous() and not state_nc.absmax.is_contiguous()
+    want = pyllmops.dequantize_nf4(packed, state)
+    for _ in range(3):  # freed temporaries would be reused by the next allocations
+        assert torch.equal(pyllmops.dequantize_nf4(packed_nc, state_nc), want)
+    x = _weights((4, 256), torch.float32, device)[:, ::2]
+    bias = _weights((192,), torch.float32, device)[::2]
+    assert torch.equal(pyllmops.nf4_linear(x, packed_nc, state_nc, bias),
+                       pyllmops.nf4_linear(x.contiguous(), packed, state, bias.contiguous()))
+
+
 def test_single_and_multi_thread_agree():
     w = _weights((64, 4096), torch.bfloat16, "cpu")
     x = _weights((8, 4096), torch.bfloat16, "cpu")

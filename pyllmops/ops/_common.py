@@ -50,12 +50,16 @@ def _maybe_poison(out):
 
 
 def view(t):
-    """The 5-tuple _C takes for a tensor: (data_ptr, dtype code, shape, strides, device index)."""
+    """The tuple _C takes for a tensor: (data_ptr, dtype code, shape, strides, device index, t).
+
+    The last element is the tensor itself: _C ignores it, but holding it in the argument keeps a
+    temporary (view(x.contiguous()) of a non-contiguous x) alive until the kernel has returned;
+    a bare data pointer would let it be freed, and its memory reused, first."""
     codes = dtype_codes()
     if t.dtype not in codes:
         raise ValueError(f"tensor of dtype {t.dtype} cannot be passed to a kernel")
     return (t.data_ptr(), codes[t.dtype], tuple(t.shape), tuple(t.stride()),
-            t.device.index if t.is_cuda else -1)
+            t.device.index if t.is_cuda else -1, t)
 
 
 def opt_view(t):
