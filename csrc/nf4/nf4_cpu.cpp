@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_math.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "nf4/nf4.h"
@@ -100,16 +101,6 @@ void decode_row(const uint8_t* packed, const Scales& scales, int64_t blocksize, 
   }
 }
 
-float dot(const float* a, const float* b, int64_t k) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8)
-    for (int t = 0; t < 8; ++t) acc[t] += a[j + t] * b[j + t];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < k; ++j) s += a[j] * b[j];
-  return s;
-}
-
 template <typename T>
 void skinny_impl(const T* x, int64_t m, int64_t k, const uint8_t* packed, const Scales& scales, int64_t blocksize,
                  const T* bias, int64_t n, T* y) {
@@ -121,7 +112,7 @@ void skinny_impl(const T* x, int64_t m, int64_t k, const uint8_t* packed, const 
     for (int64_t r = r0; r < r1; ++r) {
       decode_row(packed, scales, blocksize, r * k, k, wrow.data());
       const float b = bias ? to_float(bias[r]) : 0.0f;
-      for (int64_t i = 0; i < m; ++i) y[i * n + r] = from_float<T>(dot(xf.data() + i * k, wrow.data(), k) + b);
+      for (int64_t i = 0; i < m; ++i) y[i * n + r] = from_float<T>(dot8(xf.data() + i * k, wrow.data(), k) + b);
     }
   });
 }

@@ -25,6 +25,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
+#include "common/warp_reduce.cuh"
 #include "nf4/nf4.h"
 
 namespace pyllmops {
@@ -47,18 +48,6 @@ __device__ __forceinline__ void load_midpoints(float* s_mid) {
   __syncthreads();
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 int grid_for(int64_t work_items, int per_block) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(ceil_div(work_items, per_block), 1), 65535 * 8));
 }
@@ -76,7 +65,7 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t bloc
     const int64_t start = b * blocksize, end = min(n, start + blocksize);
     float amax = 0.0f;
     for (int64_t i = start + lane; i < end; i += 32) amax = fmaxf(amax, fabsf(to_float(w[i])));
-    amax = warp_max(amax);
+    amax = group_max(amax);
     if (lane == 0) absmax[b] = amax;
     const float rcp = block_reciprocal(amax);
     for (int64_t i = start + 2 * lane; i < end; i += 64) {
@@ -100,7 +89,7 @@ __global__ void quantize_sorted_code_kernel(const float* __restrict__ x, int64_t
     const int64_t start = b * blocksize, end = min(n, start + blocksize);
     float amax = 0.0f;
     for (int64_t i = start + lane; i < end; i += 32) amax = fmaxf(amax, fabsf(x[i]));
-    amax = warp_max(amax);
+    amax = group_max(amax);
     if (lane == 0) absmax[b] = amax;
     const float rcp = block_reciprocal(amax);
     for (int64_t i = start + lane; i < end; i += 32)
@@ -213,7 +202,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    const float s = warp_sum(acc[m]);
+    const float s = group_sum(acc[m]);
     if (lane == 0) y[m * n + row] = from_float<T>(s + (bias ? to_float(bias[row]) : 0.0f));
   }
 }
