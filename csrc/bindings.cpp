@@ -35,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &pyllmops::set_num_threads, py::arg("n"));
 
   register_nf4(m);
+  register_lora(m);
 }

@@ -78,3 +78,4 @@ inline void check_input(const TensorView& t, const TensorView& ref, const char* 
 
 // One per op family, defined in csrc/<family>/<family>_bindings.cpp, called by bindings.cpp.
 void register_nf4(py::module_& m);
+void register_lora(py::module_& m);

@@ -8,5 +8,10 @@ from pyllmops import ops  # noqa: F401  (registers torch.ops.pyllmops.*)
 from pyllmops import nn  # noqa: F401
 from pyllmops._ext import build_info
 from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
+from pyllmops.ops.lora import (dequantize_int, int_linear, lora_linear, qalora_linear, qlora_linear,
+                               quantize_int)
+from pyllmops.nn.lora import apply_lora
 
-__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__"]
+__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__",
+           "lora_linear", "qlora_linear", "qalora_linear", "int_linear", "quantize_int", "dequantize_int",
+           "apply_lora"]

@@ -3,4 +3,5 @@
 # family -> module defining run(bench: harness.Bench)
 FAMILIES = {
     "nf4": "pyllmops.bench.nf4",
+    "lora": "pyllmops.bench.lora",
 }
