@@ -209,9 +209,10 @@ class QALoRALinear(_AdapterMixin, nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if bits not in INT_BITS:
             raise ValueError(f"bits must be one of {list(INT_BITS)}, got {bits!r}")
-        if group_size not in INT_GROUP_SIZES or linear.in_features % group_size:
-            raise ValueError(f"group_size must be one of {list(INT_GROUP_SIZES)} and divide in_features="
-                             f"{linear.in_features}, got {group_size!r}")
+        if group_size not in INT_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {list(INT_GROUP_SIZES)}, got {group_size!r}")
+        if linear.in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {linear.in_features}")
         q, s, z = quantize_int(linear.weight.detach(), bits, group_size)
         return cls(q, s, z, bits, group_size, linear.bias, r, alpha, dropout, dtype=linear.weight.dtype)
 
