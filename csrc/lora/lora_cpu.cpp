@@ -56,8 +56,13 @@ void fused_impl(const FusedArgs& a, const Weight& w) {
             xs[i * kTK + kk] = v;
             xds[i * kTK + kk] = in_scale ? v * to_float(in_scale[idx]) : v;
           }
-        for (int64_t jj = 0; jj < tn; ++jj)
-          for (int64_t kk = 0; kk < tk; ++kk) ws[kk * kTN + jj] = base<K, T>(a, w, j0 + jj, red0 + kk, kNF4Code);
+        if (a.transposed) {  // walk W's rows (memory order) in both cases
+          for (int64_t kk = 0; kk < tk; ++kk)
+            for (int64_t jj = 0; jj < tn; ++jj) ws[kk * kTN + jj] = base<K, T>(a, w, j0 + jj, red0 + kk, kNF4Code);
+        } else {
+          for (int64_t jj = 0; jj < tn; ++jj)
+            for (int64_t kk = 0; kk < tk; ++kk) ws[kk * kTN + jj] = base<K, T>(a, w, j0 + jj, red0 + kk, kNF4Code);
+        }
         for (int64_t kk = 0; kk < tk; ++kk)
           for (int64_t q = 0; q < r; ++q) ds[kk * r + q] = down<T>(a, q, red0 + kk);
         // multiply-accumulate

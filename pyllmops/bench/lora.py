@@ -61,6 +61,26 @@ def _fwd_bwd(layer, x, gy):
     return run
 
 
+def _case(bench, kernel, label, m, k, n, r, weight, providers):
+    """Times the base matmul (the baseline) and each (name, layer) provider: forward under no_grad,
+    then forward + backward with x and the adapter requiring grad."""
+    dev, dtype = weight.device, weight.dtype
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    xg = x.clone().requires_grad_()
+    gy = torch.randn(m, n, device=dev, dtype=dtype)
+    with torch.no_grad():
+        bench.measure(kernel, "torch base matmul (no adapter)", "fwd", label,
+                      lambda: torch.nn.functional.linear(x, weight), flops=_flops(m, k, n, 0, False), baseline=True)
+        for name, layer in providers:
+            bench.measure(kernel, name, "fwd", label, lambda: layer(x), flops=_flops(m, k, n, r, False))
+    bench.measure(kernel, "torch base matmul (no adapter)", "fwd+bwd", label,
+                  lambda: torch.nn.functional.linear(xg, weight).backward(gy), flops=_flops(m, k, n, 0, True),
+                  baseline=True)
+    for name, layer in providers:
+        bench.measure(kernel, name, "fwd+bwd", label, _fwd_bwd(layer, xg, gy), flops=_flops(m, k, n, r, True))
+    return x
+
+
 def _cases(bench):
     if bench.device.type == "cuda":
         shapes = [(4096, 4096), (4096, 14336)]
@@ -87,29 +107,9 @@ def run(bench):
             with torch.no_grad():
                 ours.lora_B.normal_(std=0.01)
             theirs = _peft_layer(peft, nn.Linear(k, n, bias=False, device=dev, dtype=dtype), r, 2 * r) if peft else None
+            providers = [("pyllmops fused", ours)] + ([("peft (unfused)", theirs)] if theirs is not None else [])
             for m in tokens:
-                label = f"{k}x{n} r{r} m{m}"
-                x = torch.randn(m, k, device=dev, dtype=dtype)
-                xg = x.clone().requires_grad_()
-                gy = torch.randn(m, n, device=dev, dtype=dtype)
-                with torch.no_grad():
-                    bench.measure("lora", "torch base matmul (no adapter)", "fwd", label,
-                                  lambda: torch.nn.functional.linear(x, lin.weight), flops=_flops(m, k, n, 0, False),
-                                  baseline=True)
-                    bench.measure("lora", "pyllmops fused", "fwd", label, lambda: ours(x),
-                                  flops=_flops(m, k, n, r, False))
-                    if theirs is not None:
-                        bench.measure("lora", "peft (unfused)", "fwd", label, lambda: theirs(x),
-                                      flops=_flops(m, k, n, r, False))
-                wg = lin.weight.detach()
-                bench.measure("lora", "torch base matmul (no adapter)", "fwd+bwd", label,
-                              lambda: torch.nn.functional.linear(xg, wg).backward(gy),
-                              flops=_flops(m, k, n, 0, True), baseline=True)
-                bench.measure("lora", "pyllmops fused", "fwd+bwd", label, _fwd_bwd(ours, xg, gy),
-                              flops=_flops(m, k, n, r, True))
-                if theirs is not None:
-                    bench.measure("lora", "peft (unfused)", "fwd+bwd", label, _fwd_bwd(theirs, xg, gy),
-                                  flops=_flops(m, k, n, r, True))
+                _case(bench, "lora", f"{k}x{n} r{r} m{m}", m, k, n, r, lin.weight.detach(), providers)
         _quantized(bench, lin, k, n, tokens, dtype, peft, bnb)
     _overheads(bench)
 
@@ -132,42 +132,23 @@ def _quantized(bench, lin, k, n, tokens, dtype, peft, bnb):
             peft_bnb = _peft_layer(peft, l4, r, 2 * r)
         except Exception:
             peft_bnb = None
+    providers = [("pyllmops fused NF4", qlora)] + ([("peft + bitsandbytes", peft_bnb)] if peft_bnb is not None else [])
     for m in tokens:
         label = f"{k}x{n} r{r} m{m}"
-        x = torch.randn(m, k, device=dev, dtype=dtype)
-        xg = x.clone().requires_grad_()
-        gy = torch.randn(m, n, device=dev, dtype=dtype)
+        x = _case(bench, "qlora", label, m, k, n, r, lin.weight.detach(), providers)
         with torch.no_grad():
-            bench.measure("qlora", "torch base matmul (dense, no adapter)", "fwd", label,
-                          lambda: torch.nn.functional.linear(x, lin.weight), flops=_flops(m, k, n, 0, False),
-                          baseline=True)
-            bench.measure("qlora", "pyllmops fused NF4", "fwd", label, lambda: qlora(x), flops=_flops(m, k, n, r, False))
-            if peft_bnb is not None:
-                bench.measure("qlora", "peft + bitsandbytes", "fwd", label, lambda: peft_bnb(x),
-                              flops=_flops(m, k, n, r, False))
             bench.measure("int4 inference", "pyllmops QLoRA (NF4 + adapter)", "fwd", label, lambda: qlora(x),
                           flops=_flops(m, k, n, r, False), baseline=True)
             bench.measure("int4 inference", "pyllmops QA-LoRA merged IntLinear", "fwd", label, lambda: merged(x),
                           flops=_flops(m, k, n, 0, False))
-        bench.measure("qlora", "torch base matmul (dense, no adapter)", "fwd+bwd", label,
-                      lambda: torch.nn.functional.linear(xg, lin.weight.detach()).backward(gy),
-                      flops=_flops(m, k, n, 0, True), baseline=True)
-        bench.measure("qlora", "pyllmops fused NF4", "fwd+bwd", label, _fwd_bwd(qlora, xg, gy),
-                      flops=_flops(m, k, n, r, True))
-        if peft_bnb is not None:
-            bench.measure("qlora", "peft + bitsandbytes", "fwd+bwd", label, _fwd_bwd(peft_bnb, xg, gy),
-                          flops=_flops(m, k, n, r, True))
 
 
 def _overheads(bench):
-    """overhead_pct = 100 * (median / baseline median - 1), per row with a baseline in its case."""
+    """overhead_pct = 100 * (median / baseline median - 1) = 100 * (1 / vs_baseline - 1)."""
+    bench._finish()  # the harness fills vs_baseline
     for row in bench.rows:
-        if "median_ms" not in row:
-            continue
-        base = [b for b in bench.rows if b.get("baseline") and "median_ms" in b and
-                (b["kernel"], b["mode"], b["x"]) == (row["kernel"], row["mode"], row["x"])]
-        row["overhead_pct"] = 100 * (row["median_ms"] / base[0]["median_ms"] - 1) if base else None
-    for row in bench.rows:
-        if row.get("overhead_pct") is not None and not row.get("baseline"):
+        vs = row.get("vs_baseline")
+        row["overhead_pct"] = None if not vs else 100 * (1 / vs - 1)
+        if row["overhead_pct"] is not None and not row.get("baseline"):
             print(f"{row['kernel']:>15} {row['mode']:>8} {row['x']:>24} {row['provider']:>36}: "
                   f"{row['overhead_pct']:+7.1f}% over the baseline")
