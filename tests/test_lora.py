@@ -39,9 +39,9 @@ def _check_fwd_bwd(fn, ref_fn, x, params, dtype, what):
     ref = ref_fn(x64, *p64)
     assert y.dtype == dtype
     assert_close(y, ref, TOL[dtype], f"{what} y")
-    gy = torch.randn_like(ref)
-    y.backward(gy.to(dtype))
-    ref.backward(gy)
+    gy = torch.randn_like(ref).to(dtype)  # the reference gets the same (rounded) output gradient
+    y.backward(gy)
+    ref.backward(gy.double())
     assert_close(xs.grad, x64.grad, TOL[dtype], f"{what} dx")
     for i, (p, q) in enumerate(zip(ps, p64)):
         assert p.grad is not None and p.grad.dtype == p.dtype
@@ -232,6 +232,8 @@ def test_qalora_merge_exact(device, bits):
                           64, base.bias)
     assert_close(ym, ref, 2e-6, "merged vs reference")
     assert rel_err(y, base(x)) > 1e-3  # the adapter was not a no-op
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), base(x))
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -274,11 +276,6 @@ def test_lora_module_nf4_base():
     assert_close(layer(x), ref, TOL[torch.float32], "LoRALinear(NF4Linear)")
     with pytest.raises(TypeError, match="dense"):
         layer.merge()
-
-
-def _toy(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential()
 
 
 class _Block(nn.Module):
@@ -404,6 +401,36 @@ def test_against_peft(use_rslora):
         assert_close(ours(x), y_base, TOL[torch.float32], "adapters off")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
+def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind):
+    """The experimental mma.sync main loop (PYLLMOPS_LORA_TENSOR_CORES=1) against the references."""
+    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1")
+    dev, in_f, out_f, r = "cuda", 192, 131, 24
+    x = torch.randn(3, 45, in_f, device=dev).to(dtype)
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    if kind == "qalora":
+        q, s, z = pyllmops.quantize_int(w, 4, 64)
+        a, b = _adapter(r, in_f // 64, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=64,  # noqa: E731
+                                                          bias=bias)
+        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 64, bias)  # noqa: E731
+    elif kind == "qlora":
+        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+    else:
+        wd = w.to(dtype)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} tensor cores")
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 def _opcheck_cases(device):
     dt = torch.float32
@@ -495,7 +522,7 @@ def test_binding_rechecks():
     a, b = torch.randn(8, 64), torch.randn(24, 8)
     args = lambda **kw: [view(kw.get("x", x)), None, None, view(kw.get("w", w)), False, None,  # noqa: E731
                          view(kw.get("a", a)), view(kw.get("b", b)), 1.0, view(kw.get("out", out)),
-                         view(kw.get("t", t)), 0]
+                         view(kw.get("t", t)), False, 0]
     lib().lora_fused_dense(*args())
     with pytest.raises(ValueError, match="weight has shape"):
         lib().lora_fused_dense(*args(w=torch.randn(24, 32)))

@@ -148,10 +148,23 @@ PYLLMOPS_HD float base(const FusedArgs& a, const Weight& w, int64_t j, int64_t r
   return a.transposed ? load_weight<K, T>(w, red, j, code) : load_weight<K, T>(w, j, red, code);
 }
 
+// ---- mma.sync m16n8k16 (f16 / bf16 inputs, f32 accumulators) fragment coordinates --------------
+// PTX ISA "Matrix Fragments for mma.m16n8k16 with floating point type": lane l, g = l >> 2,
+// t = l & 3; element i of a lane's fragment (registers hold elements 2r and 2r + 1, low half first).
+PYLLMOPS_HD int mma_a_row(int lane, int i) { return (lane >> 2) + ((i & 2) ? 8 : 0); }         // A 16 x 16
+PYLLMOPS_HD int mma_a_col(int lane, int i) { return (lane & 3) * 2 + (i & 1) + ((i & 4) ? 8 : 0); }
+PYLLMOPS_HD int mma_b_k(int lane, int i) { return (lane & 3) * 2 + (i & 1) + ((i & 2) ? 8 : 0); }   // B 16 x 8
+PYLLMOPS_HD int mma_b_n(int lane) { return lane >> 2; }
+PYLLMOPS_HD int mma_c_row(int lane, int i) { return (lane >> 2) + ((i & 2) ? 8 : 0); }         // C 16 x 8
+PYLLMOPS_HD int mma_c_col(int lane, int i) { return (lane & 3) * 2 + (i & 1); }
+
 // ---- kernel entry points (lora_bindings.cpp checks views, then calls one of these) ----------------
 // x's dtype (f32/f16/bf16) is `dtype`; all buffers are contiguous; `stream` is a cudaStream_t.
 void fused_cpu(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w);
-void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device, uintptr_t stream);
+// tensor_cores: fp16 / bf16 inputs take the mma.sync main loop (experimental: see lora_cuda_mma.cu).
+void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device, uintptr_t stream,
+                bool tensor_cores);
+void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, uintptr_t stream);
 
 // w [n, k] (f32/f16/bf16) -> qweight int32 [n, words_per_row], scales, zeros fp32 [n, k / group_size]
 void int_quantize_cpu(const TensorView& w, int bits, int64_t group_size, const TensorView& qweight,

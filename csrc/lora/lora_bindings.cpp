@@ -101,21 +101,21 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
 }
 
 void run_fused(lora::WeightKind kind, const TensorView& in, const lora::FusedArgs& a, const lora::Weight& w,
-               uintptr_t stream) {
+               bool tensor_cores, uintptr_t stream) {
   PYLLMOPS_ON_DEVICE(in, "lora_linear", lora::fused_cpu(kind, in.dtype, a, w),
-                     lora::fused_cuda(kind, in.dtype, a, w, in.device, stream));
+                     lora::fused_cuda(kind, in.dtype, a, w, in.device, stream, tensor_cores));
 }
 
 void lora_fused_dense(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
                       const TensorView& weight, bool transposed, const OptView& bias, const TensorView& lora_a,
                       const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                      uintptr_t stream) {
+                      bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
   const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, &w);
   check_like_x(weight, in, "weight");
   check_shape(weight, {w.n_out, w.k_in}, "weight");
   w.dense = weight.data;
-  run_fused(lora::WeightKind::dense, in, a, w, stream);
+  run_fused(lora::WeightKind::dense, in, a, w, tensor_cores, stream);
 }
 
 void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
@@ -123,7 +123,7 @@ void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView
                     const OptView& nested_code, const OptView& nested_offset, int64_t blocksize,
                     int64_t nested_blocksize, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    uintptr_t stream) {
+                    bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
   const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, &w);
   auto pow2 = [](int64_t v) { return v >= 32 && v <= 4096 && (v & (v - 1)) == 0; };
@@ -160,7 +160,7 @@ void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView
   }
   w.packed = packed.ptr<const uint8_t>();
   w.blocksize = blocksize;
-  run_fused(lora::WeightKind::nf4, in, a, w, stream);
+  run_fused(lora::WeightKind::nf4, in, a, w, tensor_cores, stream);
 }
 
 void check_int_weight(const TensorView& qweight, const TensorView& scales, const TensorView& zeros, int64_t bits,
@@ -182,7 +182,7 @@ void lora_fused_int(const TensorView& in, const OptView& in_scale, const OptView
                     const TensorView& qweight, const TensorView& scales, const TensorView& zeros, int64_t bits,
                     int64_t group_size, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    uintptr_t stream) {
+                    bool tensor_cores, uintptr_t stream) {
   check_bits_group(bits, group_size);
   lora::Weight w;
   const auto a =
@@ -193,7 +193,7 @@ void lora_fused_int(const TensorView& in, const OptView& in_scale, const OptView
   w.zeros = zeros.ptr<const float>();
   w.bits = static_cast<int>(bits);
   w.group_size = group_size;
-  run_fused(lora::WeightKind::int_q, in, a, w, stream);
+  run_fused(lora::WeightKind::int_q, in, a, w, tensor_cores, stream);
 }
 
 void int_quantize(const TensorView& w, int64_t bits, int64_t group_size, const TensorView& qweight,

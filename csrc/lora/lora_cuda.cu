@@ -215,12 +215,13 @@ int grid_for(int64_t items) {
 
 }  // namespace
 
-void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device,
-                uintptr_t stream) {
+void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device, uintptr_t stream,
+                bool tensor_cores) {
   PYLLMOPS_CHECK(args.r <= kMaxRankCuda, "the LoRA CUDA kernel supports rank r <= ", kMaxRankCuda, ", got ",
                  args.r);
   if (args.m == 0 || args.n_cols == 0) return;
   CudaDeviceGuard guard(device);
+  if (tensor_cores && (dtype == DType::f16 || dtype == DType::bf16)) return fused_cuda_mma(kind, dtype, args, w, stream);
   const cudaStream_t s = as_stream(stream);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "x", __half, __nv_bfloat16, [&] {
     switch (kind) {

@@ -15,6 +15,7 @@ which also returns g = dy.B; then dA = scaling * g^T.xd and dB = scaling * dy^T.
 products done with torch. QA-LoRA's adapter sees x mean-pooled over groups of group_size features.
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -37,6 +38,12 @@ def words_per_row(in_features, bits):
 
 
 # ================================ kernels ================================
+def tensor_cores_enabled():
+    """fp16 / bf16 CUDA calls take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu) when
+    PYLLMOPS_LORA_TENSOR_CORES=1. Experimental: it compiles, but has never run on a GPU."""
+    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "0") == "1"
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -50,7 +57,8 @@ def _fused(kind, inp, wargs, transposed, bias, lora_a, lora_b, scaling, dropout_
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
     fn = {"dense": lib().lora_fused_dense, "nf4": lib().lora_fused_nf4, "int": lib().lora_fused_int}[kind]
     fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
-       view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t), stream(inp))
+       view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t),
+       tensor_cores_enabled(), stream(inp))
     return out, t
 
 
