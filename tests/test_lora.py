@@ -13,9 +13,9 @@ from pyllmops.reference import lora as R
 
 from conftest import assert_close, devices, rel_err
 
-# Bounds a few times above the worst the CPU kernels showed over repeated runs
-# (fp32 4.7e-7, fp16 3.8e-4, bf16 2.9e-3, outputs and gradients).
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+# Bounds a few times above the worst the CPU kernels showed (outputs and gradients, 60 seeds of the
+# smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
+TOL = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -79,7 +79,7 @@ def test_lora_linear(device, dtype, in_f, out_f, lead, r, with_bias):
     assert y.shape == (*lead, out_f)
     # the adapter matters: the base alone is far from y
     base = R.lora_linear(x, w, a, b, 0.0)
-    assert rel_err(y, base) > 20 * TOL[dtype]
+    assert rel_err(y, base) > 10 * TOL[dtype]
 
 
 @pytest.mark.parametrize("device", devices())

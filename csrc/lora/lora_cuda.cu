@@ -19,7 +19,8 @@
 // peak, this simple single-buffered tiling perhaps 1/3 of it) would take ~7 ms, against ~0.2 ms for
 // a bf16 tensor-core GEMM at ~700 TFLOP/s. So this kernel is the correct, fused, memory-frugal
 // reference for the GPU (W is never written out; x is read once; y written once), and a tensor-core
-// (mma.sync / wgmma) main loop with the same epilogue is the step that makes it fast. Decode
+// (mma.sync / wgmma) main loop with the same epilogue is the step that makes it fast (lora_cuda_mma.cu
+// has an mma.sync version: experimental, never run, used only with PYLLMOPS_LORA_TENSOR_CORES=1). Decode
 // shapes (tokens <= 16) are bound by reading W: 4096 x 4096 NF4 is 8 MiB + scales, ~3 us at 3 TB/s.
 #include <cuda_runtime.h>
 
