@@ -29,6 +29,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "lora/lora.h"
+#include "lora/lora_cuda.cuh"
 
 namespace pyllmops {
 namespace lora {
@@ -54,8 +55,6 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(FusedArgs a, Weight w) 
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, j0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const T* in = static_cast<const T*>(a.in);
-  const T* in_scale = static_cast<const T*>(a.in_scale);
   const int r = static_cast<int>(a.r);
 
   float acc[4][4], tacc[4][4];
@@ -69,29 +68,20 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(FusedArgs a, Weight w) 
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int e = tid + s * kThreads;
-      // in tile: consecutive threads walk the reduction of one row
-      {
+      {  // in tile: consecutive threads walk the reduction of one row
         const int i = e / kBK, kk = e % kBK;
-        const int64_t row = m0 + i, red = red0 + kk;
-        float v = 0.0f, vd = 0.0f;
-        if (row < a.m && red < a.n_red) {
-          v = to_float(in[row * a.n_red + red]);
-          vd = in_scale ? v * to_float(in_scale[row * a.n_red + red]) : v;
-        }
+        float v, vd;
+        load_in<T>(a, m0 + i, red0 + kk, &v, &vd);
         Xs[kk * kBM + i] = v;
-        if (in_scale) Xd[kk * kBM + i] = vd;
+        if (a.in_scale) Xd[kk * kBM + i] = vd;
       }
-      // W tile: forward walks W's rows along the reduction, backward along the output columns
-      {
+      {  // W tile: forward walks W's rows along the reduction, backward along the output columns
         const int jj = a.transposed ? e % kBN : e / kBK, kk = a.transposed ? e / kBN : e % kBK;
-        const int64_t j = j0 + jj, red = red0 + kk;
-        Ws[kk * kBN + jj] = (j < a.n_cols && red < a.n_red) ? base<K, T>(a, w, j, red, s_code) : 0.0f;
+        Ws[kk * kBN + jj] = load_w<K, T>(a, w, j0 + jj, red0 + kk, s_code);
       }
-      // D tile
-      {
+      {  // D tile
         const int q = e % kRT, kk = e / kRT;
-        const int64_t red = red0 + kk;
-        Ds[kk * kRT + q] = (q < r && red < a.n_red) ? down<T>(a, q, red) : 0.0f;
+        Ds[kk * kRT + q] = load_d<T>(a, q, red0 + kk);
       }
     }
     __syncthreads();
@@ -123,32 +113,15 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(FusedArgs a, Weight w) 
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int c = 0; c < 4; ++c) Ts[(ty * 4 + i) * (kRT + 1) + tx + 16 * c] = tacc[i][c];
-  for (int e = tid; e < kBN * kRT; e += kThreads) {
-    const int jj = e / kRT, q = e % kRT;
-    const int64_t j = j0 + jj;
-    Us[jj * (kRT + 1) + q] = (q < r && j < a.n_cols) ? up<T>(a, j, q) : 0.0f;
-  }
+  load_up<T>(a, j0, kBN, kRT, Us);
   __syncthreads();
-  const T* out_scale = static_cast<const T*>(a.out_scale);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* out = static_cast<T*>(a.out);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t row = m0 + ty * 4 + i;
-    if (row >= a.m) continue;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = j0 + tx * 4 + c;
-      if (j >= a.n_cols) continue;
-      float lr = 0.0f;
-      for (int q = 0; q < r; ++q) lr = fmaf(Ts[(ty * 4 + i) * (kRT + 1) + q], Us[(tx * 4 + c) * (kRT + 1) + q], lr);
-      lr *= a.scaling;
-      if (out_scale) lr *= to_float(out_scale[row * a.n_cols + j]);
-      float v = acc[i][c] + lr;
-      if (bias) v += to_float(bias[j]);
-      out[row * a.n_cols + j] = from_float<T>(v);
-    }
-    if (blockIdx.x == 0) {
+    for (int c = 0; c < 4; ++c)
+      store_out<T>(a, row, j0 + tx * 4 + c, acc[i][c], &Ts[(ty * 4 + i) * (kRT + 1)], &Us[(tx * 4 + c) * (kRT + 1)]);
+    if (blockIdx.x == 0 && row < a.m) {
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         if (tx + 16 * c < r) a.t[row * a.r + tx + 16 * c] = tacc[i][c];

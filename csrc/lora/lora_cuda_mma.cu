@@ -22,6 +22,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "lora/lora.h"
+#include "lora/lora_cuda.cuh"
 
 namespace pyllmops {
 namespace lora {
@@ -93,8 +94,6 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, j0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const T* in = static_cast<const T*>(a.in);
-  const T* in_scale = static_cast<const T*>(a.in_scale);
   const int r = static_cast<int>(a.r);
 
   float acc[2][4][4], tacc[2][4][4];
@@ -110,25 +109,18 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     for (int e = tid; e < 64 * kBK; e += kThreads) {
       {  // in rows: consecutive threads walk the reduction
         const int i = e / kBK, kk = e % kBK;
-        const int64_t row = m0 + i, red = red0 + kk;
-        float v = 0.0f, vd = 0.0f;
-        if (row < a.m && red < a.n_red) {
-          v = to_float(in[row * a.n_red + red]);
-          vd = in_scale ? v * to_float(in_scale[row * a.n_red + red]) : v;
-        }
+        float v, vd;
+        load_in<T>(a, m0 + i, red0 + kk, &v, &vd);
         Xs[i * kLD + kk] = from_float<T>(v);
-        if (in_scale) Xd[i * kLD + kk] = from_float<T>(vd);
+        if (a.in_scale) Xd[i * kLD + kk] = from_float<T>(vd);
       }
       {  // W: forward walks W's rows along the reduction, backward along the output columns
         const int jj = a.transposed ? e % kBN : e / kBK, kk = a.transposed ? e / kBN : e % kBK;
-        const int64_t j = j0 + jj, red = red0 + kk;
-        const float v = (j < a.n_cols && red < a.n_red) ? base<K, T>(a, w, j, red, s_code) : 0.0f;
-        Ws[jj * kLD + kk] = from_float<T>(v);
+        Ws[jj * kLD + kk] = from_float<T>(load_w<K, T>(a, w, j0 + jj, red0 + kk, s_code));
       }
       {  // D: ranks as rows
         const int q = e / kBK, kk = e % kBK;
-        const int64_t red = red0 + kk;
-        Ds[q * kLD + kk] = from_float<T>((q < r && red < a.n_red) ? down<T>(a, q, red) : 0.0f);
+        Ds[q * kLD + kk] = from_float<T>(load_d<T>(a, q, red0 + kk));
       }
     }
     __syncthreads();
@@ -168,15 +160,8 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
       for (int e = 0; e < 4; ++e)
         Ts[(wm * 32 + mi * 16 + mma_c_row(lane, e)) * (kRT + 1) + wn * 32 + ni * 8 + mma_c_col(lane, e)] =
             tacc[mi][ni][e];
-  for (int e = tid; e < kBN * kRT; e += kThreads) {
-    const int jj = e / kRT, q = e % kRT;
-    const int64_t j = j0 + jj;
-    Us[jj * (kRT + 1) + q] = (q < r && j < a.n_cols) ? up<T>(a, j, q) : 0.0f;
-  }
+  load_up<T>(a, j0, kBN, kRT, Us);
   __syncthreads();
-  const T* out_scale = static_cast<const T*>(a.out_scale);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* out = static_cast<T*>(a.out);
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -184,15 +169,7 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
-        const int64_t row = m0 + il, j = j0 + jl;
-        if (row >= a.m || j >= a.n_cols) continue;
-        float lr = 0.0f;
-        for (int q = 0; q < r; ++q) lr = fmaf(Ts[il * (kRT + 1) + q], Us[jl * (kRT + 1) + q], lr);
-        lr *= a.scaling;
-        if (out_scale) lr *= to_float(out_scale[row * a.n_cols + j]);
-        float v = acc[mi][ni][e] + lr;
-        if (bias) v += to_float(bias[j]);
-        out[row * a.n_cols + j] = from_float<T>(v);
+        store_out<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], &Ts[il * (kRT + 1)], &Us[jl * (kRT + 1)]);
       }
   if (blockIdx.x == 0) {  // t straight from shared memory: every rank column was written above
     for (int e = tid; e < kBM * r; e += kThreads) {
