@@ -48,26 +48,23 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-def _fused(kind, inp, wargs, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
-    """Runs the fused kernel on 2-D `inp`; returns (out [m, n_cols], t [m, r] fp32)."""
+def _fused(kind, inp_nd, wargs, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
+    """Runs the fused kernel on `inp_nd` (..., n_red); returns (out (..., n_cols), t [m, r] fp32)."""
+    inp = _flat(inp_nd)
+    mask = None if dropout_scale is None else _flat(dropout_scale)
     m = inp.shape[0]
     out = empty((m, n_cols), inp.dtype, inp.device)
     t = empty((m, lora_a.shape[0]), torch.float32, inp.device)
-    mask = _c(dropout_scale)
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
     fn = {"dense": lib().lora_fused_dense, "nf4": lib().lora_fused_nf4, "int": lib().lora_fused_int}[kind]
     fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
        view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t),
        tensor_cores_enabled(), stream(inp))
-    return out, t
+    return out.view(*inp_nd.shape[:-1], n_cols), t
 
 
 def _flat(x):
     return x.reshape(-1, x.shape[-1]).contiguous()
-
-
-def _flat_mask(dropout_scale):
-    return None if dropout_scale is None else _flat(dropout_scale)
 
 
 def _dense_wargs(weight):
@@ -88,19 +85,15 @@ def _int_wargs(qweight, scales, zeros, bits, group_size):
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
               lora_b: torch.Tensor, scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor,
                                                                                                      torch.Tensor]:
-    n = weight.shape[0]
-    y, xa = _fused("dense", _flat(x), _dense_wargs(weight), False, bias, lora_a, lora_b, scaling,
-                   _flat_mask(dropout_scale), n)
-    return y.view(*x.shape[:-1], n), xa
+    return _fused("dense", x, _dense_wargs(weight), False, bias, lora_a, lora_b, scaling, dropout_scale,
+                  weight.shape[0])
 
 
 @torch.library.custom_op("pyllmops::lora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
 def _lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                  dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    k = weight.shape[1]
-    dx, g = _fused("dense", _flat(dy), _dense_wargs(weight), True, None, lora_a, lora_b, scaling,
-                   _flat_mask(dropout_scale), k)
-    return dx.view(*dy.shape[:-1], k), g
+    return _fused("dense", dy, _dense_wargs(weight), True, None, lora_a, lora_b, scaling, dropout_scale,
+                  weight.shape[1])
 
 
 # ---- QLoRA (NF4 base) ----------------------------------------------------------------------------
@@ -111,9 +104,7 @@ def _qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nest
                lora_b: torch.Tensor, scaling: float,
                dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
-    y, xa = _fused("nf4", _flat(x), wargs, False, bias, lora_a, lora_b, scaling, _flat_mask(dropout_scale),
-                   out_features)
-    return y.view(*x.shape[:-1], out_features), xa
+    return _fused("nf4", x, wargs, False, bias, lora_a, lora_b, scaling, dropout_scale, out_features)
 
 
 @torch.library.custom_op("pyllmops::qlora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
@@ -123,9 +114,7 @@ def _qlora_bwd_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                   lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                   dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
-    dx, g = _fused("nf4", _flat(dy), wargs, True, None, lora_a, lora_b, scaling, _flat_mask(dropout_scale),
-                   in_features)
-    return dx.view(*dy.shape[:-1], in_features), g
+    return _fused("nf4", dy, wargs, True, None, lora_a, lora_b, scaling, dropout_scale, in_features)
 
 
 # ---- QA-LoRA (INT base, pooled adapter input) ----------------------------------------------------
@@ -133,20 +122,16 @@ def _qlora_bwd_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
 def _qalora_fwd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                 group_size: int, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = qweight.shape[0]
-    y, xa = _fused("int", _flat(x), _int_wargs(qweight, scales, zeros, bits, group_size), False, bias, lora_a,
-                   lora_b, scaling, _flat_mask(dropout_scale), n)
-    return y.view(*x.shape[:-1], n), xa
+    return _fused("int", x, _int_wargs(qweight, scales, zeros, bits, group_size), False, bias, lora_a, lora_b,
+                  scaling, dropout_scale, qweight.shape[0])
 
 
 @torch.library.custom_op("pyllmops::qalora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
 def _qalora_bwd_dx(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    group_size: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                    dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    k = scales.shape[1] * group_size
-    dx, g = _fused("int", _flat(dy), _int_wargs(qweight, scales, zeros, bits, group_size), True, None, lora_a,
-                   lora_b, scaling, _flat_mask(dropout_scale), k)
-    return dx.view(*dy.shape[:-1], k), g
+    return _fused("int", dy, _int_wargs(qweight, scales, zeros, bits, group_size), True, None, lora_a, lora_b,
+                  scaling, dropout_scale, scales.shape[1] * group_size)
 
 
 # ---- fakes -----------------------------------------------------------------------------------------
