@@ -28,6 +28,47 @@ namespace {
 const float kNF4Code[16] = {PYLLMOPS_NF4_CODE_VALUES};
 
 constexpr int64_t kTM = 16, kTN = 64, kTK = 64;
+constexpr int64_t kMR = 4, kNR = 16;  // register block of the multiply: kMR rows x kNR columns
+static_assert(kTM % kMR == 0 && kTN % kNR == 0, "register blocks must tile the task tile");
+
+// W[row, col0 .. col0 + len) to dst[e * stride], fp32: the same values as load_weight, with the NF4
+// block scale (and its 16-entry table) or the INT group's scale / zero computed once per run.
+template <WeightKind K, typename T>
+void decode_run(const Weight& w, int64_t row, int64_t col0, int64_t len, float* dst, int64_t stride) {
+  if constexpr (K == WeightKind::dense) {
+    const T* src = static_cast<const T*>(w.dense) + row * w.k_in + col0;
+    for (int64_t e = 0; e < len; ++e) dst[e * stride] = to_float(src[e]);
+  } else if constexpr (K == WeightKind::nf4) {
+    const int64_t flat0 = row * w.k_in + col0;
+    for (int64_t e = 0; e < len;) {
+      const int64_t block = (flat0 + e) / w.blocksize;
+      const int64_t end = std::min(len, (block + 1) * w.blocksize - flat0);
+      const float scale = w.nf4_scales(block);
+      float table[16];
+      for (int c = 0; c < 16; ++c) table[c] = kNF4Code[c] * scale;
+      for (; e < end; ++e) {
+        const int64_t f = flat0 + e;
+        const uint32_t byte = w.packed[f >> 1];
+        dst[e * stride] = table[(f & 1) ? (byte & 15u) : (byte >> 4)];
+      }
+    }
+  } else {
+    const int cpw = codes_per_word(w.bits);
+    const uint32_t mask = static_cast<uint32_t>(max_code(w.bits));
+    const int32_t* words = w.qweight + row * words_per_row(w.k_in, w.bits);
+    const int64_t groups = w.k_in / w.group_size;
+    for (int64_t e = 0; e < len;) {
+      const int64_t g = (col0 + e) / w.group_size;
+      const int64_t end = std::min(len, (g + 1) * w.group_size - col0);
+      const float scale = w.scales[row * groups + g], zero = w.zeros[row * groups + g];
+      for (; e < end; ++e) {
+        const int64_t k = col0 + e;
+        const uint32_t q = (static_cast<uint32_t>(words[k / cpw]) >> ((k % cpw) * w.bits)) & mask;
+        dst[e * stride] = int_decode(q, scale, zero);
+      }
+    }
+  }
+}
 
 template <WeightKind K, typename T>
 void fused_impl(const FusedArgs& a, const Weight& w) {
@@ -49,6 +90,7 @@ void fused_impl(const FusedArgs& a, const Weight& w) {
       for (int64_t red0 = 0; red0 < a.n_red; red0 += kTK) {
         const int64_t tk = std::min(kTK, a.n_red - red0);
         // load: in chunk (once, for both products), W panel transposed, D panel transposed
+        if (tm < kTM) std::fill(xs.begin() + tm * kTK, xs.end(), 0.0f);
         for (int64_t i = 0; i < tm; ++i)
           for (int64_t kk = 0; kk < tk; ++kk) {
             const int64_t idx = (m0 + i) * a.n_red + red0 + kk;
@@ -56,23 +98,33 @@ void fused_impl(const FusedArgs& a, const Weight& w) {
             xs[i * kTK + kk] = v;
             xds[i * kTK + kk] = in_scale ? v * to_float(in_scale[idx]) : v;
           }
-        if (a.transposed) {  // walk W's rows (memory order) in both cases
-          for (int64_t kk = 0; kk < tk; ++kk)
-            for (int64_t jj = 0; jj < tn; ++jj) ws[kk * kTN + jj] = base<K, T>(a, w, j0 + jj, red0 + kk, kNF4Code);
+        // W panel ws[kk][jj] = Wop(j0 + jj, red0 + kk), decoded along W's rows (memory order)
+        if (a.transposed) {
+          for (int64_t kk = 0; kk < tk; ++kk) decode_run<K, T>(w, red0 + kk, j0, tn, &ws[kk * kTN], 1);
         } else {
-          for (int64_t jj = 0; jj < tn; ++jj)
-            for (int64_t kk = 0; kk < tk; ++kk) ws[kk * kTN + jj] = base<K, T>(a, w, j0 + jj, red0 + kk, kNF4Code);
+          for (int64_t jj = 0; jj < tn; ++jj) decode_run<K, T>(w, j0 + jj, red0, tk, &ws[jj], kTN);
         }
         for (int64_t kk = 0; kk < tk; ++kk)
           for (int64_t q = 0; q < r; ++q) ds[kk * r + q] = down<T>(a, q, red0 + kk);
-        // multiply-accumulate
+        // base product, register-blocked kMR x kNR (rows past tm are zero in xs, columns past tn
+        // are never stored), then the adapter's down-projection
+        for (int64_t i0 = 0; i0 < tm; i0 += kMR)
+          for (int64_t jb = 0; jb < tn; jb += kNR) {
+            float c[kMR][kNR] = {};
+            for (int64_t kk = 0; kk < tk; ++kk) {
+              const float* wr = &ws[kk * kTN + jb];
+              for (int ii = 0; ii < kMR; ++ii) {
+                const float xv = xs[(i0 + ii) * kTK + kk];
+                for (int q = 0; q < kNR; ++q) c[ii][q] += xv * wr[q];
+              }
+            }
+            for (int ii = 0; ii < kMR; ++ii)
+              for (int q = 0; q < kNR; ++q) acc[(i0 + ii) * kTN + jb + q] += c[ii][q];
+          }
         for (int64_t i = 0; i < tm; ++i) {
-          float* arow = &acc[i * kTN];
           float* trow = &tacc[i * r];
           for (int64_t kk = 0; kk < tk; ++kk) {
-            const float xv = xs[i * kTK + kk], xdv = xds[i * kTK + kk];
-            const float* wrow = &ws[kk * kTN];
-            for (int64_t jj = 0; jj < tn; ++jj) arow[jj] += xv * wrow[jj];
+            const float xdv = xds[i * kTK + kk];
             const float* drow = &ds[kk * r];
             for (int64_t q = 0; q < r; ++q) trow[q] += xdv * drow[q];
           }

@@ -126,8 +126,9 @@ def _quantized(bench, lin, k, n, tokens, dtype, peft, bnb):
     peft_bnb = None
     if peft is not None and bnb is not None:
         try:
-            l4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", device=dev)
-            l4.load_state_dict(lin.state_dict())
+            # built on the host and moved: bitsandbytes quantizes the loaded dense weight in .to()
+            l4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
+            l4.load_state_dict({k_: v.cpu() for k_, v in lin.state_dict().items()})
             l4 = l4.to(dev)
             peft_bnb = _peft_layer(peft, l4, r, 2 * r)
         except Exception:
