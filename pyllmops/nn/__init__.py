@@ -1,5 +1,7 @@
 """Drop-in modules built on pyllmops' ops."""
 from pyllmops.nn.nf4 import NF4Linear
-from pyllmops.nn.lora import IntLinear, LoRALinear, QALoRALinear, adapter_state_dict, load_adapter_state_dict
+from pyllmops.nn.lora import (IntLinear, LoRALinear, QALoRALinear, adapter_state_dict, disable_adapters,
+                              load_adapter_state_dict)
 
-__all__ = ["NF4Linear", "LoRALinear", "QALoRALinear", "IntLinear", "adapter_state_dict", "load_adapter_state_dict"]
+__all__ = ["NF4Linear", "LoRALinear", "QALoRALinear", "IntLinear", "adapter_state_dict", "load_adapter_state_dict",
+           "disable_adapters"]

@@ -249,6 +249,17 @@ class QALoRALinear(_AdapterMixin, nn.Module):
 _ADAPTERS = (LoRALinear, QALoRALinear)
 
 
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Turns every adapter of `model` off inside the block: the frozen base model (e.g. DPO's
+    reference model), as peft's model.disable_adapter()."""
+    with contextlib.ExitStack() as stack:
+        for mod in model.modules():
+            if isinstance(mod, _ADAPTERS):
+                stack.enter_context(mod.disable_adapter())
+        yield model
+
+
 def adapter_state_dict(model, prefix=PEFT_PREFIX):
     """Every adapter of `model` in peft's saved-adapter keys: '<prefix><path>.lora_A.weight' and
     '.lora_B.weight' (prefix 'base_model.model.' as in peft's adapter_model.safetensors)."""
