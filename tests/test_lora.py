@@ -9,7 +9,6 @@ from torch import nn
 import pyllmops
 from pyllmops.nn import (IntLinear, LoRALinear, NF4Linear, QALoRALinear, adapter_state_dict, disable_adapters,
                          load_adapter_state_dict)
-from pyllmops.ops import lora as L
 from pyllmops.reference import lora as R
 
 from conftest import assert_close, devices, rel_err
