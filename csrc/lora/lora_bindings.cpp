@@ -1,6 +1,7 @@
 // Python bindings of the LoRA kernels (csrc/lora/lora.h). Checks everything a kernel relies on:
 // dtypes, contiguity, devices, and that every buffer holds what the kernel will index.
 #include "bindings.h"
+#include "nf4/nf4_bindings.h"
 #include "lora/lora.h"
 
 using pyllmops::DType;
@@ -126,38 +127,13 @@ void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView
                     bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
   const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, &w);
-  auto pow2 = [](int64_t v) { return v >= 32 && v <= 4096 && (v & (v - 1)) == 0; };
-  PYLLMOPS_CHECK(pow2(blocksize), "blocksize must be a power of two in [32, 4096], got ", blocksize);
+  pyllmops::nf4::check_blocksize(blocksize, "blocksize");
   check_input(packed, in, "packed", "x");
   pyllmops::check_dtype(packed, DType::u8, "packed");
-  const int64_t n = w.n_out * w.k_in, n_blocks = pyllmops::ceil_div(n, blocksize);
+  const int64_t n = w.n_out * w.k_in;
   pyllmops::check_min_numel(packed, (n + 1) / 2, "packed");
-  check_input(absmax, in, "absmax", "x");
-  pyllmops::check_min_numel(absmax, n_blocks, "absmax");
-  const bool nested = nested_absmax.has_value();
-  PYLLMOPS_CHECK(nested == nested_code.has_value() && nested == nested_offset.has_value(),
-                 "nested_absmax, nested_code and nested_offset must be given together");
-  if (nested) {
-    PYLLMOPS_CHECK(pow2(nested_blocksize), "nested_blocksize must be a power of two in [32, 4096], got ",
-                   nested_blocksize);
-    pyllmops::check_dtype(absmax, DType::u8, "absmax (nested: 8-bit codes)");
-    const TensorView* parts[3] = {&*nested_absmax, &*nested_code, &*nested_offset};
-    const char* names[3] = {"nested_absmax", "nested_code", "nested_offset"};
-    const int64_t need[3] = {pyllmops::ceil_div(n_blocks, nested_blocksize), pyllmops::nf4::kNestedCodeSize, 1};
-    for (int i = 0; i < 3; ++i) {
-      check_input(*parts[i], in, names[i], "x");
-      pyllmops::check_dtype(*parts[i], DType::f32, names[i]);
-      pyllmops::check_min_numel(*parts[i], need[i], names[i]);
-    }
-    w.nf4_scales.qabsmax = absmax.ptr<const uint8_t>();
-    w.nf4_scales.absmax2 = nested_absmax->ptr<const float>();
-    w.nf4_scales.code2 = nested_code->ptr<const float>();
-    w.nf4_scales.offset = nested_offset->ptr<const float>();
-    w.nf4_scales.blocksize2 = nested_blocksize;
-  } else {
-    pyllmops::check_dtype(absmax, DType::f32, "absmax");
-    w.nf4_scales.absmax = absmax.ptr<const float>();
-  }
+  w.nf4_scales = pyllmops::nf4::make_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize,
+                                            pyllmops::ceil_div(n, blocksize), in, "x");
   w.packed = packed.ptr<const uint8_t>();
   w.blocksize = blocksize;
   run_fused(lora::WeightKind::nf4, in, a, w, tensor_cores, stream);

@@ -1,6 +1,7 @@
 // Python bindings of the NF4 kernels (csrc/nf4/nf4.h). Checks everything a kernel relies on.
 #include "bindings.h"
 #include "nf4/nf4.h"
+#include "nf4/nf4_bindings.h"
 
 using pyllmops::DType;
 using pyllmops::TensorView;
@@ -8,7 +9,8 @@ using pyllmops::bind::OptView;
 using pyllmops::bind::check_float_dtype;
 using pyllmops::bind::check_input;
 
-namespace {
+namespace pyllmops {
+namespace nf4 {
 
 void check_blocksize(int64_t blocksize, const char* name) {
   const bool pow2 = blocksize > 0 && (blocksize & (blocksize - 1)) == 0;
@@ -18,11 +20,11 @@ void check_blocksize(int64_t blocksize, const char* name) {
 }
 
 // Builds the scale source of an NF4 tensor with n_blocks blocks, checking every buffer it reads.
-pyllmops::nf4::Scales make_scales(const TensorView& absmax, const OptView& nested_absmax, const OptView& nested_code,
+Scales make_scales(const TensorView& absmax, const OptView& nested_absmax, const OptView& nested_code,
                                   const OptView& nested_offset, int64_t nested_blocksize, int64_t n_blocks,
-                                  const TensorView& ref) {
-  pyllmops::nf4::Scales s;
-  check_input(absmax, ref, "absmax", "the output");
+                   const TensorView& ref, const char* ref_name) {
+  Scales s;
+  check_input(absmax, ref, "absmax", ref_name);
   pyllmops::check_min_numel(absmax, n_blocks, "absmax");
   const bool nested = nested_absmax.has_value();
   PYLLMOPS_CHECK(nested == nested_code.has_value() && nested == nested_offset.has_value(),
@@ -34,9 +36,9 @@ pyllmops::nf4::Scales make_scales(const TensorView& absmax, const OptView& neste
   }
   pyllmops::check_dtype(absmax, DType::u8, "absmax (nested: 8-bit codes)");
   check_blocksize(nested_blocksize, "nested_blocksize");
-  check_input(*nested_absmax, ref, "nested_absmax", "the output");
-  check_input(*nested_code, ref, "nested_code", "the output");
-  check_input(*nested_offset, ref, "nested_offset", "the output");
+  check_input(*nested_absmax, ref, "nested_absmax", ref_name);
+  check_input(*nested_code, ref, "nested_code", ref_name);
+  check_input(*nested_offset, ref, "nested_offset", ref_name);
   pyllmops::check_dtype(*nested_absmax, DType::f32, "nested_absmax");
   pyllmops::check_dtype(*nested_code, DType::f32, "nested_code");
   pyllmops::check_dtype(*nested_offset, DType::f32, "nested_offset");
@@ -51,6 +53,14 @@ pyllmops::nf4::Scales make_scales(const TensorView& absmax, const OptView& neste
   s.blocksize2 = nested_blocksize;
   return s;
 }
+
+}  // namespace nf4
+}  // namespace pyllmops
+
+namespace {
+
+using pyllmops::nf4::check_blocksize;
+using pyllmops::nf4::make_scales;
 
 void nf4_quantize(const TensorView& w, int64_t blocksize, const TensorView& packed, const TensorView& absmax,
                   uintptr_t stream) {
@@ -98,7 +108,7 @@ void nf4_dequantize(const TensorView& packed, const TensorView& absmax, const Op
   pyllmops::check_dtype(packed, DType::u8, "packed");
   pyllmops::check_min_numel(packed, (out.numel() + 1) / 2, "packed");
   const auto scales = make_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize,
-                                  pyllmops::ceil_div(out.numel(), blocksize), out);
+                                  pyllmops::ceil_div(out.numel(), blocksize), out, "out");
   namespace nf4 = pyllmops::nf4;
   PYLLMOPS_ON_DEVICE(out, "dequantize_nf4", nf4::dequantize_cpu(packed, scales, blocksize, out),
                      nf4::dequantize_cuda(packed, scales, blocksize, out, stream));
@@ -129,7 +139,7 @@ void nf4_skinny_matmul(const TensorView& x, const TensorView& packed, const Tens
     PYLLMOPS_CHECK(bias->numel() == y.size(1), "bias must have ", y.size(1), " elements, got ", bias->numel());
   }
   const auto scales = make_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize,
-                                  pyllmops::ceil_div(n_weights, blocksize), y);
+                                  pyllmops::ceil_div(n_weights, blocksize), y, "y");
   const TensorView* b = bias ? &*bias : nullptr;
   namespace nf4 = pyllmops::nf4;
   PYLLMOPS_ON_DEVICE(y, "nf4_linear", nf4::skinny_matmul_cpu(x, packed, scales, blocksize, b, y),
