@@ -33,3 +33,15 @@ def test_cli_bench_unknown_family():
 @pytest.mark.parametrize("argv", [[], ["frobnicate"]])
 def test_cli_usage_errors(argv):
     assert _cli(*argv).returncode == 2
+
+
+def test_readme_examples_run():
+    """The README's Python examples run as written (on CPU), so they stay true."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md block {i}", "exec"), {})
