@@ -15,7 +15,7 @@ TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 2e-3}  # ~10x, 
 
 
 def dtypes_for(device):
-    return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16, torch.bfloat16)
+    return (torch.float32, torch.bfloat16, torch.float16) if device == "cpu" else (torch.float16, torch.bfloat16)
 
 
 def random_cache(num_blocks, block_size, heads_kv, head_dim, dtype, device):
@@ -162,9 +162,13 @@ def test_prefill_then_decode_equals_recompute(device, window):
 
     outs = step(prompts)
     for i in range(2):
-        want = dense_causal(xs[i], wq, wk, wv, heads_q, heads_kv, d) if window is None else None
-        if want is not None:
-            assert_close(outs[i], want, TOL[dtype] * 2, f"prefill {i}")
+        x = xs[i]
+        L = x.shape[0]
+        q, k, v = ((x @ w).view(L, -1, d).to(dtype) for w in (wq, wk, wv))
+        want = ref.attention(q, k, v, softmax_scale=1 / math.sqrt(d), positions=torch.arange(L), window_left=wl)
+        assert_close(outs[i], want, TOL[dtype] * 2, f"prefill {i}")
+        if window is None:  # and, independently, plain dense causal attention
+            assert_close(outs[i], dense_causal(x, wq, wk, wv, heads_q, heads_kv, d), TOL[dtype] * 2, f"prefill {i}")
     min_free = cache.num_free_blocks
     for t in range(40):
         new = [torch.randn(1, hidden, device=device) for _ in seqs]
@@ -499,11 +503,12 @@ def test_cuda_bad_metadata_is_flagged_not_read(device):
     with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = 1000000"):
         pyllmops.paged_attention(q, kc, vc, bt, sl, validate=True)
     bad_len = torch.tensor([20, 33], dtype=torch.int32, device=device)
-    out = pyllmops.paged_attention(q, kc, vc, bt.clamp(max=3), bad_len)
-    torch.cuda.synchronize()
-    assert torch.isnan(out[1]).all()
-    with pytest.raises(RuntimeError, match="seq_len"):
-        P.check_kernel_errors(device)
+    for splits in (1, 3):  # with splits the merge must keep the NaN, not rebuild a row from empty splits
+        out = pyllmops.paged_attention(q, kc, vc, bt.clamp(max=3), bad_len, num_splits=splits)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+        with pytest.raises(RuntimeError, match="seq_len"):
+            P.check_kernel_errors(device)
     k0 = kc.clone()
     key = torch.randn(2, 2, 64, device=device).bfloat16()
     pyllmops.reshape_and_cache(key, key, kc, vc, torch.tensor([5, 8 * 16], device=device))

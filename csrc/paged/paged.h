@@ -133,10 +133,16 @@ PYLLMOPS_HD bool seq_ok(const AttnParams& p, int64_t seq_len, int64_t q_len) {
 }
 
 // Split-KV merge: natural-log LSE of the union of n partials (lse[i * stride]); -inf when all are
-// empty. Partial i then weighs softmax::merge_weight(lse_i, total). Fixed order: deterministic.
+// empty; NaN when any partial is NaN (a split that met bad metadata on CUDA poisons its row: the
+// merged row must be NaN too, never a plausible number built from the other splits).
+// Partial i then weighs softmax::merge_weight(lse_i, total). Fixed order: deterministic.
 PYLLMOPS_HD float merged_lse(const float* lse, int64_t stride, int64_t n) {
   float mx = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) mx = lse[i * stride] > mx ? lse[i * stride] : mx;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = lse[i * stride];
+    if (v != v) return NAN;
+    mx = v > mx ? v : mx;
+  }
   if (mx == -INFINITY) return -INFINITY;
   float sum = 0.0f;
   for (int64_t i = 0; i < n; ++i) sum += softmax::merge_weight(lse[i * stride], mx);

@@ -201,6 +201,10 @@ def _make_setup(kind):
         ctx.pool = _pool_of(kind, inputs)
         ctx.has_bias = inputs[lay["bias"]] is not None
         ctx.x_shape = x.shape
+        # xa is an output only so the backward can reuse it; callers almost never differentiate
+        # through it. Unmaterialized, its unused gradient arrives as None instead of an (m, r) zero
+        # tensor that would cost an (m, k) fp32 matmul and a dx round trip through fp32.
+        ctx.set_materialize_grads(False)
 
     return setup
 
@@ -220,7 +224,8 @@ def _make_backward(kind):
             w[slot] = t
         s, pool = ctx.scaling, ctx.pool
         k = x.shape[-1]
-        n = grad_y.shape[-1]
+        if grad_y is None:  # only xa was differentiated
+            grad_y = x.new_zeros(*ctx.x_shape[:-1], lora_b.shape[0])
         dy = _flat(grad_y)
         grads = [None] * n_inputs
         need = ctx.needs_input_grad
