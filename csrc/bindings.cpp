@@ -37,4 +37,5 @@ PYBIND11_MODULE(_C, m) {
   register_nf4(m);
   register_attention(m);
   register_paged(m);
+  register_lora(m);
 }

@@ -82,3 +82,4 @@ inline void check_input(const TensorView& t, const TensorView& ref, const char* 
 void register_nf4(py::module_& m);
 void register_attention(py::module_& m);
 void register_paged(py::module_& m);
+void register_lora(py::module_& m);

@@ -5,4 +5,5 @@ FAMILIES = {
     "nf4": "pyllmops.bench.nf4",
     "attention": "pyllmops.bench.attention",
     "paged": "pyllmops.bench.paged",
+    "lora": "pyllmops.bench.lora",
 }

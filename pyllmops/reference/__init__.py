@@ -2,3 +2,4 @@
 from pyllmops.reference import nf4  # noqa: F401
 from pyllmops.reference import attention  # noqa: F401
 from pyllmops.reference import paged  # noqa: F401
+from pyllmops.reference import lora  # noqa: F401

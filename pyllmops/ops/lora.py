@@ -1,0 +1,489 @@
+"""LoRA, QLoRA and QA-LoRA: fused base matmul + low-rank adapter, forward and backward; INT quantization.
+
+Ops (torch.ops.pyllmops.*), in the order: schema + kernel, fake, autograd:
+  lora_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_scale) -> (y, xa)
+  qlora_fwd(x, packed, absmax, nested..., blocksize, nested_blocksize, out_features, bias, ...) -> (y, xa)
+  qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, ...) -> (y, xa)
+  *_bwd_dx(dy, <weight>, lora_a, lora_b, scaling, dropout_scale) -> (dx, g)       (used by autograd)
+  int_quantize(w, bits, group_size) -> (qweight, scales, zeros); int_dequantize(...) -> w
+Public API: lora_linear, qlora_linear, qalora_linear, int_linear, quantize_int, dequantize_int.
+
+Every forward is one kernel (csrc/lora/lora.h):  y = x.W^T + bias + scaling * (xd.A^T).B^T with
+xd = x * dropout_scale (the adapter's input only) and xa = xd.A^T (fp32) returned for the backward.
+The input gradient is the same kernel with W transposed: dx = dy.W + scaling * ((dy.B).A) * mask,
+which also returns g = dy.B; then dA = scaling * g^T.xd and dB = scaling * dy^T.xa are rank-r
+products done with torch. QA-LoRA's adapter sees x mean-pooled over groups of group_size features.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+
+from pyllmops._ext import lib
+from pyllmops.ops._common import FLOAT_DTYPES, check_int, check_tensor, empty, opt_view, stream, view
+from pyllmops.ops.nf4 import NF4State
+
+INT_BITS = (2, 3, 4)
+INT_GROUP_SIZES = (32, 64, 128)
+MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda
+
+
+def codes_per_word(bits):
+    return 32 // bits
+
+
+def words_per_row(in_features, bits):
+    return -(-in_features // codes_per_word(bits))
+
+
+# ================================ kernels ================================
+def tensor_cores_enabled():
+    """fp16 / bf16 CUDA calls take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu) when
+    PYLLMOPS_LORA_TENSOR_CORES=1. Experimental: it compiles, but has never run on a GPU."""
+    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "0") == "1"
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _fused(kind, inp_nd, wargs, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
+    """Runs the fused kernel on `inp_nd` (..., n_red); returns (out (..., n_cols), t [m, r] fp32)."""
+    inp = _flat(inp_nd)
+    mask = None if dropout_scale is None else _flat(dropout_scale)
+    m = inp.shape[0]
+    out = empty((m, n_cols), inp.dtype, inp.device)
+    t = empty((m, lora_a.shape[0]), torch.float32, inp.device)
+    in_scale, out_scale = (None, mask) if transposed else (mask, None)
+    fn = {"dense": lib().lora_fused_dense, "nf4": lib().lora_fused_nf4, "int": lib().lora_fused_int}[kind]
+    fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
+       view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t),
+       tensor_cores_enabled(), stream(inp))
+    return out.view(*inp_nd.shape[:-1], n_cols), t
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _dense_wargs(weight):
+    return (view(weight.contiguous()),)
+
+
+def _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize):
+    return (view(packed.contiguous()), view(absmax.contiguous()), opt_view(_c(nested_absmax)),
+            opt_view(_c(nested_code)), opt_view(_c(nested_offset)), blocksize, nested_blocksize)
+
+
+def _int_wargs(qweight, scales, zeros, bits, group_size):
+    return (view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits, group_size)
+
+
+# ---- dense LoRA ----------------------------------------------------------------------------------
+@torch.library.custom_op("pyllmops::lora_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+              lora_b: torch.Tensor, scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    return _fused("dense", x, _dense_wargs(weight), False, bias, lora_a, lora_b, scaling, dropout_scale,
+                  weight.shape[0])
+
+
+@torch.library.custom_op("pyllmops::lora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
+def _lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                 dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused("dense", dy, _dense_wargs(weight), True, None, lora_a, lora_b, scaling, dropout_scale,
+                  weight.shape[1])
+
+
+# ---- QLoRA (NF4 base) ----------------------------------------------------------------------------
+@torch.library.custom_op("pyllmops::qlora_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+               nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor], blocksize: int,
+               nested_blocksize: int, out_features: int, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scaling: float,
+               dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
+    return _fused("nf4", x, wargs, False, bias, lora_a, lora_b, scaling, dropout_scale, out_features)
+
+
+@torch.library.custom_op("pyllmops::qlora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
+def _qlora_bwd_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                  nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                  nested_offset: Optional[torch.Tensor], blocksize: int, nested_blocksize: int, in_features: int,
+                  lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                  dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
+    return _fused("nf4", dy, wargs, True, None, lora_a, lora_b, scaling, dropout_scale, in_features)
+
+
+# ---- QA-LoRA (INT base, pooled adapter input) ----------------------------------------------------
+@torch.library.custom_op("pyllmops::qalora_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _qalora_fwd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused("int", x, _int_wargs(qweight, scales, zeros, bits, group_size), False, bias, lora_a, lora_b,
+                  scaling, dropout_scale, qweight.shape[0])
+
+
+@torch.library.custom_op("pyllmops::qalora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
+def _qalora_bwd_dx(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                   dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused("int", dy, _int_wargs(qweight, scales, zeros, bits, group_size), True, None, lora_a, lora_b,
+                  scaling, dropout_scale, scales.shape[1] * group_size)
+
+
+# ---- fakes -----------------------------------------------------------------------------------------
+def _fake_out(x, n_cols, r):
+    m = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], n_cols)), x.new_empty((m, r), dtype=torch.float32)
+
+
+@_lora_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(x, weight.shape[0], lora_a.shape[0])
+
+
+@_lora_bwd_dx.register_fake
+def _(dy, weight, lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(dy, weight.shape[1], lora_a.shape[0])
+
+
+@_qlora_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, out_features, bias,
+      lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(x, out_features, lora_a.shape[0])
+
+
+@_qlora_bwd_dx.register_fake
+def _(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, in_features,
+      lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(dy, in_features, lora_a.shape[0])
+
+
+@_qalora_fwd.register_fake
+def _(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(x, qweight.shape[0], lora_a.shape[0])
+
+
+@_qalora_bwd_dx.register_fake
+def _(dy, qweight, scales, zeros, bits, group_size, lora_a, lora_b, scaling, dropout_scale):
+    return _fake_out(dy, scales.shape[1] * group_size, lora_a.shape[0])
+
+
+# ---- autograd: one backward for the three forwards ----------------------------------------------------
+# Per op: where x, the weight tensors, bias, lora_a, lora_b, scaling, dropout_scale sit in the
+# inputs; the pooling group (1, or QA-LoRA's group_size) and how to call the dx op.
+_LAYOUT = {
+    "lora": dict(weight=slice(1, 2), bias=2, a=3, b=4, s=5, mask=6),
+    "qlora": dict(weight=slice(1, 9), bias=9, a=10, b=11, s=12, mask=13),
+    "qalora": dict(weight=slice(1, 6), bias=6, a=7, b=8, s=9, mask=10),
+}
+
+
+def _pool_of(kind, inputs):
+    return inputs[5] if kind == "qalora" else 1
+
+
+def _make_setup(kind):
+    lay = _LAYOUT[kind]
+
+    def setup(ctx, inputs, output):
+        x = inputs[0]
+        w = list(inputs[lay["weight"]])
+        ctx.tensor_slots = [i for i, v in enumerate(w) if isinstance(v, torch.Tensor)]
+        ctx.w_consts = [None if isinstance(v, torch.Tensor) else v for v in w]
+        saved = [w[i] for i in ctx.tensor_slots]
+        ctx.n_w = len(saved)
+        ctx.save_for_backward(x, inputs[lay["a"]], inputs[lay["b"]], inputs[lay["mask"]], output[1], *saved)
+        ctx.scaling = inputs[lay["s"]]
+        ctx.pool = _pool_of(kind, inputs)
+        ctx.has_bias = inputs[lay["bias"]] is not None
+        ctx.x_shape = x.shape
+
+    return setup
+
+
+def _pooled(x2, pool):
+    return x2 if pool == 1 else x2.view(x2.shape[0], -1, pool).mean(-1)
+
+
+def _make_backward(kind):
+    lay = _LAYOUT[kind]
+    n_inputs = lay["mask"] + 1
+
+    def backward(ctx, grad_y, grad_xa):
+        x, lora_a, lora_b, mask, xa, *saved = ctx.saved_tensors
+        w = list(ctx.w_consts)
+        for slot, t in zip(ctx.tensor_slots, saved):
+            w[slot] = t
+        s, pool = ctx.scaling, ctx.pool
+        k = x.shape[-1]
+        n = grad_y.shape[-1]
+        dy = _flat(grad_y)
+        grads = [None] * n_inputs
+        need = ctx.needs_input_grad
+        g = None
+        if need[0]:
+            if kind == "lora":
+                dx, g = torch.ops.pyllmops.lora_bwd_dx(dy, w[0], lora_a, lora_b, s, mask)
+            elif kind == "qlora":
+                dx, g = torch.ops.pyllmops.qlora_bwd_dx(dy, *w[:7], k, lora_a, lora_b, s, mask)
+            else:
+                dx, g = torch.ops.pyllmops.qalora_bwd_dx(dy, *w[:5], lora_a, lora_b, s, mask)
+            grads[0] = dx
+        if g is None:
+            g = dy.float() @ lora_b.float()
+        x2 = _flat(x).float()
+        m2 = None if mask is None else _flat(mask).float()
+        xd = x2 if m2 is None else x2 * m2
+        xp = _pooled(xd, pool)
+        if grad_xa is not None:  # xa is an output too: xa = pool(xd) . A^T
+            gxa = grad_xa.float()
+            if need[0]:
+                extra = gxa @ lora_a.float()
+                if pool != 1:
+                    extra = extra.repeat_interleave(pool, dim=1) / pool
+                if m2 is not None:
+                    extra = extra * m2
+                grads[0] = (_flat(grads[0]).float() + extra).to(x.dtype)
+        if need[0]:
+            grads[0] = grads[0].reshape(ctx.x_shape)
+        if need[lay["a"]]:
+            da = s * (g.t() @ xp)
+            if grad_xa is not None:
+                da = da + grad_xa.float().t() @ xp
+            grads[lay["a"]] = da.to(lora_a.dtype)
+        if need[lay["b"]]:
+            grads[lay["b"]] = (s * (dy.float().t() @ xa)).to(lora_b.dtype)
+        if ctx.has_bias and need[lay["bias"]]:
+            grads[lay["bias"]] = dy.float().sum(0).to(grad_y.dtype)
+        if kind == "lora" and need[1]:  # the base weight is normally frozen; honour requires_grad anyway
+            grads[1] = (dy.float().t() @ x2).to(w[0].dtype)
+        return tuple(grads)
+
+    return backward
+
+
+for _kind, _op in (("lora", _lora_fwd), ("qlora", _qlora_fwd), ("qalora", _qalora_fwd)):
+    _op.register_autograd(_make_backward(_kind), setup_context=_make_setup(_kind))
+
+
+# ---- INT quantization ------------------------------------------------------------------------------
+@torch.library.custom_op("pyllmops::int_quantize", mutates_args=(), device_types=("cpu", "cuda"))
+def _int_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    qweight = empty((n, words_per_row(k, bits)), torch.int32, w.device)
+    scales = empty((n, k // group_size), torch.float32, w.device)
+    zeros = empty((n, k // group_size), torch.float32, w.device)
+    lib().int_quantize(view(w.contiguous()), bits, group_size, view(qweight), view(scales), view(zeros), stream(w))
+    return qweight, scales, zeros
+
+
+@_int_quantize.register_fake
+def _(w, bits, group_size):
+    n, k = w.shape
+    return (w.new_empty((n, words_per_row(k, bits)), dtype=torch.int32),
+            w.new_empty((n, k // group_size), dtype=torch.float32),
+            w.new_empty((n, k // group_size), dtype=torch.float32))
+
+
+@torch.library.custom_op("pyllmops::int_dequantize", mutates_args=(), device_types=("cpu", "cuda"))
+def _int_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    out = empty((qweight.shape[0], scales.shape[1] * group_size), dtype, qweight.device)
+    lib().int_dequantize(view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits,
+                         group_size, view(out), stream(qweight))
+    return out
+
+
+@_int_dequantize.register_fake
+def _(qweight, scales, zeros, bits, group_size, dtype):
+    return qweight.new_empty((qweight.shape[0], scales.shape[1] * group_size), dtype=dtype)
+
+
+# ================================ public API ================================
+def _check_scaling(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite float, got {type(scaling).__name__} {scaling!r}")
+
+
+def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropout):
+    """Checks x's partners: lora_a (r, a_cols), lora_b (out_features, r), bias, scaling, dropout."""
+    check_tensor("lora_a", lora_a, dtypes=(x.dtype,), dim=2, device=x.device)
+    check_tensor("lora_b", lora_b, dtypes=(x.dtype,), dim=2, device=x.device)
+    r = lora_a.shape[0]
+    if lora_a.shape[1] != a_cols:
+        raise ValueError(f"lora_a has shape {tuple(lora_a.shape)}, expected (r, {a_cols})")
+    if tuple(lora_b.shape) != (out_features, r):
+        raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected (out_features={out_features}, r={r}) "
+                         f"(rank of lora_a is {r})")
+    if x.is_cuda and r > MAX_RANK_CUDA:
+        raise ValueError(f"the CUDA kernel supports rank r <= {MAX_RANK_CUDA}, got r={r}")
+    _check_scaling(scaling)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1, device=x.device)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias has {bias.shape[0]} elements, expected out_features={out_features}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def _check_x(x, in_features, device=None):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=device)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={in_features}")
+
+
+def dropout_mask(x, p, training=True):
+    """The adapter-input dropout as a multiplier of x's shape and dtype (0 or 1/(1-p)); None if off."""
+    if p == 0.0 or not training:
+        return None
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, training=True):
+    """y = x.W^T + bias + scaling * (dropout(x).A^T).B^T in one fused kernel (peft's LoRA layer).
+
+    Differentiable in x, lora_a, lora_b and bias (and weight if it requires grad; it is normally
+    frozen). The adapter's input x.A^T is kept (fp32, tokens x r) for the backward.
+
+    Args:
+        x: float32/float16/bfloat16 (..., in_features), any leading dims.
+        weight: (out_features, in_features), x's dtype. bias: optional (out_features,), x's dtype.
+        lora_a: (r, in_features); lora_b: (out_features, r); both x's dtype (peft's shapes).
+        scaling: float, alpha / r (or alpha / sqrt(r) with rsLoRA).
+        dropout: probability of dropping an element of the adapter's input (the base path never sees
+            dropout, as in peft); applied only when training is True.
+
+    Example:
+        >>> x = torch.randn(2, 7, 64); w = torch.randn(32, 64)
+        >>> a = torch.randn(8, 64, requires_grad=True); b = torch.zeros(32, 8, requires_grad=True)
+        >>> y = pyllmops.lora_linear(x, w, a, b, scaling=2.0)   # (2, 7, 32)
+    """
+    check_tensor("weight", weight, dim=2)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=weight.device)
+    check_tensor("weight", weight, dtypes=(x.dtype,), dim=2, device=x.device)
+    out_features, in_features = weight.shape
+    _check_x(x, in_features)
+    _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
+    y, _ = torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling),
+                                       dropout_mask(x, dropout, training))
+    return y
+
+
+def _check_nf4(packed, state):
+    if not isinstance(state, NF4State):
+        raise TypeError(f"state must be an NF4State, got {type(state).__name__}")
+    state.validate(packed)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
+
+
+def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, training=True):
+    """QLoRA: lora_linear with W stored in NF4 (quantize_nf4 / NF4Linear, bitsandbytes' format).
+
+    W is decoded tile by tile inside the kernel, in the forward and in the backward (dx = dy.W + ...);
+    no full-precision copy of W is ever made. Same arguments as lora_linear, with (packed, state)
+    in place of weight.
+
+    Example:
+        >>> packed, state = pyllmops.quantize_nf4(torch.randn(32, 64), blocksize=64)
+        >>> y = pyllmops.qlora_linear(torch.randn(5, 64), packed, state, a, b, scaling=2.0)
+    """
+    _check_nf4(packed, state)
+    out_features, in_features = state.shape
+    _check_x(x, in_features, device=state.device)
+    _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
+    y, _ = torch.ops.pyllmops.qlora_fwd(x, packed, *state.kernel_args()[:4], state.blocksize, state.nested_blocksize,
+                                        out_features, bias, lora_a, lora_b, float(scaling),
+                                        dropout_mask(x, dropout, training))
+    return y
+
+
+def _check_int(qweight, scales, zeros, bits, group_size):
+    check_int("bits", bits, choices=INT_BITS)
+    check_int("group_size", group_size, choices=INT_GROUP_SIZES)
+    check_tensor("scales", scales, dtypes=(torch.float32,), dim=2)
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), dim=2, device=scales.device)
+    check_tensor("zeros", zeros, dtypes=(torch.float32,), dim=2, device=scales.device)
+    n, in_features = scales.shape[0], scales.shape[1] * group_size
+    if tuple(zeros.shape) != tuple(scales.shape):
+        raise ValueError(f"zeros has shape {tuple(zeros.shape)}, expected scales' shape {tuple(scales.shape)}")
+    want = (n, words_per_row(in_features, bits))
+    if tuple(qweight.shape) != want:
+        raise ValueError(f"qweight has shape {tuple(qweight.shape)}, expected {want} for {bits}-bit codes of "
+                         f"{n} x {in_features} weights (scales {tuple(scales.shape)}, group_size {group_size})")
+    return n, in_features
+
+
+def quantize_int(w, bits, group_size):
+    """Group-wise asymmetric min-max quantization (QA-LoRA's base weight), along in_features.
+
+    Per row and group of group_size consecutive input features: zero = min, scale = (max - min) /
+    (2**bits - 1) (1 when that is 0), q = clamp(round_half_even((w - zero) / scale), 0, 2**bits - 1),
+    all in float32; dequantized w' = q * scale + zero. Codes are packed 32 // bits per int32 word
+    (element k of a row in word k // cpw at bit (k % cpw) * bits; 3-bit leaves 2 bits per word unused).
+
+    Args:
+        w: float32/float16/bfloat16 (out_features, in_features); in_features % group_size == 0.
+        bits: 2, 3 or 4. group_size: 32, 64 or 128.
+
+    Returns:
+        (qweight int32 (out, ceil(in / (32 // bits))), scales fp32 (out, in / group_size), zeros fp32 (same)).
+
+    Example:
+        >>> qweight, scales, zeros = pyllmops.quantize_int(torch.randn(256, 512), bits=4, group_size=64)
+        >>> w_hat = pyllmops.dequantize_int(qweight, scales, zeros, bits=4, group_size=64)
+    """
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, dim=2, nonempty=True)
+    check_int("bits", bits, choices=INT_BITS)
+    check_int("group_size", group_size, choices=INT_GROUP_SIZES)
+    if w.shape[1] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {w.shape[1]} (w shape "
+                         f"{tuple(w.shape)})")
+    return torch.ops.pyllmops.int_quantize(w, bits, group_size)
+
+
+def dequantize_int(qweight, scales, zeros, bits, group_size, dtype=torch.float32):
+    """Decodes quantize_int's output to a dense (out, in) tensor: q * scale + zero in fp32, rounded
+    once to dtype."""
+    _check_int(qweight, scales, zeros, bits, group_size)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return torch.ops.pyllmops.int_dequantize(qweight, scales, zeros, bits, group_size, dtype)
+
+
+def qalora_linear(x, qweight, scales, zeros, lora_a, lora_b, scaling, *, bits, group_size, bias=None, dropout=0.0,
+                  training=True):
+    """QA-LoRA: y = x.W^T + bias + scaling * (pool(dropout(x)).A^T).B^T with W in group-wise INT.
+
+    pool(x)[..., g] = mean(x[..., g*group_size:(g+1)*group_size]) (mean pooling over each
+    quantization group), so lora_a has shape (r, in_features / group_size) and the adapter adds a
+    constant per (output, group) to W: it folds into the zero points exactly (QALoRALinear.merge).
+
+    Args:
+        x: float32/float16/bfloat16 (..., in_features).
+        qweight, scales, zeros: from quantize_int(w, bits, group_size).
+        lora_a: (r, in_features / group_size); lora_b: (out_features, r); x's dtype.
+    """
+    n, in_features = _check_int(qweight, scales, zeros, bits, group_size)
+    _check_x(x, in_features, device=scales.device)
+    _check_adapter(x, lora_a, lora_b, in_features // group_size, n, scaling, bias, dropout)
+    y, _ = torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b,
+                                         float(scaling), dropout_mask(x, dropout, training))
+    return y
+
+
+def int_linear(x, qweight, scales, zeros, *, bits, group_size, bias=None):
+    """y = x.W^T + bias with W in quantize_int's format, decoded tile by tile in the kernel (a merged
+    QA-LoRA layer). Differentiable in x and bias."""
+    n, in_features = _check_int(qweight, scales, zeros, bits, group_size)
+    _check_x(x, in_features, device=scales.device)
+    no_a = x.new_zeros((0, in_features // group_size))
+    no_b = x.new_zeros((n, 0))
+    _check_adapter(x, no_a, no_b, in_features // group_size, n, 1.0, bias, 0.0)
+    y, _ = torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, no_a, no_b, 1.0, None)
+    return y

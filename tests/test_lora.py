@@ -1,0 +1,544 @@
+"""LoRA / QLoRA / QA-LoRA: kernels vs float64 references (outputs and gradients), INT quantization
+exactness, the QA-LoRA merge, modules, peft / bitsandbytes interop, opcheck and bad inputs."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyllmops
+from pyllmops.nn import (IntLinear, LoRALinear, NF4Linear, QALoRALinear, adapter_state_dict, disable_adapters,
+                         load_adapter_state_dict)
+from pyllmops.ops import lora as L
+from pyllmops.reference import lora as R
+
+from conftest import assert_close, devices, rel_err
+
+# Bounds a few times above the worst the CPU kernels showed (outputs and gradients, 60 seeds of the
+# smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
+TOL = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _adapter(r, a_cols, out_features, dtype, device):
+    a = (torch.randn(r, a_cols, device=device) / math.sqrt(a_cols)).to(dtype).requires_grad_()
+    b = (torch.randn(out_features, r, device=device) / math.sqrt(r)).to(dtype).requires_grad_()
+    return a, b
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _check_fwd_bwd(fn, ref_fn, x, params, dtype, what):
+    """fn(x, *params) vs ref_fn(x64, *params64): output and gradients of x and every param."""
+    xs = _leaf(x)
+    ps = [_leaf(p) for p in params]
+    y = fn(xs, *ps)
+    x64 = _leaf(x.double())
+    p64 = [_leaf(p.double()) for p in params]
+    ref = ref_fn(x64, *p64)
+    assert y.dtype == dtype
+    assert_close(y, ref, TOL[dtype], f"{what} y")
+    gy = torch.randn_like(ref).to(dtype)  # the reference gets the same (rounded) output gradient
+    y.backward(gy)
+    ref.backward(gy.double())
+    assert_close(xs.grad, x64.grad, TOL[dtype], f"{what} dx")
+    for i, (p, q) in enumerate(zip(ps, p64)):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert_close(p.grad, q.grad, TOL[dtype], f"{what} grad of param {i}")
+    return y
+
+
+# ---- dense LoRA ----------------------------------------------------------------------------------
+LORA_CASES = [  # (in_features, out_features, leading dims, r)
+    (6, 42, (5,), 1),
+    (123, 431, (2, 3), 8),
+    (431, 6, (1,), 64),
+    (42, 123, (17,), 8),
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_f,out_f,lead,r", LORA_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lora_linear(device, dtype, in_f, out_f, lead, r, with_bias):
+    x = torch.randn(*lead, in_f, device=device).to(dtype)
+    w = (torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, device)
+    params = [a, b] + ([torch.randn(out_f, device=device).to(dtype)] if with_bias else [])
+    s = 1.7
+
+    def fn(x, a, b, *bias):
+        return pyllmops.lora_linear(x, w, a, b, s, *bias)
+
+    def ref(x, a, b, *bias):
+        return R.lora_linear(x, w, a, b, s, *bias)
+
+    y = _check_fwd_bwd(fn, ref, x, params, dtype, "lora")
+    assert y.shape == (*lead, out_f)
+    # the adapter matters: the base alone is far from y
+    base = R.lora_linear(x, w, a, b, 0.0)
+    assert rel_err(y, base) > 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_mask(device, dtype):
+    """Dropout multiplies the adapter's input only; the op with an explicit mask vs the reference."""
+    x = torch.randn(4, 9, 70, device=device).to(dtype)
+    w = (torch.randn(33, 70, device=device) / 8).to(dtype)
+    a, b = _adapter(8, 70, 33, dtype, device)
+    mask = ((torch.rand(4, 9, 70, device=device) >= 0.3).float() / 0.7).to(dtype)
+
+    def fn(x, a, b):
+        return torch.ops.pyllmops.lora_fwd(x, w, None, a, b, 2.0, mask)[0]
+
+    def ref(x, a, b):
+        return R.lora_linear(x, w, a, b, 2.0, None, mask)
+
+    _check_fwd_bwd(fn, ref, x, [a, b], dtype, "lora+dropout")
+
+
+def test_lora_dropout_public():
+    x = torch.randn(6, 40)
+    w = torch.randn(20, 40) / 6
+    a, b = _adapter(4, 40, 20, torch.float32, "cpu")
+    y_plain = pyllmops.lora_linear(x, w, a, b, 1.0)
+    assert torch.equal(pyllmops.lora_linear(x, w, a, b, 1.0, dropout=0.5, training=False), y_plain)
+    assert rel_err(pyllmops.lora_linear(x, w, a, b, 1.0, dropout=0.5), y_plain) > 1e-3
+    # with B = 0 the adapter vanishes: dropout never touches the base path
+    zero_b = torch.zeros_like(b)
+    assert_close(pyllmops.lora_linear(x, w, a, zero_b, 1.0, dropout=0.5), R.lora_linear(x, w, a, zero_b, 0.0), 2e-6)
+
+
+# ---- QLoRA (NF4 base) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_f,out_f,lead,r", [(6, 42, (5,), 1), (123, 431, (2, 3), 8), (431, 6, (3,), 64)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_linear(device, dtype, in_f, out_f, lead, r, double_quant):
+    wf = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
+    packed, state = pyllmops.quantize_nf4(wf.to(dtype), 64, double_quant)
+    x = torch.randn(*lead, in_f, device=device).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, device)
+    bias = torch.randn(out_f, device=device).to(dtype)
+
+    def fn(x, a, b, bias):
+        return pyllmops.qlora_linear(x, packed, state, a, b, 0.9, bias)
+
+    def ref(x, a, b, bias):
+        return R.qlora_linear(x, packed, state, a, b, 0.9, bias)
+
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, "qlora")
+
+
+def test_qlora_vs_bitsandbytes():
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(42, 128) / 11
+    try:
+        pb, sb = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        w_bnb = F.dequantize_4bit(pb, sb).double()
+    except Exception as e:  # pragma: no cover - bnb without a CPU backend
+        pytest.skip(f"bitsandbytes 4-bit is unavailable on CPU here: {e}")
+    state = pyllmops.NF4State.from_bnb_dict(sb.as_dict(packed=True))
+    x = torch.randn(2, 5, 128)
+    a, b = _adapter(8, 128, 42, torch.float32, "cpu")
+    y = pyllmops.qlora_linear(x, pb, state, a, b, 2.0)
+    assert_close(y, R.lora_linear(x, w_bnb, a, b, 2.0), TOL[torch.float32], "qlora vs bnb-dequantized W")
+
+
+# ---- INT quantization ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_int_exact(device, bits, group_size, dtype):
+    w = torch.randn(13, group_size * 3, device=device).to(dtype)
+    w[0, :group_size] = 0.25  # a constant group: scale 1, every code 0, decodes exactly
+    q, s, z = pyllmops.quantize_int(w, bits, group_size)
+    rq, rs, rz = R.quantize_int(w, bits, group_size)
+    assert torch.equal(s, rs) and torch.equal(z, rz)
+    assert torch.equal(q, R.pack_int(rq, bits))
+    assert torch.equal(R.unpack_int(q, bits, w.shape[1]), rq)
+    for out_dtype in DTYPES:
+        d = pyllmops.dequantize_int(q, s, z, bits, group_size, out_dtype)
+        assert torch.equal(d, R.dequantize_int(q, s, z, bits, group_size, torch.float32).to(out_dtype))
+    d = pyllmops.dequantize_int(q, s, z, bits, group_size)
+    assert torch.equal(d[0, :group_size], torch.full((group_size,), 0.25, device=device))
+    # min-max rounding: error at most half a step (plus fp32 rounding of the decode)
+    step = s.repeat_interleave(group_size, dim=1)
+    assert ((d - w.float()).abs() <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
+
+
+# ---- QA-LoRA ------------------------------------------------------------------------------------
+QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_f,out_f,lead,group_size,r", QALORA_CASES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qalora_linear(device, dtype, in_f, out_f, lead, group_size, r, bits):
+    w = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
+    q, s, z = pyllmops.quantize_int(w, bits, group_size)
+    x = torch.randn(*lead, in_f, device=device).to(dtype)
+    a, b = _adapter(r, in_f // group_size, out_f, dtype, device)
+    bias = torch.randn(out_f, device=device).to(dtype)
+
+    def fn(x, a, b, bias):
+        return pyllmops.qalora_linear(x, q, s, z, a, b, 1.3, bits=bits, group_size=group_size, bias=bias)
+
+    def ref(x, a, b, bias):
+        return R.qalora_linear(x, q, s, z, a, b, 1.3, bits, group_size, bias)
+
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, "qalora")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_qalora_dropout_mask(device):
+    x = torch.randn(7, 128, device=device)
+    q, s, z = pyllmops.quantize_int(torch.randn(20, 128, device=device) / 11, 4, 32)
+    a, b = _adapter(8, 4, 20, torch.float32, device)
+    mask = (torch.rand(7, 128, device=device) >= 0.2).float() / 0.8
+
+    def fn(x, a, b):
+        return torch.ops.pyllmops.qalora_fwd(x, q, s, z, 4, 32, None, a, b, 2.0, mask)[0]
+
+    def ref(x, a, b):
+        return R.qalora_linear(x, q, s, z, a, b, 2.0, 4, 32, None, mask)
+
+    _check_fwd_bwd(fn, ref, x, [a, b], torch.float32, "qalora+dropout")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qalora_merge_exact(device, bits):
+    lin = nn.Linear(192, 45, device=device)
+    layer = QALoRALinear.from_linear(lin, bits=bits, group_size=64, r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # a trained adapter (B = 0 would make the merge trivially exact)
+    x = torch.randn(3, 11, 192, device=device)
+    y = layer(x)
+    merged = layer.merge()
+    assert isinstance(merged, IntLinear)
+    assert not any(n.startswith("lora") for n, _ in merged.named_parameters())
+    assert {n for n, _ in merged.named_buffers()} == {"qweight", "scales", "zeros"}
+    ym = merged(x)
+    assert_close(ym, y, 2e-6, "merged IntLinear vs adapted layer")
+    # and both against the float64 formula
+    base = layer.base_layer
+    ref = R.qalora_linear(x, base.qweight, base.scales, base.zeros, layer.lora_A, layer.lora_B, layer.scaling, bits,
+                          64, base.bias)
+    assert_close(ym, ref, 2e-6, "merged vs reference")
+    assert rel_err(y, base(x)) > 1e-3  # the adapter was not a no-op
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), base(x))
+
+
+# ---- modules ------------------------------------------------------------------------------------
+def test_lora_module_init_merge_disable():
+    base = nn.Linear(40, 24)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(40)  # kaiming_uniform(a=sqrt(5)) on fan_in 40
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    x = torch.randn(2, 3, 40)
+    assert_close(layer(x), base(x), 2e-6, "fresh adapter = base")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y = layer(x)
+    w0 = base.weight.detach().clone()
+    with layer.disable_adapter():
+        assert_close(layer(x), nn.functional.linear(x, w0, base.bias), 2e-6, "disabled")
+    layer.merge()
+    assert_close(layer(x), y, 2e-6, "merged")
+    with layer.disable_adapter():
+        assert_close(layer(x), nn.functional.linear(x, w0, base.bias), 2e-6, "disabled while merged")
+    assert_close(layer(x), y, 2e-6, "merged after disable")
+    layer.unmerge()
+    assert_close(base.weight, w0, 1e-6, "unmerge restores W")
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert base.weight.grad is None and not base.weight.requires_grad
+    assert LoRALinear(nn.Linear(16, 8), r=4, alpha=8, use_rslora=True).scaling == 4.0
+
+
+def test_lora_module_nf4_base():
+    lin = nn.Linear(64, 24)
+    nf4 = NF4Linear.from_linear(lin, blocksize=64, double_quant=True)
+    layer = LoRALinear(nf4, r=8, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    ref = R.qlora_linear(x, nf4.weight, nf4.quant_state, layer.lora_A, layer.lora_B, 1.0, nf4.bias)
+    assert_close(layer(x), ref, TOL[torch.float32], "LoRALinear(NF4Linear)")
+    with pytest.raises(TypeError, match="dense"):
+        layer.merge()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(64, 64)
+        self.v_proj = nn.Linear(64, 32)
+        self.mlp = nn.Linear(32, 64)
+
+    def forward(self, x):
+        return self.mlp(torch.relu(self.v_proj(self.q_proj(x))))
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4", "int4", "int3", "int2"])
+def test_apply_lora(quantize):
+    model = _Model()
+    apply_lora = pyllmops.apply_lora
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], quantize=quantize, group_size=32)
+    kind = QALoRALinear if quantize and quantize.startswith("int") else LoRALinear
+    assert isinstance(model.layers[0].q_proj, kind) and isinstance(model.layers[1].v_proj, kind)
+    assert isinstance(model.layers[0].mlp, nn.Linear)
+    if quantize == "nf4":
+        assert isinstance(model.layers[0].q_proj.base_layer, NF4Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.lora_{ab}" for i in (0, 1) for m in ("q_proj", "v_proj") for ab in "AB"}
+    for mod in model.modules():
+        if isinstance(mod, kind):
+            with torch.no_grad():
+                mod.lora_B.normal_(std=0.1)
+    model(torch.randn(2, 5, 64)).square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    # adapter state dict round trip into a fresh, identically converted model
+    sd = adapter_state_dict(model)
+    assert set(sd) == {f"base_model.model.layers.{i}.{m}.lora_{ab}.weight" for i in (0, 1)
+                       for m in ("q_proj", "v_proj") for ab in "AB"}
+    other = _Model()
+    apply_lora(other, r=4, alpha=8, target_modules=["q_proj", "v_proj"], quantize=quantize, group_size=32)
+    load_adapter_state_dict(other, sd)
+    for k, v in adapter_state_dict(other).items():
+        assert torch.equal(v, sd[k])
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4", "int4"])
+def test_module_state_dict_round_trip(quantize):
+    """A converted model's full state dict (base weights, NF4 / INT buffers, adapters) loads into a
+    freshly converted model and reproduces its output exactly."""
+    model = _Model()
+    pyllmops.apply_lora(model, r=4, alpha=4, target_modules="q_proj", quantize=quantize, group_size=32)
+    for mod in model.modules():
+        if isinstance(mod, (LoRALinear, QALoRALinear)):
+            with torch.no_grad():
+                mod.lora_B.normal_()
+    other = _Model()
+    pyllmops.apply_lora(other, r=4, alpha=4, target_modules="q_proj", quantize=quantize, group_size=32)
+    x = torch.randn(3, 64)
+    assert not torch.equal(other(x), model(x))
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other(x), model(x))
+
+
+def test_adapter_state_dict_errors():
+    model = _Model()
+    pyllmops.apply_lora(model, r=4, alpha=8, target_modules=["q_proj"])
+    sd = adapter_state_dict(model)
+    other = _Model()
+    pyllmops.apply_lora(other, r=8, alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="rank mismatch"):
+        load_adapter_state_dict(other, sd)
+    with pytest.raises(KeyError, match="match no adapter"):
+        load_adapter_state_dict(model, {**sd, "base_model.model.layers.0.mlp.lora_A.weight": torch.zeros(4, 32)})
+    with pytest.raises(KeyError, match="lora_B"):
+        load_adapter_state_dict(model, {k: v for k, v in sd.items() if "layers.1.q_proj.lora_B" not in k})
+
+
+# ---- peft ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_against_peft(use_rslora):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(2)
+    ours = _Model()
+    theirs = _Model()
+    theirs.load_state_dict(ours.state_dict())
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                          use_rslora=use_rslora)
+    theirs = peft.get_peft_model(theirs, cfg)
+    for n, p in theirs.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(std=0.2)
+    pyllmops.apply_lora(ours, r=8, alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora)
+    # peft's saved adapter loads into ours
+    load_adapter_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    x = torch.randn(3, 7, 64)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert_close(y_ours, y_theirs, TOL[torch.float32], "ours vs peft")
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    theirs_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, theirs_grads[n + ".weight"], 1e-5, f"grad {n}")
+    # ours loads into peft
+    with torch.no_grad():
+        for mod in ours.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_A.normal_(std=0.1)
+    peft.set_peft_model_state_dict(theirs, adapter_state_dict(ours))
+    assert_close(ours(x), theirs(x), TOL[torch.float32], "ours -> peft")
+    with theirs.disable_adapter():
+        y_base = theirs(x)
+    with disable_adapters(ours):
+        assert_close(ours(x), y_base, TOL[torch.float32], "adapters off")
+    assert rel_err(ours(x), y_base) > 1e-3  # and back on
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
+def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind):
+    """The experimental mma.sync main loop (PYLLMOPS_LORA_TENSOR_CORES=1) against the references."""
+    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1")
+    dev, in_f, out_f, r = "cuda", 192, 131, 24
+    x = torch.randn(3, 45, in_f, device=dev).to(dtype)
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    if kind == "qalora":
+        q, s, z = pyllmops.quantize_int(w, 4, 64)
+        a, b = _adapter(r, in_f // 64, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=64,  # noqa: E731
+                                                          bias=bias)
+        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 64, bias)  # noqa: E731
+    elif kind == "qlora":
+        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+    else:
+        wd = w.to(dtype)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} tensor cores")
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+def _opcheck_cases(device):
+    dt = torch.float32
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+    w = torch.randn(24, 64, device=device) / 8
+    a, b = _adapter(4, 64, 24, dt, device)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    mask = (torch.rand(2, 3, 64, device=device) > 0.5).float() * 2
+    dy = torch.randn(2, 3, 24, device=device)
+    packed, st = pyllmops.quantize_nf4(w, 64, True)
+    nf4 = (packed, *st.kernel_args())
+    q, s, z = pyllmops.quantize_int(w, 4, 32)
+    aq, bq = _adapter(4, 2, 24, dt, device)
+    ops = torch.ops.pyllmops
+    return [
+        (ops.lora_fwd, (x, w, bias, a, b, 1.5, None)),
+        (ops.lora_fwd, (x, w, None, a, b, 1.5, mask)),
+        (ops.lora_bwd_dx, (dy, w, a.detach(), b.detach(), 1.5, mask)),
+        (ops.qlora_fwd, (x, *nf4, 24, bias, a, b, 0.5, None)),
+        (ops.qlora_bwd_dx, (dy, *nf4, 64, a.detach(), b.detach(), 0.5, None)),
+        (ops.qalora_fwd, (x, q, s, z, 4, 32, bias, aq, bq, 2.0, mask)),
+        (ops.qalora_bwd_dx, (dy, q, s, z, 4, 32, aq.detach(), bq.detach(), 2.0, None)),
+        (ops.int_quantize, (w, 3, 32)),
+        (ops.int_dequantize, (q, s, z, 4, 32, torch.bfloat16)),
+    ]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------
+def test_bad_inputs():
+    x = torch.randn(4, 64)
+    w = torch.randn(24, 64)
+    a, b = torch.randn(8, 64), torch.randn(24, 8)
+    with pytest.raises(ValueError, match=r"lora_a has shape \(8, 63\), expected \(r, 64\)"):
+        pyllmops.lora_linear(x, w, torch.randn(8, 63), b, 1.0)
+    with pytest.raises(ValueError, match=r"lora_b has shape \(24, 4\), expected \(out_features=24, r=8\)"):
+        pyllmops.lora_linear(x, w, a, torch.randn(24, 4), 1.0)
+    with pytest.raises(ValueError, match="x has 63 features"):
+        pyllmops.lora_linear(torch.randn(4, 63), w, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_a must have dtype"):
+        pyllmops.lora_linear(x, w, a.half(), b, 1.0)
+    with pytest.raises(TypeError, match="scaling must be a finite float"):
+        pyllmops.lora_linear(x, w, a, b, "2")
+    with pytest.raises(ValueError, match="dropout must be a float in"):
+        pyllmops.lora_linear(x, w, a, b, 1.0, dropout=1.0)
+    with pytest.raises(ValueError, match="bias has 23 elements"):
+        pyllmops.lora_linear(x, w, a, b, 1.0, torch.randn(23))
+    with pytest.raises(ValueError, match="group_size 64 does not divide in_features 96"):
+        pyllmops.quantize_int(torch.randn(8, 96), 4, 64)
+    with pytest.raises(ValueError, match=r"bits must be one of \[2, 3, 4\], got 8"):
+        pyllmops.quantize_int(torch.randn(8, 64), 8, 32)
+    with pytest.raises(ValueError, match=r"group_size must be one of \[32, 64, 128\], got 16"):
+        pyllmops.quantize_int(torch.randn(8, 64), 4, 16)
+    q, s, z = pyllmops.quantize_int(torch.randn(24, 64), 4, 32)
+    with pytest.raises(ValueError, match=r"lora_a has shape \(8, 64\), expected \(r, 2\)"):
+        pyllmops.qalora_linear(x, q, s, z, a, b, 1.0, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="qweight has shape"):
+        pyllmops.qalora_linear(x, q, s, z, torch.randn(8, 2), b, 1.0, bits=3, group_size=32)
+    with pytest.raises(TypeError, match="state must be an NF4State"):
+        pyllmops.qlora_linear(x, q, None, a, b, 1.0)
+    with pytest.raises(ValueError, match="does not divide in_features"):
+        QALoRALinear.from_linear(nn.Linear(96, 8), bits=4, group_size=64)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        QALoRALinear.from_linear(nn.Linear(64, 8), bits=5, group_size=64)
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        LoRALinear(nn.Linear(8, 8), r=0)
+    with pytest.raises(TypeError, match="base must be"):
+        LoRALinear(nn.Conv1d(8, 8, 1))
+    with pytest.raises(ValueError, match="quantize must be"):
+        pyllmops.apply_lora(_Model(), quantize="int8")
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        pyllmops.apply_lora(_Model(), target_modules=["k_proj"])
+
+
+def test_binding_rechecks():
+    """_C re-checks what its kernels rely on and raises (never reads out of bounds)."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    x = torch.randn(4, 64)
+    w = torch.randn(24, 64)
+    out = torch.empty(4, 24)
+    t = torch.empty(4, 8)
+    a, b = torch.randn(8, 64), torch.randn(24, 8)
+    args = lambda **kw: [view(kw.get("x", x)), None, None, view(kw.get("w", w)), False, None,  # noqa: E731
+                         view(kw.get("a", a)), view(kw.get("b", b)), 1.0, view(kw.get("out", out)),
+                         view(kw.get("t", t)), False, 0]
+    lib().lora_fused_dense(*args())
+    with pytest.raises(ValueError, match="weight has shape"):
+        lib().lora_fused_dense(*args(w=torch.randn(24, 32)))
+    with pytest.raises(ValueError, match="lora_b has shape"):
+        lib().lora_fused_dense(*args(b=torch.randn(24, 7)))
+    with pytest.raises(ValueError, match="t has shape"):
+        lib().lora_fused_dense(*args(t=torch.empty(4, 7)))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        lib().lora_fused_dense(*args(x=torch.randn(64, 4).t()))
+    with pytest.raises(ValueError, match="t must be float32"):
+        lib().lora_fused_dense(*args(t=torch.empty(4, 8, dtype=torch.float64)))
+    q, s, z = pyllmops.quantize_int(w, 4, 32)
+    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+        lib().int_dequantize(view(q), view(s), view(z), 5, 32, view(torch.empty(24, 64)), 0)
+    with pytest.raises(ValueError, match="qweight has shape"):
+        lib().int_dequantize(view(q[:, :4].contiguous()), view(s), view(z), 4, 32, view(torch.empty(24, 64)), 0)
