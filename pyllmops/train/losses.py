@@ -6,24 +6,29 @@ IGNORE = -100
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
+def _wide(logits):
+    """float32 at least (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def sft_loss(logits, targets):
     """Mean cross-entropy over the tokens whose target is not IGNORE (-100): the completion tokens.
     logits (tokens, vocab), targets int64 (tokens,) -> scalar (0 with a zero gradient if none counts)."""
     n = (targets != IGNORE).sum()
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") / n.clamp(min=1)
+    return F.cross_entropy(_wide(logits), targets, ignore_index=IGNORE, reduction="sum") / n.clamp(min=1)
 
 
 def sequence_logps(logits, targets, seq_ids, num_seqs, average=False):
     """Per sequence, the sum (or with average=True the mean) over its counted tokens of
     log softmax(logits)[target]. logits (tokens, vocab), targets (tokens,) with IGNORE where not
-    counted, seq_ids (tokens,) in [0, num_seqs) -> float32 (num_seqs,)."""
+    counted, seq_ids (tokens,) in [0, num_seqs) -> (num_seqs,) float32 (float64 for float64 logits)."""
     mask = targets != IGNORE
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    lp = torch.log_softmax(_wide(logits), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     lp = lp * mask
     total = lp.new_zeros(num_seqs).index_add(0, seq_ids, lp)
     if not average:
         return total
-    count = lp.new_zeros(num_seqs).index_add(0, seq_ids, mask.float())
+    count = lp.new_zeros(num_seqs).index_add(0, seq_ids, mask.to(lp.dtype))
     return total / count.clamp(min=1)
 
 
