@@ -20,17 +20,20 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts torch.ops.pyllmops.* calls by (op, device type of the first tensor argument)."""
+    """Counts torch.ops.pyllmops.* calls by (op, device type of the first tensor argument), and by
+    (op, dtype of the first tensor argument) in .dtypes."""
 
     def __init__(self):
         super().__init__()
-        self.counts = Counter()
+        self.counts, self.dtypes = Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name.startswith("pyllmops."):
-            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "?")
-            self.counts[(name.split(".", 1)[1], dev)] += 1
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            op = name.split(".", 1)[1]
+            self.counts[(op, "?" if first is None else first.device.type)] += 1
+            self.dtypes[(op, None if first is None else first.dtype)] += 1
         return func(*args, **(kwargs or {}))
 
 

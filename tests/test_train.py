@@ -264,3 +264,18 @@ def test_demo_runs_short():
     assert rep["ops"]["generate"].get(("paged_attention", "cpu"), 0) > 0
     assert rep["ops"]["sft"].get(("flash_attn_bwd", "cpu"), 0) > 0
     assert rep["ops"]["sft"].get(("qlora_fwd", "cpu"), 0) > 0
+
+
+def test_bf16_autocast_runs_kernels_in_bf16_and_keeps_fp32_adapters():
+    from pyllmops.demo import OpRecorder
+
+    data = train.instruction_data()[:40]
+    kw = dict(steps=2, batch_tokens=256, lr=1e-3, warmup_steps=1, progress=False)
+    fp32 = train.sft(lora_model(seed=4), data, **kw)
+    model = lora_model(seed=4)
+    rec = OpRecorder()
+    with rec:
+        bf16 = train.sft(model, data, bf16=True, **kw)
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert rec.dtypes[("qlora_fwd", torch.bfloat16)] > 0 and rec.dtypes[("flash_attn_fwd", torch.bfloat16)] > 0

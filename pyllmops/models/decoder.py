@@ -65,8 +65,18 @@ class DecoderConfig:
         return asdict(self)
 
 
+def _activation_dtype(x):
+    """The autocast dtype when autocast is on for x's device (pyllmops' kernels are custom ops, which
+    autocast does not cast: the model casts the normalized activations that feed them), else x's dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype (the autocast
+    dtype under autocast; the residual stream itself stays in x's dtype)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -76,7 +86,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.float()).to(_activation_dtype(x))
 
 
 class Packed:
