@@ -13,10 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyllmops
-from pyllmops.models import Decoder, DecoderConfig, generate
+from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig, generate
 from pyllmops.train import (ByteTokenizer, dpo, evaluate_dpo, evaluate_sft, instruction_data, preference_data, sft)
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class OpRecorder(TorchDispatchMode):

@@ -6,9 +6,7 @@ import torch.distributed as dist
 
 import pyllmops
 from pyllmops import train
-from pyllmops.models import Decoder, DecoderConfig
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig
 
 
 def build():

@@ -12,16 +12,9 @@ import pyllmops  # noqa: E402
 import pyllmops.integrations.transformers  # noqa: E402,F401  (registers "pyllmops")
 
 from conftest import assert_close  # noqa: E402
+from train_fixtures import one_thread  # noqa: F401,E402  (autouse)
 
 VOCAB = 97
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

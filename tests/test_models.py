@@ -6,21 +6,12 @@ import pytest
 import torch
 
 import pyllmops
-from pyllmops.models import Decoder, DecoderConfig, generate, generate_recompute, sample_next
+from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig, generate, generate_recompute, sample_next
 from pyllmops.reference.attention import attention as ref_attention
 
 from conftest import assert_close
+from train_fixtures import one_thread  # noqa: F401  (autouse)
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest on a shared 2-core machine (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny(window=None, init=0.2, **kw):

@@ -8,19 +8,11 @@ import torch
 
 import pyllmops
 from pyllmops import train
-from pyllmops.models import Decoder, DecoderConfig
+from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig
 from pyllmops.train.batches import Batch, encode_pair, plan
 from pyllmops.train.losses import IGNORE
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 
 def lora_model(seed=0, quantize="nf4", init=0.1):

@@ -23,6 +23,10 @@ from pyllmops.ops.attention import flash_attention_varlen
 from pyllmops.ops.paged import paged_attention
 
 
+# The Linear layers of every block, by their Llama names (apply_lora's target_modules for "all of them").
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class DecoderConfig:
     """Sizes of a Decoder. sliding_window=w: query at position p sees keys p - w .. p (pyllmops'
