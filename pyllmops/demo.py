@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyllmops
-from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig, generate
+from pyllmops.models import PROJECTIONS as TARGETS, Decoder, DecoderConfig, generate, merge_adapters
 from pyllmops.train import (ByteTokenizer, dpo, evaluate_dpo, evaluate_sft, instruction_data, preference_data, sft)
 
 
@@ -56,7 +56,7 @@ def run(device=None, sft_steps=200, dpo_steps=60, seed=0, threads=None, progress
     pyllmops.apply_lora(model, r=16, alpha=32, target_modules=TARGETS, quantize="nf4")
     n_train, n_all = model.num_parameters(trainable_only=True), model.num_parameters()
     sft_data, pref_data = instruction_data(), preference_data()
-    held_sft, train_sft = sft_data[:48], sft_data[48:]
+    held_sft, train_sft = sft_data[:64], sft_data[64:]
     held_pref, train_pref = pref_data[:48], pref_data[48:]
     out(f"pyllmops {pyllmops.__version__} demo on {device} ({torch.get_num_threads()} torch threads)")
     out(f"model: decoder {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
@@ -77,8 +77,12 @@ def run(device=None, sft_steps=200, dpo_steps=60, seed=0, threads=None, progress
                          peak_mem_mb=hs[-1]["peak_mem_mb"], steps=sft_steps)
     sft_ops = Counter(rec.counts)
 
-    # ---- DPO (reference: the same model with adapters disabled) ----
+    # ---- DPO: the SFT adapter is merged, the base re-quantized to NF4 and a fresh adapter trained; the
+    # reference is this same model with its adapter disabled, i.e. the SFT model ----
+    merge_adapters(model)
+    pyllmops.apply_lora(model, r=16, alpha=32, target_modules=TARGETS, quantize="nf4")
     rec.counts.clear()
+    rec.dtypes.clear()
     pre = evaluate_dpo(model, held_pref)
     with rec:
         hd = dpo(model, train_pref, steps=dpo_steps, batch_pairs=8, beta=0.1, lr=2e-3, warmup_steps=4, seed=seed,
@@ -95,6 +99,7 @@ def run(device=None, sft_steps=200, dpo_steps=60, seed=0, threads=None, progress
 
     # ---- batched generation on the paged KV cache ----
     rec.counts.clear()
+    rec.dtypes.clear()
     prompts = [r["prompt"] for r in held_sft[:8]]
     t0 = time.perf_counter()
     with rec:
@@ -115,7 +120,8 @@ def run(device=None, sft_steps=200, dpo_steps=60, seed=0, threads=None, progress
     out(f"QLoRA SFT   {s['steps']} steps: train loss {s['train_loss_first']:.3f} -> {s['train_loss_last']:.3f} "
         f"(mean of first/last fifth); held-out completion loss {s['heldout_loss_before']:.3f} -> "
         f"{s['heldout_loss_after']:.3f}; {s['tokens_per_s']:,.0f} tokens/s")
-    out(f"DPO         {d['steps']} steps: reward margin {d['margin_first']:.3f} -> {d['margin_last']:.3f}, "
+    out(f"DPO         {d['steps']} steps (SFT adapter merged, NF4 base, new adapter; reference = adapters off):")
+    out(f"            reward margin {d['margin_first']:.3f} -> {d['margin_last']:.3f}, "
         f"accuracy {d['acc_first']:.2f} -> {d['acc_last']:.2f} (training batches); held-out margin "
         f"{d['heldout_before']['rewards/margins']:.3f} -> {d['heldout_after']['rewards/margins']:.3f}, accuracy "
         f"{d['heldout_before']['rewards/accuracies']:.2f} -> {d['heldout_after']['rewards/accuracies']:.2f}; "

@@ -104,7 +104,7 @@ def test_apply_lora_finds_llama_names():
 
 def _adapted(window=None, quantize="nf4"):
     model = tiny(window)
-    pyllmops.apply_lora(model, r=8, target_modules=TARGETS, quantize=quantize)
+    pyllmops.apply_lora(model, r=8, target_modules=TARGETS, quantize=quantize, group_size=32)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
@@ -180,3 +180,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"prompts\[0\] must hold ints in \[0, 259\)"):
         generate(model, [[300]])
     assert math.isfinite(model(torch.zeros(1, 1, dtype=torch.long)).sum().item())
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4", "int4"])
+def test_merge_adapters_keeps_the_function(quantize):
+    from pyllmops.models import merge_adapters
+
+    model = _adapted(quantize=quantize)
+    ids = torch.randint(0, 259, (2, 19))
+    before = model(ids)
+    merge_adapters(model)
+    assert not any(isinstance(m, (pyllmops.nn.LoRALinear, pyllmops.nn.QALoRALinear)) for m in model.modules())
+    assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert_close(model(ids), before, 1e-5, "logits after merge")

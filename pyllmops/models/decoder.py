@@ -259,3 +259,38 @@ class Decoder(nn.Module):
 
     def num_parameters(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def merge_adapters(model):
+    """Folds every adapter into a dense nn.Linear, in place (peft's merge_and_unload): W' = dequantized
+    base + scaling * B.A for LoRALinear (dense or NF4 base), the merged INT weight for QALoRALinear.
+    The new layers are frozen and have the base's dtype (float32 for quantized bases). Used between
+    SFT and DPO: the merged SFT model becomes the base, and its own reference once re-adapted.
+    Returns the model."""
+    from pyllmops.nn.lora import LoRALinear, QALoRALinear
+    from pyllmops.ops.lora import dequantize_int
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            base = mod.base_layer
+            if mod.quantized:
+                w = base.dequantized_weight(torch.float32)
+            else:
+                w = base.weight.detach().float()
+            w = w + (0 if mod.merged else mod.delta_weight())
+            dtype = torch.float32 if mod.quantized else base.weight.dtype
+        elif isinstance(mod, QALoRALinear):
+            b = mod.base_layer
+            w = dequantize_int(b.qweight, b.scales, mod.merged_zeros(), mod.bits, mod.group_size)
+            base, dtype = b, torch.float32
+        else:
+            continue
+        dense = nn.Linear(mod.in_features, mod.out_features, bias=base.bias is not None, dtype=dtype, device=w.device)
+        with torch.no_grad():
+            dense.weight.copy_(w.to(dtype))
+            if base.bias is not None:
+                dense.bias.copy_(base.bias.detach().to(dtype))
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model

@@ -95,7 +95,7 @@ def synthetic(n, seed, preferences):
 def _write_shipped():
     out = os.path.join(os.path.dirname(__file__), _DATA)
     os.makedirs(out, exist_ok=True)
-    for name, rows in (("instructions.jsonl", synthetic(400, 1234, False)),
+    for name, rows in (("instructions.jsonl", synthetic(1500, 1234, False)),
                        ("preferences.jsonl", synthetic(400, 5678, True))):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
