@@ -177,7 +177,7 @@ def test_short_dpo_raises_the_margin():
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # lora_B = 0: policy == reference
     hist = train.dpo(model, pref[32:], steps=25, batch_pairs=8, lr=5e-3, warmup_steps=2, progress=False)
     after = train.evaluate_dpo(model, pref[:32])
-    assert after["rewards/margins"] > 0.3 and after["rewards/accuracies"] >= 0.75, after
+    assert after["rewards/margins"] > 0.2 and after["rewards/accuracies"] >= 0.7, after  # from 0 and ~0.5
     assert after["loss"] < before["loss"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert all(math.isfinite(r[key]) for r in hist), key
