@@ -2,4 +2,5 @@
 from pyllmops.models.decoder import PROJECTIONS, Decoder, DecoderConfig, RMSNorm, merge_adapters
 from pyllmops.models.generate import generate, generate_recompute, sample_next
 
-__all__ = ["PROJECTIONS", "Decoder", "merge_adapters", "DecoderConfig", "RMSNorm", "generate", "generate_recompute", "sample_next"]
+__all__ = ["PROJECTIONS", "Decoder", "DecoderConfig", "RMSNorm", "merge_adapters", "generate", "generate_recompute",
+           "sample_next"]

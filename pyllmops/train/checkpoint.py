@@ -17,18 +17,18 @@ ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.safetensors"
 
 
-def _has_adapters(model):
+def has_adapters(model):
     return any(isinstance(m, _ADAPTERS) for m in model.modules())
 
 
 def trainable_state_dict(model):
-    if _has_adapters(model):
+    if has_adapters(model):
         return adapter_state_dict(model)
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(model, sd):
-    if _has_adapters(model):
+    if has_adapters(model):
         load_adapter_state_dict(model, sd)
         return
     params = dict(model.named_parameters())

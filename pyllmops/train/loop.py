@@ -21,7 +21,7 @@ from pyllmops.models.decoder import Decoder
 from pyllmops.nn.lora import disable_adapters
 from pyllmops.ops._common import check_bool, check_int
 from pyllmops.train.batches import Batch, encode_pair, plan
-from pyllmops.train.checkpoint import load_checkpoint, save_checkpoint
+from pyllmops.train.checkpoint import has_adapters, load_checkpoint, save_checkpoint
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
 from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 from pyllmops.train.tokenizer import ByteTokenizer
@@ -244,15 +244,13 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
         history: per step as sft, plus rewards/chosen, rewards/rejected, rewards/margins (means over the
         step's pairs) and rewards/accuracies (share of pairs with chosen reward > rejected reward).
     """
-    from pyllmops.train.checkpoint import _has_adapters
-
     _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
                    activation_checkpointing, checkpoint_every, 1, max_seq_len, seed)
     check_int("batch_pairs", batch_pairs, min_value=1)
     _check_number("beta", beta, 0, low_open=True)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
-    if isinstance(model, Decoder) and not _has_adapters(model):
+    if isinstance(model, Decoder) and not has_adapters(model):
         raise ValueError("dpo needs a model with adapters (apply_lora): the reference is the model with its "
                          "adapters disabled")
     tok = tokenizer or ByteTokenizer()
