@@ -19,3 +19,13 @@ __all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_in
            "PagedKVCache", "OutOfBlocksError", "paged_attention", "reshape_and_cache",
            "lora_linear", "qlora_linear", "qalora_linear", "int_linear", "quantize_int", "dequantize_int",
            "apply_lora"]
+
+
+def __getattr__(name):
+    """pyllmops.models (Decoder, generate) and pyllmops.train (sft, dpo, dpo_loss) load on first use, so
+    `import pyllmops` stays light (the loops bring safetensors and tqdm)."""
+    if name in ("models", "train"):
+        import importlib
+
+        return importlib.import_module(f"pyllmops.{name}")
+    raise AttributeError(f"module 'pyllmops' has no attribute {name!r}")

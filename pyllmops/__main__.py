@@ -1,4 +1,4 @@
-"""python -m pyllmops {info, bench FAMILY}"""
+"""python -m pyllmops {demo, info, bench FAMILY}"""
 import argparse
 import importlib
 import sys
@@ -46,9 +46,23 @@ def cmd_bench(args):
             print(f"wrote {out}/{family}.json and {family}.md")
 
 
+def cmd_demo(args):
+    from pyllmops import demo
+
+    demo.main(args)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pyllmops")
     sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="QLoRA SFT, DPO and paged generation on a tiny built-in model, with a report")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--sft-steps", type=int, default=200)
+    d.add_argument("--dpo-steps", type=int, default=60)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the model is tiny)")
+    d.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    d.set_defaults(fn=cmd_demo)
     sub.add_parser("info", help="version, compiled backends, CUDA archs, visible GPUs").set_defaults(fn=cmd_info)
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("family", help="op family (e.g. nf4) or 'all'")

@@ -1,0 +1,311 @@
+"""The SFT and DPO loops: setup, loop, log, checkpoint; one shared engine (`_train`), two step functions.
+
+Each optimizer step runs grad_accum micro-batches per process (each micro-batch: the mean loss over
+it, divided by grad_accum), clips the global gradient norm, and takes an AdamW step on the trainable
+parameters only, at a learning rate warmed up linearly then decayed along a cosine. Under torchrun
+(torch.distributed initialized, gloo on CPU, nccl on GPU) the model is wrapped in
+DistributedDataParallel, rank r takes micro-batches r, r + world, ... of the shared plan, and
+gradients are averaged: N processes with grad_accum=k compute the same update as one process with
+grad_accum=N*k.
+"""
+import contextlib
+import math
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pyllmops.models.decoder import Decoder
+from pyllmops.nn.lora import disable_adapters
+from pyllmops.ops._common import check_bool, check_int
+from pyllmops.train.batches import Batch, encode_pair, plan
+from pyllmops.train.checkpoint import has_adapters, load_checkpoint, save_checkpoint
+from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
+from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+from pyllmops.train.tokenizer import ByteTokenizer
+
+
+def lr_at(step, *, lr, warmup_steps, total_steps, min_lr_ratio):
+    """Linear warmup over warmup_steps (lr * (step + 1) / warmup_steps), then cosine decay from lr to
+    lr * min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def _check_number(name, v, low=None, high=None, low_open=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v!r}")
+
+
+def _dist():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight_decay, betas, warmup_steps,
+           min_lr_ratio, max_grad_norm, bf16, activation_checkpointing, checkpoint_dir, checkpoint_every,
+           resume_from, progress, callback, settings):
+    """The loop shared by sft and dpo. micro_batches: the whole plan (steps * grad_accum * world);
+    step_fn(module, raw_model, batch) -> (loss, {metric: float}, tokens)."""
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model must be a pyllmops.models.Decoder, got {type(model).__name__}")
+    device = model.device
+    rank, world = _dist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (apply_lora(model, ...) first, or unfreeze some)")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    start = 0
+    if resume_from is not None:
+        start, _ = load_checkpoint(resume_from, model, optimizer, device)
+        if start > steps:
+            raise ValueError(f"checkpoint {resume_from!r} is at step {start}, beyond steps={steps}")
+    use_bf16 = (device.type == "cuda") if bf16 is None else bf16
+    old_ckpt, model.gradient_checkpointing = model.gradient_checkpointing, activation_checkpointing
+    module = model
+    if world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                           device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    history = []
+    bar = tqdm(total=steps, initial=start, desc=kind, disable=not progress or rank != 0, dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            cur_lr = lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=steps, min_lr_ratio=min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = cur_lr
+            sums, tokens = {}, 0
+            for j in range(grad_accum):
+                batch = micro_batches[(step * grad_accum + j) * world + rank].to(device)
+                sync = contextlib.nullcontext() if (world == 1 or j == grad_accum - 1) else module.no_sync()
+                with sync:
+                    with (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()):
+                        loss, metrics, n_tok = step_fn(module, model, batch)
+                    (loss / grad_accum).backward()
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v / grad_accum
+                tokens += n_tok
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                vals = torch.tensor(list(sums.values()) + [float(tokens)], dtype=torch.float64, device=device)
+                dist.all_reduce(vals)
+                sums = {k: v / world for k, v in zip(sums, vals[:-1].tolist())}
+                tokens = int(vals[-1].item())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, **sums, "lr": cur_lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                   "tokens_per_s": tokens / dt, "peak_mem_mb": _peak_memory_mb(device), "time_s": dt}
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "lr") + (("rewards/margins",) if kind == "dpo"
+                                                                             else ())})
+            if callback is not None:
+                callback(rec)
+            done = step + 1
+            if checkpoint_dir is not None and rank == 0 and (
+                    (checkpoint_every and done % checkpoint_every == 0) or done == steps):
+                save_checkpoint(f"{checkpoint_dir}/step-{done}", model, optimizer, done, settings)
+            if world > 1 and checkpoint_dir is not None:
+                dist.barrier()
+    finally:
+        bar.close()
+        model.gradient_checkpointing = old_ckpt
+    return history
+
+
+def _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
+                   activation_checkpointing, checkpoint_every, batch_tokens, max_seq_len, seed):
+    check_int("steps", steps, min_value=1)
+    check_int("grad_accum", grad_accum, min_value=1)
+    _check_number("lr", lr, 0, low_open=True)
+    _check_number("weight_decay", weight_decay, 0)
+    check_int("warmup_steps", warmup_steps, min_value=0)
+    _check_number("min_lr_ratio", min_lr_ratio, 0, 1)
+    if max_grad_norm is not None:
+        _check_number("max_grad_norm", max_grad_norm, 0, low_open=True)
+    if bf16 is not None:
+        check_bool("bf16", bf16)
+    check_bool("activation_checkpointing", activation_checkpointing)
+    check_int("checkpoint_every", checkpoint_every, min_value=0)
+    check_int("batch_tokens", batch_tokens, min_value=1)
+    check_int("max_seq_len", max_seq_len, min_value=2)
+    check_int("seed", seed, min_value=0)
+
+
+def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_accum=1, lr=2e-4, weight_decay=0.0,
+        betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0, max_seq_len=512, seed=0,
+        bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0, resume_from=None,
+        progress=True, callback=None):
+    """Supervised fine-tuning on prompt/completion examples; the loss counts completion tokens only.
+
+    Each example becomes [bos] prompt completion [eos] (tokenizer: ByteTokenizer by default); the
+    cross-entropy counts the completion and its eos. Examples are packed without padding into
+    micro-batches of at most batch_tokens tokens (flash_attention_varlen keeps them apart), in a seeded
+    shuffle per epoch.
+
+    Args:
+        model: pyllmops.models.Decoder, usually with adapters (apply_lora); only parameters with
+            requires_grad train (AdamW).
+        examples: JSONL path or list of {"prompt": str, "completion": str}.
+        steps: optimizer steps; grad_accum: micro-batches per step (per process under torchrun).
+        lr, weight_decay, betas: AdamW; warmup_steps, min_lr_ratio: the schedule (lr_at).
+        max_grad_norm: clip the global gradient norm (None: no clipping).
+        bf16: autocast to bfloat16 (default: on CUDA only). activation_checkpointing: recompute layers.
+        checkpoint_dir / checkpoint_every: write <dir>/step-N every N steps and at the end (see
+            pyllmops.train.checkpoint); resume_from: a step-N directory to continue from.
+        progress: tqdm bar; callback(metrics) after every step.
+
+    Returns:
+        history: one dict per step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_mb
+        (CUDA: max allocated; CPU: the process's peak RSS), time_s.
+
+    Example:
+        >>> model = Decoder(DecoderConfig()); pyllmops.apply_lora(model, r=8, target_modules=[...], quantize="nf4")
+        >>> history = sft(model, pyllmops.train.instruction_data(), steps=50)
+    """
+    _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
+                   activation_checkpointing, checkpoint_every, batch_tokens, max_seq_len, seed)
+    tok = tokenizer or ByteTokenizer()
+    rows = load_examples(examples, SFT_KEYS)
+    encoded = [encode_pair(tok, r["prompt"], r["completion"], max_seq_len) for r in rows]
+    _, world = _dist()
+    order = plan(len(encoded), [len(t) for t, _ in encoded], batch_tokens, steps * grad_accum * world, seed)
+    micro = [Batch([encoded[i] for i in group]) for group in order]
+
+    def step_fn(module, raw, batch):
+        logits = module(batch.tokens, batch.cu_seqlens)
+        return sft_loss(logits, batch.targets), {}, batch.num_tokens
+
+    settings = dict(kind="sft", steps=steps, batch_tokens=batch_tokens, grad_accum=grad_accum, lr=lr, seed=seed)
+    return _train(model, micro, step_fn, kind="sft", steps=steps, grad_accum=grad_accum, lr=lr,
+                  weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                  max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
+                  progress=progress, callback=callback, settings=settings)
+
+
+def encode_preferences(tok, rows, max_seq_len):
+    """Each pair -> ((chosen tokens, targets), (rejected tokens, targets)), prompt tokens not counted."""
+    return [(encode_pair(tok, r["prompt"], r["chosen"], max_seq_len),
+             encode_pair(tok, r["prompt"], r["rejected"], max_seq_len)) for r in rows]
+
+
+def preference_batch(pairs):
+    """Sequences 2i (chosen) and 2i + 1 (rejected) of one packed Batch."""
+    return Batch([s for pair in pairs for s in pair])
+
+
+def pair_logps(model, batch, average):
+    """(chosen, rejected) per-pair log-probabilities of a preference_batch under model."""
+    logits = model(batch.tokens, batch.cu_seqlens)
+    lp = sequence_logps(logits, batch.targets, batch.seq_ids, batch.num_seqs, average=average)
+    return lp[0::2], lp[1::2]
+
+
+def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps=100, batch_pairs=8, grad_accum=1,
+        lr=5e-5, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0,
+        max_seq_len=512, seed=0, bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
+        resume_from=None, progress=True, callback=None):
+    """Direct Preference Optimization on prompt/chosen/rejected examples (see dpo_loss for the formulas).
+
+    The reference log-probabilities come from the same model with its adapters disabled
+    (pyllmops.nn.disable_adapters, under no_grad): the frozen base is the reference, no second copy
+    of the weights exists. Each micro-batch packs batch_pairs pairs (chosen and rejected sequences,
+    no padding); log-probabilities are summed over completion tokens (averaged per token for "ipo").
+
+    Args:
+        model: Decoder with adapters (apply_lora); a model without adapters has no reference: ValueError.
+        examples: JSONL path or list of {"prompt", "chosen", "rejected"}.
+        beta, loss_type: as dpo_loss. Other arguments as sft.
+
+    Returns:
+        history: per step as sft, plus rewards/chosen, rewards/rejected, rewards/margins (means over the
+        step's pairs) and rewards/accuracies (share of pairs with chosen reward > rejected reward).
+    """
+    _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
+                   activation_checkpointing, checkpoint_every, 1, max_seq_len, seed)
+    check_int("batch_pairs", batch_pairs, min_value=1)
+    _check_number("beta", beta, 0, low_open=True)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    if isinstance(model, Decoder) and not has_adapters(model):
+        raise ValueError("dpo needs a model with adapters (apply_lora): the reference is the model with its "
+                         "adapters disabled")
+    tok = tokenizer or ByteTokenizer()
+    pairs = encode_preferences(tok, load_examples(examples, DPO_KEYS), max_seq_len)
+    _, world = _dist()
+    order = plan(len(pairs), [1] * len(pairs), batch_pairs, steps * grad_accum * world, seed)
+    micro = [preference_batch([pairs[i] for i in group]) for group in order]
+    average = loss_type == "ipo"
+
+    def step_fn(module, raw, batch):
+        with torch.no_grad(), disable_adapters(raw):
+            ref_c, ref_r = pair_logps(raw, batch, average)
+        pol_c, pol_r = pair_logps(module, batch, average)
+        losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type)
+        metrics = {"rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
+                   "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": (rc > rr).float().mean().item()}
+        return losses.mean(), metrics, batch.num_tokens
+
+    settings = dict(kind="dpo", steps=steps, batch_pairs=batch_pairs, grad_accum=grad_accum, lr=lr, beta=beta,
+                    loss_type=loss_type, seed=seed)
+    return _train(model, micro, step_fn, kind="dpo", steps=steps, grad_accum=grad_accum, lr=lr,
+                  weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                  max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
+                  progress=progress, callback=callback, settings=settings)
+
+
+@torch.no_grad()
+def evaluate_sft(model, examples, *, tokenizer=None, max_seq_len=512):
+    """Mean completion-token cross-entropy of the examples (one packed batch, eval mode)."""
+    tok = tokenizer or ByteTokenizer()
+    rows = load_examples(examples, SFT_KEYS)
+    batch = Batch([encode_pair(tok, r["prompt"], r["completion"], max_seq_len) for r in rows]).to(model.device)
+    was = model.training
+    model.eval()
+    try:
+        return sft_loss(model(batch.tokens, batch.cu_seqlens), batch.targets).item()
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def evaluate_dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", max_seq_len=512):
+    """{"loss", "rewards/margins", "rewards/accuracies"} of the preference examples (reference: adapters off)."""
+    tok = tokenizer or ByteTokenizer()
+    batch = preference_batch(encode_preferences(tok, load_examples(examples, DPO_KEYS), max_seq_len)).to(model.device)
+    was = model.training
+    model.eval()
+    try:
+        average = loss_type == "ipo"
+        with disable_adapters(model):
+            ref_c, ref_r = pair_logps(model, batch, average)
+        pol_c, pol_r = pair_logps(model, batch, average)
+        losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type)
+        return {"loss": losses.mean().item(), "rewards/margins": (rc - rr).mean().item(),
+                "rewards/accuracies": (rc > rr).float().mean().item()}
+    finally:
+        model.train(was)

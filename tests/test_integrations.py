@@ -1,0 +1,155 @@
+"""pyllmops.integrations.transformers on tiny randomly initialized Llama and Mistral models (no download):
+logits, gradients and cached generation match transformers' eager attention; apply_lora on a transformers
+model matches peft with the same adapter weights."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import pyllmops  # noqa: E402
+import pyllmops.integrations.transformers  # noqa: E402,F401  (registers "pyllmops")
+
+from conftest import assert_close  # noqa: E402
+from train_fixtures import one_thread  # noqa: F401,E402  (autouse)
+
+VOCAB = 97
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls of the registered attention function (so a test knows our kernels ran)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    fn, count = AttentionInterface._global_mapping["pyllmops"], [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "pyllmops", counting)
+    return count
+
+
+def llama(**kw):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def mistral(window):
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                                     sliding_window=window)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+def logits(model, impl, ids, mask=None):
+    model.set_attn_implementation(impl)
+    return model(ids, attention_mask=mask).logits
+
+
+def test_registered():
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    assert "pyllmops" in AttentionInterface._global_mapping
+    assert "pyllmops" in AttentionMaskInterface._global_mapping
+    model = llama()
+    model.set_attn_implementation("pyllmops")
+    assert model.config._attn_implementation == "pyllmops"
+
+
+@pytest.mark.parametrize("seqlen", [1, 17, 40])
+def test_llama_gqa_logits_match_eager(seqlen, calls):
+    model = llama()
+    ids = torch.randint(0, VOCAB, (3, seqlen))
+    assert_close(logits(model, "pyllmops", ids), logits(model, "eager", ids), 1e-5, "llama logits")
+    assert calls[0] == 2  # one call per layer
+
+
+def test_padding_mask_matches_eager():
+    model = llama()
+    ids = torch.randint(0, VOCAB, (3, 21))
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[0, :6] = 0    # left padding
+    mask[2, 15:] = 0   # right padding
+    ours, ref = logits(model, "pyllmops", ids, mask), logits(model, "eager", ids, mask)
+    keep = mask.bool()
+    assert_close(ours[keep], ref[keep], 1e-5, "logits of real tokens")
+
+
+def test_mistral_sliding_window_logits_match_eager():
+    model = mistral(window=5)
+    ids = torch.randint(0, VOCAB, (2, 33))
+    ours, ref = logits(model, "pyllmops", ids), logits(model, "eager", ids)
+    assert_close(ours, ref, 1e-5, "mistral logits")
+    model.config.sliding_window = None  # the window matters at this length: without it the logits differ
+    assert (logits(model, "eager", ids) - ref).abs().max() > 1e-3
+
+
+def test_gradients_match_eager():
+    model = llama()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    grads = {}
+    for impl in ("eager", "pyllmops"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        model(ids, labels=ids).loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, g in grads["eager"].items():
+        assert_close(grads["pyllmops"][n], g, 1e-4, n)
+
+
+def test_cached_generation_matches_eager(calls):
+    model = mistral(window=6)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(out["pyllmops"], out["eager"])
+    assert calls[0] == 2 * 12  # prefill + 11 decode steps, 2 layers
+
+
+def test_apply_lora_on_transformers_model_matches_peft():
+    peft = pytest.importorskip("peft")
+    base = llama()
+    ref = copy.deepcopy(base)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    pyllmops.apply_lora(base, r=4, alpha=8, target_modules=targets)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.1)
+    n_adapters = sum(isinstance(m, pyllmops.nn.LoRALinear) for m in base.modules())
+    assert n_adapters == 2 * len(targets)
+    pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    peft.set_peft_model_state_dict(pm, pyllmops.nn.adapter_state_dict(base))
+    ids = torch.randint(0, VOCAB, (2, 15))
+    pm.base_model.model.set_attn_implementation("eager")
+    ours = logits(base, "pyllmops", ids)
+    assert_close(ours, pm(input_ids=ids).logits, 1e-5, "LoRA logits vs peft")
+    # only adapters train, and they get gradients through our attention
+    base(ids, labels=ids).loss.backward()
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in base.parameters() if p.requires_grad)
+
+
+def test_unsupported_arguments_are_rejected():
+    from pyllmops.integrations.transformers import pyllmops_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 4, 8)
+    module.train()
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        pyllmops_attention_forward(module, q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="softcap=30"):
+        pyllmops_attention_forward(module, q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match="4-D attention_mask"):
+        pyllmops_attention_forward(module, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
