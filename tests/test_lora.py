@@ -55,6 +55,7 @@ LORA_CASES = [  # (in_features, out_features, leading dims, r)
     (123, 431, (2, 3), 8),
     (431, 6, (1,), 64),
     (42, 123, (17,), 8),
+    (40, 24, (3, 50), 8),  # 150 rows: more than one 64-row tile of the CUDA kernel (grid.y > 1)
 ]
 
 
@@ -115,7 +116,8 @@ def test_lora_dropout_public():
 # ---- QLoRA (NF4 base) ---------------------------------------------------------------------------
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("in_f,out_f,lead,r", [(6, 42, (5,), 1), (123, 431, (2, 3), 8), (431, 6, (3,), 64)])
+@pytest.mark.parametrize("in_f,out_f,lead,r", [(6, 42, (5,), 1), (123, 431, (2, 3), 8), (431, 6, (3,), 64),
+                                              (40, 24, (3, 50), 8)])  # 150 rows: > one 64-row CUDA tile
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_qlora_linear(device, dtype, in_f, out_f, lead, r, double_quant):
     wf = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
@@ -172,7 +174,8 @@ def test_quantize_int_exact(device, bits, group_size, dtype):
 
 
 # ---- QA-LoRA ------------------------------------------------------------------------------------
-QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8)]
+QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8),
+                (64, 20, (3, 50), 32, 4)]  # the last: 150 rows, more than one 64-row CUDA tile
 
 
 @pytest.mark.parametrize("device", devices())

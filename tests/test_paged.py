@@ -542,3 +542,12 @@ def test_cuda_graph_decode_step(device):
         torch.cuda.synchronize()
         assert_close(out, ref.paged_attention(q, kc, vc, bt, sl), TOL[torch.bfloat16])
     P.check_kernel_errors(device)
+
+
+def test_multi_token_with_no_queries():
+    """Every sequence contributes 0 queries: an empty output, not an error."""
+    kc, vc = torch.randn(4, 8, 2, 64), torch.randn(4, 8, 2, 64)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    out = pyllmops.paged_attention(torch.randn(0, 4, 64), kc, vc, bt, torch.tensor([5, 9], dtype=torch.int32),
+                                   cu_seqlens_q=torch.tensor([0, 0, 0], dtype=torch.int32))
+    assert out.shape == (0, 4, 64)

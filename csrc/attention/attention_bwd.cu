@@ -275,7 +275,7 @@ struct LaunchBwd {
 
 void backward_cuda(const Params& p, DType dtype, uintptr_t stream) {
   cuda::check_cuda_params(p, true);
-  if (p.batch == 0) return;
+  if (p.batch == 0 || p.heads_q == 0) return;
   CudaDeviceGuard guard(p.device);
   cuda::dispatch(p, dtype, cuda::LaunchBwd{p, as_stream(stream)});
 }

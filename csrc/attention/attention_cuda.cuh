@@ -206,6 +206,10 @@ void set_smem(Kernel kernel, int bytes) {
 
 // What the kernels rely on beyond the bindings' checks: 16-byte aligned rows for the vector loads.
 inline void check_cuda_params(const Params& p, bool backward) {
+  // Launch grids put query tiles in x, heads in y and the batch (varlen: sequences) in z.
+  PYLLMOPS_CHECK(p.batch <= 65535, "flash attention on CUDA takes at most 65535 sequences per call, got ", p.batch,
+                 " (split the batch)");
+  PYLLMOPS_CHECK(p.heads_q <= 65535, "flash attention on CUDA takes at most 65535 heads, got ", p.heads_q);
   check_aligned_rows(p.q, p.lq, "q");
   check_aligned_rows(p.k, p.lk, "k");
   check_aligned_rows(p.v, p.lv, "v");

@@ -160,7 +160,7 @@ struct LaunchFwd {
 
 void forward_cuda(const Params& p, DType dtype, uintptr_t stream) {
   cuda::check_cuda_params(p, false);
-  if (p.batch == 0 || p.seqlen_q == 0) return;
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return;
   CudaDeviceGuard guard(p.device);
   cuda::dispatch(p, dtype, cuda::LaunchFwd{p, as_stream(stream)});
 }

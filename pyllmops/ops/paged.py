@@ -290,7 +290,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
             raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = "
                              f"{num_seqs + 1}")
         if max_seqlen_q is None:  # on CUDA, reading the sizes would synchronize: use the bound total_q
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if (
+            max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()), 1) if (
                 dev.type == "cpu" and num_seqs) else max(total_q, 1)
         check_int("max_seqlen_q", max_seqlen_q, min_value=1)
     if validate is None:
