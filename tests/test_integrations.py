@@ -153,3 +153,45 @@ def test_unsupported_arguments_are_rejected():
         pyllmops_attention_forward(module, q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match="4-D attention_mask"):
         pyllmops_attention_forward(module, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("make", [llama, lambda: mistral(6)], ids=["llama", "mistral-window6"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_rows_match_eager(make, use_cache, calls):
+    """Rows packing two sequences (position_ids restart, no mask): with no cache transformers attends within
+    each sequence, with a cache over the whole row; ours must do the same in both cases."""
+    torch.manual_seed(0)
+    model = make()
+    ids = torch.randint(0, VOCAB, (2, 20))
+    pos = torch.cat([torch.arange(8), torch.arange(12)])[None].expand(2, -1)
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(ids, position_ids=pos, use_cache=use_cache).logits
+    assert calls[0] > 0
+    assert_close(out["pyllmops"], out["eager"].double(), 1e-5, "packed logits")
+    if not use_cache:  # and the second sequence equals itself run alone
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            alone = model(ids[:, 8:], use_cache=False).logits
+        assert_close(out["pyllmops"][:, 8:], alone.double(), 1e-5, "second packed sequence vs alone")
+
+
+@pytest.mark.parametrize("make", [llama, lambda: mistral(6)], ids=["llama", "mistral-window6"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generation_matches_eager(make, padded, calls):
+    """A static cache's keys past the current position are empty slots: they must not be attended to."""
+    torch.manual_seed(0)
+    model = make()
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                   cache_implementation="static")
+    assert calls[0] > 0
+    assert torch.equal(out["pyllmops"], out["eager"])

@@ -4,7 +4,9 @@
     model.set_attn_implementation("pyllmops")   # or from_pretrained(..., attn_implementation="pyllmops")
 
 Attention then runs on pyllmops.flash_attention (pyllmops.flash_attention_varlen when a padding mask
-is present), through transformers' registration points, no patching: AttentionInterface (the
+is present, a static cache has empty slots, or rows pack several sequences: cu_seq_lens_q/k kwargs,
+or position_ids that jump with no mask and no cache, exactly when transformers itself separates packed
+sequences), through transformers' registration points, no patching: AttentionInterface (the
 attention function) and masking_utils.AttentionMaskInterface (the mask function, which hands the
 attention a 2-D padding mask, or None when nothing is padded, instead of a 4-D mask).
 
@@ -25,12 +27,23 @@ NAME = "pyllmops"
 
 def pyllmops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   **kwargs):
-    """Mask function for AttentionMaskInterface: the 2-D (batch, kv_length) padding mask, or None when no
-    key is padded (the kernel builds causal / window masks itself)."""
+    """Mask function for AttentionMaskInterface: a 2-D (batch, filled) bool mask of the key columns that
+    hold tokens and are not padding, or None when all kv_length columns do (the kernel builds causal /
+    window masks itself).
+
+    `filled` = q_offset + q_length - kv_offset: a static cache's keys past the last query are empty
+    slots and must not be attended to, so the mask is then shorter than kv_length and the attention
+    function trims K/V to it. Column j is absolute position kv_offset + j of the 2-D attention_mask."""
+    filled = max(0, min(kv_length, q_offset + q_length - kv_offset))
     if attention_mask is None:
-        return None
-    mask = attention_mask[:, -kv_length:].bool()
-    return None if (mask.shape[1] == kv_length and bool(mask.all())) else mask
+        if filled == kv_length:
+            return None
+        return torch.ones(batch_size, filled, dtype=torch.bool)
+    cols = kv_offset + torch.arange(filled, device=attention_mask.device)
+    mask = torch.zeros(attention_mask.shape[0], filled, dtype=torch.bool, device=attention_mask.device)
+    inside = cols < attention_mask.shape[1]
+    mask[:, inside] = attention_mask[:, cols[inside]].bool()
+    return None if (filled == kv_length and bool(mask.all())) else mask
 
 
 def _unpad(x, mask):
@@ -63,11 +76,21 @@ def pyllmops_attention_forward(module, query, key, value, attention_mask, dropou
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, h, d) views
     if q.is_cuda and dtype == torch.float32:
         q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
-    if attention_mask is None:
-        out = flash_attention(q, k, v, causal=causal, window_size=window, softmax_scale=scaling)
-        return out.to(dtype), None
     b, sq = q.shape[:2]
-    mask = attention_mask.bool()
+    if attention_mask is None:
+        cu = _packed_boundaries(kwargs, b, sq, k.shape[1], q.device)
+        if cu is None:
+            out = flash_attention(q, k, v, causal=causal, window_size=window, softmax_scale=scaling)
+            return out.to(dtype), None
+        # padding-free packed batch (rows holding several sequences): attention stays inside each
+        cu_q, cu_k, max_q, max_k = cu
+        flat = (lambda t: t.reshape(-1, *t.shape[2:]))
+        out = flash_attention_varlen(flat(q), flat(k), flat(v), cu_q, cu_k, max_q, max_k, causal=causal,
+                                     window_size=window, softmax_scale=scaling)
+        return out.view(b, sq, *out.shape[1:]).to(dtype), None
+    mask = attention_mask.bool().to(q.device)
+    if mask.shape[1] < k.shape[1]:  # a static cache: its empty tail slots are not keys
+        k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     qp, q_idx, cu_q, max_q = _unpad(q, mask[:, -sq:])
     kp, k_idx, cu_k, max_k = _unpad(k, mask)
     vp = v.reshape(-1, *v.shape[2:]).index_select(0, k_idx)
@@ -75,6 +98,30 @@ def pyllmops_attention_forward(module, query, key, value, attention_mask, dropou
                                     window_size=window, softmax_scale=scaling)
     out = packed.new_zeros(b * sq, *packed.shape[1:]).index_copy(0, q_idx, packed)
     return out.view(b, sq, *packed.shape[1:]).to(dtype), None
+
+
+def _packed_boundaries(kwargs, b, sq, sk, device):
+    """(cu_q, cu_k, max_q, max_k) over the flattened (b * s) rows when the batch packs several sequences
+    per row without padding, as transformers itself decides: from cu_seq_lens_q/k kwargs (e.g.
+    DataCollatorWithFlattening), or, with no attention mask and no KV cache (use_cache=False, sq == sk),
+    from position_ids that do not advance by 1 (a new sequence starts). None otherwise."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_q = kwargs["cu_seq_lens_q"].to(device, torch.int32)
+        cu_k = kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]).to(device, torch.int32)
+        max_q = int(kwargs.get("max_length_q") or (cu_q[1:] - cu_q[:-1]).max().item())
+        max_k = int(kwargs.get("max_length_k") or (cu_k[1:] - cu_k[:-1]).max().item())
+        return cu_q, cu_k, max_q, max_k
+    pos = kwargs.get("position_ids")
+    if pos is None or kwargs.get("use_cache", True) is not False or sq != sk or sq < 2:
+        return None
+    pos = pos.to(device).expand(b, -1) if pos.shape[0] != b else pos.to(device)
+    jumps = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(jumps.any()):
+        return None
+    starts = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), jumps], dim=1).reshape(-1)
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([b * sq], device=device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max().item())
+    return cu, cu, longest, longest
 
 
 AttentionInterface.register(NAME, pyllmops_attention_forward)
