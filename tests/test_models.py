@@ -193,3 +193,15 @@ def test_merge_adapters_keeps_the_function(quantize):
     assert not any(isinstance(m, (pyllmops.nn.LoRALinear, pyllmops.nn.QALoRALinear)) for m in model.modules())
     assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert_close(model(ids), before, 1e-5, "logits after merge")
+
+
+def test_rotary_survives_a_bf16_cast():
+    """The frequencies stay float32 when the module is cast: bf16 frequencies are ~0.5 rad off at 1000."""
+    from pyllmops.nn.rotary import RotaryEmbedding
+
+    rot = RotaryEmbedding(64)
+    pos = torch.tensor([1, 1000, 4000])
+    want = rot(pos)
+    got = rot.to(torch.bfloat16)(pos)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

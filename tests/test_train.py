@@ -196,32 +196,41 @@ def test_dpo_other_losses_run(loss_type):
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_checkpoint_resume_equals_uninterrupted(tmp_path, kind):
+@pytest.mark.parametrize("train_norm", [False, True])
+def test_checkpoint_resume_equals_uninterrupted(tmp_path, kind, train_norm):
+    """train_norm: the final norm trains beside the adapters; the checkpoint must carry it too."""
     data = train.instruction_data()[:60] if kind == "sft" else train.preference_data()[:60]
     fn = train.sft if kind == "sft" else train.dpo
     kw = dict(steps=6, lr=5e-3, warmup_steps=2, grad_accum=2, progress=False, seed=3)
     kw.update(batch_tokens=200) if kind == "sft" else kw.update(batch_pairs=4)
 
-    full = lora_model(seed=5)
+    def model():
+        m = lora_model(seed=5)
+        m.norm.weight.requires_grad_(train_norm)
+        return m
+
+    full = model()
     fn(full, data, **kw)
-    part = lora_model(seed=5)
+    part = model()
     fn(part, data, checkpoint_dir=str(tmp_path), checkpoint_every=3, **kw)
-    resumed = lora_model(seed=5)  # the same base (checkpoints hold adapters only) ...
+    resumed = model()  # the same base (checkpoints hold the trained parameters only) ...
     with torch.no_grad():
         for p in resumed.parameters():
             if p.requires_grad:
-                p.normal_()  # ... but scrambled adapters: they must come from the checkpoint
+                p.normal_()  # ... but scrambled trainables: they must come from the checkpoint
     hist = fn(resumed, data, resume_from=str(tmp_path / "step-3"), **kw)
     assert [r["step"] for r in hist] == [4, 5, 6]
     want = adapters(full)
+    assert ("norm.weight" in want) == train_norm
     for name, p in adapters(resumed).items():
         assert torch.equal(p, want[name]), name
     for name, p in adapters(part).items():
         assert torch.equal(p, want[name]), name
     from safetensors.torch import load_file
-    keys = load_file(str(tmp_path / "step-6" / "adapter_model.safetensors")).keys()
-    assert all(k.startswith("base_model.model.") and ".lora_" in k for k in keys)  # adapters only, peft keys
-    assert len(keys) == 2 * len(TARGETS) * 2
+    keys = set(load_file(str(tmp_path / "step-6" / "adapter_model.safetensors")).keys())
+    lora_keys = {k for k in keys if k.startswith("base_model.model.") and ".lora_" in k}  # peft keys
+    assert len(lora_keys) == 2 * len(TARGETS) * 2
+    assert keys - lora_keys == ({"norm.weight"} if train_norm else set())
 
 
 def test_loop_bad_inputs():

@@ -38,6 +38,8 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
         before = sorted_p.cumsum(-1) - sorted_p          # mass of the strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    if generator is not None and generator.device != probs.device:  # e.g. a CPU generator, CUDA logits
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -31,11 +31,15 @@ class RotaryEmbedding(torch.nn.Module):
         if not base > 0:
             raise ValueError(f"base must be positive, got {base}")
         self.head_dim, self.base = head_dim, float(base)
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def inv_freq(self, device):
+        # Computed in float32 on each call (head_dim / 2 values), not kept as a buffer: a buffer would
+        # follow module.to(torch.bfloat16) and bf16 frequencies put angles at position 1000 off by ~0.5 rad.
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                    / self.head_dim))
 
     def forward(self, positions):
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if positions.dim() == 2:

@@ -4,6 +4,7 @@ A micro-batch is a set of sequences packed back to back without padding: tokens 
 (total,) (the next token where the loss counts, IGNORE elsewhere), cu_seqlens int32 (n + 1,) and
 seq_ids (total,). The model sees it through flash_attention_varlen, so no sequence attends to another.
 """
+import copy
 import random
 
 import torch
@@ -38,9 +39,25 @@ class Batch:
         self.num_seqs, self.num_tokens = len(seqs), sum(lengths)
 
     def to(self, device):
+        """A copy on `device` (this batch is left as it is, so a plan's batches don't pile up there)."""
+        out = copy.copy(self)
         for name in ("tokens", "targets", "cu_seqlens", "seq_ids"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
-        return self
+            setattr(out, name, getattr(self, name).to(device, non_blocking=True))
+        return out
+
+
+class LazyBatches:
+    """A training plan's micro-batches, each built only when the loop asks for it: plan[i] is
+    make([items[k] for k in groups[i]]). Holds the index plan, not the batches."""
+
+    def __init__(self, groups, items, make):
+        self.groups, self.items, self.make = groups, items, make
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        return self.make([self.items[k] for k in self.groups[i]])
 
 
 def pack(items, sizes, budget):

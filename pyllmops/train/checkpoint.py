@@ -1,7 +1,8 @@
 """Adapter-only checkpoints in safetensors, with the optimizer and step state to resume from.
 
-<dir>/adapter_model.safetensors   the adapters in peft's keys (pyllmops.nn.adapter_state_dict), or, for a
-                                  model without adapters, its trainable parameters by name
+<dir>/adapter_model.safetensors   the adapters in peft's keys (pyllmops.nn.adapter_state_dict), plus every
+                                  other trainable parameter (e.g. a norm trained beside the adapters, or
+                                  all of a model without adapters) by its parameter name
 <dir>/trainer_state.safetensors   AdamW moments ("optimizer.<param index>.<name>"), RNG states; metadata:
                                   step, the optimizer's param_groups (JSON), the loop's settings (JSON)
 """
@@ -21,18 +22,29 @@ def has_adapters(model):
     return any(isinstance(m, _ADAPTERS) for m in model.modules())
 
 
+def _is_adapter_param(name):
+    return name.endswith((".lora_A", ".lora_B")) or name in ("lora_A", "lora_B")
+
+
+def _other_trainable(model):
+    """Trainable parameters that are not LoRA adapters, by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not _is_adapter_param(n)}
+
+
 def trainable_state_dict(model):
-    if has_adapters(model):
-        return adapter_state_dict(model)
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """Everything the optimizer updates: the adapters (peft keys) and any other trainable parameter."""
+    sd = dict(adapter_state_dict(model)) if has_adapters(model) else {}
+    sd.update({n: p.detach() for n, p in _other_trainable(model).items()})
+    return sd
 
 
 def load_trainable_state_dict(model, sd):
+    sd = dict(sd)
     if has_adapters(model):
-        load_adapter_state_dict(model, sd)
-        return
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
+        adapters = {k: sd.pop(k) for k in list(sd) if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        load_adapter_state_dict(model, adapters)
+    params = _other_trainable(model)
+    missing = sorted(set(params) - set(sd))
     unknown = sorted(set(sd) - set(params))
     if missing or unknown:
         raise KeyError(f"checkpoint does not match the model's trainable parameters: missing {missing[:8]}, "

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pyllmops.models.decoder import Decoder
 from pyllmops.nn.lora import disable_adapters
 from pyllmops.ops._common import check_bool, check_int
-from pyllmops.train.batches import Batch, encode_pair, plan
+from pyllmops.train.batches import Batch, LazyBatches, encode_pair, plan
 from pyllmops.train.checkpoint import has_adapters, load_checkpoint, save_checkpoint
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
 from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
@@ -192,7 +192,7 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
     encoded = [encode_pair(tok, r["prompt"], r["completion"], max_seq_len) for r in rows]
     _, world = _dist()
     order = plan(len(encoded), [len(t) for t, _ in encoded], batch_tokens, steps * grad_accum * world, seed)
-    micro = [Batch([encoded[i] for i in group]) for group in order]
+    micro = LazyBatches(order, encoded, Batch)
 
     def step_fn(module, raw, batch):
         logits = module(batch.tokens, batch.cu_seqlens)
@@ -257,7 +257,7 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
     pairs = encode_preferences(tok, load_examples(examples, DPO_KEYS), max_seq_len)
     _, world = _dist()
     order = plan(len(pairs), [1] * len(pairs), batch_pairs, steps * grad_accum * world, seed)
-    micro = [preference_batch([pairs[i] for i in group]) for group in order]
+    micro = LazyBatches(order, pairs, preference_batch)
     average = loss_type == "ipo"
 
     def step_fn(module, raw, batch):
