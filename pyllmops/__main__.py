@@ -22,7 +22,7 @@ def cmd_info(args):
     for i in range(n):
         major, minor = torch.cuda.get_device_capability(i)
         cap = f"{major}{minor}"
-        covered = cap in archs or any(int(a) <= int(cap) for a in archs) if b["cuda"] else False
+        covered = b["cuda"] and any(int(a) <= int(cap) for a in archs)
         print(f"  cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap}"
               f"{'' if covered else '  (no kernels compiled for this arch)'}")
 

@@ -11,12 +11,6 @@ namespace attn = pyllmops::attention;
 
 namespace {
 
-std::string shape_str(const TensorView& t) {
-  std::string s = "(";
-  for (size_t i = 0; i < t.shape.size(); ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + (t.shape.size() == 1 ? ",)" : ")");
-}
-
 // A token-major tensor: (batch, seq, heads, d) or, varlen, (total, heads, d), d contiguous.
 void check_tokens(const TensorView& t, const TensorView& ref, const char* name, bool varlen) {
   pyllmops::check_not_null(t, name);
@@ -24,7 +18,7 @@ void check_tokens(const TensorView& t, const TensorView& ref, const char* name, 
   PYLLMOPS_CHECK(t.dtype == ref.dtype, name, " must have q's dtype ", pyllmops::dtype_name(ref.dtype), ", got ",
                  pyllmops::dtype_name(t.dtype));
   const int64_t want = varlen ? 3 : 4;
-  PYLLMOPS_CHECK(t.dim() == want, name, " must be ", want, "-D, got shape ", shape_str(t));
+  PYLLMOPS_CHECK(t.dim() == want, name, " must be ", want, "-D, got shape ", pyllmops::shape_str(t.shape));
   PYLLMOPS_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, name, " must have a contiguous last (head_dim) dim, got strides",
                  " with last stride ", t.stride(-1));
   for (int64_t i = 0; i < t.dim(); ++i)
@@ -32,8 +26,8 @@ void check_tokens(const TensorView& t, const TensorView& ref, const char* name, 
 }
 
 void check_same_shape(const TensorView& t, const TensorView& ref, const char* name, const char* ref_name) {
-  PYLLMOPS_CHECK(t.shape == ref.shape, name, " must have ", ref_name, "'s shape ", shape_str(ref), ", got ",
-                 shape_str(t));
+  PYLLMOPS_CHECK(t.shape == ref.shape, name, " must have ", ref_name, "'s shape ", pyllmops::shape_str(ref.shape),
+                 ", got ", pyllmops::shape_str(t.shape));
 }
 
 attn::Layout layout(const TensorView& t, bool varlen) {
@@ -102,7 +96,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
     PYLLMOPS_CHECK(k.size(0) == p.batch, "k has batch ", k.size(0), " but q has batch ", p.batch);
     const std::vector<int64_t> want{p.batch, hq, p.seqlen_q};
     PYLLMOPS_CHECK(lse.shape == want, "lse must have shape (batch, heads_q, seqlen_q) = (", p.batch, ", ", hq, ", ",
-                   p.seqlen_q, "), got ", shape_str(lse));
+                   p.seqlen_q, "), got ", pyllmops::shape_str(lse.shape));
     p.lse_batch_stride = hq * p.seqlen_q;
     p.lse_head_stride = p.seqlen_q;
     return p;
@@ -115,7 +109,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
     pyllmops::check_contiguous(*c, name);
     pyllmops::check_same_device(*c, q, name, "q");
     PYLLMOPS_CHECK(c->dim() == 1 && c->size(0) >= 2, name, " must be 1-D with batch + 1 >= 2 entries, got shape ",
-                   shape_str(*c));
+                   pyllmops::shape_str(c->shape));
   }
   PYLLMOPS_CHECK(cq.size(0) == ck.size(0), "cu_seqlens_q has ", cq.size(0), " entries but cu_seqlens_k has ",
                  ck.size(0));
@@ -130,7 +124,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.cu_seqlens_k = ck.ptr<const int32_t>();
   const std::vector<int64_t> want{hq, p.total_q};
   PYLLMOPS_CHECK(lse.shape == want, "lse must have shape (heads_q, total_q) = (", hq, ", ", p.total_q, "), got ",
-                 shape_str(lse));
+                 pyllmops::shape_str(lse.shape));
   p.lse_batch_stride = 0;
   p.lse_head_stride = p.total_q;
   if (!q.is_cuda()) {

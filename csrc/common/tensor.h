@@ -66,6 +66,13 @@ struct TensorView {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A shape as Python prints a tuple, for error messages: (2, 3), (5,), ().
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
 // Checks the C++ layer repeats before relying on a view (Python has checked them already).
 inline void check_dtype(const TensorView& t, DType d, const char* name) {
   PYLLMOPS_CHECK(t.dtype == d, name, " must be ", dtype_name(d), ", got ", dtype_name(t.dtype));

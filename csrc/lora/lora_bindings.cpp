@@ -19,15 +19,10 @@ void check_bits_group(int64_t bits, int64_t group_size) {
                  group_size);
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string o = "(";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + ")";
-}
-
 void check_shape(const TensorView& t, std::initializer_list<int64_t> shape, const char* name) {
   const std::vector<int64_t> want(shape);
-  PYLLMOPS_CHECK(t.shape == want, name, " has shape ", shape_str(t.shape), ", expected ", shape_str(want));
+  PYLLMOPS_CHECK(t.shape == want, name, " has shape ", pyllmops::shape_str(t.shape), ", expected ",
+                 pyllmops::shape_str(want));
 }
 
 // check_input, except that an empty tensor (an r = 0 adapter: IntLinear) is never read, so any strides do.

@@ -20,6 +20,7 @@ import torch
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from pyllmops.models.decoder import cu_seqlens_from_lengths
 from pyllmops.ops.attention import flash_attention, flash_attention_varlen
 
 NAME = "pyllmops"
@@ -50,9 +51,8 @@ def _unpad(x, mask):
     """x (b, s, h, d), mask (b, s) bool -> packed (total, h, d), row indices, int32 cu_seqlens, max length."""
     b, s = mask.shape
     idx = mask.reshape(-1).nonzero().squeeze(-1)
-    lens = mask.sum(-1, dtype=torch.int32)
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=x.device)
-    cu[1:] = torch.cumsum(lens, 0)
+    lens = mask.sum(-1)
+    cu = cu_seqlens_from_lengths(lens, x.device)
     return x.reshape(b * s, *x.shape[2:]).index_select(0, idx), idx, cu, int(lens.max().item()) if b else 0
 
 

@@ -168,11 +168,11 @@ class DecoderLayer(nn.Module):
 
 
 def cu_seqlens_from_lengths(lengths, device):
-    """int32 (n + 1,) offsets [0, l0, l0 + l1, ...]."""
-    lens = torch.as_tensor(lengths, dtype=torch.int64)
-    cu = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+    """int32 (n + 1,) offsets [0, l0, l0 + l1, ...] on `device`; lengths: a sequence or a tensor."""
+    lens = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    cu = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=device)
     cu[1:] = torch.cumsum(lens, 0)
-    return cu.to(device=device, dtype=torch.int32)
+    return cu.to(torch.int32)
 
 
 def positions_from_lengths(lengths, device, starts=None):

@@ -1,8 +1,7 @@
 """Functional forms of pyllmops' ops with the signatures of torch.nn.functional."""
-import math
 
-from pyllmops.ops._common import check_bool, check_tensor
-from pyllmops.ops.attention import CPU_DTYPES, CUDA_DTYPES, MAX_HEAD_DIM, _scale, _sdpa, _window
+from pyllmops.ops._common import check_bool, check_tensor, softmax_scale_or_default
+from pyllmops.ops.attention import CPU_DTYPES, CUDA_DTYPES, MAX_HEAD_DIM, _sdpa, _window
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -50,5 +49,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if b < 1 or L < 1 or key.shape[2] < 1:
         raise ValueError(f"batch, L and S must be >= 1, got query {tuple(query.shape)}, key {tuple(key.shape)}")
     window = _window(False, (-1, -1) if window_size is None else window_size)
-    s = 1.0 / math.sqrt(d) if scale is None else _scale(scale, d)
+    s = softmax_scale_or_default(scale, d)
     return _sdpa(query, key, value, is_causal=is_causal, scale=s, window_size=window)

@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from pyllmops.ops.nf4 import NF4State, nf4_linear, quantize_nf4
+from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
 
 
 class NF4Linear(nn.Module):
@@ -62,8 +62,6 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.weight, self.quant_state, bias)
 
     def dequantized_weight(self, dtype=None):
-        from pyllmops.ops.nf4 import dequantize_nf4
-
         return dequantize_nf4(self.weight, self.quant_state, dtype)
 
     def extra_repr(self):

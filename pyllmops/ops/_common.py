@@ -4,6 +4,7 @@ Arguments are checked here, before any kernel runs, with messages that name the 
 value received and what was expected. _C checks again what its kernels rely on.
 """
 import contextlib
+import math
 import os
 
 import torch
@@ -102,3 +103,30 @@ def check_int(name, value, *, choices=None, min_value=None):
 def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_linear_input(x, in_features, device=None):
+    """x of a linear layer: float (..., in_features)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=device)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={in_features}")
+
+
+def check_bias(bias, x, out_features):
+    """An optional bias of a linear layer: (out_features,) with x's dtype and device."""
+    if bias is None:
+        return
+    check_tensor("bias", bias, dtypes=(x.dtype,), dim=1, device=x.device)
+    if bias.shape[0] != out_features:
+        raise ValueError(f"bias has {bias.shape[0]} elements, expected out_features={out_features}")
+
+
+def softmax_scale_or_default(softmax_scale, head_dim):
+    """The attention softmax scale: 1 / sqrt(head_dim) when None, else a positive finite float."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    return float(softmax_scale)

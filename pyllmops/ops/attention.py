@@ -10,13 +10,13 @@ Layouts: q (batch, seqlen_q, heads_q, d), k/v (batch, seqlen_k, heads_kv, d) wit
 strides (d contiguous), or varlen (total, heads, d) + cu_seqlens. out has q's layout (empty_like), lse
 is float32 (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen. Kernel design: csrc/attention.
 """
-import math
 from typing import Optional
 
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import check_bool, check_int, check_tensor, empty, empty_like, opt_view, stream, view
+from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, opt_view,
+                                  softmax_scale_or_default, stream, view)
 
 MAX_HEAD_DIM = 256  # csrc/attention/attention.h kMaxHeadDim
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -151,16 +151,6 @@ def _window(causal, window_size):
     return left, 0 if causal else right
 
 
-def _scale(softmax_scale, head_dim):
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    return float(softmax_scale)
-
-
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, c, dtypes=(torch.int32,), dim=1, device=q.device)
@@ -218,7 +208,7 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
     """
     _check_qkv(q, k, v, varlen=False)
     left, right = _window(causal, window_size)
-    scale = _scale(softmax_scale, q.shape[-1])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
     out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right,
@@ -251,7 +241,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_qkv(q, k, v, varlen=True)
     _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     left, right = _window(causal, window_size)
-    scale = _scale(softmax_scale, q.shape[-1])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
     out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import FLOAT_DTYPES, check_int, check_tensor, empty, opt_view, stream, view
-from pyllmops.ops.nf4 import NF4State
+from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
+                                  opt_view, stream, view)
+from pyllmops.ops.nf4 import check_linear_weight
 
 INT_BITS = (2, 3, 4)
 INT_GROUP_SIZES = (32, 64, 128)
@@ -327,18 +328,9 @@ def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropo
     if x.is_cuda and r > MAX_RANK_CUDA:
         raise ValueError(f"the CUDA kernel supports rank r <= {MAX_RANK_CUDA}, got r={r}")
     _check_scaling(scaling)
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1, device=x.device)
-        if bias.shape[0] != out_features:
-            raise ValueError(f"bias has {bias.shape[0]} elements, expected out_features={out_features}")
+    check_bias(bias, x, out_features)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-
-
-def _check_x(x, in_features, device=None):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=device)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={in_features}")
 
 
 def dropout_mask(x, p, training=True):
@@ -372,19 +364,11 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, t
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=weight.device)
     check_tensor("weight", weight, dtypes=(x.dtype,), dim=2, device=x.device)
     out_features, in_features = weight.shape
-    _check_x(x, in_features)
+    check_linear_input(x, in_features)
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     y, _ = torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling),
                                        dropout_mask(x, dropout, training))
     return y
-
-
-def _check_nf4(packed, state):
-    if not isinstance(state, NF4State):
-        raise TypeError(f"state must be an NF4State, got {type(state).__name__}")
-    state.validate(packed)
-    if len(state.shape) != 2:
-        raise ValueError(f"state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
 
 
 def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, training=True):
@@ -398,9 +382,8 @@ def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropou
         >>> packed, state = pyllmops.quantize_nf4(torch.randn(32, 64), blocksize=64)
         >>> y = pyllmops.qlora_linear(torch.randn(5, 64), packed, state, a, b, scaling=2.0)
     """
-    _check_nf4(packed, state)
-    out_features, in_features = state.shape
-    _check_x(x, in_features, device=state.device)
+    out_features, in_features = check_linear_weight(packed, state)
+    check_linear_input(x, in_features, device=state.device)
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     y, _ = torch.ops.pyllmops.qlora_fwd(x, packed, *state.kernel_args()[:4], state.blocksize, state.nested_blocksize,
                                         out_features, bias, lora_a, lora_b, float(scaling),
@@ -475,7 +458,7 @@ def qalora_linear(x, qweight, scales, zeros, lora_a, lora_b, scaling, *, bits, g
         lora_a: (r, in_features / group_size); lora_b: (out_features, r); x's dtype.
     """
     n, in_features = _check_int(qweight, scales, zeros, bits, group_size)
-    _check_x(x, in_features, device=scales.device)
+    check_linear_input(x, in_features, device=scales.device)
     _check_adapter(x, lora_a, lora_b, in_features // group_size, n, scaling, bias, dropout)
     y, _ = torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b,
                                          float(scaling), dropout_mask(x, dropout, training))
@@ -486,7 +469,7 @@ def int_linear(x, qweight, scales, zeros, *, bits, group_size, bias=None):
     """y = x.W^T + bias with W in quantize_int's format, decoded tile by tile in the kernel (a merged
     QA-LoRA layer). Differentiable in x and bias."""
     n, in_features = _check_int(qweight, scales, zeros, bits, group_size)
-    _check_x(x, in_features, device=scales.device)
+    check_linear_input(x, in_features, device=scales.device)
     no_a = x.new_zeros((0, in_features // group_size))
     no_b = x.new_zeros((n, 0))
     _check_adapter(x, no_a, no_b, in_features // group_size, n, 1.0, bias, 0.0)

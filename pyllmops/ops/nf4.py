@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, opt_view, stream,
-                                  view)
+from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_bool, check_int, check_linear_input, check_tensor,
+                                  empty, opt_view, stream, view)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -373,6 +373,16 @@ def dequantize_nf4(packed, state, out_dtype=None):
     return out.view(state.shape)
 
 
+def check_linear_weight(packed, state):
+    """An NF4 linear weight (packed, state) of shape (out_features, in_features) -> that shape."""
+    if not isinstance(state, NF4State):
+        raise TypeError(f"state must be an NF4State, got {type(state).__name__}")
+    state.validate(packed)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
+    return tuple(state.shape)
+
+
 def nf4_linear(x, packed, state, bias=None):
     """y = x @ W.T + bias with W (out_features, in_features) stored in NF4; differentiable in x and bias.
 
@@ -385,18 +395,8 @@ def nf4_linear(x, packed, state, bias=None):
         packed, state: from quantize_nf4 of a 2-D weight (out_features, in_features).
         bias: optional (out_features,) with x's dtype.
     """
-    if not isinstance(state, NF4State):
-        raise TypeError(f"state must be an NF4State, got {type(state).__name__}")
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1, device=state.device)
-    state.validate(packed)
-    if len(state.shape) != 2:
-        raise ValueError(f"state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
-    out_features, in_features = state.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={in_features}")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1, device=x.device)
-        if bias.shape[0] != out_features:
-            raise ValueError(f"bias has {bias.shape[0]} elements, expected out_features={out_features}")
+    out_features, in_features = check_linear_weight(packed, state)
+    check_linear_input(x, in_features, device=state.device)
+    check_bias(bias, x, out_features)
     return torch.ops.pyllmops.nf4_linear(x, packed, *state.kernel_args()[:4], bias, state.blocksize,
                                          state.nested_blocksize, out_features)

@@ -17,13 +17,13 @@ kernels bounds-check it themselves: they never read outside the cache, skip what
 write NaN to the affected attention rows and raise a bit in a per-device error word that
 check_kernel_errors() reads (and that validate=True checks eagerly, with a sync, before the launch).
 """
-import math
 from typing import Optional
 
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, opt_view, stream, view
+from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, opt_view,
+                                  softmax_scale_or_default, stream, view)
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256   # csrc/paged/paged.h
 MAX_HEAD_DIM = 256
@@ -272,11 +272,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
     if seq_lens.shape[0] != num_seqs:
         raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries, expected one per block_tables row ({num_seqs})")
     check_int("window_left", window_left, min_value=-1)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or \
-            not math.isfinite(softmax_scale):
-        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
     if cu_seqlens_q is None:
         if total_q != num_seqs:
             raise ValueError(f"decode takes one query per sequence: q has {total_q} rows but there are {num_seqs} "
