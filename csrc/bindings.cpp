@@ -15,6 +15,11 @@ py::dict build_info() {
 #else
   d["cuda"] = false;
 #endif
+#ifdef PYLLMOPS_EMU
+  d["emulated"] = true;
+#else
+  d["emulated"] = false;
+#endif
   d["cuda_archs"] = std::string(PYLLMOPS_CUDA_ARCHS);
   d["cuda_version"] = std::string(PYLLMOPS_CUDA_VERSION);
   d["cpu"] = true;
@@ -38,4 +43,7 @@ PYBIND11_MODULE(_C, m) {
   register_attention(m);
   register_paged(m);
   register_lora(m);
+#ifdef PYLLMOPS_EMU
+  register_emu(m);
+#endif
 }

@@ -15,8 +15,6 @@
                                 __LINE__, ": ", cudaGetErrorString(err_));                     \
   } while (0)
 
-// After a <<<...>>> launch: catches bad configurations without synchronizing.
-#define PYLLMOPS_CUDA_LAUNCH_CHECK() PYLLMOPS_CUDA_CHECK(cudaGetLastError())
 
 namespace pyllmops {
 

@@ -10,7 +10,7 @@
 #include "common/macros.h"
 #include "common/tensor.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(PYLLMOPS_EMU)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -80,7 +80,7 @@ template <> PYLLMOPS_HD float from_float<float>(float f) { return f; }
 template <> PYLLMOPS_HD f16_t from_float<f16_t>(float f) { return float_to_f16(f); }
 template <> PYLLMOPS_HD bf16_t from_float<bf16_t>(float f) { return float_to_bf16(f); }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(PYLLMOPS_EMU)
 PYLLMOPS_HD float to_float(__half x) { return __half2float(x); }
 PYLLMOPS_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> PYLLMOPS_HD __half from_float<__half>(float f) { return __float2half_rn(f); }

@@ -27,6 +27,7 @@
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "common/dtype.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda.cuh"
@@ -45,8 +46,8 @@ constexpr int kSmemFloats = kLoopFloats > kEpiFloats ? kLoopFloats : kEpiFloats;
 
 template <WeightKind K, typename T>
 __global__ void __launch_bounds__(kThreads) fused_kernel(FusedArgs a, Weight w) {
-  __shared__ float smem[kSmemFloats];
-  __shared__ float s_code[16];
+  PYLLMOPS_SHARED(float[kSmemFloats], smem);
+  PYLLMOPS_SHARED(float[16], s_code);
   if (threadIdx.x < 16) s_code[threadIdx.x] = c_nf4_code[threadIdx.x];
   float* Xs = smem;
   float* Xd = a.in_scale ? smem + kBK * 64 : Xs;
@@ -134,7 +135,7 @@ void launch_fused(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
   PYLLMOPS_CHECK(gx <= 2147483647LL, "too many output columns: ", a.n_cols);
-  fused_kernel<K, T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a, w);
+  launch("fused_kernel", fused_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, a, w);
 }
 
 // ---- INT quantize: (1) per (row, group) min/max -> scale, zero; (2) per word: pack codes ---------
@@ -204,7 +205,6 @@ void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weigh
       case WeightKind::int_q: return launch_fused<WeightKind::int_q, scalar_t>(args, w, s);
     }
   });
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 void int_quantize_cuda(const TensorView& w, int bits, int64_t group_size, const TensorView& qweight,
@@ -214,13 +214,8 @@ void int_quantize_cuda(const TensorView& w, int bits, int64_t group_size, const 
   CudaDeviceGuard guard(w.device);
   const cudaStream_t s = as_stream(stream);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", __half, __nv_bfloat16, [&] {
-    int_params_kernel<scalar_t><<<grid_for(n * (k / group_size)), kThreads, 0, s>>>(
-        w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<float>(), zeros.ptr<float>());
-    PYLLMOPS_CUDA_LAUNCH_CHECK();
-    int_pack_kernel<scalar_t><<<grid_for(n * words_per_row(k, bits)), kThreads, 0, s>>>(
-        w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<const float>(), zeros.ptr<const float>(),
-        qweight.ptr<int32_t>());
-    PYLLMOPS_CUDA_LAUNCH_CHECK();
+    launch("int_params_kernel", int_params_kernel<scalar_t>, grid_for(n * (k / group_size)), kThreads, 0, s, w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<float>(), zeros.ptr<float>());
+    launch("int_pack_kernel", int_pack_kernel<scalar_t>, grid_for(n * words_per_row(k, bits)), kThreads, 0, s, w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<const float>(), zeros.ptr<const float>(), qweight.ptr<int32_t>());
   });
 }
 
@@ -237,10 +232,8 @@ void int_dequantize_cuda(const TensorView& qweight, const TensorView& scales, co
   if (w.n_out * w.k_in == 0) return;
   CudaDeviceGuard guard(out.device);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(out.dtype, "out", __half, __nv_bfloat16, [&] {
-    int_dequantize_kernel<scalar_t><<<grid_for(w.n_out * w.k_in), kThreads, 0, as_stream(stream)>>>(
-        w, out.ptr<scalar_t>());
+    launch("int_dequantize_kernel", int_dequantize_kernel<scalar_t>, grid_for(w.n_out * w.k_in), kThreads, 0, as_stream(stream), w, out.ptr<scalar_t>());
   });
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace lora

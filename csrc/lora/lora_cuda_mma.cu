@@ -20,6 +20,8 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
+#include "common/ptx.cuh"
 #include "common/dtype.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda.cuh"
@@ -34,32 +36,6 @@ __constant__ float c_nf4_code_mma[16] = {PYLLMOPS_NF4_CODE_VALUES};
 constexpr int kBM = 64, kBN = 64, kBK = 32, kLD = kBK + 8, kThreads = 128, kRT = kMaxRankCuda;
 constexpr int kTileElems = 64 * kLD;
 constexpr int kEpiFloats = kBM * (kRT + 1) + kBN * (kRT + 1);
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                        const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 // Two consecutive elements (the pair a fragment register holds) of a k-contiguous tile.
 template <typename T>
@@ -84,8 +60,9 @@ template <WeightKind K, typename T>
 __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w) {
   constexpr int kLoopBytes = 4 * kTileElems * static_cast<int>(sizeof(T));
   constexpr int kEpiBytes = kEpiFloats * 4;
-  __shared__ __align__(16) unsigned char smem_raw[kLoopBytes > kEpiBytes ? kLoopBytes : kEpiBytes];
-  __shared__ float s_code[16];
+  constexpr int kSmemBytes = kLoopBytes > kEpiBytes ? kLoopBytes : kEpiBytes;
+  PYLLMOPS_SHARED(unsigned char[kSmemBytes], smem_raw);
+  PYLLMOPS_SHARED(float[16], s_code);
   if (threadIdx.x < 16) s_code[threadIdx.x] = c_nf4_code_mma[threadIdx.x];
   T* Xs = reinterpret_cast<T*>(smem_raw);
   T* Xd = a.in_scale ? Xs + kTileElems : Xs;
@@ -137,12 +114,12 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
         uint32_t bf[2];
         load_b(Ws, wn * 32 + ni * 8, k0, lane, bf);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) mma16816<T>(acc[mi][ni], af[mi], bf);
+        for (int mi = 0; mi < 2; ++mi) ptx::mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[0], bf[1]);
         if (wn * 32 + ni * 8 < r) {  // warp-uniform: skip rank tiles past r
           uint32_t df[2];
           load_b(Ds, wn * 32 + ni * 8, k0, lane, df);
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) mma16816<T>(tacc[mi][ni], adf[mi], df);
+          for (int mi = 0; mi < 2; ++mi) ptx::mma_m16n8k16<T>(tacc[mi][ni], adf[mi], df[0], df[1]);
         }
       }
     }
@@ -180,10 +157,10 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 }
 
 template <WeightKind K, typename T>
-void launch(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
+void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
-  fused_mma_kernel<K, T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a, w);
+  launch("fused_mma_kernel", fused_mma_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, a, w);
 }
 
 }  // namespace
@@ -193,9 +170,9 @@ void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const W
   auto go = [&](auto tag) {
     using T = decltype(tag);
     switch (kind) {
-      case WeightKind::dense: return launch<WeightKind::dense, T>(args, w, s);
-      case WeightKind::nf4: return launch<WeightKind::nf4, T>(args, w, s);
-      case WeightKind::int_q: return launch<WeightKind::int_q, T>(args, w, s);
+      case WeightKind::dense: return launch_mma<WeightKind::dense, T>(args, w, s);
+      case WeightKind::nf4: return launch_mma<WeightKind::nf4, T>(args, w, s);
+      case WeightKind::int_q: return launch_mma<WeightKind::int_q, T>(args, w, s);
     }
   };
   if (dtype == DType::bf16) {
@@ -205,7 +182,6 @@ void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const W
   } else {
     throw_invalid("pyllmops._C: the tensor-core LoRA kernel takes float16 or bfloat16, got ", dtype_name(dtype));
   }
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace lora

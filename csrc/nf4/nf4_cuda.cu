@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "common/dtype.h"
 #include "common/warp_reduce.cuh"
 #include "nf4/nf4.h"
@@ -56,7 +57,7 @@ int grid_for(int64_t work_items, int per_block) {
 template <typename T>
 __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t blocksize, uint8_t* __restrict__ packed,
                                 float* __restrict__ absmax) {
-  __shared__ float s_mid[15];
+  PYLLMOPS_SHARED(float[15], s_mid);
   load_midpoints(s_mid);
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -79,7 +80,7 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t bloc
 __global__ void quantize_sorted_code_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ code,
                                             int code_size, int64_t blocksize, uint8_t* __restrict__ q,
                                             float* __restrict__ absmax) {
-  __shared__ float s_code[kNestedCodeSize];
+  PYLLMOPS_SHARED(float[kNestedCodeSize], s_code);
   for (int i = threadIdx.x; i < code_size; i += blockDim.x) s_code[i] = code[i];
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -117,7 +118,7 @@ __device__ __forceinline__ void store_chunk32(T* dst, const float (&v)[32]) {
 template <typename T, bool kVec>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales scales, int64_t blocksize, int64_t n,
                                   T* __restrict__ out) {
-  __shared__ float s_code[16];
+  PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
   const int64_t chunks = (n + 31) / 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -167,7 +168,7 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kSkinnyWarps * 32)
     skinny_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, Scales scales,
                   int64_t blocksize, const T* __restrict__ bias, int64_t n, T* __restrict__ y) {
-  __shared__ float s_code[16];
+  PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + threadIdx.x / 32;
@@ -212,9 +213,7 @@ void launch_skinny(const TensorView& x, const TensorView& packed, const Scales& 
                    const TensorView* bias, const TensorView& y, cudaStream_t stream) {
   const int64_t n = y.size(1);
   const int grid = static_cast<int>(ceil_div(n, kSkinnyWarps));
-  skinny_kernel<T, M><<<grid, kSkinnyWarps * 32, 0, stream>>>(
-      x.ptr<const T>(), x.size(1), packed.ptr<const uint8_t>(), scales, blocksize,
-      bias ? bias->ptr<const T>() : nullptr, n, y.ptr<T>());
+  launch("skinny_kernel", skinny_kernel<T, M>, grid, kSkinnyWarps * 32, 0, stream, x.ptr<const T>(), x.size(1), packed.ptr<const uint8_t>(), scales, blocksize, bias ? bias->ptr<const T>() : nullptr, n, y.ptr<T>());
 }
 
 template <typename T>
@@ -242,10 +241,8 @@ void quantize_cuda(const TensorView& w, int64_t blocksize, const TensorView& pac
   CudaDeviceGuard guard(w.device);
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", __half, __nv_bfloat16, [&] {
-    quantize_kernel<scalar_t><<<grid, kThreads, 0, as_stream(stream)>>>(
-        w.ptr<const scalar_t>(), n, blocksize, packed.ptr<uint8_t>(), absmax.ptr<float>());
+    launch("quantize_kernel", quantize_kernel<scalar_t>, grid, kThreads, 0, as_stream(stream), w.ptr<const scalar_t>(), n, blocksize, packed.ptr<uint8_t>(), absmax.ptr<float>());
   });
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,
@@ -254,10 +251,7 @@ void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int6
   if (n == 0) return;
   CudaDeviceGuard guard(x.device);
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
-  quantize_sorted_code_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
-      x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), blocksize, q.ptr<uint8_t>(),
-      absmax.ptr<float>());
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
+  launch("quantize_sorted_code_kernel", quantize_sorted_code_kernel, grid, kThreads, 0, as_stream(stream), x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), blocksize, q.ptr<uint8_t>(), absmax.ptr<float>());
 }
 
 void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out,
@@ -269,13 +263,10 @@ void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blo
   const int grid = grid_for(ceil_div(n, 32), kThreads);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(out.dtype, "out", __half, __nv_bfloat16, [&] {
     if (vec)
-      dequantize_kernel<scalar_t, true><<<grid, kThreads, 0, as_stream(stream)>>>(
-          packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+      launch("dequantize_kernel", dequantize_kernel<scalar_t, true>, grid, kThreads, 0, as_stream(stream), packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
     else
-      dequantize_kernel<scalar_t, false><<<grid, kThreads, 0, as_stream(stream)>>>(
-          packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+      launch("dequantize_kernel", dequantize_kernel<scalar_t, false>, grid, kThreads, 0, as_stream(stream), packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
   });
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 void skinny_matmul_cuda(const TensorView& x, const TensorView& packed, const Scales& scales, int64_t blocksize,
@@ -289,7 +280,6 @@ void skinny_matmul_cuda(const TensorView& x, const TensorView& packed, const Sca
   PYLLMOPS_DISPATCH_FLOAT_TYPES(x.dtype, "x", __half, __nv_bfloat16, [&] {
     dispatch_skinny<scalar_t>(m, x, packed, scales, blocksize, bias, y, as_stream(stream));
   });
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace nf4

@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "common/dtype.h"
 #include "common/online_softmax.h"
 #include "common/warp_reduce.cuh"
@@ -90,11 +91,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   constexpr int kDMax = kLanes * kElems;
   constexpr int kKeysPerGroup = kKeyTile / kGroups;
   static_assert(kKeyTile % kGroups == 0 && kKeyTile == 64 && kRows <= kRowTile, "tile shapes");
-  __shared__ float s_p[kRows][kKeyTile];        // scores, then probabilities
-  __shared__ float s_m[kRows], s_l[kRows], s_fac[kRows];
-  __shared__ int64_t s_off[kKeyTile];           // element offset of each key's row, -1: none
-  __shared__ float s_red[kGroups][kRows][kDMax];  // <= 32 KiB: the key groups' accumulators
-  __shared__ int s_bad;
+  PYLLMOPS_SHARED(float[kRows][kKeyTile], s_p);        // scores, then probabilities
+  PYLLMOPS_SHARED(float[kRows], s_m);
+  PYLLMOPS_SHARED(float[kRows], s_l);
+  PYLLMOPS_SHARED(float[kRows], s_fac);
+  PYLLMOPS_SHARED(int64_t[kKeyTile], s_off);           // element offset of each key's row, -1: none
+  PYLLMOPS_SHARED(float[kGroups][kRows][kDMax], s_red);  // <= 32 KiB: the key groups' accumulators
+  PYLLMOPS_SHARED(int, s_bad);
 
   const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid / 32, lane = tid % 32;
   const int64_t s = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
@@ -303,11 +306,11 @@ template <typename T, int kRows>
 void launch_rows(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
   const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
   if (p.head_dim == 64 && aligned) {
-    attention_kernel<T, 8, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+    launch("attention_kernel", attention_kernel<T, 8, true, kRows>, grid, kThreads, 0, stream, p);
   } else if (p.head_dim == 128 && aligned) {
-    attention_kernel<T, 16, true, kRows><<<grid, kThreads, 0, stream>>>(p);
+    launch("attention_kernel", attention_kernel<T, 16, true, kRows>, grid, kThreads, 0, stream, p);
   } else {
-    attention_kernel<T, 32, false, kRows><<<grid, kThreads, 0, stream>>>(p);  // any head_dim <= 256
+    launch("attention_kernel", attention_kernel<T, 32, false, kRows>, grid, kThreads, 0, stream, p);  // any head_dim <= 256
   }
 }
 
@@ -322,11 +325,9 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
     launch_rows<T, 4>(p, grid, stream);
   else
     launch_rows<T, kRowTile>(p, grid, stream);
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
   if (p.num_splits > 1) {
     const int threads = p.head_dim >= 128 ? 128 : (p.head_dim >= 64 ? 64 : 32);
-    merge_kernel<T><<<static_cast<unsigned>(p.total_q * p.heads_q), threads, 0, stream>>>(p);
-    PYLLMOPS_CUDA_LAUNCH_CHECK();
+    launch("merge_kernel", merge_kernel<T>, static_cast<unsigned>(p.total_q * p.heads_q), threads, 0, stream, p);
   }
 }
 
@@ -385,15 +386,10 @@ void reshape_and_cache_cuda(const TensorView& key, const TensorView& value, cons
                    is_aligned(key_cache.data, 16) && is_aligned(value_cache.data, 16);
   const auto* slots = slot_mapping.ptr<const int64_t>();
   if (vec) {
-    reshape_and_cache_kernel<uint4><<<static_cast<unsigned>(n), 128, 0, as_stream(stream)>>>(
-        key.ptr<const uint4>(), value.ptr<const uint4>(), key_cache.ptr<uint4>(), value_cache.ptr<uint4>(), slots,
-        row_bytes / 16, num_slots, error_flag);
+    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint4>, static_cast<unsigned>(n), 128, 0, as_stream(stream), key.ptr<const uint4>(), value.ptr<const uint4>(), key_cache.ptr<uint4>(), value_cache.ptr<uint4>(), slots, row_bytes / 16, num_slots, error_flag);
   } else {
-    reshape_and_cache_kernel<uint16_t><<<static_cast<unsigned>(n), 128, 0, as_stream(stream)>>>(
-        key.ptr<const uint16_t>(), value.ptr<const uint16_t>(), key_cache.ptr<uint16_t>(),
-        value_cache.ptr<uint16_t>(), slots, row_bytes / 2, num_slots, error_flag);
+    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint16_t>, static_cast<unsigned>(n), 128, 0, as_stream(stream), key.ptr<const uint16_t>(), value.ptr<const uint16_t>(), key_cache.ptr<uint16_t>(), value_cache.ptr<uint16_t>(), slots, row_bytes / 2, num_slots, error_flag);
   }
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr_t stream) {
@@ -403,14 +399,11 @@ void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr
   const int64_t block_bytes = caches.numel() / (num_caches * num_blocks) * dtype_size(caches.dtype);
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(num_caches));
   if (block_bytes % 16 == 0 && is_aligned(caches.data, 16)) {
-    copy_blocks_kernel<uint4><<<grid, 256, 0, as_stream(stream)>>>(caches.ptr<uint4>(), pairs.ptr<const int64_t>(),
-                                                                   num_blocks, block_bytes / 16);
+    launch("copy_blocks_kernel", copy_blocks_kernel<uint4>, grid, 256, 0, as_stream(stream), caches.ptr<uint4>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 16);
   } else {
     PYLLMOPS_CHECK(block_bytes % 2 == 0, "copy_blocks: block of ", block_bytes, " bytes");
-    copy_blocks_kernel<uint16_t><<<grid, 256, 0, as_stream(stream)>>>(
-        caches.ptr<uint16_t>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 2);
+    launch("copy_blocks_kernel", copy_blocks_kernel<uint16_t>, grid, 256, 0, as_stream(stream), caches.ptr<uint16_t>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 2);
   }
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace paged
