@@ -2,17 +2,44 @@
 import pytest
 import torch
 
-from pyllmops.ops._common import poison_outputs
+from pyllmops.ops._common import emulated, poison_outputs
 
-HAS_CUDA = torch.cuda.is_available()
+# An emulated build (PYLLMOPS_CUDA=emu, docs/emulator.md) runs the CUDA kernels on CPU tensors: there
+# the `cuda` tests use CPU tensors, and the CPU kernels (tested by a normal build) are not reachable.
+EMULATED = emulated()
+GPU = torch.cuda.is_available() and not EMULATED
+
+
+class EmulatedCuda(str):
+    """The `cuda` test device of an emulated build: torch reads the string "cpu" (tensors live on the CPU
+    and take the CUDA kernels), while tests that branch on `device == "cuda"` / `device == "cpu"` see CUDA."""
+
+    def __eq__(self, other):
+        return other == "cuda" if type(other) is str else str.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = str.__hash__
+
+
+CUDA = EmulatedCuda("cpu") if EMULATED else "cuda"   # the device of `cuda`-marked tests
+HAS_CUDA = GPU or EMULATED
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (and not an emulated build)")]
+# What the emulator does not model: streams, CUDA graphs, the device allocator.
+GPU_ONLY_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not GPU, reason="needs a real GPU (streams, CUDA graphs)")]
 
 
 def devices():
-    """'cpu' always; 'cuda' (marked `cuda`) when a GPU is visible."""
-    out = [pytest.param("cpu", id="cpu")]
-    out.append(pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
-                                                      pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]))
-    return out
+    """'cpu' (the CPU kernels) and 'cuda' (marked `cuda`; CPU tensors in an emulated build)."""
+    cpu_marks = [pytest.mark.skipif(EMULATED, reason="emulated build: CPU tensors run the CUDA kernels")]
+    return [pytest.param("cpu", id="cpu", marks=cpu_marks), pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)]
+
+
+def sync():
+    """Waits for the GPU (a no-op in an emulated build, whose launches return when done)."""
+    if GPU:
+        torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pyllmops
 from pyllmops.ops import paged as P
 from pyllmops.reference import paged as ref
 
-from conftest import assert_close, devices
+from conftest import CUDA, CUDA_MARKS, GPU_ONLY_MARKS, assert_close, devices, sync
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 2e-3}  # ~10x, 5x, 10x the errors measured on the CPU kernels
 
@@ -54,7 +54,7 @@ def run_case(device, dtype, seq_lens, q_lens=None, heads_kv=2, group=4, head_dim
                                    max_seqlen_q=None if q_lens is None else max(max(q_lens), 1))
     want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, softmax_scale=scale)
     assert out.dtype == dtype and out.shape == q.shape
-    if device == "cuda":
+    if device == CUDA:
         P.check_kernel_errors(device)
     assert_close(out, want, TOL[dtype])
     return out
@@ -480,11 +480,20 @@ def test_opcheck(device):
                           (caches, torch.tensor([[0, 3], [5, 9]], device=device)))
 
 
+@pytest.mark.parametrize("device", devices())
+def test_zero_query_heads(device):
+    """q with 0 heads (a multiple of any num_kv_heads) is an empty attention: an empty out, no launch (a
+    zero-element q passes the contiguity checks, so this reaches _C)."""
+    dtype = dtypes_for(device)[-1]
+    kc, vc = random_cache(4, 16, 2, 64, dtype, device)
+    bt = torch.tensor([[0], [1]], dtype=torch.int32, device=device)
+    sl = torch.tensor([3, 5], dtype=torch.int32, device=device)
+    out = pyllmops.paged_attention(torch.randn(2, 0, 64, device=device).to(dtype), kc, vc, bt, sl)
+    assert out.shape == (2, 0, 64)
+
+
 # ---------------------------------------------------------------- CUDA only: in-kernel checks, graph capture
-cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
-
-
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("device", [pytest.param(CUDA, marks=CUDA_MARKS)])
 def test_cuda_bad_metadata_is_flagged_not_read(device):
     """CUDA checks device-resident metadata in the kernel (no host sync): out-of-range entries are
     never dereferenced, the affected rows are NaN, and check_kernel_errors raises."""
@@ -495,7 +504,7 @@ def test_cuda_bad_metadata_is_flagged_not_read(device):
     q = torch.randn(2, 4, 64, device=device).bfloat16()
     for splits in (1, 3):
         out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=splits)
-        torch.cuda.synchronize()
+        sync()
         assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
         with pytest.raises(RuntimeError, match="block-table entry"):
             P.check_kernel_errors(device)
@@ -505,14 +514,14 @@ def test_cuda_bad_metadata_is_flagged_not_read(device):
     bad_len = torch.tensor([20, 33], dtype=torch.int32, device=device)
     for splits in (1, 3):  # with splits the merge must keep the NaN, not rebuild a row from empty splits
         out = pyllmops.paged_attention(q, kc, vc, bt.clamp(max=3), bad_len, num_splits=splits)
-        torch.cuda.synchronize()
+        sync()
         assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
         with pytest.raises(RuntimeError, match="seq_len"):
             P.check_kernel_errors(device)
     k0 = kc.clone()
     key = torch.randn(2, 2, 64, device=device).bfloat16()
     pyllmops.reshape_and_cache(key, key, kc, vc, torch.tensor([5, 8 * 16], device=device))
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(kc.view(-1, 2, 64)[5], key[0])
     k0.view(-1, 2, 64)[5] = key[0]
     assert torch.equal(kc, k0)  # the out-of-range token was skipped
@@ -520,7 +529,7 @@ def test_cuda_bad_metadata_is_flagged_not_read(device):
         P.check_kernel_errors(device)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU_ONLY_MARKS)])
 def test_cuda_graph_decode_step(device):
     """A decode step (split-KV included) is captured once and replayed with new q / seq_lens."""
     kc, vc = random_cache(80, 16, 2, 128, torch.bfloat16, device)

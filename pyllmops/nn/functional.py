@@ -1,6 +1,6 @@
 """Functional forms of pyllmops' ops with the signatures of torch.nn.functional."""
 
-from pyllmops.ops._common import check_bool, check_tensor, softmax_scale_or_default
+from pyllmops.ops._common import check_bool, check_tensor, on_cuda, softmax_scale_or_default
 from pyllmops.ops.attention import CPU_DTYPES, CUDA_DTYPES, MAX_HEAD_DIM, _sdpa, _window
 
 
@@ -32,7 +32,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     check_bool("is_causal", is_causal)
     check_bool("enable_gqa", enable_gqa)
     check_tensor("query", query, dim=4)
-    check_tensor("query", query, dtypes=CUDA_DTYPES if query.is_cuda else CPU_DTYPES)
+    check_tensor("query", query, dtypes=CUDA_DTYPES if on_cuda(query) else CPU_DTYPES)
     check_tensor("key", key, dtypes=(query.dtype,), dim=4, device=query.device)
     check_tensor("value", value, dtypes=(query.dtype,), dim=4, device=query.device)
     b, hq, L, d = query.shape

@@ -22,7 +22,7 @@ import torch
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
-                                  opt_view, stream, view)
+                                  on_cuda, opt_view, stream, view)
 from pyllmops.ops.nf4 import check_linear_weight
 
 INT_BITS = (2, 3, 4)
@@ -325,7 +325,7 @@ def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropo
     if tuple(lora_b.shape) != (out_features, r):
         raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected (out_features={out_features}, r={r}) "
                          f"(rank of lora_a is {r})")
-    if x.is_cuda and r > MAX_RANK_CUDA:
+    if on_cuda(x) and r > MAX_RANK_CUDA:
         raise ValueError(f"the CUDA kernel supports rank r <= {MAX_RANK_CUDA}, got r={r}")
     _check_scaling(scaling)
     check_bias(bias, x, out_features)

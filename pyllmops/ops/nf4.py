@@ -19,7 +19,7 @@ import torch
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_bool, check_int, check_linear_input, check_tensor,
-                                  empty, opt_view, stream, view)
+                                  empty, on_cuda, opt_view, stream, view)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -266,7 +266,7 @@ def _skinny_applies(x2, packed):
     m, k = x2.shape
     if not 1 <= m <= MAX_SKINNY_ROWS:
         return False
-    if x2.is_cuda:
+    if on_cuda(x2):
         return k % 32 == 0 and x2.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
     return True
 
