@@ -1,7 +1,9 @@
 """Build pyllmops._C with CMake.
 
 Environment:
-  PYLLMOPS_CUDA        unset: build CUDA kernels when nvcc is found; 0: never; 1: nvcc required.
+  PYLLMOPS_CUDA        unset: build CUDA kernels when nvcc is found; 0: never; 1: nvcc required;
+                       emu: the emulated CUDA backend (the .cu sources built by the host compiler and run on
+                       the CPU, CPU tensors taking the CUDA path; docs/emulator.md). Needs the CUDA headers.
   PYLLMOPS_CUDA_ARCHS  ';'-separated list, default "80;90a" (a trailing 'a' selects arch-specific
                        features, e.g. wgmma on sm_90a).
   PYLLMOPS_BUILD_TYPE  CMake build type, default Release.

@@ -132,7 +132,8 @@ std::vector<float> run_selftest(const std::string& name) {
   else if (name == "mask_mismatch") launch("mask_mismatch", mask_mismatch, 1, 32, 0, s, out.p);
   else if (name == "mask_without_self") launch("mask_without_self", mask_without_self, 1, 32, 0, s, out.p);
   else if (name == "oob_write") launch("oob_write", oob_write, 1, kN, 0, s, out.p, kN);
-  else if (name == "oob_read") launch("oob_read", oob_read, 1, kN, 0, s, static_cast<const float*>(in.p), out.p, kN * 4);
+  else if (name == "oob_read") launch("oob_read", oob_read, 1, kN, 0, s, static_cast<const float*>(in.p), out.p,
+                                      kN * 4);
   else if (name == "oob_shared") launch("oob_shared", oob_shared, 1, kN, kN * sizeof(float), s, out.p, kN);
   else if (name == "misaligned_vector")
     launch("misaligned_vector", misaligned_vector, 1, kN, 0, s, static_cast<const float*>(in.p), out.p);

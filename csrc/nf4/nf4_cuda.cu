@@ -213,7 +213,8 @@ void launch_skinny(const TensorView& x, const TensorView& packed, const Scales& 
                    const TensorView* bias, const TensorView& y, cudaStream_t stream) {
   const int64_t n = y.size(1);
   const int grid = static_cast<int>(ceil_div(n, kSkinnyWarps));
-  launch("skinny_kernel", skinny_kernel<T, M>, grid, kSkinnyWarps * 32, 0, stream, x.ptr<const T>(), x.size(1), packed.ptr<const uint8_t>(), scales, blocksize, bias ? bias->ptr<const T>() : nullptr, n, y.ptr<T>());
+  launch("skinny_kernel", skinny_kernel<T, M>, grid, kSkinnyWarps * 32, 0, stream, x.ptr<const T>(), x.size(1),
+         packed.ptr<const uint8_t>(), scales, blocksize, bias ? bias->ptr<const T>() : nullptr, n, y.ptr<T>());
 }
 
 template <typename T>
@@ -241,7 +242,8 @@ void quantize_cuda(const TensorView& w, int64_t blocksize, const TensorView& pac
   CudaDeviceGuard guard(w.device);
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", __half, __nv_bfloat16, [&] {
-    launch("quantize_kernel", quantize_kernel<scalar_t>, grid, kThreads, 0, as_stream(stream), w.ptr<const scalar_t>(), n, blocksize, packed.ptr<uint8_t>(), absmax.ptr<float>());
+    launch("quantize_kernel", quantize_kernel<scalar_t>, grid, kThreads, 0, as_stream(stream), w.ptr<const scalar_t>(),
+           n, blocksize, packed.ptr<uint8_t>(), absmax.ptr<float>());
   });
 }
 
@@ -251,7 +253,9 @@ void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int6
   if (n == 0) return;
   CudaDeviceGuard guard(x.device);
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
-  launch("quantize_sorted_code_kernel", quantize_sorted_code_kernel, grid, kThreads, 0, as_stream(stream), x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), blocksize, q.ptr<uint8_t>(), absmax.ptr<float>());
+  launch("quantize_sorted_code_kernel", quantize_sorted_code_kernel, grid, kThreads, 0, as_stream(stream),
+         x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), blocksize, q.ptr<uint8_t>(),
+         absmax.ptr<float>());
 }
 
 void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out,
@@ -263,9 +267,11 @@ void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blo
   const int grid = grid_for(ceil_div(n, 32), kThreads);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(out.dtype, "out", __half, __nv_bfloat16, [&] {
     if (vec)
-      launch("dequantize_kernel", dequantize_kernel<scalar_t, true>, grid, kThreads, 0, as_stream(stream), packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+      launch("dequantize_kernel", dequantize_kernel<scalar_t, true>, grid, kThreads, 0, as_stream(stream),
+             packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
     else
-      launch("dequantize_kernel", dequantize_kernel<scalar_t, false>, grid, kThreads, 0, as_stream(stream), packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+      launch("dequantize_kernel", dequantize_kernel<scalar_t, false>, grid, kThreads, 0, as_stream(stream),
+             packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
   });
 }
 
