@@ -1,13 +1,15 @@
 // Emulated PTX warp-level matrix instructions (common/ptx.cuh's PYLLMOPS_EMU half).
 //
-// The lane-to-element maps below are written from the PTX ISA (version 8.x/9.0 of "Parallel Thread
-// Execution ISA"), not from our kernels' comments:
+// The lane-to-element maps below are written from the PTX ISA ("Parallel Thread Execution ISA",
+// section numbers as in versions 8.x-9.x), not from our kernels' comments:
 //   - mma.m16n8k16 with .f16/.bf16 inputs: section 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with
 //     floating point type" (figures "MMA .m16n8k16 fragment layout for matrix A / B / C/D").
 //   - ldmatrix: section 9.7.14.5.15, "Warp-level matrix load instruction: ldmatrix" (figure
 //     "ldmatrix fragment layout" and the table of which threads supply the row addresses).
-//   - cp.async (runtime.cpp): section 9.7.9.25.3, "Data Movement and Conversion Instructions:
-//     cp.async", with cp.async.commit_group / cp.async.wait_group / cp.async.wait_all.
+//   - cp.async (runtime.cpp): "Data Movement and Conversion Instructions: cp.async" and its companions
+//     cp.async.commit_group, cp.async.wait_group and cp.async.wait_all (the asynchronous-copy
+//     subsection of 9.7.9): src-size bytes are copied and the rest of cp-size zero-filled; a copy is
+//     complete only once a wait_group covers its group (wait_all = commit_group + wait_group 0).
 // The tensor-core accumulation order and rounding are not specified by the ISA: the emulator adds
 // the 16 exact products and C in double and rounds once to fp32 (at least as accurate as the hardware).
 #include <cstdint>
