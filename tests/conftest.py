@@ -36,6 +36,17 @@ def devices():
     return [pytest.param("cpu", id="cpu", marks=cpu_marks), pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)]
 
 
+def pytest_collection_modifyitems(config, items):
+    """An emulated build runs the CUDA kernels on CPU tensors, so only the `cuda`-marked tests mean anything
+    there (the CPU kernels, the models and the loops are tested by a normal build)."""
+    if not EMULATED:
+        return
+    skip = pytest.mark.skip(reason="emulated build: only the cuda-marked tests run (build normally for the rest)")
+    for item in items:
+        if "cuda" not in item.keywords:
+            item.add_marker(skip)
+
+
 def sync():
     """Waits for the GPU (a no-op in an emulated build, whose launches return when done)."""
     if GPU:
