@@ -28,6 +28,10 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
+    if args.family == "static":  # ptxas / SASS report: needs nvcc, not torch or a GPU
+        from pyllmops.bench import static
+
+        sys.exit(static.main(args))
     import torch
 
     from pyllmops.bench import FAMILIES
@@ -65,11 +69,14 @@ def main(argv=None):
     d.set_defaults(fn=cmd_demo)
     sub.add_parser("info", help="version, compiled backends, CUDA archs, visible GPUs").set_defaults(fn=cmd_info)
     b = sub.add_parser("bench", help="kernel microbenchmarks")
-    b.add_argument("family", help="op family (e.g. nf4) or 'all'")
+    b.add_argument("family", help="op family (e.g. nf4), 'all', or 'static' (ptxas/SASS report, no GPU)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--out", default=None, help="write <out>/<device>/<family>.json and .md")
     b.add_argument("--flat", action="store_true", help="write straight into --out, without the device folder")
+    from pyllmops.bench.static import add_arguments as add_static_arguments
+
+    add_static_arguments(b.add_argument_group("static (bench static only; --out: default benchmarks/results/static)"))
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     args.fn(args)
