@@ -18,8 +18,13 @@ TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
        torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5}}
 
 
+def _cuda_path(device):
+    """Whether tensors on `device` run the CUDA kernels (CUDA, or CPU tensors in an emulated build)."""
+    return torch.device(device).type == "cuda" or bool(pyllmops.build_info().get("emulated", False))
+
+
 def _dtypes(device):
-    return [torch.float32, torch.bfloat16, torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+    return [torch.float16, torch.bfloat16] if _cuda_path(device) else [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _inputs(b, sq, sk, hq, hkv, d, dtype, device):
@@ -204,6 +209,47 @@ def test_varlen(device, causal, window):
         assert_close(q.grad, q64.grad, tol["grad"], "dq")
         assert_close(k.grad, k64.grad, tol["grad"], "dk")
         assert_close(v.grad, v64.grad, tol["grad"], "dv")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("lens_q,lens_k,max_q,max_k", [
+    ([0, 0], [0, 0], 0, 0),           # every sequence empty (documented as valid), max_seqlen 0: nothing to launch
+    ([0, 0, 0], [0, 0, 0], 5, 7),     # every sequence empty, grids of idle CTAs
+    ([0, 0], [3, 5], 0, 5),           # no query: out empty, dk = dv = 0 must still be written
+    ([2, 3], [0, 0], 3, 0),           # no key: out 0, lse -inf, dq = 0
+    ([0, 4], [6, 0], 4, 6),           # one of each
+])
+def test_varlen_empty_sequences(device, lens_q, lens_k, max_q, max_k):
+    """No query sees a key: outputs and gradients are exact zeros (lse -inf), every element written (outputs
+    are poisoned), zero-row tensors pass the contiguity checks whatever their strides, and CUDA launches no
+    0-sized grid."""
+    hq, hkv, d = 4, 2, 64
+    for dtype in _dtypes(device):
+        q = torch.randn(sum(lens_q), hq, d, device=device).to(dtype).requires_grad_(True)
+        k = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype).requires_grad_(True)
+        v = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype).requires_grad_(True)
+        cq, ck = _cu(lens_q, device), _cu(lens_k, device)
+        out, lse = pyllmops.flash_attention_varlen(q, k, v, cq, ck, max_q, max_k, causal=True, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (hq, sum(lens_q))
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(lse, torch.full_like(lse, -math.inf))
+        (out.float() * torch.randn(out.shape, device=device)).sum().backward(retain_graph=True)
+        out.sum().backward()  # an expanded (stride-0) output gradient
+        for name, t in (("dq", q), ("dk", k), ("dv", v)):
+            assert torch.equal(t.grad, torch.zeros_like(t)), f"{name} must be exactly 0"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_zero_query_heads(device):
+    """heads_q = 0 (a multiple of any heads_kv): empty out and lse, dk = dv = 0."""
+    dtype = _dtypes(device)[-1]
+    q = torch.randn(2, 5, 0, 64, device=device).to(dtype).requires_grad_(True)
+    k = torch.randn(2, 7, 2, 64, device=device).to(dtype).requires_grad_(True)
+    v = torch.randn(2, 7, 2, 64, device=device).to(dtype).requires_grad_(True)
+    out, lse = pyllmops.flash_attention(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 0, 5)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
 # ---- SDPA drop-in ------------------------------------------------------------------------------

@@ -173,6 +173,25 @@ def test_quantize_int_exact(device, bits, group_size, dtype):
     assert ((d - w.float()).abs() <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("out_f,groups", [(4, 0), (0, 3), (0, 0), (5, 1)])
+def test_dequantize_int_empty_dims(device, out_f, groups):
+    """An empty dimension is a valid (empty) weight: a zero-element tensor is contiguous whatever its strides
+    (torch gives a (4, 0) tensor strides (1, 1)), and CUDA returns before launching a 0-sized grid. (5, 1):
+    the same call with elements, so the poisoned output shows every element is written."""
+    bits, group_size = 4, 64
+    in_f = groups * group_size
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (out_f, pyllmops.ops.lora.words_per_row(in_f, bits)),
+                            dtype=torch.int32, device=device)
+    scales = torch.rand(out_f, groups, device=device) + 0.5
+    zeros = torch.randn(out_f, groups, device=device)
+    for out_dtype in DTYPES:
+        d = pyllmops.dequantize_int(qweight, scales, zeros, bits, group_size, out_dtype)
+        assert d.shape == (out_f, in_f) and d.dtype == out_dtype and d.device.type == device
+        want = R.dequantize_int(qweight, scales, zeros, bits, group_size, torch.float32).to(out_dtype)
+        assert torch.equal(d, want)
+
+
 # ---- QA-LoRA ------------------------------------------------------------------------------------
 QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8),
                 (64, 20, (3, 50), 32, 4)]  # the last: 150 rows, more than one 64-row CUDA tile

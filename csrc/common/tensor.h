@@ -51,7 +51,10 @@ struct TensorView {
   int64_t size(int64_t i) const { return shape.at(i < 0 ? i + dim() : i); }
   int64_t stride(int64_t i) const { return strides.at(i < 0 ? i + dim() : i); }
   bool is_cuda() const { return device >= 0; }
+  // Row-major dense, as torch's is_contiguous(): sizes-1 dims may have any stride, and a tensor with no
+  // elements is contiguous whatever its strides (torch gives (0, 3) strides (3, 1) but (4, 0) strides (1, 1)).
   bool is_contiguous() const {
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (int64_t i = dim() - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expected) return false;

@@ -139,7 +139,7 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
   p.num_splits = num_splits;
   p.window_left = static_cast<int>(window_left);
   p.scale_log2 = static_cast<float>(softmax_scale) * pyllmops::softmax::kLog2e;
-  if (p.total_q == 0 || p.num_seqs == 0) return;
+  if (p.total_q == 0 || p.num_seqs == 0 || p.heads_q == 0) return;  // no output row: nothing to launch
   p.error_flag = flag_ptr(error_flag, key_cache);
   PYLLMOPS_ON_DEVICE(q, "paged_attention", paged::attention_cpu(p, q.dtype), paged::attention_cuda(p, q.dtype, q.device, stream));
 }

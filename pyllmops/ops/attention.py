@@ -82,6 +82,8 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     delta = empty(lse.shape, torch.float32, q.device)
+    if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
+        return dq, dk.zero_(), dv.zero_()
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k,

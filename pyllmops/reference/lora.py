@@ -55,7 +55,7 @@ def unpack_int(qweight, bits, in_features):
     cpw = 32 // bits
     shifts = torch.arange(cpw, device=qweight.device) * bits
     codes = (qweight.to(torch.int64).unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    return codes.reshape(qweight.shape[0], -1)[:, :in_features]
+    return codes.reshape(qweight.shape[0], qweight.shape[1] * cpw)[:, :in_features]  # (no -1: rows may be 0)
 
 
 def dequantize_int(qweight, scales, zeros, bits, group_size, compute=torch.float64):
