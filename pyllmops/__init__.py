@@ -10,13 +10,14 @@ from pyllmops._ext import build_info
 from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
 from pyllmops.ops.attention import flash_attention, flash_attention_varlen
 from pyllmops.ops.paged import OutOfBlocksError, PagedKVCache, paged_attention, reshape_and_cache
+from pyllmops.ops._common import check_kernel_errors
 from pyllmops.ops.lora import (dequantize_int, int_linear, lora_linear, qalora_linear, qlora_linear,
                                quantize_int)
 from pyllmops.nn.lora import apply_lora
 
 __all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "nf4_linear", "build_info", "__version__",
            "flash_attention", "flash_attention_varlen",
-           "PagedKVCache", "OutOfBlocksError", "paged_attention", "reshape_and_cache",
+           "PagedKVCache", "OutOfBlocksError", "paged_attention", "reshape_and_cache", "check_kernel_errors",
            "lora_linear", "qlora_linear", "qalora_linear", "int_linear", "quantize_int", "dequantize_int",
            "apply_lora"]
 

@@ -237,6 +237,7 @@ def test_varlen_empty_sequences(device, lens_q, lens_k, max_q, max_k):
         out.sum().backward()  # an expanded (stride-0) output gradient
         for name, t in (("dq", q), ("dk", k), ("dv", v)):
             assert torch.equal(t.grad, torch.zeros_like(t)), f"{name} must be exactly 0"
+        pyllmops.check_kernel_errors(device)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -250,6 +251,93 @@ def test_zero_query_heads(device):
     assert out.shape == q.shape and lse.shape == (2, 0, 5)
     out.sum().backward()
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_varlen_sequence_longer_than_max_seqlen(device, side):
+    """max_seqlen_q / max_seqlen_k below a sequence's length breaks the contract (they size the CUDA grid).
+    The CPU, and CUDA with validate=True, refuse it before any launch, naming the argument, the sequence and
+    the values. CUDA by default does not read the offsets (that would synchronize): the kernels write NaN to
+    every output and gradient row of that sequence (never leave them unwritten), compute the other sequences
+    exactly, and check_kernel_errors() raises naming the argument, the sequence and the values."""
+    lens_q, lens_k = [17, 130, 3], [20, 140, 5]
+    max_q, max_k = (100, 140) if side == "q" else (130, 100)
+    bad_len, limit = (130, 100) if side == "q" else (140, 100)
+    hq, hkv, d = 4, 2, 64
+    dtype = _dtypes(device)[-1]
+    tol = TOL[dtype]
+    q = torch.randn(sum(lens_q), hq, d, device=device).to(dtype)
+    k = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype)
+    v = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype)
+    cq, ck = _cu(lens_q, device), _cu(lens_k, device)
+    fv = pyllmops.flash_attention_varlen
+    name = f"cu_seqlens_{side}"
+    c = (cq if side == "q" else ck).tolist()
+    offsets = f"{name}[1] = {c[1]}, {name}[2] = {c[2]}"
+    eager = f"sequence 1 of {name} has length {bad_len} ({offsets}) > max_seqlen_{side} = {limit}"
+    for validate in ((True,) if _cuda_path(device) else (None, False, True)):
+        with pytest.raises(ValueError, match=_re(eager)):
+            fv(q, k, v, cq, ck, max_q, max_k, validate=validate)
+    # rows > batch * max_seqlen is refused on every device without reading an offset
+    with pytest.raises(ValueError, match=_re(f"some sequence of {name} is longer than max_seqlen_{side}")):
+        fv(q, k, v, cq, ck, 0 if side == "q" else max_q, 0 if side == "k" else max_k)
+    if not _cuda_path(device):
+        return
+
+    pyllmops.check_kernel_errors(device)  # start clean
+    qs, ks, vs = _leaves(q, k, v)
+    out, lse = fv(qs, ks, vs, cq, ck, max_q, max_k, causal=True, return_lse=True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    deferred = f"sequence 1 has length {bad_len} ({offsets}) > max_seqlen_{side} = {limit}"
+    with pytest.raises(RuntimeError, match=_re(deferred)):
+        pyllmops.check_kernel_errors(device)
+    pyllmops.check_kernel_errors(device)  # read and cleared
+    bad_q = torch.zeros(sum(lens_q), dtype=torch.bool, device=device)
+    bad_q[lens_q[0]:lens_q[0] + lens_q[1]] = True
+    bad_k = torch.zeros(sum(lens_k), dtype=torch.bool, device=device)
+    bad_k[lens_k[0]:lens_k[0] + lens_k[1]] = True
+    assert torch.isnan(out[bad_q]).all() and torch.isnan(lse[:, bad_q]).all()
+    for what, t, bad in (("dq", qs.grad, bad_q), ("dk", ks.grad, bad_k), ("dv", vs.grad, bad_k)):
+        assert torch.isnan(t[bad]).all(), f"{what}: rows of the bad sequence must be NaN"
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = ref.attention_varlen(q64, k64, v64, cq.cpu(), ck.cpu(), causal=True)
+    ro.backward(g.double())
+    assert_close(out[~bad_q], ro[~bad_q], tol["out"], "out")
+    assert_close(lse[:, ~bad_q], rl[:, ~bad_q], tol["lse"], "lse")
+    assert_close(qs.grad[~bad_q], q64.grad[~bad_q], tol["grad"], "dq")
+    assert_close(ks.grad[~bad_k], k64.grad[~bad_k], tol["grad"], "dk")
+    assert_close(vs.grad[~bad_k], v64.grad[~bad_k], tol["grad"], "dv")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_varlen_malformed_offsets(device):
+    """cu_seqlens_q[-1] != total_q: the CPU raises; CUDA (which does not read the offsets on the host) writes
+    NaN to the last sequence and to the rows no sequence claims, and check_kernel_errors() says why."""
+    hq, hkv, d = 4, 2, 64
+    dtype = _dtypes(device)[-1]
+    q = torch.randn(150, hq, d, device=device).to(dtype)
+    k = torch.randn(150, hkv, d, device=device).to(dtype)
+    cq = torch.tensor([0, 17, 140], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 17, 150], dtype=torch.int32, device=device)
+    if not _cuda_path(device):
+        with pytest.raises(ValueError, match=_re("cu_seqlens_q[-1] = 140 must equal the 150 rows of q")):
+            pyllmops.flash_attention_varlen(q, k, k, cq, ck, 133, 133)
+        return
+    pyllmops.check_kernel_errors(device)
+    out, lse = pyllmops.flash_attention_varlen(q, k, k, cq, ck, 133, 133, return_lse=True)
+    with pytest.raises(RuntimeError,
+                       match=_re("sequence 1: cu_seqlens_q[1] = 17, cu_seqlens_q[2] = 140, total_q = 150")):
+        pyllmops.check_kernel_errors(device)
+    assert torch.isnan(out[17:]).all() and torch.isnan(lse[:, 17:]).all()
+    ro, rl = ref.attention_varlen(q[:17].double(), k[:17].double(), k[:17].double(), cq[:2].cpu(), ck[:2].cpu())
+    assert_close(out[:17], ro, TOL[dtype]["out"], "out")
+    assert_close(lse[:, :17], rl, TOL[dtype]["lse"], "lse")
 
 
 # ---- SDPA drop-in ------------------------------------------------------------------------------
@@ -447,19 +535,23 @@ def test_binding_rechecks():
     lse7, kb, lse_v = torch.empty(1, 2, 7), k.bfloat16(), torch.empty(2, 8)
     cq, ck = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32)
     C = lib()
-    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, 8, 8, 0.125, -1, -1, False, 0)
+    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, -1, -1, False,
+                        0)
     common = (8, 8, 0.125, -1, -1, False, 0)
     bad = [
-        ((view(q), view(k), view(v), view(out), view(lse7), None, None) + common, "lse must have shape"),
-        ((view(q), view(kb), view(v), view(out), view(lse), None, None) + common, "k must have q's dtype"),
-        ((view(q), view(k), view(v), view(out), view(lse), None, None, 8, 8, 0.125, -2, -1, False, 0),
+        ((view(q), view(k), view(v), view(out), view(lse7), None, None, None) + common, "lse must have shape"),
+        ((view(q), view(kb), view(v), view(out), view(lse), None, None, None) + common, "k must have q's dtype"),
+        ((view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, -2, -1, False, 0),
          "window_size"),
-        ((view(q[..., :4]), view(k[..., :4]), view(v[..., :4]), view(out[..., :4]), view(lse), None, None) + common,
-         "head_dim"),
-        ((view(q.transpose(-1, -2)), view(k), view(v), view(out), view(lse), None, None) + common,
+        ((view(q[..., :4]), view(k[..., :4]), view(v[..., :4]), view(out[..., :4]), view(lse), None, None, None)
+         + common, "head_dim"),
+        ((view(q.transpose(-1, -2)), view(k), view(v), view(out), view(lse), None, None, None) + common,
          "contiguous last"),
-        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), 9, 8, 0.125, -1, -1,
-          False, 0), "must equal"),
+        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 8, 0.125, -1,
+          -1, False, 0), "must equal"),
+        # rows > batch * max_seqlen: refused before any offset is read (the check CUDA can afford)
+        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 7, 0.125, -1,
+          -1, False, 0), "some sequence of cu_seqlens_k is longer than max_seqlen_k"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=_re(msg)):

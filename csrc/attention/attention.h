@@ -31,6 +31,14 @@
 // batch / seq / head strides (in elements) and d contiguous; varlen packs sequences along one token
 // axis (total, heads, d) with cu_seqlens (int32, batch + 1). lse is float32 (batch, heads_q, seqlen_q),
 // or (heads_q, total_q) for varlen (FlashAttention's varlen layout); the Python layer passes its strides.
+//
+// Varlen offsets the kernels cannot honour. The CPU path checks cu_seqlens on the host and throws. On CUDA they
+// live on the device (reading them would synchronize), so seq_info() checks each sequence as its CTAs start:
+// a sequence longer than max_seqlen (the grid would not cover it) or offsets that are not
+// 0 = c[0] <= c[1] <= ... <= c[batch] = total get error bits; the kernels then compute nothing for that
+// sequence, write NaN to every row it owns (out, lse; dq, dk, dv), never touch memory outside the tensors, and
+// raise the bits in Params::error_flag (pyllmops.check_kernel_errors() reads it; see docs/attention.md). The
+// clamping below only keeps every access inside the tensors.
 #pragma once
 #include <cstdint>
 
@@ -41,6 +49,16 @@ namespace pyllmops {
 namespace attention {
 
 constexpr int kMaxHeadDim = 256;
+
+// Error bits (SeqInfo::error, error_flag[0]); q-side bits are the even powers, k-side the odd ones.
+constexpr int kErrSeqLenQ = 1;   // a sequence of cu_seqlens_q is longer than max_seqlen_q
+constexpr int kErrSeqLenK = 2;   // a sequence of cu_seqlens_k is longer than max_seqlen_k
+constexpr int kErrOffsetsQ = 4;  // cu_seqlens_q is not 0 = c[0] <= ... <= c[batch] = total_q around a sequence
+constexpr int kErrOffsetsK = 8;  // the same for cu_seqlens_k and total_k
+// error_flag layout (int32): [0] the bits of every bad sequence (atomicOr); [1] 1 + the index of the first one
+// reported (claimed by atomicCAS from 0), then of that sequence: [2] its lowest bit, [3] c[b], [4] c[b + 1],
+// [5] the limit it broke (max_seqlen for a length bit, total rows for an offsets bit).
+constexpr int kErrorWords = 6;
 
 // The band of keys a query may see. FlashAttention's convention: query i of a sequence with sq queries
 // and sk keys sees key j iff i + sk - sq - left <= j <= i + sk - sq + right; left/right < 0: unbounded.
@@ -121,6 +139,7 @@ struct Params {
   int64_t window_left = -1, window_right = -1;
   bool top_left = false;                  // diagonal through (0, 0) instead of (sq - 1, sk - 1)
   int device = -1;                        // CUDA device index of the tensors (-1: CPU)
+  int* error_flag = nullptr;              // CUDA: kErrorWords int32 (layout above); null on the CPU (it throws)
 
   // Backward only: dO (layout of O), dQ/dK/dV (layouts of Q/K/V: the Python layer allocates them so),
   // delta (float32, the lse layout) = rowsum(dO * O).
@@ -141,21 +160,40 @@ struct SeqInfo {
   int64_t q_row0 = 0, k_row0 = 0, sq = 0, sk = 0;
   int64_t q_batch = 0, k_batch = 0;  // batch index for the batch strides (0 for varlen)
   int64_t lse_off = 0;               // offset of (b, h = 0, i = 0) in lse / delta
+  int error = 0;                     // varlen: kErr* bits of this sequence (0 on the CPU, which checked first)
 };
 
 PYLLMOPS_HD int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+// Rows [*row0, *row0 + *len) of sequence b of the offsets c (batch + 1 entries over `total` rows) and its error
+// bits: err_offsets unless 0 = c[0] (b = 0), c[b] <= c[b + 1] <= total and c[batch] = total (b = batch - 1) hold,
+// else err_len if the length exceeds max_len. Rows are clamped to [0, total); a sequence in error also owns the
+// rows no sequence claims (before c[0] for b = 0, after c[batch] for the last), so that they get NaN too.
+PYLLMOPS_HD int varlen_rows(const int32_t* c, int64_t b, int64_t batch, int64_t total, int64_t max_len, int err_len,
+                            int err_offsets, int64_t* row0, int64_t* len) {
+  const int64_t lo = c[b], hi = c[b + 1];
+  int err = 0;
+  if (lo < 0 || hi < lo || hi > total || (b == 0 && lo != 0) || (b == batch - 1 && hi != total))
+    err = err_offsets;
+  else if (hi - lo > max_len)
+    err = err_len;
+  int64_t r0 = clamp(lo, 0, total), r1 = clamp(hi, r0, total);
+  if (err && b == 0) r0 = 0;
+  if (err && b == batch - 1) r1 = total;
+  *row0 = r0;
+  *len = r1 - r0;
+  return err;
+}
+
 PYLLMOPS_HD SeqInfo seq_info(const Params& p, int64_t b) {
   SeqInfo s;
   if (p.cu_seqlens_q != nullptr) {
-    // Clamped so that bad offsets (not checked on the GPU, where reading them would synchronize)
-    // can never address rows outside the tensors, and no sequence is longer than the grid covers.
-    s.q_row0 = clamp(p.cu_seqlens_q[b], 0, p.total_q);
-    s.k_row0 = clamp(p.cu_seqlens_k[b], 0, p.total_k);
-    s.sq = clamp(p.cu_seqlens_q[b + 1], s.q_row0, p.total_q) - s.q_row0;
-    s.sk = clamp(p.cu_seqlens_k[b + 1], s.k_row0, p.total_k) - s.k_row0;
-    if (s.sq > p.seqlen_q) s.sq = p.seqlen_q;
-    if (s.sk > p.seqlen_k) s.sk = p.seqlen_k;
+    // A sequence in error (see the top of this file) may be longer than the grid covers: the main CUDA
+    // kernels skip it, varlen_fail_kernel (attention_cuda.cuh) writes NaN to its rows and reports it.
+    s.error = varlen_rows(p.cu_seqlens_q, b, p.batch, p.total_q, p.seqlen_q, kErrSeqLenQ, kErrOffsetsQ, &s.q_row0,
+                          &s.sq) |
+              varlen_rows(p.cu_seqlens_k, b, p.batch, p.total_k, p.seqlen_k, kErrSeqLenK, kErrOffsetsK, &s.k_row0,
+                          &s.sk);
     s.lse_off = s.q_row0;  // lse (heads, total_q)
   } else {
     s.sq = p.seqlen_q;

@@ -123,22 +123,34 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.total_k = k.size(0);
   p.cu_seqlens_q = cq.ptr<const int32_t>();
   p.cu_seqlens_k = ck.ptr<const int32_t>();
+  // Free on any device (no offset is read): the lengths sum to the rows, so if rows > batch * max_seqlen some
+  // sequence is longer than max_seqlen. It also keeps the varlen grids non-empty whenever a tensor has rows.
+  for (int which = 0; which < 2; ++which) {
+    const int64_t total = which ? p.total_k : p.total_q, mx = which ? max_seqlen_k : max_seqlen_q;
+    PYLLMOPS_CHECK(pyllmops::ceil_div(total, p.batch) <= mx, which ? "k" : "q", " has ", total, " rows for ", p.batch,
+                   " sequences of at most max_seqlen_", which ? "k" : "q", " = ", mx,
+                   " rows: some sequence of cu_seqlens_", which ? "k" : "q", " is longer than max_seqlen_",
+                   which ? "k" : "q");
+  }
   const std::vector<int64_t> want{hq, p.total_q};
   PYLLMOPS_CHECK(lse.shape == want, "lse must have shape (heads_q, total_q) = (", hq, ", ", p.total_q, "), got ",
                  pyllmops::shape_str(lse.shape));
   p.lse_batch_stride = 0;
   p.lse_head_stride = p.total_q;
   if (!q.is_cuda()) {
-    // Host-side offsets can be checked for free; on the GPU the kernels clamp them instead.
+    // Host-side offsets can be checked for free; on the GPU the kernels check each sequence as they start
+    // (seq_info), write NaN to a bad one's rows and raise bits in error_flag (attention.h).
     for (int which = 0; which < 2; ++which) {
       const int32_t* c = which ? p.cu_seqlens_k : p.cu_seqlens_q;
       const int64_t total = which ? p.total_k : p.total_q, mx = which ? max_seqlen_k : max_seqlen_q;
       const char* name = which ? "cu_seqlens_k" : "cu_seqlens_q";
       PYLLMOPS_CHECK(c[0] == 0, name, "[0] must be 0, got ", c[0]);
       for (int64_t b = 0; b < p.batch; ++b) {
-        PYLLMOPS_CHECK(c[b + 1] >= c[b], name, " must be non-decreasing, got ", c[b], " then ", c[b + 1]);
-        PYLLMOPS_CHECK(c[b + 1] - c[b] <= mx, "sequence ", b, " has length ", c[b + 1] - c[b], " > max_seqlen_",
-                       which ? "k " : "q ", mx);
+        PYLLMOPS_CHECK(c[b + 1] >= c[b], name, " must be non-decreasing, got ", name, "[", b, "] = ", c[b], " then ",
+                       name, "[", b + 1, "] = ", c[b + 1]);
+        PYLLMOPS_CHECK(c[b + 1] - c[b] <= mx, "sequence ", b, " of ", name, " has length ", c[b + 1] - c[b], " (",
+                       name, "[", b, "] = ", c[b], ", ", name, "[", b + 1, "] = ", c[b + 1], ") > max_seqlen_",
+                       which ? "k = " : "q = ", mx);
       }
       PYLLMOPS_CHECK(c[p.batch] == total, name, "[-1] = ", c[p.batch], " must equal the ", total, " rows of ",
                      which ? "k" : "q");
@@ -147,22 +159,34 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   return p;
 }
 
+// The int32 error word of the CUDA kernels (attention.h, kErrorWords entries); required on CUDA, unused on the CPU.
+int* error_flag_ptr(const OptView& flag, const TensorView& q) {
+  if (!q.is_cuda()) return nullptr;
+  PYLLMOPS_CHECK(flag.has_value(), "error_flag is required for CUDA tensors");
+  pyllmops::bind::check_input(*flag, q, "error_flag", "q");
+  pyllmops::check_dtype(*flag, DType::i32, "error_flag");
+  pyllmops::check_min_numel(*flag, attn::kErrorWords, "error_flag");
+  return flag->ptr<int>();
+}
+
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                       const TensorView& lse, const OptView& cu_q, const OptView& cu_k, int64_t max_seqlen_q,
-                       int64_t max_seqlen_k, double scale, int64_t left, int64_t right, bool top_left,
-                       uintptr_t stream) {
-  const attn::Params p =
+                       const TensorView& lse, const OptView& cu_q, const OptView& cu_k, const OptView& error_flag,
+                       int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left, int64_t right,
+                       bool top_left, uintptr_t stream) {
+  attn::Params p =
       make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+  p.error_flag = error_flag_ptr(error_flag, q);
   PYLLMOPS_ON_DEVICE(q, "flash_attention", attn::forward_cpu(p, q.dtype), attn::forward_cuda(p, q.dtype, stream));
 }
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                         const TensorView& dout, const TensorView& lse, const OptView& dlse, const TensorView& delta,
                         const TensorView& dq, const TensorView& dk, const TensorView& dv, const OptView& cu_q,
-                        const OptView& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left,
-                        int64_t right, bool top_left, uintptr_t stream) {
+                        const OptView& cu_k, const OptView& error_flag, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                        double scale, int64_t left, int64_t right, bool top_left, uintptr_t stream) {
   attn::Params p =
       make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+  p.error_flag = error_flag_ptr(error_flag, q);
   const bool varlen = p.varlen();
   check_tokens(dout, q, "dout", varlen);
   check_tokens(dq, q, "dq", varlen);

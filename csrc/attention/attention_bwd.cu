@@ -49,6 +49,7 @@ template <typename T>
 __global__ void delta_kernel(Params p) {
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaRows + threadIdx.x;
   if (i >= si.sq) return;
   const T* o = q_row(static_cast<const T*>(p.o), p.lo, si, i, h);
@@ -71,6 +72,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
 
   const int64_t mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
   const int64_t i0 = mt * kBlockM;
   if (i0 >= si.sq) return;
   const Mask mask = seq_mask(p, si);
@@ -145,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
 
   const int64_t nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
   const int64_t j0 = nt * kBlockN;
   if (j0 >= si.sk) return;
   const Mask mask = seq_mask(p, si);
@@ -224,6 +227,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
 
 template <typename T, int kD>
 void launch_bwd(const Params& p, cudaStream_t stream) {
+  launch_varlen_fail<T>(p, true, stream);  // varlen: NaN and error bits for the sequences the kernels skip
   using Cfg = BwdConfig<kD>;
   const unsigned hq = static_cast<unsigned>(p.heads_q), hkv = static_cast<unsigned>(p.heads_kv),
                  batch = static_cast<unsigned>(p.batch);

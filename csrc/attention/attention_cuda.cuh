@@ -27,6 +27,8 @@
 
 #include "attention/attention.h"
 #include "common/cuda_utils.cuh"
+#include "common/dtype.h"   // from_float
+#include "common/launch.cuh"  // launch
 #include "common/online_softmax.h"
 
 namespace pyllmops {
@@ -182,6 +184,58 @@ __device__ __forceinline__ float quad_max(float v) {
 __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// ---- varlen sequences the launch cannot honour (seq_info's error bits; attention.h) -----------------
+// fwd_kernel, delta_kernel, dq_kernel and dkdv_kernel skip such a sequence (`if (si.error) return;`).
+// varlen_fail_kernel, launched before them on every varlen call, one CTA per sequence (grid-strided), raises
+// the sequence's bits in p.error_flag (the first sequence reported leaves its offsets for the message) and
+// writes NaN to every row it owns, rows past max_seqlen included: out and lse (forward), dq, dk and dv
+// (backward). A separate launch (one more per varlen call, a few microseconds: every CTA reads 4 offsets and
+// exits) because the same code as a cold branch inside the main kernels cost them registers (ptxas, sm_80:
+// forward d = 64 129 -> 158, dk/dv d = 64 166 -> 197, i.e. 3 -> 2 CTAs per SM).
+template <typename T>
+__device__ void nan_rows(T* row0, const Layout& l, int64_t rows, int64_t heads, int64_t d) {
+  const T nan = from_float<T>(NAN);
+  const int64_t per_row = heads * d;
+  for (int64_t e = threadIdx.x; e < rows * per_row; e += blockDim.x)
+    row0[e / per_row * l.seq + e % per_row / d * l.head + e % d] = nan;
+}
+
+template <typename T>
+__global__ void varlen_fail_kernel(Params p, bool backward) {
+  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
+    const SeqInfo si = seq_info(p, b);
+    if (!si.error) continue;
+    if (threadIdx.x == 0 && p.error_flag != nullptr) {
+      atomicOr(p.error_flag, si.error);
+      if (atomicCAS(p.error_flag + 1, 0, static_cast<int>(b) + 1) == 0) {
+        const int bit = si.error & -si.error;
+        const bool q_side = (bit & (kErrSeqLenQ | kErrOffsetsQ)) != 0, len = (bit & (kErrSeqLenQ | kErrSeqLenK)) != 0;
+        const int32_t* c = q_side ? p.cu_seqlens_q : p.cu_seqlens_k;
+        const int64_t limit = len ? (q_side ? p.seqlen_q : p.seqlen_k) : (q_side ? p.total_q : p.total_k);
+        p.error_flag[2] = bit;
+        p.error_flag[3] = c[b];
+        p.error_flag[4] = c[b + 1];
+        p.error_flag[5] = static_cast<int>(limit < INT32_MAX ? limit : INT32_MAX);
+      }
+    }
+    if (!backward) {
+      nan_rows(q_row(static_cast<T*>(p.o), p.lo, si, 0, 0), p.lo, si.sq, p.heads_q, p.head_dim);
+      for (int64_t e = threadIdx.x; e < p.heads_q * si.sq; e += blockDim.x)
+        p.lse[lse_index(p, si, e % si.sq, e / si.sq)] = NAN;
+    } else {
+      nan_rows(q_row(static_cast<T*>(p.dq), p.ldq, si, 0, 0), p.ldq, si.sq, p.heads_q, p.head_dim);
+      nan_rows(k_row(static_cast<T*>(p.dk), p.ldk, si, 0, 0), p.ldk, si.sk, p.heads_kv, p.head_dim);
+      nan_rows(k_row(static_cast<T*>(p.dv), p.ldv, si, 0, 0), p.ldv, si.sk, p.heads_kv, p.head_dim);
+    }
+  }
+}
+
+template <typename T>
+void launch_varlen_fail(const Params& p, bool backward, cudaStream_t stream) {
+  if (!p.varlen() || p.batch == 0) return;
+  const unsigned grid = static_cast<unsigned>(p.batch < 1024 ? p.batch : 1024);
+  launch("flash_attention varlen_fail_kernel", varlen_fail_kernel<T>, dim3(grid), dim3(128), 0, stream, p, backward);
 }
 
 // Launch helpers shared by the forward and backward launchers.

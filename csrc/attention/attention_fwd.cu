@@ -54,6 +54,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
 
   const int64_t mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
   const int64_t i0 = mt * kBlockM;
   if (i0 >= si.sq) return;
   const Mask mask = seq_mask(p, si);
@@ -138,6 +139,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
 
 template <typename T, int kD>
 void launch_fwd(const Params& p, cudaStream_t stream) {
+  launch_varlen_fail<T>(p, false, stream);  // varlen: NaN and error bits for the sequences fwd_kernel skips
   constexpr int smem = FwdConfig<kD>::kSmemElems * sizeof(T);
   auto kernel = fwd_kernel<T, kD>;
   set_smem(kernel, smem);

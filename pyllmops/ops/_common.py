@@ -72,6 +72,56 @@ def stream(t):
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+# ---- CUDA error words ------------------------------------------------------------------------
+# Metadata that lives on the GPU (paged block tables and seq_lens, varlen cu_seqlens) cannot be checked on
+# the host without a synchronization (which also breaks CUDA-graph capture), so the CUDA kernels check it
+# themselves: they never touch memory outside the tensors, write NaN where the affected results would have
+# gone, and raise bits in their family's int32 error word on that device. check_kernel_errors() reads them.
+_error_words = {}     # (family, device index) -> int32 tensor
+_error_families = {}  # family -> (number of int32 entries, describe(list of ints) -> message)
+
+
+def register_error_word(family, size, describe):
+    """Declares `family`'s error word: `size` int32 entries, entry 0 the error bits (0: no error);
+    describe(entries) turns a word with bits set into a message."""
+    _error_families[family] = (size, describe)
+
+
+def error_word(family, device):
+    """The int32 error word of `family` on a CUDA device (allocated zeroed on first use, so make the first
+    call outside CUDA-graph capture); None on the CPU, whose kernels raise before running instead."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    w = _error_words.get((family, idx))
+    if w is None:
+        w = _error_words[(family, idx)] = torch.zeros(_error_families[family][0], dtype=torch.int32,
+                                                       device=torch.device("cuda", idx))
+    return w
+
+
+def check_kernel_errors(device=None):
+    """Synchronizes, then raises RuntimeError if a CUDA kernel on `device` met metadata it could not honour
+    since the last check (paged attention / reshape_and_cache: out-of-range block tables, seq_lens, slots;
+    flash_attention_varlen: cu_seqlens longer than max_seqlen or malformed), and clears the words. The
+    affected outputs hold NaN. No-op on the CPU, whose kernels raise ValueError before running instead."""
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type != "cuda":
+        return
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    messages = []
+    for (family, i), w in list(_error_words.items()):
+        if i != idx:
+            continue
+        entries = w.tolist()
+        if entries[0]:
+            w.zero_()
+            messages.append(_error_families[family][1](entries))
+    if messages:
+        raise RuntimeError(f"pyllmops CUDA kernels on {device}: " + "; and ".join(messages))
+
+
 # ---- argument checks -------------------------------------------------------------------------
 def check_tensor(name, t, *, dtypes=None, dim=None, min_dim=None, device=None, nonempty=False):
     if not isinstance(t, torch.Tensor):

@@ -9,18 +9,50 @@ Public API: flash_attention, flash_attention_varlen (scaled_dot_product_attentio
 Layouts: q (batch, seqlen_q, heads_q, d), k/v (batch, seqlen_k, heads_kv, d) with any batch / seq / head
 strides (d contiguous), or varlen (total, heads, d) + cu_seqlens. out has q's layout (empty_like), lse
 is float32 (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen. Kernel design: csrc/attention.
+
+Varlen validation. CPU offsets are checked before any kernel runs (ValueError). CUDA offsets live on the
+device: reading them here would synchronize every call (and break CUDA-graph capture), so only what the
+host knows is checked here (rows <= batch * max_seqlen); the kernels check each sequence themselves, write
+NaN to every output row of a sequence they cannot honour (longer than max_seqlen, or malformed offsets)
+and raise bits in the per-device error word that check_kernel_errors() reads; validate=True checks the
+offsets eagerly instead (one synchronization).
 """
 from typing import Optional
 
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, opt_view,
-                                  softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, error_word, opt_view,
+                                  register_error_word, softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (covers every family)
 
 MAX_HEAD_DIM = 256  # csrc/attention/attention.h kMaxHeadDim
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+# CUDA error word (csrc/attention/attention.h): [0] bits, [1] 1 + first reported sequence, [2] its bit,
+# [3] c[b], [4] c[b + 1], [5] the limit it broke (max_seqlen, or total rows for malformed offsets).
+_ERROR_WORDS = 6
+_ERR_BITS = {1: "a sequence of cu_seqlens_q is longer than max_seqlen_q",
+             2: "a sequence of cu_seqlens_k is longer than max_seqlen_k",
+             4: "cu_seqlens_q is not 0 = cu_seqlens_q[0] <= cu_seqlens_q[1] <= ... <= cu_seqlens_q[-1] = total_q",
+             8: "cu_seqlens_k is not 0 = cu_seqlens_k[0] <= cu_seqlens_k[1] <= ... <= cu_seqlens_k[-1] = total_k"}
+
+
+def _describe_errors(e):
+    bits, first, bit, lo, hi, limit = e[:_ERROR_WORDS]
+    msg = ("flash_attention_varlen wrote NaN to the outputs of sequences it could not honour: "
+           + "; ".join(m for b, m in _ERR_BITS.items() if bits & b))
+    if first:
+        b, x = first - 1, "q" if bit in (1, 4) else "k"
+        name = f"cu_seqlens_{x}"
+        offsets = f"{name}[{b}] = {lo}, {name}[{b + 1}] = {hi}"
+        msg += (f" (first reported: sequence {b} has length {hi - lo} ({offsets}) > max_seqlen_{x} = {limit})"
+                if bit in (1, 2) else f" (first reported: sequence {b}: {offsets}, total_{x} = {limit})")
+    return msg + ". flash_attention_varlen(..., validate=True) checks the offsets before the launch (synchronizes)"
+
+
+register_error_word("attention", _ERROR_WORDS, _describe_errors)
 
 
 def _last_dim_contiguous(t):
@@ -56,8 +88,8 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
-                            opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                            window_right, top_left, stream(q))
+                            opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
+                            max_seqlen_k, softmax_scale, window_left, window_right, top_left, stream(q))
     return out, lse
 
 
@@ -86,7 +118,8 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return dq, dk.zero_(), dv.zero_()
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
-                             view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
+                             view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k),
+                             opt_view(error_word("attention", q.device)), max_seqlen_q, max_seqlen_k,
                              softmax_scale, window_left, window_right, top_left, stream(q))
     return dq, dk, dv
 
@@ -153,7 +186,7 @@ def _window(causal, window_size):
     return left, 0 if causal else right
 
 
-def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate):
     for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, c, dtypes=(torch.int32,), dim=1, device=q.device)
         if c.shape[0] < 2:
@@ -163,8 +196,13 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                          f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     check_int("max_seqlen_q", max_seqlen_q, min_value=0)
     check_int("max_seqlen_k", max_seqlen_k, min_value=0)
-    if q.is_cuda:
-        return  # reading the offsets would synchronize; the kernels clamp them to the tensors instead
+    batch = cu_seqlens_q.shape[0] - 1
+    for x, total, mx in (("q", q.shape[0], max_seqlen_q), ("k", k.shape[0], max_seqlen_k)):
+        if total > batch * mx:  # free: the lengths sum to the rows
+            raise ValueError(f"{x} has {total} rows for {batch} sequences of at most max_seqlen_{x} = {mx} rows: "
+                             f"some sequence of cu_seqlens_{x} is longer than max_seqlen_{x}")
+    if q.is_cuda and not validate:
+        return  # reading the offsets would synchronize: the kernels check them (module docstring)
     for name, c, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         vals = c.tolist()
@@ -172,11 +210,15 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
         lens = [b - a for a, b in zip(vals, vals[1:])]
         if min(lens) < 0:
-            raise ValueError(f"{name} must be non-decreasing, got {vals}")
+            b = lens.index(min(lens))
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{b}] = {vals[b]} then {name}[{b + 1}] = "
+                             f"{vals[b + 1]}")
         if vals[-1] != total:
             raise ValueError(f"{name}[-1] = {vals[-1]} must equal the {total} rows of {name[-1]}")
         if max(lens) > mx:
-            raise ValueError(f"{name} has a sequence of length {max(lens)} > max_seqlen_{name[-1]} = {mx}")
+            b = lens.index(max(lens))
+            raise ValueError(f"sequence {b} of {name} has length {lens[b]} ({name}[{b}] = {vals[b]}, "
+                             f"{name}[{b + 1}] = {vals[b + 1]}) > max_seqlen_{name[-1]} = {mx}")
 
 
 # ================================ public API ================================
@@ -219,7 +261,8 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                           window_size=(-1, -1), softmax_scale=None, deterministic=False, return_lse=False):
+                           window_size=(-1, -1), softmax_scale=None, deterministic=False, return_lse=False,
+                           validate=None):
     """flash_attention on packed sequences without padding; differentiable.
 
     Args:
@@ -227,10 +270,16 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0: sequence b is
             rows cu_seqlens[b]:cu_seqlens[b + 1]. Lengths may differ between q and k (masks align per
             sequence, bottom-right) and may be 0.
-        max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints; they size the kernel grid).
-            On CPU the offsets are validated; on CUDA they are not read on the host (that would
-            synchronize) and the kernel clamps them to the tensors' rows and to max_seqlen.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (host ints; they size the kernel grid),
+            each >= every length of its cu_seqlens. rows > batch * max_seqlen raises ValueError on any
+            device (no synchronization needed).
         causal, window_size, softmax_scale, deterministic, return_lse: as flash_attention.
+        validate: check the offset values (cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = rows,
+            lengths <= max_seqlen; ValueError naming the sequence) before the launch. Default: always on
+            CPU tensors; on CUDA no, since reading device offsets synchronizes: the kernels then check
+            each sequence, write NaN to every output (and gradient) row of a sequence that breaks the
+            contract, and raise a bit that pyllmops.check_kernel_errors() reports (RuntimeError naming
+            the argument, the first bad sequence and its values). True on CUDA checks eagerly (syncs).
 
     Returns:
         out (total_q, heads_q, head_dim) (and lse float32 (heads_q, total_q) when return_lse).
@@ -241,7 +290,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         >>> out = pyllmops.flash_attention_varlen(q, k, v, cu, cu, 1000, 1000, causal=True)
     """
     _check_qkv(q, k, v, varlen=True)
-    _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if validate is None:
+        validate = not q.is_cuda
+    check_bool("validate", validate)
+    _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate)
     left, right = _window(causal, window_size)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     check_bool("deterministic", deterministic)

@@ -22,8 +22,9 @@ from typing import Optional
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, opt_view,
-                                  softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, error_word, opt_view,
+                                  register_error_word, softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (documented here; covers every family)
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256   # csrc/paged/paged.h
 MAX_HEAD_DIM = 256
@@ -40,34 +41,17 @@ class OutOfBlocksError(RuntimeError):
 
 
 # ================================ CUDA error word ================================
-_error_words = {}
+def _describe_errors(entries):
+    what = "; ".join(msg for b, msg in _ERR_BITS.items() if entries[0] & b)
+    return f"paged kernels skipped out-of-range metadata: {what}"
+
+
+register_error_word("paged", 1, _describe_errors)
 
 
 def _error_word(device):
-    """Per-device int32 word the CUDA kernels raise error bits in (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    w = _error_words.get(idx)
-    if w is None:
-        w = _error_words[idx] = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", idx))
-    return w
-
-
-def check_kernel_errors(device=None):
-    """Synchronizes, then raises RuntimeError if a paged CUDA kernel on `device` met out-of-range
-    metadata since the last check (and clears the word). No-op on the CPU, whose kernels raise
-    ValueError before running instead."""
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type != "cuda":
-        return
-    w = _error_word(device)
-    bits = int(w.item())
-    if bits:
-        w.zero_()
-        what = "; ".join(msg for b, msg in _ERR_BITS.items() if bits & b)
-        raise RuntimeError(f"pyllmops paged kernels on {device} skipped out-of-range metadata: {what}")
+    """Per-device int32 word the paged CUDA kernels raise error bits in (None on the CPU)."""
+    return error_word("paged", device)
 
 
 # ================================ torch.library ops ================================
