@@ -17,6 +17,14 @@
 // per 32-wide CTA step by scalar loads: the main loop is load-bound, not MMA-bound; cp.async double
 // buffering and vector loads are the next steps. Expected well above the SIMT kernel (~60 TFLOP/s
 // fp32 peak), far below cuBLAS (~700 TFLOP/s); no number here is measured.
+//
+// Arch floor: sm_80 (mma.sync m16n8k16 with bf16 inputs). A build for an older arch stops here instead of
+// compiling the mma to nothing (which would return wrong results with no error); CMakeLists.txt refuses
+// such archs at configure time already, and the SIMT kernel (lora_cuda.cu) is not a fallback for them
+// either, since the attention kernels need sm_80 too.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "csrc/lora/lora_cuda_mma.cu: the tensor-core LoRA kernel needs sm_80 or newer (mma.sync.m16n8k16 bf16/f16); remove archs below 80 from PYLLMOPS_CUDA_ARCHS"
+#endif
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
