@@ -11,8 +11,13 @@ def cmd_info(args):
 
     b = pyllmops.build_info()
     print(f"pyllmops {pyllmops.__version__}")
-    print(f"  backends compiled: cpu{', cuda' if b['cuda'] else ''}")
-    if b["cuda"]:
+    if b.get("emulated"):
+        print("  backends compiled: emulated CUDA (CPU tensors run the CUDA kernels on the CPU emulator; "
+              "docs/emulator.md)")
+        print(f"  CUDA headers {b['cuda_version']}")
+    else:
+        print(f"  backends compiled: cpu{', cuda' if b['cuda'] else ''}")
+    if b["cuda"] and not b.get("emulated"):
         print(f"  CUDA {b['cuda_version']}, archs {b['cuda_archs']}")
     print(f"  CPU threads: {pyllmops._ext.lib().num_threads()}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")

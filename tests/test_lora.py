@@ -11,7 +11,7 @@ from pyllmops.nn import (IntLinear, LoRALinear, NF4Linear, QALoRALinear, adapter
                          load_adapter_state_dict)
 from pyllmops.reference import lora as R
 
-from conftest import assert_close, devices, rel_err
+from conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
 
 # Bounds a few times above the worst the CPU kernels showed (outputs and gradients, 60 seeds of the
 # smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
@@ -187,7 +187,7 @@ def test_dequantize_int_empty_dims(device, out_f, groups):
     zeros = torch.randn(out_f, groups, device=device)
     for out_dtype in DTYPES:
         d = pyllmops.dequantize_int(qweight, scales, zeros, bits, group_size, out_dtype)
-        assert d.shape == (out_f, in_f) and d.dtype == out_dtype and d.device.type == device
+        assert d.shape == (out_f, in_f) and d.dtype == out_dtype and d.device == qweight.device
         want = R.dequantize_int(qweight, scales, zeros, bits, group_size, torch.float32).to(out_dtype)
         assert torch.equal(d, want)
 
@@ -425,14 +425,13 @@ def test_against_peft(use_rslora):
     assert rel_err(ours(x), y_base) > 1e-3  # and back on
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
-def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind):
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev):
     """The experimental mma.sync main loop (PYLLMOPS_LORA_TENSOR_CORES=1) against the references."""
     monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1")
-    dev, in_f, out_f, r = "cuda", 192, 131, 24
+    in_f, out_f, r = 192, 131, 24
     x = torch.randn(3, 45, in_f, device=dev).to(dtype)
     w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
     bias = torch.randn(out_f, device=dev).to(dtype)

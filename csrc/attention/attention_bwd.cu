@@ -64,7 +64,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockM = Cfg::kDqBlockM, kBlockN = Cfg::kDqBlockN, kStride = Cfg::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockM * kStride;
   T* sK = sdO + kBlockM * kStride;
@@ -137,7 +137,7 @@ template <typename T, int kD, bool kDoDK, bool kDoDV>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockN = Cfg::kKvBlockN, kBlockM = Cfg::kKvBlockM, kStride = Cfg::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kStride;
   T* sQ = sV + kBlockN * kStride;
@@ -232,9 +232,8 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
   const unsigned hq = static_cast<unsigned>(p.heads_q), hkv = static_cast<unsigned>(p.heads_kv),
                  batch = static_cast<unsigned>(p.batch);
   if (p.seqlen_q > 0) {
-    delta_kernel<T><<<dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch), kDeltaRows, 0,
-                      stream>>>(p);
-    PYLLMOPS_CUDA_LAUNCH_CHECK();
+    launch("flash_attention delta_kernel", delta_kernel<T>,
+           dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch), kDeltaRows, 0, stream, p);
   }
 
   if (p.seqlen_k > 0) {  // runs even when no query exists: dK = dV = 0 must still be written
@@ -242,28 +241,25 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
     const dim3 kv_grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kKvBlockN)), hkv, batch);
     if constexpr (kD <= 128) {
       auto kernel = dkdv_kernel<T, kD, true, true>;
-      set_smem(kernel, kv_smem);
-      kernel<<<kv_grid, kThreads, kv_smem, stream>>>(p);
-      PYLLMOPS_CUDA_LAUNCH_CHECK();
+      set_max_dynamic_smem(kernel, kv_smem, "flash_attention dkdv_kernel");
+      launch("flash_attention dkdv_kernel", kernel, kv_grid, kThreads, kv_smem, stream, p);
     } else {
       auto kernel_dk = dkdv_kernel<T, kD, true, false>;
       auto kernel_dv = dkdv_kernel<T, kD, false, true>;
-      set_smem(kernel_dk, kv_smem);
-      set_smem(kernel_dv, kv_smem);
-      kernel_dk<<<kv_grid, kThreads, kv_smem, stream>>>(p);
-      PYLLMOPS_CUDA_LAUNCH_CHECK();
-      kernel_dv<<<kv_grid, kThreads, kv_smem, stream>>>(p);
-      PYLLMOPS_CUDA_LAUNCH_CHECK();
+      set_max_dynamic_smem(kernel_dk, kv_smem, "flash_attention dkdv_kernel (dk)");
+      set_max_dynamic_smem(kernel_dv, kv_smem, "flash_attention dkdv_kernel (dv)");
+      launch("flash_attention dkdv_kernel (dk)", kernel_dk, kv_grid, kThreads, kv_smem, stream, p);
+      launch("flash_attention dkdv_kernel (dv)", kernel_dv, kv_grid, kThreads, kv_smem, stream, p);
     }
   }
 
   if (p.seqlen_q == 0) return;
   constexpr int dq_smem = Cfg::kDqSmemElems * sizeof(T);
   auto kernel = dq_kernel<T, kD>;
-  set_smem(kernel, dq_smem);
-  kernel<<<dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, Cfg::kDqBlockM)), hq, batch), kThreads, dq_smem,
-           stream>>>(p);
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
+  set_max_dynamic_smem(kernel, dq_smem, "flash_attention dq_kernel");
+  launch("flash_attention dq_kernel", kernel,
+         dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, Cfg::kDqBlockM)), hq, batch),
+         kThreads, dq_smem, stream, p);
 }
 
 struct LaunchBwd {

@@ -27,8 +27,9 @@
 
 #include "attention/attention.h"
 #include "common/cuda_utils.cuh"
-#include "common/dtype.h"   // from_float
-#include "common/launch.cuh"  // launch
+#include "common/dtype.h"
+#include "common/launch.cuh"
+#include "common/ptx.cuh"
 #include "common/online_softmax.h"
 
 namespace pyllmops {
@@ -36,43 +37,6 @@ namespace attention {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
-
-// ---- mma / ldmatrix -------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // Two floats -> one register of two 16-bit values, the first in the low half.
 template <typename T>
@@ -110,13 +74,13 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], const T* sA, co
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
-    ldsm_x4(a, sA + (lane % 16) * kStride + ks * 16 + (lane / 16) * 8);
+    ptx::ldmatrix_x4(a, sA + (lane % 16) * kStride + ks * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4(b, sB + (np * 16 + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 + ((lane / 8) % 2) * 8);
-      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+      ptx::ldmatrix_x4(b, sB + (np * 16 + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 + ((lane / 8) % 2) * 8);
+      ptx::mma_m16n8k16<T>(acc[2 * np], a, b[0], b[1]);
+      ptx::mma_m16n8k16<T>(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
@@ -130,9 +94,9 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4], const uint32_t 
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4_trans(b, sB + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride + np * 16 + (lane / 16) * 8);
-      mma_16816<T>(acc[2 * np], a[ks], b[0], b[1]);
-      mma_16816<T>(acc[2 * np + 1], a[ks], b[2], b[3]);
+      ptx::ldmatrix_x4_trans(b, sB + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride + np * 16 + (lane / 16) * 8);
+      ptx::mma_m16n8k16<T>(acc[2 * np], a[ks], b[0], b[1]);
+      ptx::mma_m16n8k16<T>(acc[2 * np + 1], a[ks], b[2], b[3]);
     }
   }
 }
@@ -185,6 +149,7 @@ __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
+
 // ---- varlen sequences the launch cannot honour (seq_info's error bits; attention.h) -----------------
 // fwd_kernel, delta_kernel, dq_kernel and dkdv_kernel skip such a sequence (`if (si.error) return;`).
 // varlen_fail_kernel, launched before them on every varlen call, one CTA per sequence (grid-strided), raises
@@ -243,19 +208,6 @@ inline void check_aligned_rows(const void* p, const Layout& l, const char* name)
   PYLLMOPS_CHECK(is_aligned(p, 16), name, " must be 16-byte aligned on CUDA (the Python layer copies otherwise)");
   for (int64_t s : {l.batch, l.seq, l.head})
     PYLLMOPS_CHECK(s % 8 == 0, name, " strides must be multiples of 8 elements on CUDA, got ", s);
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    int dev = 0, max_optin = 0;
-    PYLLMOPS_CUDA_CHECK(cudaGetDevice(&dev));
-    PYLLMOPS_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (bytes > max_optin)
-      throw_runtime("pyllmops.flash_attention: the kernel needs ", bytes, " bytes of shared memory, the device "
-                    "allows ", max_optin, " per block");
-    PYLLMOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
 }
 
 // What the kernels rely on beyond the bindings' checks: 16-byte aligned rows for the vector loads.

@@ -47,7 +47,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
   using Cfg = FwdConfig<kD>;
   constexpr int kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBlockM * kStride;
   T* sV = sK + kBlockN * kStride;
@@ -142,11 +142,10 @@ void launch_fwd(const Params& p, cudaStream_t stream) {
   launch_varlen_fail<T>(p, false, stream);  // varlen: NaN and error bits for the sequences fwd_kernel skips
   constexpr int smem = FwdConfig<kD>::kSmemElems * sizeof(T);
   auto kernel = fwd_kernel<T, kD>;
-  set_smem(kernel, smem);
+  set_max_dynamic_smem(kernel, smem, "flash_attention fwd_kernel");
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, kBlockM)), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  PYLLMOPS_CUDA_LAUNCH_CHECK();
+  launch("flash_attention fwd_kernel", kernel, grid, kThreads, smem, stream, p);
 }
 
 struct LaunchFwd {

@@ -135,7 +135,8 @@ void launch_fused(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
   PYLLMOPS_CHECK(gx <= 2147483647LL, "too many output columns: ", a.n_cols);
-  launch("fused_kernel", fused_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, a, w);
+  launch("fused_kernel", fused_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0,
+         stream, a, w);
 }
 
 // ---- INT quantize: (1) per (row, group) min/max -> scale, zero; (2) per word: pack codes ---------
@@ -214,8 +215,11 @@ void int_quantize_cuda(const TensorView& w, int bits, int64_t group_size, const 
   CudaDeviceGuard guard(w.device);
   const cudaStream_t s = as_stream(stream);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", __half, __nv_bfloat16, [&] {
-    launch("int_params_kernel", int_params_kernel<scalar_t>, grid_for(n * (k / group_size)), kThreads, 0, s, w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<float>(), zeros.ptr<float>());
-    launch("int_pack_kernel", int_pack_kernel<scalar_t>, grid_for(n * words_per_row(k, bits)), kThreads, 0, s, w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<const float>(), zeros.ptr<const float>(), qweight.ptr<int32_t>());
+    launch("int_params_kernel", int_params_kernel<scalar_t>, grid_for(n * (k / group_size)), kThreads, 0, s,
+           w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<float>(), zeros.ptr<float>());
+    launch("int_pack_kernel", int_pack_kernel<scalar_t>, grid_for(n * words_per_row(k, bits)), kThreads, 0, s,
+           w.ptr<const scalar_t>(), n, k, bits, group_size, scales.ptr<const float>(), zeros.ptr<const float>(),
+           qweight.ptr<int32_t>());
   });
 }
 
@@ -232,7 +236,8 @@ void int_dequantize_cuda(const TensorView& qweight, const TensorView& scales, co
   if (w.n_out * w.k_in == 0) return;
   CudaDeviceGuard guard(out.device);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(out.dtype, "out", __half, __nv_bfloat16, [&] {
-    launch("int_dequantize_kernel", int_dequantize_kernel<scalar_t>, grid_for(w.n_out * w.k_in), kThreads, 0, as_stream(stream), w, out.ptr<scalar_t>());
+    launch("int_dequantize_kernel", int_dequantize_kernel<scalar_t>, grid_for(w.n_out * w.k_in), kThreads, 0,
+           as_stream(stream), w, out.ptr<scalar_t>());
   });
 }
 

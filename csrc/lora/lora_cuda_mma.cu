@@ -168,7 +168,8 @@ template <WeightKind K, typename T>
 void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
-  launch("fused_mma_kernel", fused_mma_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, a, w);
+  launch("fused_mma_kernel", fused_mma_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+         kThreads, 0, stream, a, w);
 }
 
 }  // namespace

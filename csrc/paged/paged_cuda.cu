@@ -310,7 +310,8 @@ void launch_rows(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
   } else if (p.head_dim == 128 && aligned) {
     launch("attention_kernel", attention_kernel<T, 16, true, kRows>, grid, kThreads, 0, stream, p);
   } else {
-    launch("attention_kernel", attention_kernel<T, 32, false, kRows>, grid, kThreads, 0, stream, p);  // any head_dim <= 256
+    launch("attention_kernel", attention_kernel<T, 32, false, kRows>, grid, kThreads, 0, stream,
+           p);  // any head_dim <= 256
   }
 }
 
@@ -386,9 +387,13 @@ void reshape_and_cache_cuda(const TensorView& key, const TensorView& value, cons
                    is_aligned(key_cache.data, 16) && is_aligned(value_cache.data, 16);
   const auto* slots = slot_mapping.ptr<const int64_t>();
   if (vec) {
-    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint4>, static_cast<unsigned>(n), 128, 0, as_stream(stream), key.ptr<const uint4>(), value.ptr<const uint4>(), key_cache.ptr<uint4>(), value_cache.ptr<uint4>(), slots, row_bytes / 16, num_slots, error_flag);
+    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint4>, static_cast<unsigned>(n), 128, 0,
+           as_stream(stream), key.ptr<const uint4>(), value.ptr<const uint4>(), key_cache.ptr<uint4>(),
+           value_cache.ptr<uint4>(), slots, row_bytes / 16, num_slots, error_flag);
   } else {
-    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint16_t>, static_cast<unsigned>(n), 128, 0, as_stream(stream), key.ptr<const uint16_t>(), value.ptr<const uint16_t>(), key_cache.ptr<uint16_t>(), value_cache.ptr<uint16_t>(), slots, row_bytes / 2, num_slots, error_flag);
+    launch("reshape_and_cache_kernel", reshape_and_cache_kernel<uint16_t>, static_cast<unsigned>(n), 128, 0,
+           as_stream(stream), key.ptr<const uint16_t>(), value.ptr<const uint16_t>(), key_cache.ptr<uint16_t>(),
+           value_cache.ptr<uint16_t>(), slots, row_bytes / 2, num_slots, error_flag);
   }
 }
 
@@ -399,10 +404,12 @@ void copy_blocks_cuda(const TensorView& caches, const TensorView& pairs, uintptr
   const int64_t block_bytes = caches.numel() / (num_caches * num_blocks) * dtype_size(caches.dtype);
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(num_caches));
   if (block_bytes % 16 == 0 && is_aligned(caches.data, 16)) {
-    launch("copy_blocks_kernel", copy_blocks_kernel<uint4>, grid, 256, 0, as_stream(stream), caches.ptr<uint4>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 16);
+    launch("copy_blocks_kernel", copy_blocks_kernel<uint4>, grid, 256, 0, as_stream(stream), caches.ptr<uint4>(),
+           pairs.ptr<const int64_t>(), num_blocks, block_bytes / 16);
   } else {
     PYLLMOPS_CHECK(block_bytes % 2 == 0, "copy_blocks: block of ", block_bytes, " bytes");
-    launch("copy_blocks_kernel", copy_blocks_kernel<uint16_t>, grid, 256, 0, as_stream(stream), caches.ptr<uint16_t>(), pairs.ptr<const int64_t>(), num_blocks, block_bytes / 2);
+    launch("copy_blocks_kernel", copy_blocks_kernel<uint16_t>, grid, 256, 0, as_stream(stream), caches.ptr<uint16_t>(),
+           pairs.ptr<const int64_t>(), num_blocks, block_bytes / 2);
   }
 }
 

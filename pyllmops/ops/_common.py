@@ -4,12 +4,13 @@ Arguments are checked here, before any kernel runs, with messages that name the 
 value received and what was expected. _C checks again what its kernels rely on.
 """
 import contextlib
+import functools
 import math
 import os
 
 import torch
 
-from pyllmops._ext import dtype_codes
+from pyllmops._ext import build_info, dtype_codes, lib
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_DEVICES = ("cpu", "cuda")
@@ -29,8 +30,26 @@ def poison_outputs(enabled=True):
         _poison = old
 
 
+@functools.lru_cache(maxsize=None)
+def emulated():
+    """True in a PYLLMOPS_CUDA=emu build: CPU tensors run the CUDA kernels on the emulator
+    (docs/emulator.md), so every device decision below treats them as CUDA tensors."""
+    return bool(build_info().get("emulated", False))
+
+
+def on_cuda(device):
+    """Whether tensors on `device` (a torch.device, or a tensor) run the CUDA kernels: CUDA devices, and
+    the CPU in an emulated build."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    return device.type == "cuda" or (device.type == "cpu" and emulated())
+
+
 def empty(shape, dtype, device):
     """Allocates a kernel output (poisoned when poison_outputs() is on)."""
+    device = torch.device(device)
+    if device.type == "cpu" and emulated():
+        return _maybe_poison(_guarded_empty(torch.empty(shape, dtype=dtype, device="meta")))
     return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
 
 
@@ -38,7 +57,21 @@ def empty_like(t, dtype=None):
     """Allocates a kernel output with t's shape and strides (torch.empty_like's memory format
     preservation), poisoned as `empty` does. For kernels that take strides: a transposed input
     gets an output of the same layout, with no copy."""
+    if t.device.type == "cpu" and emulated():
+        return _maybe_poison(_guarded_empty(torch.empty_like(t, dtype=dtype, device="meta")))
     return _maybe_poison(torch.empty_like(t, dtype=dtype))
+
+
+def _guarded_empty(meta):
+    """A CPU tensor laid out as `meta` whose storage ends against an inaccessible page (emulated builds):
+    a kernel that writes or reads past its end faults, and the launch reports it."""
+    n = meta.numel()
+    if n == 0:
+        return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
+    span = 1 + sum((size - 1) * stride for size, stride in zip(meta.shape, meta.stride()))
+    buf = lib().emu_guarded_buffer(span * meta.element_size())
+    flat = torch.frombuffer(buf, dtype=torch.uint8).view(meta.dtype)
+    return flat.as_strided(meta.shape, meta.stride())
 
 
 def _maybe_poison(out):
@@ -59,8 +92,11 @@ def view(t):
     codes = dtype_codes()
     if t.dtype not in codes:
         raise ValueError(f"tensor of dtype {t.dtype} cannot be passed to a kernel")
-    return (t.data_ptr(), codes[t.dtype], tuple(t.shape), tuple(t.stride()),
-            t.device.index if t.is_cuda else -1, t)
+    if t.is_cuda:
+        index = t.device.index
+    else:
+        index = 0 if emulated() and t.device.type == "cpu" else -1  # emulated: CPU tensors take the CUDA path
+    return (t.data_ptr(), codes[t.dtype], tuple(t.shape), tuple(t.stride()), index, t)
 
 
 def opt_view(t):
@@ -68,7 +104,7 @@ def opt_view(t):
 
 
 def stream(t):
-    """Handle of the current CUDA stream of t's device (0 for CPU tensors)."""
+    """Handle of the current CUDA stream of t's device (0 for CPU tensors, emulated or not)."""
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
@@ -90,14 +126,21 @@ def register_error_word(family, size, describe):
 def error_word(family, device):
     """The int32 error word of `family` on a CUDA device (allocated zeroed on first use, so make the first
     call outside CUDA-graph capture); None on the CPU, whose kernels raise before running instead."""
-    if device.type != "cuda":
+    if not on_cuda(device):
         return None
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx, dev = _error_word_device(device)
     w = _error_words.get((family, idx))
     if w is None:
-        w = _error_words[(family, idx)] = torch.zeros(_error_families[family][0], dtype=torch.int32,
-                                                       device=torch.device("cuda", idx))
+        w = _error_words[(family, idx)] = torch.zeros(_error_families[family][0], dtype=torch.int32, device=dev)
     return w
+
+
+def _error_word_device(device):
+    """(index, device) of the error words of a device that runs the CUDA kernels."""
+    if device.type == "cpu":  # emulated build
+        return -1, torch.device("cpu")
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return idx, torch.device("cuda", idx)
 
 
 def check_kernel_errors(device=None):
@@ -107,9 +150,9 @@ def check_kernel_errors(device=None):
     affected outputs hold NaN. No-op on the CPU, whose kernels raise ValueError before running instead."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type != "cuda":
+    if not on_cuda(device):
         return
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx, _ = _error_word_device(device)
     messages = []
     for (family, i), w in list(_error_words.items()):
         if i != idx:

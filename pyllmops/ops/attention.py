@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, error_word, opt_view,
-                                  register_error_word, softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, error_word, on_cuda,
+                                  opt_view, register_error_word, softmax_scale_or_default, stream, view)
 from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (covers every family)
 
 MAX_HEAD_DIM = 256  # csrc/attention/attention.h kMaxHeadDim
@@ -66,7 +66,7 @@ def _kernel_input(t):
     stride a multiple of 8 elements) for the vector loads, else one copy. Outputs made by empty_like of a
     head_dim-contiguous tensor always qualify (fresh allocation; strides of a dense tensor are multiples
     of head_dim, itself a multiple of 8; a non-dense one gets contiguous strides)."""
-    if t.is_cuda and (t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1])):
+    if on_cuda(t) and (t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1])):
         return t.contiguous()
     return t
 
@@ -154,7 +154,7 @@ def _check_qkv(q, k, v, varlen):
     dims = 3 if varlen else 4
     layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
     check_tensor("q", q, dim=dims)
-    dtypes = CUDA_DTYPES if q.is_cuda else CPU_DTYPES
+    dtypes = CUDA_DTYPES if on_cuda(q) else CPU_DTYPES
     check_tensor("q", q, dtypes=dtypes)
     check_tensor("k", k, dtypes=(q.dtype,), dim=dims, device=q.device)
     check_tensor("v", v, dtypes=(q.dtype,), dim=dims, device=q.device)
@@ -201,7 +201,7 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         if total > batch * mx:  # free: the lengths sum to the rows
             raise ValueError(f"{x} has {total} rows for {batch} sequences of at most max_seqlen_{x} = {mx} rows: "
                              f"some sequence of cu_seqlens_{x} is longer than max_seqlen_{x}")
-    if q.is_cuda and not validate:
+    if on_cuda(q) and not validate:
         return  # reading the offsets would synchronize: the kernels check them (module docstring)
     for name, c, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -291,7 +291,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     _check_qkv(q, k, v, varlen=True)
     if validate is None:
-        validate = not q.is_cuda
+        validate = not on_cuda(q)
     check_bool("validate", validate)
     _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate)
     left, right = _window(causal, window_size)

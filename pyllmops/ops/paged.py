@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from pyllmops._ext import lib
-from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, error_word, opt_view,
-                                  register_error_word, softmax_scale_or_default, stream, view)
+from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, error_word, on_cuda,
+                                  opt_view, register_error_word, softmax_scale_or_default, stream, view)
 from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (documented here; covers every family)
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256   # csrc/paged/paged.h
@@ -240,7 +240,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
     _check_cache(key_cache, value_cache)
     if key_cache.device != dev:
         raise ValueError(f"key_cache is on {key_cache.device}, expected {dev} (q's device)")
-    if dev.type == "cuda" and q.dtype not in CUDA_DTYPES:
+    if on_cuda(dev) and q.dtype not in CUDA_DTYPES:
         raise ValueError(f"q must be float16 or bfloat16 on CUDA, got {q.dtype}")
     if key_cache.dtype != q.dtype:
         raise ValueError(f"key_cache has dtype {key_cache.dtype}, expected q's dtype {q.dtype}")
@@ -271,17 +271,17 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
                              f"{num_seqs + 1}")
         if max_seqlen_q is None:  # on CUDA, reading the sizes would synchronize: use the bound total_q
             max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()), 1) if (
-                dev.type == "cpu" and num_seqs) else max(total_q, 1)
+                not on_cuda(dev) and num_seqs) else max(total_q, 1)
         check_int("max_seqlen_q", max_seqlen_q, min_value=1)
     if validate is None:
-        validate = dev.type == "cpu"
+        validate = not on_cuda(dev)
     check_bool("validate", validate)
     if validate:
         q_lens = (torch.ones(num_seqs, dtype=torch.long, device=dev) if cu_seqlens_q is None
                   else (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
         _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, total_q, num_blocks, block_size,
                            window_left, max_seqlen_q)
-    if dev.type == "cuda" and -(-max_seqlen_q * (heads_q // heads_kv) // ROW_TILE) > 65535:
+    if on_cuda(dev) and -(-max_seqlen_q * (heads_q // heads_kv) // ROW_TILE) > 65535:
         raise ValueError(f"max_seqlen_q * heads_q / num_kv_heads = {max_seqlen_q * heads_q // heads_kv} is too "
                          f"large for one launch (at most {65535 * ROW_TILE}); use flash attention for prefill")
     if num_splits is None:
@@ -320,7 +320,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, valid
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries, expected one per token ({key.shape[0]})")
     if validate is None:
-        validate = dev.type == "cpu"
+        validate = not on_cuda(dev)
     check_bool("validate", validate)
     if validate and slot_mapping.numel():
         bad = ((slot_mapping < -1) | (slot_mapping >= n_blocks * block_size)).nonzero()
