@@ -30,10 +30,15 @@ def poison_outputs(enabled=True):
         _poison = old
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a property of the build: torch.compile bakes it in, no graph break
 def emulated():
     """True in a PYLLMOPS_CUDA=emu build: CPU tensors run the CUDA kernels on the emulator
     (docs/emulator.md), so every device decision below treats them as CUDA tensors."""
+    return _emulated()
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated():
     return bool(build_info().get("emulated", False))
 
 
