@@ -287,3 +287,50 @@ def test_export_ref_takes_the_committed_sources(tmp_path):
     assert st.cuda_sources(dest) == [dest / "csrc" / "fam" / "a.cu"]
     with pytest.raises(ValueError, match="not a commit"):
         st.export_ref(repo, "no-such-ref", dest)
+
+
+def test_records_name_the_file_when_two_files_share_a_kernel_name(monkeypatch, tmp_path):
+    ptxas = {"arch": "sm_80", "regs": 38, "barriers": 0, "smem": 0, "cmem0": 0, "stack": 0, "spill_stores": 0,
+             "spill_loads": 0}
+    results = [{"ok": True, "file": str(tmp_path / "csrc" / "fam" / f"{f}.cu"), "arch": "80",
+                "ptxas": {f"_Z{f}": dict(ptxas)}, "ptx": {}, "sass": None, "res_usage": None, "sass_error": "none"}
+               for f in ("a", "b")]
+    monkeypatch.setattr(st, "demangle", lambda names: {n: "void ns::(anonymous namespace)::k<float>(int)"
+                                                       for n in names})
+    recs = st.build_records(results, {}, tmp_path)
+    assert [r["kernel"] for r in recs] == ["k<f32> [a.cu]", "k<f32> [b.cu]"]
+    # no __launch_bounds__: no CTA count, warps bound by registers (38 -> 40 per thread: 12 warps per
+    # sub-partition, 48 per SM)
+    assert recs[0]["ctas_per_sm"] is None and recs[0]["warps_per_sm_max_by_regs"] == 48
+
+
+SPILL_CU = textwrap.dedent("""\
+    // 48 live floats under a 32-register cap (1024 threads, 2 CTAs per SM): ptxas must spill
+    __global__ void __launch_bounds__(1024, 2) spill_kernel(float* x) {
+      float a[48];
+    #pragma unroll
+      for (int i = 0; i < 48; ++i) a[i] = x[i * 1024 + threadIdx.x];
+      float s = 0.0f;
+    #pragma unroll
+      for (int i = 0; i < 48; ++i) s += a[i] * a[47 - i];
+    #pragma unroll
+      for (int i = 0; i < 48; ++i) x[i * 1024 + threadIdx.x] = a[i] * s;
+    }
+    """)
+
+
+@needs_nvcc
+def test_check_fails_on_a_spilling_hot_kernel_unless_allowed(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "csrc" / "fam").mkdir(parents=True)
+    (root / "csrc" / "fam" / "spill.cu").write_text(SPILL_CU)
+    assert st.run(root, tmp_path / "o1", ["80"], jobs=1, check=True, sass=False) == 1
+    err = capsys.readouterr().err
+    assert "check FAILED" in err and "spill_kernel" in err
+    rec = json.loads((tmp_path / "o1" / "static_report.json").read_text())["records"][0]
+    assert rec["spill_stores"] > 0 and rec["regs"] <= 32 and rec["min_ctas_per_sm"] == 2 and rec["hot"]
+    assert "Hot kernels that spill" in (tmp_path / "o1" / "static_report.md").read_text()
+    # without --check the report is written and the exit status is 0
+    assert st.run(root, tmp_path / "o2", ["80"], jobs=1, check=False, sass=False) == 0
+    monkeypatch.setitem(st.SPILL_ALLOWED, "fam/spill_kernel", "test: allowed to spill")
+    assert st.run(root, tmp_path / "o3", ["80"], jobs=1, check=True, sass=False) == 0

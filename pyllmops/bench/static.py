@@ -600,6 +600,13 @@ def build_records(results: list[dict], dyn: dict, root: Path) -> list[dict]:
             rec["regs_cubin"] = ru.get("REG") if ru else None
             rec["hot"] = rec["base"] not in SPILL_ALLOWED
             records.append(rec)
+    # the same kernel name in two files of a family (anonymous namespaces): name the file too
+    files_of: dict = {}
+    for rec in records:
+        files_of.setdefault((rec["family"], rec["kernel"]), set()).add(rec["file"])
+    for rec in records:
+        if len(files_of[(rec["family"], rec["kernel"])]) > 1:
+            rec["kernel"] += f" [{Path(rec['file']).name}]"
     records.sort(key=lambda x: (x["family"], x["base"], natural_key(x["kernel"]), x["arch"]))
     return records
 
