@@ -68,6 +68,8 @@ struct TensorView {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// log2 of a power of two (callers check that it is one): kernels shift instead of dividing by it.
+inline int log2_pow2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
 
 // A shape as Python prints a tuple, for error messages: (2, 3), (5,), ().
 inline std::string shape_str(const std::vector<int64_t>& shape) {

@@ -74,12 +74,12 @@ struct Scales {
   const float* absmax2 = nullptr;  // nested: [ceil(n_blocks / blocksize2)] fp32
   const float* code2 = nullptr;    // nested: [256] sorted code
   const float* offset = nullptr;   // nested: [1] fp32 mean of the original absmax
-  int64_t blocksize2 = 256;
+  int blocksize2_log2 = 8;          // nested blocksize = 1 << blocksize2_log2 (a power of two: a shift, not a division)
 
   PYLLMOPS_HD bool nested() const { return qabsmax != nullptr; }
   PYLLMOPS_HD float operator()(int64_t block) const {
     if (qabsmax == nullptr) return absmax[block];
-    const float v = PYLLMOPS_MUL_RN(code2[qabsmax[block]], absmax2[block / blocksize2]);
+    const float v = PYLLMOPS_MUL_RN(code2[qabsmax[block]], absmax2[block >> blocksize2_log2]);
     return PYLLMOPS_ADD_RN(v, offset[0]);
   }
 };

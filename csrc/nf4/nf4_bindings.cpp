@@ -50,7 +50,7 @@ Scales make_scales(const TensorView& absmax, const OptView& nested_absmax, const
   s.absmax2 = nested_absmax->ptr<const float>();
   s.code2 = nested_code->ptr<const float>();
   s.offset = nested_offset->ptr<const float>();
-  s.blocksize2 = nested_blocksize;
+  s.blocksize2_log2 = pyllmops::log2_pow2(nested_blocksize);
   return s;
 }
 

@@ -10,9 +10,10 @@
 //   Misaligned views or a partial last chunk take the scalar path (same math, one element at a time).
 //
 // skinny matmul (decode, m <= 8 rows of x): one warp per output row; lane j walks 32-element chunks
-//   j, j+32, ... of the row: 16-byte load of W, decode 32 codes from the shared code table, dot with
-//   the m rows of x (read through the read-only cache; x is at most 8*k elements and stays in L1/L2),
-//   scale once per chunk, then a warp reduction per row of y. W is read exactly once and never
+//   j, j+32, ... of the row: 16-byte load of W, decode its 32 codes 8 at a time (one 32-bit word) from
+//   the shared code table, dot with the m rows of x (read through the read-only cache; x is at most
+//   8*k elements and stays in L1/L2), scale once per chunk, then a warp reduction per row of y. Block
+//   indices are shifts (blocksizes are powers of two): no 64-bit division in the loop. W is read exactly once and never
 //   written: 4096x4096 reads 8 MiB + 1 MiB absmax vs 32 MiB for a bf16 GEMV, so the bound is ~3.5x
 //   below the bf16 GEMV at equal bandwidth. Needs k % 32 == 0 and 16-byte aligned packed/x; the
 //   Python layer checks and otherwise dequantizes + matmuls.
@@ -116,7 +117,7 @@ __device__ __forceinline__ void store_chunk32(T* dst, const float (&v)[32]) {
 }
 
 template <typename T, bool kVec>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales scales, int64_t blocksize, int64_t n,
+__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales scales, int blocksize_log2, int64_t n,
                                   T* __restrict__ out) {
   PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
@@ -124,7 +125,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales sca
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks; c += stride) {
     const int64_t start = c * 32;
-    const float scale = scales(start / blocksize);
+    const float scale = scales(start >> blocksize_log2);
     if (kVec && start + 32 <= n) {
       const uint4 q = __ldcs(reinterpret_cast<const uint4*>(packed + start / 2));  // read once: stream
       const uint32_t words[4] = {q.x, q.y, q.z, q.w};
@@ -149,11 +150,13 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales sca
 }
 
 // ---- skinny matmul ----------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ void load_chunk32(const T* src, float (&v)[32]) {
+// N consecutive elements of x (16-byte aligned, N a multiple of a 16-byte vector) as floats.
+template <int N, typename T>
+__device__ __forceinline__ void load_floats(const T* src, float (&v)[N]) {
   constexpr int kPerVec = 16 / sizeof(T);
+  static_assert(N % kPerVec == 0, "whole 16-byte vectors");
 #pragma unroll
-  for (int s = 0; s < 32 / kPerVec; ++s) {
+  for (int s = 0; s < N / kPerVec; ++s) {
     union {
       uint4 vec;
       T elems[kPerVec];
@@ -164,10 +167,12 @@ __device__ __forceinline__ void load_chunk32(const T* src, float (&v)[32]) {
   }
 }
 
+// No __launch_bounds__(128): with it, ptxas (CUDA 13.0) settles some instantiations at 64-72 registers and
+// spills 8-16 B inside the loop to fit one more CTA per SM; without it none spills (42-90 registers,
+// benchmarks/results/static/). Launched with kSkinnyWarps * 32 threads.
 template <typename T, int M>
-__global__ void __launch_bounds__(kSkinnyWarps * 32)
-    skinny_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, Scales scales,
-                  int64_t blocksize, const T* __restrict__ bias, int64_t n, T* __restrict__ y) {
+__global__ void skinny_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, Scales scales,
+                              int blocksize_log2, const T* __restrict__ bias, int64_t n, T* __restrict__ y) {
   PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
   const int lane = threadIdx.x & 31;
@@ -176,30 +181,43 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  // Pointers advance by a lane stride of 32 chunks; only the scale index needs the flat element index.
   const int64_t chunks = k / 32;
-  for (int64_t c = lane; c < chunks; c += 32) {
-    const int64_t flat = row * k + c * 32;
-    const uint4 q = __ldcs(reinterpret_cast<const uint4*>(packed + flat / 2));
-    const float scale = scales(flat / blocksize);
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-    float wv[32];
+  const uint4* w_chunk = reinterpret_cast<const uint4*>(packed + row * k / 2) + lane;
+  const T* x_chunk = x + lane * 32;
+  int64_t flat = row * k + lane * 32;
+  // The trip count is the warp's (not the lane's), so the loop needs no divergence handling; lanes past
+  // the row's last chunk skip the body.
+  for (int64_t c0 = 0; c0 < chunks; c0 += 32, w_chunk += 32, x_chunk += 32 * 32, flat += 32 * 32) {
+    if (c0 + lane >= chunks) continue;
+    const uint4 q = __ldcs(w_chunk);
+    const float scale = scales(flat >> blocksize_log2);
+    // One 32-bit word (8 weights) at a time, against 8 elements of each row of x: ~16 + M live values
+    // instead of 64 (a whole chunk of W and of x), so no variant spills. Each row's partial sum still
+    // runs over the chunk's 32 elements in order, as before.
+    float part[M];
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi)
+    for (int m = 0; m < M; ++m) part[m] = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+      const uint32_t word = wi == 0 ? q.x : wi == 1 ? q.y : wi == 2 ? q.z : q.w;
+      float wv[8];
 #pragma unroll
       for (int bi = 0; bi < 4; ++bi) {
-        const uint32_t byte = (words[wi] >> (8 * bi)) & 0xffu;
-        wv[wi * 8 + bi * 2] = s_code[byte >> 4];
-        wv[wi * 8 + bi * 2 + 1] = s_code[byte & 15u];
+        const uint32_t byte = (word >> (8 * bi)) & 0xffu;
+        wv[bi * 2] = s_code[byte >> 4];
+        wv[bi * 2 + 1] = s_code[byte & 15u];
       }
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xv[32];
-      load_chunk32(x + m * k + c * 32, xv);
-      float part = 0.0f;
+      for (int m = 0; m < M; ++m) {
+        float xv[8];
+        load_floats(x_chunk + m * k + wi * 8, xv);
 #pragma unroll
-      for (int e = 0; e < 32; ++e) part = fmaf(wv[e], xv[e], part);
-      acc[m] = fmaf(part, scale, acc[m]);
+        for (int e = 0; e < 8; ++e) part[m] = fmaf(wv[e], xv[e], part[m]);
+      }
     }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = fmaf(part[m], scale, acc[m]);
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -214,7 +232,8 @@ void launch_skinny(const TensorView& x, const TensorView& packed, const Scales& 
   const int64_t n = y.size(1);
   const int grid = static_cast<int>(ceil_div(n, kSkinnyWarps));
   launch("skinny_kernel", skinny_kernel<T, M>, grid, kSkinnyWarps * 32, 0, stream, x.ptr<const T>(), x.size(1),
-         packed.ptr<const uint8_t>(), scales, blocksize, bias ? bias->ptr<const T>() : nullptr, n, y.ptr<T>());
+         packed.ptr<const uint8_t>(), scales, log2_pow2(blocksize), bias ? bias->ptr<const T>() : nullptr, n,
+         y.ptr<T>());
 }
 
 template <typename T>
@@ -268,10 +287,10 @@ void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blo
   PYLLMOPS_DISPATCH_FLOAT_TYPES(out.dtype, "out", __half, __nv_bfloat16, [&] {
     if (vec)
       launch("dequantize_kernel", dequantize_kernel<scalar_t, true>, grid, kThreads, 0, as_stream(stream),
-             packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+             packed.ptr<const uint8_t>(), scales, log2_pow2(blocksize), n, out.ptr<scalar_t>());
     else
       launch("dequantize_kernel", dequantize_kernel<scalar_t, false>, grid, kThreads, 0, as_stream(stream),
-             packed.ptr<const uint8_t>(), scales, blocksize, n, out.ptr<scalar_t>());
+             packed.ptr<const uint8_t>(), scales, log2_pow2(blocksize), n, out.ptr<scalar_t>());
   });
 }
 
