@@ -86,7 +86,6 @@ T* shared_static_as(const void* tag, const char* name, Site site) {
 enum class ShflMode : int { idx, up, down, bfly };
 struct ShflPayload {
   uint64_t in, out;
-  int lane;
   int arg;
 };
 struct ShflCtx {
@@ -98,7 +97,7 @@ void shfl_combine(void* const* payloads, unsigned mask, const void* ctx);
 template <typename T>
 T shfl(ShflMode mode, unsigned mask, T v, int arg, int width, Site site) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a type wider than 64 bits");
-  ShflPayload p{0, 0, current().lane, arg};
+  ShflPayload p{0, 0, arg};
   std::memcpy(&p.in, &v, sizeof(T));
   const ShflCtx ctx{mode, width};
   warp_collective(Collective::shfl, mask, &p, &shfl_combine, &ctx, site);
@@ -110,7 +109,6 @@ T shfl(ShflMode mode, unsigned mask, T v, int arg, int width, Site site) {
 struct VotePayload {
   int pred;
   unsigned out;
-  int lane;
 };
 void vote_combine(void* const* payloads, unsigned mask, const void* ctx);
 unsigned vote(Collective kind, unsigned mask, int pred, Site site);

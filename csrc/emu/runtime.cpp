@@ -27,7 +27,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -682,7 +681,7 @@ void vote_combine(void* const* payloads, unsigned mask, const void* ctx) {
 }
 
 unsigned vote(Collective kind, unsigned mask, int pred, Site site) {
-  VotePayload p{pred != 0, 0u, current().lane};
+  VotePayload p{pred != 0, 0u};
   warp_collective(kind, mask, &p, &vote_combine, &kind, site);
   return p.out;
 }
