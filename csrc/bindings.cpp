@@ -17,6 +17,7 @@ py::dict build_info() {
 #endif
 #ifdef PYLLMOPS_EMU
   d["emulated"] = true;
+  d["emu_cuda_include"] = std::string(PYLLMOPS_EMU_CUDA_INCLUDE);  // the toolkit headers it was built against
 #else
   d["emulated"] = false;
 #endif

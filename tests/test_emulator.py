@@ -8,6 +8,7 @@
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,27 @@ def test_missing_barrier_changes_the_result_with_the_order():
         results[schedule] = (lib().emu_selftest("racy_flag")[0], lib().emu_selftest("racy_flag_fixed")[0])
     assert results["forward"][0] != results["reverse"][0]   # the race is visible
     assert results["forward"][1] == results["reverse"][1] == 1.0  # with the barrier it is gone
+
+
+def test_prmt_known_selectors():
+    assert lib().emu_selftest("prmt") == [1.0] * 5
+
+
+def test_unemulated_constructs_fail_the_build(tmp_path):
+    """A raw __shared__ or an asm outside common/ptx.cuh stops the emulated build at its line."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++")
+    cuda_include = pyllmops.build_info()["emu_cuda_include"]  # the headers this build used
+    src = tmp_path / "bad.cu"
+    src.write_text("#include <cuda_runtime.h>\n__global__ void k(float* p) {\n  __shared__ float s[4];\n"
+                   "  unsigned r;\n  asm volatile(\"mov.u32 %0, %%laneid;\" : \"=r\"(r));\n  p[0] = s[0] + r;\n}\n")
+    res = subprocess.run([gxx, "-std=c++17", "-x", "c++", "-DPYLLMOPS_EMU=1", f"-I{ROOT / 'csrc/emu/include'}",
+                          f"-I{cuda_include}", f"-I{ROOT / 'csrc'}", "-fsyntax-only", str(src)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert re.search(r"bad\.cu:3:\d+: error: raw __shared__ is not emulated", res.stderr), res.stderr[-2000:]
+    assert re.search(r"bad\.cu:5:\d+: error: inline asm is not emulated", res.stderr), res.stderr[-2000:]
 
 
 def test_atomics_are_atomic_across_workers():

@@ -9,6 +9,7 @@
 //   ldmatrix_x{1,2,4}[_trans](r, p) ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16
 //   cp_async_{ca,cg}<N>(dst, src, src_bytes)  cp.async.{ca,cg}.shared.global [dst], [src], N, src_bytes
 //   cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
+//   prmt(a, b, sel)                 prmt.b32 (byte permute, default mode)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -95,6 +96,27 @@ PYLLMOPS_LDMATRIX(1, ".trans", true, ldmatrix_x1_trans)
 PYLLMOPS_LDMATRIX(2, ".trans", true, ldmatrix_x2_trans)
 PYLLMOPS_LDMATRIX(4, ".trans", true, ldmatrix_x4_trans)
 #undef PYLLMOPS_LDMATRIX
+
+// prmt.b32 (default mode): byte i of the result is byte (sel >> 4i) & 7 of the 8 bytes {b, a} (a: bytes 0-3,
+// b: bytes 4-7), or, when bit 3 of that selector nibble is set, that byte's sign bit replicated (PTX ISA,
+// "Data Movement and Conversion Instructions: prmt"). The same as CUDA's __byte_perm(a, b, sel).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(PYLLMOPS_EMU)
+  const uint64_t src = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t nib = (sel >> (4 * i)) & 15u;
+    uint32_t byte = static_cast<uint32_t>(src >> (8 * (nib & 7u))) & 0xffu;
+    if (nib & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    d |= byte << (8 * i);
+  }
+  return d;
+#else
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+#endif
+}
 
 // Asynchronous global -> shared copies of kBytes (4, 8 or 16; .cg: 16 only, bypasses L1). Bytes past
 // src_bytes (0..kBytes) are zero-filled. Nothing is visible until cp_async_wait covers its group.

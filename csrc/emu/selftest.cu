@@ -107,6 +107,15 @@ __global__ void cp_async_read(const float* in, float* out) {
   out[threadIdx.x] = s[threadIdx.x * 4];
 }
 
+// prmt.b32 on known selectors: identity of a (0x3210), of b (0x7654), byte reverse (0x0123), and sign
+// replication (0x8888: byte 0's sign bit in every byte).
+__global__ void prmt_cases(float* out) {
+  const uint32_t a = 0x83221100u, b = 0x77665544u;
+  const uint32_t sels[5] = {0x3210u, 0x7654u, 0x0123u, 0x8888u, 0xbbbbu};
+  const uint32_t want[5] = {a, b, 0x00112283u, 0x00000000u, 0xffffffffu};
+  if (threadIdx.x < 5) out[threadIdx.x] = ptx::prmt(a, b, sels[threadIdx.x]) == want[threadIdx.x] ? 1.0f : 0.0f;
+}
+
 // Every thread of every block adds 1: atomics are atomic across workers.
 __global__ void atomic_count(int* counter) { atomicAdd(counter, 1); }
 
@@ -145,7 +154,10 @@ std::vector<float> run_selftest(const std::string& name) {
     launch("cp_async_no_wait", cp_async_read<false>, 1, kN, 0, s, static_cast<const float*>(in.p), out.p);
   else if (name == "cp_async_wait")
     launch("cp_async_wait", cp_async_read<true>, 1, kN, 0, s, static_cast<const float*>(in.p), out.p);
-  else if (name == "atomic_count") {
+  else if (name == "prmt") {
+    launch("prmt_cases", prmt_cases, 1, 32, 0, s, out.p);
+    return std::vector<float>(out.p, out.p + 5);
+  } else if (name == "atomic_count") {
     auto* counter = reinterpret_cast<int*>(out.p);
     *counter = 0;
     launch("atomic_count", atomic_count, 64, 128, 0, s, counter);
