@@ -9,11 +9,20 @@ def lib():
     try:
         from pyllmops import _C
     except ImportError as e:  # pragma: no cover - exercised only on a broken install
-        raise ImportError(
-            "pyllmops._C (the compiled kernels) could not be imported. Build it with "
-            "`pip install -e .` (or `pip install .`) from the repository root; a C++17 compiler and "
-            f"CMake are needed, nvcc optionally. Original error: {e}"
-        ) from e
+        import pathlib
+
+        import pyllmops
+
+        here = pathlib.Path(pyllmops.__file__).resolve().parent
+        if (here.parent / "setup.py").exists():  # imported from a source checkout that holds no build
+            hint = (f"This pyllmops was imported from the source checkout {here.parent}, which has no build "
+                    "of its own (Python puts the current directory first on the path, so it shadows a "
+                    "`pip install .` copy). Build in place with `pip install -e .` there, or run from "
+                    "another directory.")
+        else:
+            hint = "Reinstall with `pip install .` (a C++17 compiler and CMake are needed, nvcc optionally)."
+        raise ImportError(f"pyllmops._C (the compiled kernels) could not be imported. {hint} "
+                          f"Original error: {e}") from e
     return _C
 
 
