@@ -87,9 +87,7 @@ enum class ShflMode : int { idx, up, down, bfly };
 struct ShflPayload {
   uint64_t in, out;
   int arg;
-};
-struct ShflCtx {
-  ShflMode mode;
+  ShflMode mode;  // every lane of one shuffle must use the same variant and width
   int width;
 };
 void shfl_combine(void* const* payloads, unsigned mask, const void* ctx);
@@ -97,10 +95,9 @@ void shfl_combine(void* const* payloads, unsigned mask, const void* ctx);
 template <typename T>
 T shfl(ShflMode mode, unsigned mask, T v, int arg, int width, Site site) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a type wider than 64 bits");
-  ShflPayload p{0, 0, arg};
+  ShflPayload p{0, 0, arg, mode, width};
   std::memcpy(&p.in, &v, sizeof(T));
-  const ShflCtx ctx{mode, width};
-  warp_collective(Collective::shfl, mask, &p, &shfl_combine, &ctx, site);
+  warp_collective(Collective::shfl, mask, &p, &shfl_combine, nullptr, site);
   T out;
   std::memcpy(&out, &p.out, sizeof(T));
   return out;

@@ -52,19 +52,10 @@ py::dict config_dict() {
 
 void set_config(const std::string& schedule, uint64_t seed, const std::vector<std::string>& breaks, int arch) {
   emu::Config c;
-  if (schedule == "forward") c.schedule = emu::Schedule::forward;
-  else if (schedule == "reverse") c.schedule = emu::Schedule::reverse;
-  else if (schedule == "random") c.schedule = emu::Schedule::random;
-  else pyllmops::throw_invalid("schedule must be 'forward', 'reverse' or 'random', got '", schedule, "'");
-  for (const auto& b : breaks) {
-    if (b == "mma") c.breaks |= emu::kBreakMma;
-    else if (b == "ldmatrix") c.breaks |= emu::kBreakLdmatrix;
-    else if (b == "barrier") c.breaks |= emu::kBreakBarrier;
-    else pyllmops::throw_invalid("breaks: each must be 'mma', 'ldmatrix' or 'barrier', got '", b, "'");
-  }
-  PYLLMOPS_CHECK(arch == 80 || arch == 90, "arch must be 80 or 90, got ", arch);
+  c.schedule = emu::parse_schedule(schedule, "schedule");
+  for (const auto& b : breaks) c.breaks |= emu::parse_break(b, "breaks");
+  c.arch = emu::parse_arch(arch, "arch");
   c.seed = seed;
-  c.arch = arch;
   emu::set_config(c);
 }
 

@@ -52,6 +52,7 @@ constexpr size_t kStackBytes = 256 * 1024;  // per fiber; virtual (touched pages
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStaticSmemMax = 48 * 1024;
 constexpr size_t kAltStackBytes = 64 * 1024;
+constexpr int kMaxWorkers = 16;  // OS threads per launch: each holds up to 1024 fiber stacks (256 MB virtual)
 
 size_t page_size() {
   static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -66,19 +67,21 @@ Config g_config;
 
 Config read_env() {
   Config c;
-  if (const char* s = std::getenv("PYLLMOPS_EMU_SCHEDULE")) {
-    const std::string v(s);
-    if (v == "reverse") c.schedule = Schedule::reverse;
-    else if (v == "random") c.schedule = Schedule::random;
+  if (const char* s = std::getenv("PYLLMOPS_EMU_SCHEDULE")) c.schedule = parse_schedule(s, "PYLLMOPS_EMU_SCHEDULE");
+  if (const char* s = std::getenv("PYLLMOPS_EMU_SEED")) {
+    char* end = nullptr;
+    c.seed = std::strtoull(s, &end, 10);
+    if (*s == '\0' || *end != '\0') throw_invalid("PYLLMOPS_EMU_SEED must be a non-negative integer, got '", s, "'");
   }
-  if (const char* s = std::getenv("PYLLMOPS_EMU_SEED")) c.seed = std::strtoull(s, nullptr, 10);
   if (const char* s = std::getenv("PYLLMOPS_EMU_BREAK")) {
     const std::string v(s);
-    if (v.find("mma") != std::string::npos) c.breaks |= kBreakMma;
-    if (v.find("ldmatrix") != std::string::npos) c.breaks |= kBreakLdmatrix;
-    if (v.find("barrier") != std::string::npos) c.breaks |= kBreakBarrier;
+    for (size_t start = 0; start <= v.size();) {
+      const size_t comma = std::min(v.find(',', start), v.size());
+      if (comma > start) c.breaks |= parse_break(v.substr(start, comma - start), "PYLLMOPS_EMU_BREAK");
+      start = comma + 1;
+    }
   }
-  if (const char* s = std::getenv("PYLLMOPS_EMU_ARCH")) c.arch = std::atoi(s) == 80 ? 80 : 90;
+  if (const char* s = std::getenv("PYLLMOPS_EMU_ARCH")) c.arch = parse_arch(std::atoi(s), "PYLLMOPS_EMU_ARCH");
   return c;
 }
 
@@ -164,24 +167,37 @@ struct Worker {
 
   Worker() {
     const size_t page = page_size();
-    const size_t per = page + kStackBytes;
-    stacks = static_cast<char*>(
-        mmap(nullptr, per * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    stacks = static_cast<char*>(mmap(nullptr, (page + kStackBytes) * kMaxThreads, PROT_READ | PROT_WRITE,
+                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
     if (stacks == MAP_FAILED) throw_runtime("pyllmops emulator: cannot map fiber stacks");
-    for (int i = 0; i < kMaxThreads; ++i) mprotect(stacks + i * per, page, PROT_NONE);
     arena_bytes = round_up(kStaticSmemMax + 232448, page);
     arena = static_cast<char*>(mmap(nullptr, arena_bytes + page, PROT_READ | PROT_WRITE,
                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    if (arena == MAP_FAILED) throw_runtime("pyllmops emulator: cannot map shared memory");
-    mprotect(arena + arena_bytes, page, PROT_NONE);
+    if (arena == MAP_FAILED || mprotect(arena + arena_bytes, page, PROT_NONE) != 0) {
+      release();
+      throw_runtime("pyllmops emulator: cannot map shared memory");
+    }
     altstack = static_cast<char*>(std::malloc(kAltStackBytes));
     fibers.resize(kMaxThreads);
   }
-  ~Worker() {
-    munmap(stacks, (page_size() + kStackBytes) * kMaxThreads);
-    munmap(arena, arena_bytes + page_size());
+  ~Worker() { release(); }
+
+  void release() {
+    if (stacks != nullptr && stacks != MAP_FAILED) munmap(stacks, (page_size() + kStackBytes) * kMaxThreads);
+    if (arena != nullptr && arena != MAP_FAILED) munmap(arena, arena_bytes + page_size());
     std::free(altstack);
+    stacks = arena = altstack = nullptr;
   }
+
+  // Guard pages below the stacks of fibers [0, n): made on first need (each mprotect splits the mapping,
+  // and a process has a limited number of mappings), so a worker holds as many as its largest block.
+  void guard_stacks(int n) {
+    const size_t per = page_size() + kStackBytes;
+    for (; guarded_stacks < n; ++guarded_stacks)
+      if (mprotect(stacks + guarded_stacks * per, page_size(), PROT_NONE) != 0)
+        throw_runtime("pyllmops emulator: cannot protect a fiber stack's guard page (too many memory mappings?)");
+  }
+  int guarded_stacks = 0;
 
   bool contains_shared(const void* p, size_t bytes) const {
     const char* c = static_cast<const char*>(p);
@@ -220,7 +236,8 @@ struct Worker {
     fiber_switch(&f->ctx, &sched);
   }
 
-  void run_block(uint3 bid);
+  void run_block(uint3 bid, int64_t linear);
+  Config conf;  // the launch's configuration (read once per launch)
   std::string deadlock_report() const;
 };
 
@@ -300,9 +317,12 @@ std::string Worker::deadlock_report() const {
   return os.str();
 }
 
-void Worker::run_block(uint3 bid) {
+void Worker::run_block(uint3 bid, int64_t linear) {
   const dim3 bd = cfg->block;
-  const Config c = config();
+  const Config& c = conf;
+  // Each block's random order depends only on the seed, the kernel and the block: a failure replays with the
+  // same PYLLMOPS_EMU_SEED whatever the number of workers or which worker took the block.
+  rng.seed(std::hash<std::string>()(cfg->name) ^ (c.seed * 0x9E3779B97F4A7C15ull) ^ static_cast<uint64_t>(linear));
   // Shared memory: the dynamic region ends at the guard page; statics are carved below it.
   const size_t dyn_bytes = round_up(cfg->dynamic_smem, 16);
   dyn = arena + arena_bytes - dyn_bytes;
@@ -313,6 +333,7 @@ void Worker::run_block(uint3 bid) {
   barrier_arrived = 0;
   warps.assign(static_cast<size_t>((n_threads + 31) / 32), {});
   live = n_threads;
+  guard_stacks(n_threads);
   const size_t per = page_size() + kStackBytes;
   for (int i = 0; i < n_threads; ++i) {
     Fiber& f = fibers[i];
@@ -379,19 +400,41 @@ std::map<const void*, int> g_max_dynamic_smem;
 struct sigaction g_prev_segv, g_prev_bus;
 std::once_flag g_signals_once;
 
+struct Guarded {
+  char* map;     // the mapping: data, alignment slack, guard page
+  size_t span;   // its size
+  size_t bytes;  // the buffer's own size
+};
 std::mutex g_guarded_mu;
-std::map<void*, std::pair<char*, size_t>> g_guarded;  // data -> (mapping, its size)
+std::map<void*, Guarded> g_guarded;  // by data pointer
+constexpr unsigned char kCanary = 0xC5;
+
+// A write into the up-to-15-byte alignment slack between a guarded buffer's end and its guard page does
+// not fault: the slack holds a canary, checked (and restored) after every launch.
+void check_canaries(const char* kernel) {
+  std::lock_guard<std::mutex> lock(g_guarded_mu);
+  for (auto& [data, g] : g_guarded) {
+    unsigned char* end = static_cast<unsigned char*>(data) + g.bytes;
+    const size_t slack = static_cast<size_t>(g.map + g.span - page_size() - reinterpret_cast<char*>(end));
+    for (size_t i = 0; i < slack; ++i)
+      if (end[i] != kCanary) {
+        std::memset(end, kCanary, slack);
+        throw_runtime("pyllmops emulator: kernel ", kernel, " wrote ", i, " bytes past the end of a ", g.bytes,
+                      "-byte kernel output (inside its alignment slack)");
+      }
+  }
+}
 
 // Names the guarded buffer whose guard page holds `addr`. Called from the fault handler on a fault
 // raised synchronously by kernel code, which never holds g_guarded_mu (try_lock, to be sure).
 bool describe_guarded(const char* addr, std::ostringstream& os) {
   std::unique_lock<std::mutex> lock(g_guarded_mu, std::try_to_lock);
   if (!lock.owns_lock()) return false;
-  for (const auto& [data, map] : g_guarded) {
-    const char* end = map.first + map.second - page_size();
-    if (addr >= end && addr < end + page_size()) {
-      os << " (" << addr - end << " bytes past the end of a " << end - static_cast<const char*>(data)
-         << "-byte kernel output)";
+  for (const auto& [data, g] : g_guarded) {
+    const char* guard = g.map + g.span - page_size();
+    if (addr >= guard && addr < guard + page_size()) {
+      const char* end = static_cast<const char*>(data) + g.bytes;
+      os << " (" << addr - end << " bytes past the end of a " << g.bytes << "-byte kernel output)";
       return true;
     }
   }
@@ -481,6 +524,25 @@ void check_launch(const LaunchConfig& cfg) {
 }  // namespace
 
 // ---- public entry points ----------------------------------------------------------------------
+Schedule parse_schedule(const std::string& v, const char* name) {
+  if (v == "forward") return Schedule::forward;
+  if (v == "reverse") return Schedule::reverse;
+  if (v == "random") return Schedule::random;
+  throw_invalid(name, " must be 'forward', 'reverse' or 'random', got '", v, "'");
+}
+
+unsigned parse_break(const std::string& v, const char* name) {
+  if (v == "mma") return kBreakMma;
+  if (v == "ldmatrix") return kBreakLdmatrix;
+  if (v == "barrier") return kBreakBarrier;
+  throw_invalid(name, ": each entry must be 'mma', 'ldmatrix' or 'barrier', got '", v, "'");
+}
+
+int parse_arch(int arch, const char* name) {
+  if (arch != 80 && arch != 90) throw_invalid(name, " must be 80 or 90, got ", arch);
+  return arch;
+}
+
 Config config() {
   std::lock_guard<std::mutex> lock(g_config_mu);
   if (!g_config_read) {
@@ -496,7 +558,7 @@ void set_config(const Config& c) {
   g_config_read = true;
 }
 
-unsigned broken() { return config().breaks; }
+unsigned broken() { return t_worker != nullptr ? t_worker->conf.breaks : config().breaks; }
 
 size_t max_shared_optin() { return config().arch == 80 ? 166912 : 232448; }  // 163 KB / 227 KB
 
@@ -511,14 +573,14 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   std::mt19937_64 rng(c.seed);
   if (c.schedule == Schedule::random) std::shuffle(order.begin(), order.end(), rng);
 
-  const int n_workers = static_cast<int>(std::min<int64_t>(std::max(1, num_threads()), n_blocks));
+  const int n_workers = static_cast<int>(std::min<int64_t>(std::min(std::max(1, num_threads()), kMaxWorkers), n_blocks));
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex err_mu;
   std::string first_error;
   const int threads = static_cast<int>(cfg.block.x * cfg.block.y * cfg.block.z);
 
-  auto work = [&](int worker_index) {
+  auto work = [&]() {
     std::unique_ptr<Worker> w;
     try {
       w = take_worker();
@@ -536,13 +598,13 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
     w->cfg = &cfg;
     w->body = &body;
     w->n_threads = threads;
-    w->rng.seed(c.seed * 7919 + static_cast<uint64_t>(worker_index) + 1);
+    w->conf = c;
     for (int64_t i; !failed && (i = next.fetch_add(1)) < n_blocks;) {
       const int64_t lin = order[i];
       const uint3 bid{static_cast<unsigned>(lin % g.x), static_cast<unsigned>(lin / g.x % g.y),
                       static_cast<unsigned>(lin / (static_cast<int64_t>(g.x) * g.y))};
       w->error.clear();
-      w->run_block(bid);
+      w->run_block(bid, lin);
       if (!w->error.empty()) {
         std::lock_guard<std::mutex> lock(err_mu);
         if (first_error.empty()) first_error = w->error;
@@ -554,12 +616,13 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
     give_worker(std::move(w));
   };
   std::vector<std::thread> pool;
-  for (int i = 1; i < n_workers; ++i) pool.emplace_back(work, i);
-  work(0);
+  for (int i = 1; i < n_workers; ++i) pool.emplace_back(work);
+  work();
   for (auto& t : pool) t.join();
   if (failed)
     throw_runtime("pyllmops emulator: kernel ", cfg.name, " (grid ", dims(cfg.grid), ", block ", dims(cfg.block),
                   "): ", first_error);
+  check_canaries(cfg.name);
 }
 
 void kernel_error(const char* what, Site site) {
@@ -568,7 +631,7 @@ void kernel_error(const char* what, Site site) {
 
 void sync_block(Site site) {
   Worker* w = t_worker;
-  if (broken() & kBreakBarrier) return;  // negative control: a barrier that does nothing
+  if (w->conf.breaks & kBreakBarrier) return;  // negative control: a barrier that does nothing
   Fiber& f = *w->running;
   if (w->barrier_arrived == 0) w->barrier_site = site;
   ++w->barrier_arrived;
@@ -645,21 +708,28 @@ void warp_collective(Collective kind, unsigned mask, void* payload, CombineFn co
   w->wait_running();
 }
 
-void shfl_combine(void* const* payloads, unsigned mask, const void* vctx) {
-  const auto& ctx = *static_cast<const ShflCtx*>(vctx);
-  const int width = ctx.width;
+void shfl_combine(void* const* payloads, unsigned mask, const void* /*ctx*/) {
+  const ShflPayload* first = nullptr;
+  for (int l = 0; l < 32 && first == nullptr; ++l)
+    if (mask >> l & 1u) first = static_cast<const ShflPayload*>(payloads[l]);
+  const int width = first->width;
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    throw KernelFault{"__shfl*_sync: width must be a power of two in [1, 32], got " + std::to_string(width)};
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     auto* p = static_cast<ShflPayload*>(payloads[l]);
-    const int base = l & ~(width - 1);
+    if (p->mode != first->mode || p->width != width)
+      throw KernelFault{"__shfl*_sync: the lanes of one shuffle use different variants or widths"};
+    // PTX shfl.sync: the lane operand's low 5 bits; clamped to the lane's width-segment.
+    const int base = l & ~(width - 1), arg = p->arg & 31;
     int src = l;
-    switch (ctx.mode) {
-      case ShflMode::idx: src = base + (p->arg & (width - 1)); break;
-      case ShflMode::up: src = l - p->arg >= base ? l - p->arg : l; break;
-      case ShflMode::down: src = l + p->arg < base + width ? l + p->arg : l; break;
-      case ShflMode::bfly: src = (l ^ p->arg) < base + width ? l ^ p->arg : l; break;
+    switch (p->mode) {
+      case ShflMode::idx: src = base + (arg & (width - 1)); break;
+      case ShflMode::up: src = l - arg >= base ? l - arg : l; break;
+      case ShflMode::down: src = l + arg < base + width ? l + arg : l; break;
+      case ShflMode::bfly: src = (l ^ arg) < base + width ? l ^ arg : l; break;
     }
-    if (src < 0 || src > 31 || !(mask >> src & 1u)) {
+    if (!(mask >> src & 1u)) {
       std::ostringstream os;
       os << "lane " << l << " reads lane " << src << ", which is not in the mask 0x" << std::hex << mask;
       throw KernelFault{std::string("__shfl*_sync: ") + os.str()};
@@ -736,15 +806,19 @@ void cp_async_wait(int n, Site site) {
 
 void* guarded_alloc(size_t bytes) {
   const size_t page = page_size();
-  const size_t used = round_up(std::max<size_t>(bytes, 1), 16);
+  const size_t used = round_up(std::max<size_t>(bytes, 1), 16);  // the data stays 16-byte aligned
   const size_t span = round_up(used, page) + page;
   char* base = static_cast<char*>(mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   if (base == MAP_FAILED) throw_runtime("pyllmops emulator: cannot map a guarded buffer of ", bytes, " bytes");
   char* guard = base + span - page;
-  mprotect(guard, page, PROT_NONE);
-  void* data = guard - used;
+  if (mprotect(guard, page, PROT_NONE) != 0) {
+    munmap(base, span);
+    throw_runtime("pyllmops emulator: cannot protect the guard page of a ", bytes, "-byte buffer");
+  }
+  char* data = guard - used;
+  std::memset(data + bytes, kCanary, used - bytes);  // the alignment slack: checked after every launch
   std::lock_guard<std::mutex> lock(g_guarded_mu);
-  g_guarded[data] = {base, span};
+  g_guarded[data] = Guarded{base, span, bytes};
   return data;
 }
 
@@ -752,7 +826,7 @@ void guarded_free(void* data) {
   std::lock_guard<std::mutex> lock(g_guarded_mu);
   auto it = g_guarded.find(data);
   if (it == g_guarded.end()) return;
-  munmap(it->second.first, it->second.second);
+  munmap(it->second.map, it->second.span);
   g_guarded.erase(it);
 }
 

@@ -21,9 +21,15 @@ struct Config {
 };
 
 // Read from PYLLMOPS_EMU_SCHEDULE (forward|reverse|random), PYLLMOPS_EMU_SEED, PYLLMOPS_EMU_BREAK
-// (comma-separated: mma, ldmatrix, barrier) and PYLLMOPS_EMU_ARCH (80|90) at first use.
+// (comma-separated: mma, ldmatrix, barrier) and PYLLMOPS_EMU_ARCH (80|90) at first use; an unknown value
+// raises ValueError naming the variable.
 Config config();
 void set_config(const Config& c);
+
+// The parsers of those settings (shared by the environment and _C.emu_set_config); `name` is for messages.
+Schedule parse_schedule(const std::string& v, const char* name);
+unsigned parse_break(const std::string& v, const char* name);
+int parse_arch(int arch, const char* name);
 
 // Per-block shared memory limits of the emulated arch (static: 48 KB; static + dynamic opt-in).
 size_t max_shared_optin();

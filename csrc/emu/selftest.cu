@@ -48,7 +48,7 @@ __global__ void mask_without_self(float* out) {
 // The last thread writes one element past the end of `out` (n elements).
 __global__ void oob_write(float* out, int n) { out[threadIdx.x + 1 == blockDim.x ? n : threadIdx.x] = 1.0f; }
 
-// The last thread reads 64 bytes past the end of `in`.
+// The last thread reads 60 bytes past the end of `in` (element n + 15).
 __global__ void oob_read(const float* in, float* out, int n) {
   out[threadIdx.x] = in[threadIdx.x + 1 == blockDim.x ? n + 15 : threadIdx.x];
 }
@@ -141,6 +141,10 @@ std::vector<float> run_selftest(const std::string& name) {
   else if (name == "mask_mismatch") launch("mask_mismatch", mask_mismatch, 1, 32, 0, s, out.p);
   else if (name == "mask_without_self") launch("mask_without_self", mask_without_self, 1, 32, 0, s, out.p);
   else if (name == "oob_write") launch("oob_write", oob_write, 1, kN, 0, s, out.p, kN);
+  else if (name == "oob_write_slack") {  // 30 floats = 120 bytes: element 30 lands in the 8-byte slack
+    Guarded small(30);
+    launch("oob_write_slack", oob_write, 1, kN, 0, s, small.p, 30);
+  }
   else if (name == "oob_read") launch("oob_read", oob_read, 1, kN, 0, s, static_cast<const float*>(in.p), out.p,
                                       kN * 4);
   else if (name == "oob_shared") launch("oob_shared", oob_shared, 1, kN, kN * sizeof(float), s, out.p, kN);
