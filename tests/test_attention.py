@@ -344,6 +344,24 @@ def test_varlen_malformed_offsets(device):
     assert_close(lse[:, :17], rl, TOL[dtype]["lse"], "lse")
 
 
+@pytest.mark.parametrize("device", devices())
+def test_varlen_malformed_key_offsets_without_queries(device):
+    """No query rows at all: the key offsets are still checked (CUDA used to return before looking)."""
+    q = torch.randn(0, 4, 64, device=device).to(_dtypes(device)[-1])
+    k = torch.randn(6, 2, 64, device=device).to(q.dtype)
+    cq = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 7, 6], dtype=torch.int32, device=device)
+    if not _cuda_path(device):
+        with pytest.raises(ValueError, match=_re("cu_seqlens_k[1] = 7 then cu_seqlens_k[2] = 6")):
+            pyllmops.flash_attention_varlen(q, k, k, cq, ck, 0, 7)
+        return
+    pyllmops.check_kernel_errors(device)
+    out = pyllmops.flash_attention_varlen(q, k, k, cq, ck, 0, 7)
+    assert out.shape == q.shape
+    with pytest.raises(RuntimeError, match="cu_seqlens_k is not 0 = cu_seqlens_k"):
+        pyllmops.check_kernel_errors(device)
+
+
 # ---- SDPA drop-in ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("L,S,is_causal,gqa", [(33, 33, True, False), (20, 70, True, False), (70, 20, True, True),

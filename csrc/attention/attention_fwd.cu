@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
 template <typename T, int kD>
 void launch_fwd(const Params& p, cudaStream_t stream) {
   launch_varlen_fail<T>(p, false, stream);  // varlen: NaN and error bits for the sequences fwd_kernel skips
+  if (p.seqlen_q == 0) return;               // no query rows (the offsets are still checked above)
   constexpr int smem = FwdConfig<kD>::kSmemElems * sizeof(T);
   auto kernel = fwd_kernel<T, kD>;
   set_max_dynamic_smem(kernel, smem, "flash_attention fwd_kernel");
@@ -161,7 +162,7 @@ struct LaunchFwd {
 
 void forward_cuda(const Params& p, DType dtype, uintptr_t stream) {
   cuda::check_cuda_params(p, false);
-  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return;
+  if (p.batch == 0 || p.heads_q == 0) return;
   CudaDeviceGuard guard(p.device);
   cuda::dispatch(p, dtype, cuda::LaunchFwd{p, as_stream(stream)});
 }
