@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "common/ptx.cuh: mma.sync m16n8k16, ldmatrix and cp.async need sm_80 or newer; build with PYLLMOPS_CUDA_ARCHS >= 80"
@@ -38,23 +39,20 @@ namespace pyllmops {
 namespace ptx {
 
 // D = A . B + C: A 16x16 row-major (4 regs of 2 x 16-bit), B 16x8 column-major (2 regs), C/D 16x8 fp32.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
 #if defined(PYLLMOPS_EMU)
-template <>
-inline void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu::mma_m16n8k16(emu::MmaType::f16, c, a, b0, b1, {__builtin_FILE(), __builtin_LINE()});
-}
-template <>
-inline void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu::mma_m16n8k16(emu::MmaType::bf16, c, a, b0, b1, {__builtin_FILE(), __builtin_LINE()});
+// Emulated: the default argument records the caller's file and line for deadlock and mask reports.
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, PYLLMOPS_EMU_SITE_ARG) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "mma: f16 or bf16");
+  emu::mma_m16n8k16(std::is_same<T, __half>::value ? emu::MmaType::f16 : emu::MmaType::bf16, c, a, b0, b1, site);
 }
 #define PYLLMOPS_LDMATRIX(num, qual, trans, name)                                                    \
-  __device__ __forceinline__ void name(uint32_t (&r)[num], const void* smem_row) {                   \
-    emu::ldmatrix(num, trans, r, smem_row, {__builtin_FILE(), __builtin_LINE()});                                   \
+  inline void name(uint32_t (&r)[num], const void* smem_row, PYLLMOPS_EMU_SITE_ARG) {                \
+    emu::ldmatrix(num, trans, r, smem_row, site);                                   \
   }
 #else
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(

@@ -238,6 +238,7 @@ struct Worker {
 
   void run_block(uint3 bid, int64_t linear);
   Config conf;  // the launch's configuration (read once per launch)
+  size_t smem_optin = 0;  // what cudaFuncSetAttribute allowed this kernel beyond 48 KB (0: not opted in)
   std::string deadlock_report() const;
 };
 
@@ -573,6 +574,12 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   std::mt19937_64 rng(c.seed);
   if (c.schedule == Schedule::random) std::shuffle(order.begin(), order.end(), rng);
 
+  size_t optin = 0;  // a kernel that opted in may take static + dynamic up to the per-block maximum
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    auto it = g_max_dynamic_smem.find(cfg.kernel);
+    if (it != g_max_dynamic_smem.end() && it->second > 48 * 1024) optin = max_shared_optin();
+  }
   const int n_workers = static_cast<int>(std::min<int64_t>(std::min(std::max(1, num_threads()), kMaxWorkers), n_blocks));
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
@@ -599,6 +606,7 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
     w->body = &body;
     w->n_threads = threads;
     w->conf = c;
+    w->smem_optin = optin;
     for (int64_t i; !failed && (i = next.fetch_add(1)) < n_blocks;) {
       const int64_t lin = order[i];
       const uint3 bid{static_cast<unsigned>(lin % g.x), static_cast<unsigned>(lin / g.x % g.y),
@@ -764,6 +772,10 @@ void* shared_static(const void* tag, size_t bytes, size_t align, const char* nam
   if (off + bytes > kStaticSmemMax)
     throw KernelFault{std::string("static shared memory ") + name + " (" + site_str(site) + ") takes the block's "
                       "static shared memory past 48 KB"};
+  if (off + bytes + w->cfg->dynamic_smem > 48 * 1024 && w->smem_optin < off + bytes + w->cfg->dynamic_smem)
+    throw KernelFault{std::string("static shared memory ") + name + " (" + site_str(site) + ") plus " +
+                      std::to_string(w->cfg->dynamic_smem) + " B dynamic exceed 48 KB per block, and the kernel "
+                      "has not opted in (cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize))"};
   if (off + bytes + round_up(w->cfg->dynamic_smem, 16) > max_shared_optin())
     throw KernelFault{std::string("static shared memory ") + name + " (" + site_str(site) + ") plus " +
                       std::to_string(w->cfg->dynamic_smem) + " B dynamic exceed the " +
