@@ -104,6 +104,11 @@ def test_missing_barrier_changes_the_result_with_the_order():
     assert results["forward"][1] == results["reverse"][1] == 1.0  # with the barrier it is gone
 
 
+def test_ldmatrix_shapes():
+    """x1, x2 and x4, plain and transposed, each lane's registers from the ISA's fragment rule."""
+    assert lib().emu_selftest("ldmatrix") == [1.0] * 32
+
+
 def test_prmt_known_selectors():
     assert lib().emu_selftest("prmt") == [1.0] * 5
 

@@ -116,6 +116,42 @@ __global__ void prmt_cases(float* out) {
   if (threadIdx.x < 5) out[threadIdx.x] = ptx::prmt(a, b, sels[threadIdx.x]) == want[threadIdx.x] ? 1.0f : 0.0f;
 }
 
+// ldmatrix x1 / x2 / x4, plain and .trans, on four 8x8 matrices whose element (m, row, col) holds
+// m * 64 + row * 8 + col: lane l must get matrix i's (row l/4, cols 2(l%4), +1), or with .trans (rows 2(l%4),
+// +1; col l/4), low half first; only lanes 0-7 (x1) or 0-15 (x2) supply row addresses.
+template <int kNum, bool kTrans>
+__device__ bool ldmatrix_case(const uint16_t* tile) {
+  uint32_t r[kNum];
+  const int lane = threadIdx.x;
+  const uint16_t* row = tile + (lane < 8 * kNum ? lane : 0) * 8;  // lanes past the used ones: any valid row
+  if (kNum == 1 && !kTrans) ptx::ldmatrix_x1(reinterpret_cast<uint32_t(&)[1]>(r), row);
+  if (kNum == 1 && kTrans) ptx::ldmatrix_x1_trans(reinterpret_cast<uint32_t(&)[1]>(r), row);
+  if (kNum == 2 && !kTrans) ptx::ldmatrix_x2(reinterpret_cast<uint32_t(&)[2]>(r), row);
+  if (kNum == 2 && kTrans) ptx::ldmatrix_x2_trans(reinterpret_cast<uint32_t(&)[2]>(r), row);
+  if (kNum == 4 && !kTrans) ptx::ldmatrix_x4(reinterpret_cast<uint32_t(&)[4]>(r), row);
+  if (kNum == 4 && kTrans) ptx::ldmatrix_x4_trans(reinterpret_cast<uint32_t(&)[4]>(r), row);
+  bool ok = true;
+  for (int m = 0; m < kNum; ++m) {
+    const int g = lane / 4, t = lane % 4;
+    const uint32_t lo = kTrans ? m * 64 + (2 * t) * 8 + g : m * 64 + g * 8 + 2 * t;
+    const uint32_t hi = kTrans ? m * 64 + (2 * t + 1) * 8 + g : m * 64 + g * 8 + 2 * t + 1;
+    ok = ok && r[m] == (lo | (hi << 16));
+  }
+  return ok;
+}
+
+__global__ void ldmatrix_cases(float* out) {
+  PYLLMOPS_SHARED(uint16_t[4 * 64], tile);
+  for (int i = threadIdx.x; i < 4 * 64; i += 32) tile[i] = static_cast<uint16_t>(i);
+  __syncwarp();
+  // Every lane runs every case (ldmatrix is a warp collective): no short-circuit between them.
+  const bool ok[6] = {ldmatrix_case<1, false>(tile), ldmatrix_case<2, false>(tile), ldmatrix_case<4, false>(tile),
+                      ldmatrix_case<1, true>(tile),  ldmatrix_case<2, true>(tile),  ldmatrix_case<4, true>(tile)};
+  float v = 1.0f;
+  for (bool b : ok) v = b ? v : 0.0f;
+  out[threadIdx.x] = v;
+}
+
 // Every thread of every block adds 1: atomics are atomic across workers.
 __global__ void atomic_count(int* counter) { atomicAdd(counter, 1); }
 
@@ -158,6 +194,7 @@ std::vector<float> run_selftest(const std::string& name) {
     launch("cp_async_no_wait", cp_async_read<false>, 1, kN, 0, s, static_cast<const float*>(in.p), out.p);
   else if (name == "cp_async_wait")
     launch("cp_async_wait", cp_async_read<true>, 1, kN, 0, s, static_cast<const float*>(in.p), out.p);
+  else if (name == "ldmatrix") launch("ldmatrix_cases", ldmatrix_cases, 1, 32, 0, s, out.p);
   else if (name == "prmt") {
     launch("prmt_cases", prmt_cases, 1, 32, 0, s, out.p);
     return std::vector<float>(out.p, out.p + 5);
