@@ -20,13 +20,8 @@ TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
        torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5}}
 
 
-def _cuda_path(device):
-    """Whether tensors on `device` run the CUDA kernels (CUDA, or CPU tensors in an emulated build)."""
-    return on_cuda(torch.device(device))
-
-
 def _dtypes(device):
-    return [torch.float16, torch.bfloat16] if _cuda_path(device) else [torch.float32, torch.bfloat16, torch.float16]
+    return [torch.float16, torch.bfloat16] if on_cuda(device) else [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _inputs(b, sq, sk, hq, hkv, d, dtype, device):
@@ -282,13 +277,13 @@ def test_varlen_sequence_longer_than_max_seqlen(device, side):
     c = (cq if side == "q" else ck).tolist()
     offsets = f"{name}[1] = {c[1]}, {name}[2] = {c[2]}"
     eager = f"sequence 1 of {name} has length {bad_len} ({offsets}) > max_seqlen_{side} = {limit}"
-    for validate in ((True,) if _cuda_path(device) else (None, False, True)):
+    for validate in ((True,) if on_cuda(device) else (None, False, True)):
         with pytest.raises(ValueError, match=_re(eager)):
             fv(q, k, v, cq, ck, max_q, max_k, validate=validate)
     # rows > batch * max_seqlen is refused on every device without reading an offset
     with pytest.raises(ValueError, match=_re(f"some sequence of {name} is longer than max_seqlen_{side}")):
         fv(q, k, v, cq, ck, 0 if side == "q" else max_q, 0 if side == "k" else max_k)
-    if not _cuda_path(device):
+    if not on_cuda(device):
         return
 
     pyllmops.check_kernel_errors(device)  # start clean
@@ -328,7 +323,7 @@ def test_varlen_malformed_offsets(device):
     k = torch.randn(150, hkv, d, device=device).to(dtype)
     cq = torch.tensor([0, 17, 140], dtype=torch.int32, device=device)
     ck = torch.tensor([0, 17, 150], dtype=torch.int32, device=device)
-    if not _cuda_path(device):
+    if not on_cuda(device):
         with pytest.raises(ValueError, match=_re("cu_seqlens_q[-1] = 140 must equal the 150 rows of q")):
             pyllmops.flash_attention_varlen(q, k, k, cq, ck, 133, 133)
         return
@@ -351,7 +346,7 @@ def test_varlen_malformed_key_offsets_without_queries(device):
     k = torch.randn(6, 2, 64, device=device).to(q.dtype)
     cq = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)
     ck = torch.tensor([0, 7, 6], dtype=torch.int32, device=device)
-    if not _cuda_path(device):
+    if not on_cuda(device):
         with pytest.raises(ValueError, match=_re("cu_seqlens_k[1] = 7 then cu_seqlens_k[2] = 6")):
             pyllmops.flash_attention_varlen(q, k, k, cq, ck, 0, 7)
         return

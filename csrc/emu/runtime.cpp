@@ -99,10 +99,8 @@ struct Worker;
 struct Fiber {
   FiberContext ctx;
   ThreadState ts;
-  int linear = 0;
   FiberState state = FiberState::ready;
   Worker* worker = nullptr;
-  Site wait_site{nullptr, 0};
   bool at_barrier = false;
   // cp.async: copies issued but not landed; group_end[i] = copies.size() when group i was committed.
   std::vector<Copy> copies;
@@ -121,7 +119,7 @@ struct PendingCollective {
 
 struct StaticAlloc {
   const void* tag;
-  size_t offset, bytes;
+  size_t offset;
 };
 
 const char* collective_name(Collective k) {
@@ -339,9 +337,7 @@ void Worker::run_block(uint3 bid, int64_t linear) {
   for (int i = 0; i < n_threads; ++i) {
     Fiber& f = fibers[i];
     f.worker = this;
-    f.linear = i;
     f.state = FiberState::ready;
-    f.wait_site = {nullptr, 0};
     f.at_barrier = false;
     f.copies.clear();
     f.group_end.clear();
@@ -646,16 +642,14 @@ void sync_block(Site site) {
   if (w->barrier_arrived == w->n_threads) {
     w->barrier_arrived = 0;
     for (int i = 0; i < w->n_threads; ++i)
-      if (w->fibers[i].state == FiberState::waiting) {
+      if (w->fibers[i].at_barrier) {
         w->fibers[i].state = FiberState::ready;
-        w->fibers[i].wait_site = {nullptr, 0};
         w->fibers[i].at_barrier = false;
       }
     w->yield_running();  // who runs first after the barrier is the schedule's choice, not the last arriver's
     return;
   }
   f.state = FiberState::waiting;
-  f.wait_site = site;
   f.at_barrier = true;
   w->wait_running();
 }
@@ -706,13 +700,11 @@ void warp_collective(Collective kind, unsigned mask, void* payload, CombineFn co
       if ((done.mask >> l & 1u) && l != lane) {
         Fiber& o = w->fibers[first + l];
         o.state = FiberState::ready;
-        o.wait_site = {nullptr, 0};
       }
     w->yield_running();
     return;
   }
   f.state = FiberState::waiting;
-  f.wait_site = site;
   w->wait_running();
 }
 
@@ -780,7 +772,7 @@ void* shared_static(const void* tag, size_t bytes, size_t align, const char* nam
     throw KernelFault{std::string("static shared memory ") + name + " (" + site_str(site) + ") plus " +
                       std::to_string(w->cfg->dynamic_smem) + " B dynamic exceed the " +
                       std::to_string(max_shared_optin()) + " B per block of sm_" + std::to_string(config().arch)};
-  w->statics.push_back({tag, off, bytes});
+  w->statics.push_back({tag, off});
   w->static_used = off + bytes;
   std::memset(w->static_base + off, 0xFF, bytes);
   return w->static_base + off;

@@ -43,17 +43,20 @@ def _emulated():
 
 
 def on_cuda(device):
-    """Whether tensors on `device` (a torch.device, or a tensor) run the CUDA kernels: CUDA devices, and
-    the CPU in an emulated build."""
-    if isinstance(device, torch.Tensor):
-        device = device.device
-    return device.type == "cuda" or (device.type == "cpu" and emulated())
+    """Whether tensors on `device` (a torch.device, a device string, or a tensor) run the CUDA kernels: CUDA
+    devices, and the CPU in an emulated build."""
+    device = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+    return device.type == "cuda" or _emulated_cpu(device)
+
+
+def _emulated_cpu(device):
+    """A CPU device whose tensors take the CUDA path (emulated builds only)."""
+    return device.type == "cpu" and emulated()
 
 
 def empty(shape, dtype, device):
     """Allocates a kernel output (poisoned when poison_outputs() is on)."""
-    device = torch.device(device)
-    if device.type == "cpu" and emulated():
+    if _emulated_cpu(torch.device(device)):
         return _maybe_poison(_guarded_empty(torch.empty(shape, dtype=dtype, device="meta")))
     return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
 
@@ -62,7 +65,7 @@ def empty_like(t, dtype=None):
     """Allocates a kernel output with t's shape and strides (torch.empty_like's memory format
     preservation), poisoned as `empty` does. For kernels that take strides: a transposed input
     gets an output of the same layout, with no copy."""
-    if t.device.type == "cpu" and emulated():
+    if _emulated_cpu(t.device):
         return _maybe_poison(_guarded_empty(torch.empty_like(t, dtype=dtype, device="meta")))
     return _maybe_poison(torch.empty_like(t, dtype=dtype))
 
@@ -100,7 +103,7 @@ def view(t):
     if t.is_cuda:
         index = t.device.index
     else:
-        index = 0 if emulated() and t.device.type == "cpu" else -1  # emulated: CPU tensors take the CUDA path
+        index = 0 if _emulated_cpu(t.device) else -1  # emulated: CPU tensors take the CUDA path
     return (t.data_ptr(), codes[t.dtype], tuple(t.shape), tuple(t.stride()), index, t)
 
 
