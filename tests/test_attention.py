@@ -445,17 +445,17 @@ def test_opcheck(device):
     q, k, v = _inputs(2, 19, 23, 4, 2, 32, dtype, device)
     for t in (q, k, v):
         t.requires_grad_(True)
-    args = (q, k, v, None, None, 19, 23, 0.2, 5, 0, False)
+    args = (q, k, v, None, None, 19, 23, 0.2, 0.0, 5, 0, False, False)
     torch.library.opcheck(torch.ops.pyllmops.flash_attn_fwd.default, args)
     out, lse = torch.ops.pyllmops.flash_attn_fwd(*args)
     g = torch.randn_like(out)
     torch.library.opcheck(torch.ops.pyllmops.flash_attn_bwd.default,
                           (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, None, 19,
-                           23, 0.2, 5, 0, False))
+                           23, 0.2, 0.0, 5, 0, False, False))
     cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
     cuk = torch.tensor([0, 10, 23], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.pyllmops.flash_attn_fwd.default,
-                          (q[0].detach(), k[0].detach(), v[0].detach(), cu, cuk, 12, 13, 0.2, -1, -1, False))
+                          (q[0].detach(), k[0].detach(), v[0].detach(), cu, cuk, 12, 13, 0.2, 0.0, -1, -1, False, False))
 
 
 def test_torch_compile_cpu():
@@ -552,23 +552,23 @@ def test_binding_rechecks():
     lse7, kb, lse_v = torch.empty(1, 2, 7), k.bfloat16(), torch.empty(2, 8)
     cq, ck = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32)
     C = lib()
-    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, -1, -1, False,
-                        0)
-    common = (8, 8, 0.125, -1, -1, False, 0)
+    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, 0.0, -1, -1,
+                        False, 0)
+    common = (8, 8, 0.125, 0.0, -1, -1, False, 0)
     bad = [
         ((view(q), view(k), view(v), view(out), view(lse7), None, None, None) + common, "lse must have shape"),
         ((view(q), view(kb), view(v), view(out), view(lse), None, None, None) + common, "k must have q's dtype"),
-        ((view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, -2, -1, False, 0),
+        ((view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.125, 0.0, -2, -1, False, 0),
          "window_size"),
         ((view(q[..., :4]), view(k[..., :4]), view(v[..., :4]), view(out[..., :4]), view(lse), None, None, None)
          + common, "head_dim"),
         ((view(q.transpose(-1, -2)), view(k), view(v), view(out), view(lse), None, None, None) + common,
          "contiguous last"),
-        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 8, 0.125, -1,
-          -1, False, 0), "must equal"),
+        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 8, 0.125, 0.0,
+          -1, -1, False, 0), "must equal"),
         # rows > batch * max_seqlen: refused before any offset is read (the check CUDA can afford)
-        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 7, 0.125, -1,
-          -1, False, 0), "some sequence of cu_seqlens_k is longer than max_seqlen_k"),
+        ((view(q[0]), view(k[0]), view(v[0]), view(out[0]), view(lse_v), view(cq), view(ck), None, 9, 7, 0.125, 0.0,
+          -1, -1, False, 0), "some sequence of cu_seqlens_k is longer than max_seqlen_k"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=_re(msg)):

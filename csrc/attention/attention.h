@@ -136,6 +136,7 @@ struct Params {
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;       // varlen: rows of q and k (cu_seqlens are clamped to them)
   float scale = 1.0f;
+  float softcap = 0.0f;  // > 0: scores s become softcap * tanh(s / softcap) before mask and softmax (Gemma 2)
   int64_t window_left = -1, window_right = -1;
   bool top_left = false;                  // diagonal through (0, 0) instead of (sq - 1, sk - 1)
   int device = -1;                        // CUDA device index of the tensors (-1: CPU)
@@ -149,6 +150,7 @@ struct Params {
   void* dv = nullptr;
   float* delta = nullptr;
   const float* dlse = nullptr;  // optional gradient of the returned lse (same layout): delta -= dlse
+  bool deterministic = false;   // true: bitwise reproducible gradients (no order-dependent atomics)
   Layout ldo, ldq, ldk, ldv;
 
   bool varlen() const { return cu_seqlens_q != nullptr; }

@@ -51,7 +51,8 @@ void check_row_stats(const TensorView& t, const TensorView& lse, const TensorVie
 // Checks q/k/v/out/lse and cu_seqlens, and fills everything the forward needs.
 attn::Params make_params(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                          const TensorView& lse, const OptView& cu_q, const OptView& cu_k, int64_t max_seqlen_q,
-                         int64_t max_seqlen_k, double scale, int64_t left, int64_t right, bool top_left) {
+                         int64_t max_seqlen_k, double scale, double softcap, int64_t left, int64_t right,
+                         bool top_left) {
   const bool varlen = cu_q.has_value();
   PYLLMOPS_CHECK(varlen == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   check_float_dtype(q, "q");
@@ -68,6 +69,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   PYLLMOPS_CHECK(hkv >= 1 && hq % hkv == 0, "heads of q (", hq, ") must be a multiple of heads of k/v (", hkv, ")");
   PYLLMOPS_CHECK(left >= -1 && right >= -1, "window_size entries must be >= -1, got (", left, ", ", right, ")");
   PYLLMOPS_CHECK(scale > 0.0 && scale < 1e30, "softmax_scale must be positive and finite, got ", scale);
+  PYLLMOPS_CHECK(softcap >= 0.0 && softcap < 1e30, "softcap must be 0 (off) or positive and finite, got ", softcap);
   pyllmops::check_dtype(lse, DType::f32, "lse");
   pyllmops::check_contiguous(lse, "lse");
   pyllmops::check_same_device(lse, q, "lse", "q");
@@ -78,6 +80,7 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.v = v.data;
   p.o = out.data;
   p.lse = lse.ptr<float>();
+  p.softcap = static_cast<float>(softcap);
   p.lq = layout(q, varlen);
   p.lk = layout(k, varlen);
   p.lv = layout(v, varlen);
@@ -169,12 +172,19 @@ int* error_flag_ptr(const OptView& flag, const TensorView& q) {
   return flag->ptr<int>();
 }
 
+// Until a kernel implements the logit softcap, it refuses it (one line per backend, removed with its kernel).
+void check_softcap_supported(const attn::Params& p, const TensorView& q) {
+  PYLLMOPS_CHECK(p.softcap == 0.f || !q.is_cuda(), "softcap: the CUDA attention kernels do not implement it yet");
+  PYLLMOPS_CHECK(p.softcap == 0.f || q.is_cuda(), "softcap: the CPU attention kernel does not implement it yet");
+}
+
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView& lse, const OptView& cu_q, const OptView& cu_k, const OptView& error_flag,
-                       int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left, int64_t right,
-                       bool top_left, uintptr_t stream) {
+                       int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap, int64_t left,
+                       int64_t right, bool top_left, uintptr_t stream) {
   attn::Params p =
-      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, softcap, left, right, top_left);
+  check_softcap_supported(p, q);
   p.error_flag = error_flag_ptr(error_flag, q);
   PYLLMOPS_ON_DEVICE(q, "flash_attention", attn::forward_cpu(p, q.dtype), attn::forward_cuda(p, q.dtype, stream));
 }
@@ -183,9 +193,11 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const TensorView& dout, const TensorView& lse, const OptView& dlse, const TensorView& delta,
                         const TensorView& dq, const TensorView& dk, const TensorView& dv, const OptView& cu_q,
                         const OptView& cu_k, const OptView& error_flag, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                        double scale, int64_t left, int64_t right, bool top_left, uintptr_t stream) {
+                        double scale, double softcap, int64_t left, int64_t right, bool top_left,
+                        bool deterministic, uintptr_t stream) {
   attn::Params p =
-      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, top_left);
+      make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, softcap, left, right, top_left);
+  check_softcap_supported(p, q);
   p.error_flag = error_flag_ptr(error_flag, q);
   const bool varlen = p.varlen();
   check_tokens(dout, q, "dout", varlen);
@@ -201,6 +213,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     check_row_stats(*dlse, lse, q, "dlse");
     p.dlse = dlse->ptr<const float>();
   }
+  p.deterministic = deterministic;
   p.dout = dout.data;
   p.dq = dq.data;
   p.dk = dk.data;

@@ -1,8 +1,8 @@
 """Flash attention, forward and backward, with causal, sliding-window and GQA masks.
 
 Ops (torch.ops.pyllmops.*), in the order: schema + kernel, fake, autograd:
-  flash_attn_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 window_left, window_right, top_left) -> (out, lse)
+  flash_attn_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
+                 window_left, window_right, top_left, deterministic) -> (out, lse)
   flash_attn_bwd(dout, q, k, v, out, lse, dlse?, cu_seqlens_q?, cu_seqlens_k?, ...) -> (dq, dk, dv)
 Public API: flash_attention, flash_attention_varlen (scaled_dot_product_attention is in pyllmops.nn.functional).
 
@@ -79,7 +79,8 @@ def _lse_shape(q, varlen):
 @torch.library.custom_op("pyllmops::flash_attn_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                     cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                    window_left: int, window_right: int, top_left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    softcap: float, window_left: int, window_right: int, top_left: bool,
+                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
     out = empty_like(q)  # q's layout, as the fake kernel promises
@@ -89,13 +90,13 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
-                            max_seqlen_k, softmax_scale, window_left, window_right, top_left, stream(q))
+                            max_seqlen_k, softmax_scale, softcap, window_left, window_right, top_left, stream(q))
     return out, lse
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      top_left):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left,
+      window_right, top_left, deterministic):
     q = _last_dim_contiguous(q)
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
@@ -104,8 +105,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                     cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                    softmax_scale: float, window_left: int, window_right: int,
-                    top_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    softmax_scale: float, softcap: float, window_left: int, window_right: int,
+                    top_left: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # the inputs' layouts, as the fake kernel promises
     # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
@@ -120,30 +121,31 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                              opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k),
                              opt_view(error_word("attention", q.device)), max_seqlen_q, max_seqlen_k,
-                             softmax_scale, window_left, window_right, top_left, stream(q))
+                             softmax_scale, softcap, window_left, window_right, top_left, deterministic,
+                             stream(q))
     return dq, dk, dv
 
 
 @_flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, top_left):
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
+      window_left, window_right, top_left, deterministic):
     return (torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)),
             torch.empty_like(_last_dim_contiguous(v)))
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, top_left = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, left, right, top_left, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.meta = (max_q, max_k, scale, left, right, top_left)
+    ctx.meta = (max_q, max_k, scale, softcap, left, right, top_left, deterministic)
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, left, right, top_left = ctx.meta
+    max_q, max_k, scale, softcap, left, right, top_left, deterministic = ctx.meta
     dq, dk, dv = torch.ops.pyllmops.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale,
-                                                   left, right, top_left)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                   softcap, left, right, top_left, deterministic)
+    return (dq, dk, dv) + (None,) * 10
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -255,8 +257,8 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
-    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right,
-                                                 False)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, 0.0, left,
+                                                 right, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -299,7 +301,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
     out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, left, right, False)
+                                                 scale, 0.0, left, right, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -310,6 +312,6 @@ def _sdpa(query, key, value, *, is_causal, scale, window_size):
     left, right = window_size
     if is_causal:
         right = 0
-    out, _ = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right,
-                                               True)
+    out, _ = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, 0.0, left,
+                                               right, True, False)
     return out.transpose(1, 2)
