@@ -232,8 +232,20 @@ class Decoder(nn.Module):
                 x = layer(x, ctx)
         return self.lm_head(self.norm(x)).float()
 
+    def _check_ids(self, input_ids):
+        """Token ids in [0, vocab_size): the embedding would raise a bare IndexError (on CUDA, a device assert)."""
+        if input_ids.numel() and input_ids.device.type != "meta":
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            vocab = self.config.vocab_size
+            if lo < 0 or hi >= vocab:
+                bad = lo if lo < 0 else hi
+                pos = tuple(int(i) for i in (input_ids == bad).nonzero()[0])
+                raise IndexError(f"input_ids holds token id {bad} at index {pos}, outside the vocabulary "
+                                 f"[0, {vocab}) (vocab_size={vocab})")
+
     def forward(self, input_ids, cu_seqlens=None):
         check_tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32))
+        self._check_ids(input_ids)
         if input_ids.dim() == 2:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens is for packed 1-D input_ids; got 2-D input_ids "

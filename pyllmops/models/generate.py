@@ -5,6 +5,8 @@ attends with paged_attention's multi-token queries (cu_seqlens_q); then each dec
 token per live sequence and attends with paged_attention's decode kernel. Finished sequences (a stop
 token, or max_new_tokens) leave the batch and free their blocks.
 """
+import math
+
 import torch
 
 from pyllmops.models.decoder import Packed, cu_seqlens_from_lengths, positions_from_lengths
@@ -32,7 +34,9 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
     tokens whose probabilities sum to >= top_p; the most likely token is always kept), renormalized."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shifted by the row max first, so a tiny temperature cannot overflow float32 (the softmax is the same)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p          # mass of the strictly more likely tokens
@@ -69,9 +73,13 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_p=1.0, s
     cfg = model.config
     prompts = _check_prompts(prompts, cfg.vocab_size)
     check_int("max_new_tokens", max_new_tokens, min_value=1)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"top_p must be a number, got {type(top_p).__name__} {top_p!r}")
+    if not 0 < top_p <= 1:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     stop = set(int(t) for t in stop_tokens)
     device = model.device

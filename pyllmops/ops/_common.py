@@ -177,6 +177,7 @@ def check_kernel_errors(device=None):
 def check_tensor(name, t, *, dtypes=None, dim=None, min_dim=None, device=None, nonempty=False):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_layout(name, t)
     if dtypes is not None and t.dtype not in dtypes:
         expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({expected}), got {str(t.dtype).replace('torch.', '')}")
@@ -190,6 +191,17 @@ def check_tensor(name, t, *, dtypes=None, dim=None, min_dim=None, device=None, n
         raise ValueError(f"{name} is on {t.device}, expected {device} (the device of the other inputs)")
     if nonempty and t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def check_layout(name, t):
+    """A dense (strided) tensor: sparse, mkldnn and quantized tensors have no data pointer and strides a
+    kernel could use, and torch's dispatcher would otherwise answer with its own text."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {str(t.layout).replace('torch.', '')}; "
+                        f"convert it first (e.g. {name}.to_dense())")
+    if t.is_quantized:
+        raise TypeError(f"{name} must be a dense float or integer tensor, got a quantized tensor of dtype "
+                        f"{str(t.dtype).replace('torch.', '')}; use {name}.dequantize() first")
 
 
 def check_int(name, value, *, choices=None, min_value=None):
