@@ -10,6 +10,7 @@ grad_accum=N*k.
 """
 import contextlib
 import math
+import os
 import resource
 import time
 
@@ -21,7 +22,7 @@ from pyllmops.models.decoder import Decoder
 from pyllmops.nn.lora import disable_adapters
 from pyllmops.ops._common import check_bool, check_int
 from pyllmops.train.batches import Batch, LazyBatches, encode_pair, plan
-from pyllmops.train.checkpoint import has_adapters, load_checkpoint, save_checkpoint
+from pyllmops.train.checkpoint import has_adapters, latest_checkpoint, load_checkpoint, save_checkpoint
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
 from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 from pyllmops.train.tokenizer import ByteTokenizer
@@ -60,7 +61,7 @@ def _dist():
 
 def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight_decay, betas, warmup_steps,
            min_lr_ratio, max_grad_norm, bf16, activation_checkpointing, checkpoint_dir, checkpoint_every,
-           resume_from, progress, callback, settings):
+           resume_from, progress, callback, settings, allow_settings_change=False):
     """The loop shared by sft and dpo. micro_batches: the whole plan (steps * grad_accum * world);
     step_fn(module, raw_model, batch) -> (loss, {metric: float}, tokens)."""
     if not isinstance(model, Decoder):
@@ -71,12 +72,17 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
     if not params:
         raise ValueError("model has no trainable parameters (apply_lora(model, ...) first, or unfreeze some)")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    start = 0
-    if resume_from is not None:
-        start, _ = load_checkpoint(resume_from, model, optimizer, device)
-        if start > steps:
-            raise ValueError(f"checkpoint {resume_from!r} is at step {start}, beyond steps={steps}")
     use_bf16 = (device.type == "cuda") if bf16 is None else bf16
+    # everything that changes the numbers of a run: a resumed run must have been written with the same
+    settings = dict(settings, weight_decay=weight_decay, betas=list(betas), warmup_steps=warmup_steps,
+                    min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, bf16=use_bf16, world_size=world)
+    start = 0
+    resume_path = _resume_path(resume_from, checkpoint_dir)
+    if resume_path is not None:
+        start, _ = load_checkpoint(resume_path, model, optimizer, device, settings=settings,
+                                   allow_settings_change=allow_settings_change)
+        if start > steps:
+            raise ValueError(f"checkpoint {resume_path!r} is at step {start}, beyond steps={steps}")
     old_ckpt, model.gradient_checkpointing = model.gradient_checkpointing, activation_checkpointing
     module = model
     if world > 1:
@@ -135,6 +141,21 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
     return history
 
 
+def _resume_path(resume_from, checkpoint_dir):
+    """The checkpoint directory to resume from: resume_from itself, or for "latest" the newest complete
+    checkpoint in checkpoint_dir (None, a fresh start, when there is none yet)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        if checkpoint_dir is None:
+            raise ValueError("resume_from='latest' needs checkpoint_dir (the directory holding the step-N checkpoints)")
+        return latest_checkpoint(checkpoint_dir)
+    if not isinstance(resume_from, (str, os.PathLike)):
+        raise TypeError(f"resume_from must be None, 'latest' or a checkpoint directory path, got "
+                        f"{type(resume_from).__name__} {resume_from!r}")
+    return resume_from
+
+
 def _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
                    activation_checkpointing, checkpoint_every, batch_tokens, max_seq_len, seed):
     check_int("steps", steps, min_value=1)
@@ -157,7 +178,7 @@ def _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_rat
 def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_accum=1, lr=2e-4, weight_decay=0.0,
         betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0, max_seq_len=512, seed=0,
         bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0, resume_from=None,
-        progress=True, callback=None):
+        progress=True, callback=None, allow_settings_change=False):
     """Supervised fine-tuning on prompt/completion examples; the loss counts completion tokens only.
 
     Each example becomes [bos] prompt completion [eos] (tokenizer: ByteTokenizer by default); the
@@ -173,8 +194,11 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
         lr, weight_decay, betas: AdamW; warmup_steps, min_lr_ratio: the schedule (lr_at).
         max_grad_norm: clip the global gradient norm (None: no clipping).
         bf16: autocast to bfloat16 (default: on CUDA only). activation_checkpointing: recompute layers.
-        checkpoint_dir / checkpoint_every: write <dir>/step-N every N steps and at the end (see
-            pyllmops.train.checkpoint); resume_from: a step-N directory to continue from.
+        checkpoint_dir / checkpoint_every: write <dir>/step-N every N steps and at the end, atomically (see
+            pyllmops.train.checkpoint); resume_from: a step-N directory to continue from, or "latest": the
+            newest complete checkpoint in checkpoint_dir (a fresh start when there is none). The checkpoint is
+            verified (checksums) and its loop settings must equal this call's (ValueError naming the changes)
+            unless allow_settings_change=True.
         progress: tqdm bar; callback(metrics) after every step.
 
     Returns:
@@ -203,7 +227,7 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
                   weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                   max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
-                  progress=progress, callback=callback, settings=settings)
+                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change)
 
 
 def encode_preferences(tok, rows, max_seq_len):
@@ -227,7 +251,7 @@ def pair_logps(model, batch, average):
 def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps=100, batch_pairs=8, grad_accum=1,
         lr=5e-5, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0,
         max_seq_len=512, seed=0, bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
-        resume_from=None, progress=True, callback=None):
+        resume_from=None, progress=True, callback=None, allow_settings_change=False):
     """Direct Preference Optimization on prompt/chosen/rejected examples (see dpo_loss for the formulas).
 
     The reference log-probabilities come from the same model with its adapters disabled
@@ -275,7 +299,7 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
                   weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                   max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
-                  progress=progress, callback=callback, settings=settings)
+                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change)
 
 
 @torch.no_grad()
