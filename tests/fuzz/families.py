@@ -786,3 +786,114 @@ def _generate_tiny_temperature(g):
 
 
 add("models/generate/temperature_tiny", _generate_tiny_temperature)
+
+
+# ================================================================ int (QA-LoRA base) linear, dequantize
+def int_build(g):
+    qw, sc, z = pyllmops.quantize_int(randn(g, 24, 128, scale=0.05), 4, 32)
+    return dict(x=randn(g, 3, 128), qweight=qw, scales=sc, zeros=z, bias=randn(g, 24))
+
+
+def int_call(a):
+    return pyllmops.int_linear(a["x"], a["qweight"], a["scales"], a["zeros"], bits=4, group_size=32, bias=a["bias"])
+
+
+def int_ref(a):
+    w = ref_lora.dequantize_int(a["qweight"], _d(a["scales"]), _d(a["zeros"]), 4, 32)
+    return a["x"].double() @ w.T + _d(a["bias"])
+
+
+register_tensor_fuzz("lora/int_linear", int_build, int_call, int_ref, {}, nonfinite=("x", "scales", "zeros", "bias"),
+                     int_args=("qweight",))
+register_tensor_fuzz("lora/dequantize_int", lambda g: {k: v for k, v in int_build(g).items() if k not in ("x", "bias")},
+                     lambda a: pyllmops.dequantize_int(a["qweight"], a["scales"], a["zeros"], 4, 32),
+                     lambda a: ref_lora.dequantize_int(a["qweight"], _d(a["scales"]), _d(a["zeros"]), 4, 32)
+                     .float().double(), {}, tol=1e-6, nonfinite=("scales", "zeros"), int_args=("qweight",))
+
+
+# ================================================================ huge and overflowing sizes (stride-0 views cost no memory)
+def _huge(call_with, names):
+    """An input of an enormous size (numel within int64): a clear error, or torch's allocator refusing the
+    output (resource exhaustion, not a contract breach); never a hang, a crash or an overflowed index."""
+    def fn(g):
+        ok, r = attempt(call_with(g))
+        if ok:
+            raise Bad("returned a result for a tensor of an astronomically large size")
+        if isinstance(r, RuntimeError) and "allocate" in str(r):
+            return
+        check_error(r, names)
+    return fn
+
+
+add("attention/flash_attention/k/huge_seqlen_expanded", _huge(
+    lambda g: lambda: pyllmops.flash_attention(randn(g, 1, 4, 2, 16), randn(g, 1, 1, 2, 16).expand(1, 2**40, 2, 16),
+                                               randn(g, 1, 1, 2, 16).expand(1, 2**40, 2, 16)),
+    ["k", "v", "seqlen", "size"]))
+add("attention/flash_attention/q/huge_batch_expanded", _huge(
+    lambda g: lambda: pyllmops.flash_attention(randn(g, 1, 4, 2, 16).expand(2**40, 4, 2, 16),
+                                               randn(g, 1, 4, 2, 16).expand(2**40, 4, 2, 16),
+                                               randn(g, 1, 4, 2, 16).expand(2**40, 4, 2, 16)),
+    ["q", "batch", "size"]))
+add("lora/lora_linear/x/huge_rows_expanded", _huge(
+    lambda g: lambda: pyllmops.lora_linear(randn(g, 1, 32).expand(2**40, 32), randn(g, 24, 32), randn(g, 8, 32),
+                                           randn(g, 24, 8), 2.0),
+    ["x", "size", "rows"]))
+add("nf4/nf4_linear/x/huge_rows_expanded", _huge(
+    lambda g: (lambda w: lambda: pyllmops.nf4_linear(randn(g, 1, 64).expand(2**40, 64), *pyllmops.quantize_nf4(w)))(
+        randn(g, 24, 64)), ["x", "size", "rows"]))
+add("paged/paged_attention/q/huge_heads_expanded", _huge(
+    lambda g: lambda: pyllmops.paged_attention(randn(g, 2, 1, HD).expand(2, 2**40, HD), randn(g, 6, BS, HKV, HD),
+                                               randn(g, 6, BS, HKV, HD), torch.tensor([[4, 1, 0], [2, 5, -1]], dtype=torch.int32),
+                                               torch.tensor([19, 10], dtype=torch.int32)), ["q", "heads", "size"]))
+
+
+# ================================================================ modules that change state: all or nothing
+def _load_adapter_atomic(g):
+    from pyllmops.nn.lora import adapter_state_dict, load_adapter_state_dict
+    from pyllmops.models import PROJECTIONS
+    m = _tiny_decoder()
+    pyllmops.apply_lora(m, r=4, target_modules=PROJECTIONS)
+    sd = {k: v.clone().normal_() for k, v in adapter_state_dict(m).items()}
+    last = sorted(sd)[-1]
+    sd[last] = sd[last][:, :1]  # one wrong shape, sorted last: the others would load first
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ok, r = attempt(lambda: load_adapter_state_dict(m, sd))
+    if ok:
+        raise Bad("an adapter state dict with a wrong shape was loaded")
+    check_error(r, [last, last.removeprefix("base_model.model.")])
+    for k, v in m.state_dict().items():
+        if not torch.equal(v, before[k]):
+            raise Bad(f"{k} was written before load_adapter_state_dict raised")
+
+
+add("nn/load_adapter_state_dict/all_or_nothing", _load_adapter_atomic)
+
+
+def _qalora_merge(g):
+    """QALoRALinear.merge() is an IntLinear with the same outputs (the documented merge formula)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+    m = pnn.QALoRALinear.from_linear(torch.nn.Linear(128, 24), bits=4, group_size=32, r=4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = randn(g, 5, 128)
+    compare(m.merge()(x), m(x).detach().double(), 1e-4, "merged output")
+
+
+add("nn/QALoRALinear/merge", _qalora_merge)
+
+
+def _merge_adapters_model(g):
+    """models.merge_adapters keeps the logits (LoRA on a dense base)."""
+    from pyllmops.models import PROJECTIONS, merge_adapters
+    m = _tiny_decoder()
+    pyllmops.apply_lora(m, r=4, target_modules=PROJECTIONS)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.1)
+    ids = torch.randint(0, 64, (2, 7), generator=g)
+    want = m(ids).detach()
+    compare(merge_adapters(m)(ids), want.double(), 1e-4, "merged logits")
+
+
+add("models/merge_adapters/logits", _merge_adapters_model)
