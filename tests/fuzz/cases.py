@@ -94,11 +94,18 @@ def compare(out, ref, tol, what="output"):
         o64 = o.detach().cpu().double()
         r64 = r.detach().cpu().to(o.dtype).double() if o.dtype.is_floating_point else r.detach().cpu().double()
         fo, fr = ~torch.isfinite(o64), ~torch.isfinite(r64)
-        if not torch.equal(fo, fr):  # NaN and +-inf may trade places (inf - inf depends on the order of a sum)
+        if not torch.equal(fo, fr):
             extra, missing = (fo & ~fr).sum().item(), (fr & ~fo).sum().item()
             raise Bad(f"{tag}: the non-finite elements differ from the float64 reference's ({extra} extra, {missing} "
                       f"missing of {fr.sum().item()}): " + ("NaN/inf laundered into numbers" if missing else
                                                              "NaN/inf invented"))
+        # where the reference is NaN the output must be NaN; where it is +-inf, that inf or NaN (whether a sum
+        # meets inf - inf depends on its order)
+        nan_lost = torch.isnan(r64) & ~torch.isnan(o64)
+        inf_flipped = torch.isinf(r64) & torch.isinf(o64) & (r64 != o64)
+        if nan_lost.any() or inf_flipped.any():
+            raise Bad(f"{tag}: {nan_lost.sum().item()} NaN of the float64 reference became +-inf, "
+                      f"{inf_flipped.sum().item()} infinities changed sign")
         fin = torch.isfinite(r64)
         if fin.any():
             num = (o64[fin] - r64[fin]).norm().item()
