@@ -76,9 +76,13 @@ def fresh_optimizer(model):
 def saved(tmp_path_factory):
     """A 6-step run checkpointed at every step; the tests copy it before damaging anything."""
     root = tmp_path_factory.mktemp("ck")
-    torch.set_num_threads(1)
-    model = tiny_model()
-    run(model, checkpoint_dir=str(root), checkpoint_every=1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test here (train_fixtures.one_thread), so results are bitwise comparable
+    try:
+        model = tiny_model()
+        run(model, checkpoint_dir=str(root), checkpoint_every=1)
+    finally:
+        torch.set_num_threads(old)
     return root, trainables(model)
 
 
