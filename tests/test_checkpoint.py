@@ -238,6 +238,9 @@ def test_changed_settings_are_refused_unless_allowed(saved, tmp_path):
     with pytest.raises(ValueError, match=r"warmup_steps: 2 -> 3"):
         run(model, warmup_steps=3, resume_from=str(root / "step-3"))
     assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match=r"step-6' is at step 6, beyond steps=4"):
+        run(model, steps=4, resume_from=str(root / "step-6"), allow_settings_change=True)
+    assert_unchanged(model, snap)
     hist = run(model, steps=8, resume_from=str(root / "step-3"), allow_settings_change=True)
     assert [r["step"] for r in hist] == [4, 5, 6, 7, 8]
 

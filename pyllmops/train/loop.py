@@ -22,7 +22,8 @@ from pyllmops.models.decoder import Decoder
 from pyllmops.nn.lora import disable_adapters
 from pyllmops.ops._common import check_bool, check_int
 from pyllmops.train.batches import Batch, LazyBatches, encode_pair, plan
-from pyllmops.train.checkpoint import has_adapters, latest_checkpoint, load_checkpoint, save_checkpoint
+from pyllmops.train.checkpoint import (has_adapters, latest_checkpoint, load_checkpoint, read_manifest,
+                                       save_checkpoint)
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
 from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 from pyllmops.train.tokenizer import ByteTokenizer
@@ -73,16 +74,17 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
         raise ValueError("model has no trainable parameters (apply_lora(model, ...) first, or unfreeze some)")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     use_bf16 = (device.type == "cuda") if bf16 is None else bf16
-    # everything that changes the numbers of a run: a resumed run must have been written with the same
+    # everything that changes a run's numbers: a checkpoint resumes only under the settings it was written with
     settings = dict(settings, weight_decay=weight_decay, betas=list(betas), warmup_steps=warmup_steps,
                     min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, bf16=use_bf16, world_size=world)
     start = 0
     resume_path = _resume_path(resume_from, checkpoint_dir)
     if resume_path is not None:
+        saved_step = read_manifest(resume_path)["step"]
+        if saved_step > steps:  # checked before load_checkpoint writes anything
+            raise ValueError(f"checkpoint {resume_path!r} is at step {saved_step}, beyond steps={steps}")
         start, _ = load_checkpoint(resume_path, model, optimizer, device, settings=settings,
                                    allow_settings_change=allow_settings_change)
-        if start > steps:
-            raise ValueError(f"checkpoint {resume_path!r} is at step {start}, beyond steps={steps}")
     old_ckpt, model.gradient_checkpointing = model.gradient_checkpointing, activation_checkpointing
     module = model
     if world > 1:
