@@ -183,13 +183,14 @@ def randn(g, *shape, dtype=torch.float32, scale=1.0):
 
 
 def register_tensor_fuzz(prefix, build, call, reference, names, *, tol=1e-4, nonfinite=(), int_args=(),
-                         skip_layout=(), value_policy=None):
+                         skip_layout=(), contiguous=(), value_policy=None):
     """The generic cases of an op: for each tensor argument, wrong dtype, wrong rank, zero size, other
     layouts, meta / sparse, non-finite values.
 
     build(g) -> dict of arguments; call(args) -> result; reference(args) -> float64 result (args made
     dense, CPU). names: {argument: names its error may use}. nonfinite: float tensor arguments that get
-    NaN / inf cases (value_policy(arg) -> "propagate" (default) or "refuse": a ValueError naming the index)."""
+    NaN / inf cases (value_policy(arg) -> "propagate" (default) or "refuse": a ValueError naming the index).
+    contiguous: arguments documented to need contiguous memory (their other layouts may be refused)."""
     def dense(args):
         return {k: (v.to_dense() if isinstance(v, torch.Tensor) and v.layout != torch.strided else v)
                 for k, v in args.items()}
@@ -204,6 +205,11 @@ def register_tensor_fuzz(prefix, build, call, reference, names, *, tol=1e-4, non
                 nm = nm + [k for k, v in orig.items() if isinstance(v, torch.Tensor)] + ["shape", "device"]
             if expect == "error":
                 must_error(lambda: call(args), nm)
+            elif expect == "result":
+                ok, r = attempt(lambda: call(args))
+                if not ok:
+                    raise Bad(f"valid values in another layout were refused: {type(r).__name__}: {str(r)[:300]}")
+                compare(r, reference(dense(args)), tol)
             elif expect == "error_or_meta":  # shapes only: a meta result must have the reference's shapes
                 error_or_correct(lambda: call(args), lambda: reference(orig), nm, tol=tol)
             else:
@@ -246,7 +252,12 @@ def register_tensor_fuzz(prefix, build, call, reference, names, *, tol=1e-4, non
         if arg in skip_layout:
             continue
         for label, _ in layout_mutations(t):
-            reg(label, arg, lambda t, g, label=label: dict(layout_mutations(t))[label], "either")
+            # valid values in another layout are a result (docs/errors.md); only a misaligned pointer, or an
+            # argument whose documented contract is contiguous memory, may be refused
+            must_compute = (label != "misaligned" and arg not in contiguous
+                            and not (is_int and label == "expanded"))  # expanded metadata: other (invalid) values
+            reg(label, arg, lambda t, g, label=label: dict(layout_mutations(t))[label],
+                "result" if must_compute else "either")
         if arg in nonfinite:
             for label, value in NONFINITE:
                 policy = value_policy(arg) if value_policy else "propagate"

@@ -250,7 +250,8 @@ def paged_ref(a):
 PAGED_NAMES = {"key_cache": ["key_cache"], "value_cache": ["value_cache"], "block_tables": ["block_tables"],
                "seq_lens": ["seq_lens"], "cu_seqlens_q": ["cu_seqlens_q"], "q": ["q"]}
 register_tensor_fuzz("paged/paged_attention", paged_build, paged_call, paged_ref, PAGED_NAMES,
-                     nonfinite=("q", "key_cache", "value_cache"), int_args=("block_tables", "seq_lens"))
+                     nonfinite=("q", "key_cache", "value_cache"), int_args=("block_tables", "seq_lens"),
+                     contiguous=("key_cache", "value_cache"))
 register_tensor_fuzz("paged/paged_attention_multi", lambda g: paged_build(g, True), paged_call, paged_ref, PAGED_NAMES,
                      nonfinite=("q",), int_args=("block_tables", "seq_lens", "cu_seqlens_q"),
                      skip_layout=("key_cache", "value_cache"))
