@@ -250,7 +250,8 @@ def test_wrong_model_is_refused_before_writing(saved, tmp_path):
     model = tiny_model(r=8)  # other adapter shapes
     opt = fresh_optimizer(model)
     snap = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"down_proj.lora_A.weight' has shape \(4, 64\).*the model's has shape \(8, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"down_proj.lora_A.weight' has shape \(4, 64\).*the model's has shape \(8, 64\)"):
         ckpt.load_checkpoint(str(root / "step-2"), model, opt)
     assert_unchanged(model, snap, opt)
     model2 = tiny_model()
@@ -325,7 +326,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
             got = load_file(str(out))
             assert got.keys() == reference.keys()
             for k in reference:
-                assert torch.equal(got[k], reference[k]), f"campaign {campaigns}: {k} differs from the uninterrupted run"
+                assert torch.equal(got[k], reference[k]), \
+                    f"campaign {campaigns}: {k} differs from the uninterrupted run"
             shutil.rmtree(ck)
         # kills land mid-save with probability about (save time) / (run time), about a half here
         assert mid_save >= 1, f"none of {kills} kills landed inside a save: the test did not test that case"

@@ -278,7 +278,8 @@ def load_checkpoint(path, model, optimizer=None, device=None, *, settings=None, 
     if settings is not None and not allow_settings_change:
         changes = _settings_changes(manifest["settings"], settings)
         if changes:
-            raise ValueError(f"checkpoint {os.fspath(path)!r} was written with other loop settings ({'; '.join(changes)}); "
+            raise ValueError(f"checkpoint {os.fspath(path)!r} was written with other loop settings "
+                             f"({'; '.join(changes)}); "
                              "resuming would not continue the same run (e.g. steps changes the learning-rate "
                              "schedule); pass allow_settings_change=True to resume anyway")
     _check_trainable_state_dict(model, adapters, f"checkpoint file {os.path.join(path, ADAPTER_FILE)!r}")

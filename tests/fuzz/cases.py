@@ -17,11 +17,7 @@ import re
 
 import torch
 
-import pyllmops
 from pyllmops.ops.paged import OutOfBlocksError
-from pyllmops.reference import attention as ref_attn
-from pyllmops.reference import lora as ref_lora
-from pyllmops.reference import nf4 as ref_nf4
 
 CASES = {}  # name -> function(generator)
 ALLOWED = (ValueError, TypeError, NotImplementedError, IndexError, KeyError, OutOfBlocksError)

@@ -70,8 +70,8 @@ def sdpa_build(g):
 
 
 def sdpa_call(a):
-    return pnn.functional.scaled_dot_product_attention(a["query"], a["key"], a["value"], is_causal=a.get("is_causal", False),
-                                                       scale=a.get("scale"))
+    return pnn.functional.scaled_dot_product_attention(a["query"], a["key"], a["value"],
+                                                       is_causal=a.get("is_causal", False), scale=a.get("scale"))
 
 
 def sdpa_ref(a):
@@ -259,11 +259,13 @@ register_scalar_fuzz("paged/paged_attention", paged_build, paged_call, paged_ref
                      SCALES_BAD + [("1e38", 1e38), ("1e31", 1e31)])
 register_scalar_fuzz("paged/paged_attention", paged_build, paged_call, paged_ref, "window_left",
                      [("2p31", 2**31), ("2p63m1", 2**63 - 1), ("minus2", -2), ("float", 3.0), ("zero", 0), ("one", 1)])
-register_scalar_fuzz("paged/paged_attention_multi", lambda g: paged_build(g, True), paged_call, paged_ref, "max_seqlen_q",
+register_scalar_fuzz("paged/paged_attention_multi", lambda g: paged_build(g, True), paged_call, paged_ref,
+                     "max_seqlen_q",
                      [(f"big_{v}", v) for v in BIG_INTS] + [("zero", 0), ("too_small", 3), ("float", 4.0)])
 register_scalar_fuzz("paged/paged_attention", paged_build, paged_call, paged_ref, "num_splits",
                      [("zero", 0), ("65", 65), ("2p40", 2**40), ("float", 2.0), ("four", 4), ("one", 1)])
-for label, bt, sl in (("block_out_of_range", [[4, 1, 6], [2, 5, -1]], None), ("block_negative_used", [[4, -1, 0], [2, 5, -1]], None),
+for label, bt, sl in (("block_out_of_range", [[4, 1, 6], [2, 5, -1]], None),
+                      ("block_negative_used", [[4, -1, 0], [2, 5, -1]], None),
                       ("seq_len_over_table", None, [25, 10]), ("seq_len_negative", None, [19, -1]),
                       ("seq_len_int32_max", None, [2**31 - 1, 10])):
     def fn(g, bt=bt, sl=sl):
@@ -345,7 +347,8 @@ def _set(k, f):
 RC_ARGS = ("key", "value", "key_cache", "value_cache", "slot_mapping")
 for arg in RC_ARGS:
     is_int = arg == "slot_mapping"
-    muts = [("dtype_float32" if is_int else "dtype_int64", (lambda t, g: t.float()) if is_int else (lambda t, g: t.long()), "error"),
+    muts = [("dtype_float32" if is_int else "dtype_int64",
+             (lambda t, g: t.float()) if is_int else (lambda t, g: t.long()), "error"),
             ("rank_plus1", lambda t, g: t.unsqueeze(0), "error"), ("sparse", lambda t, g: t.to_sparse(), "error"),
             ("meta", lambda t, g: t.to("meta"), "error"), ("zero_dim0", lambda t, g: t[:0], "either")]
     if is_int:
@@ -361,7 +364,8 @@ for arg in RC_ARGS:
     for label, f, expect in muts:
         nm = [arg] if label == "sparse" or label.startswith("dtype") else [arg, *RC_ARGS, "shape", "device"]
         add(f"paged/reshape_and_cache/{arg}/{label}", _rc_case(_set(arg, f), expect, nm))
-for label, slots in (("duplicate", [3, 9, 3, 31, 0]), ("out_of_range", [3, 9, -1, 32, 0]), ("below_minus1", [3, 9, -2, 31, 0]),
+for label, slots in (("duplicate", [3, 9, 3, 31, 0]), ("out_of_range", [3, 9, -1, 32, 0]),
+                     ("below_minus1", [3, 9, -2, 31, 0]),
                      ("int64_max", [3, 9, 2**63 - 1, 31, 0])):
     add(f"paged/reshape_and_cache/slot_mapping/{label}",
         _rc_case(_set("slot_mapping", lambda t, g, slots=slots: torch.tensor(slots, dtype=torch.int64)), "error",
@@ -499,7 +503,8 @@ def nf4_deq_ref(a):
     return ref_nf4.dequantize_nf4(a["packed"], st).float().double()
 
 
-register_tensor_fuzz("nf4/dequantize_nf4", lambda g: {k: v for k, v in nf4_lin_build(g).items() if k not in ("x", "bias")},
+register_tensor_fuzz("nf4/dequantize_nf4",
+                     lambda g: {k: v for k, v in nf4_lin_build(g).items() if k not in ("x", "bias")},
                      nf4_deq_call, nf4_deq_ref, {}, tol=1e-6, int_args=("packed", "absmax"))
 
 
@@ -515,9 +520,12 @@ def _bnb(mutate, names):
 
 _BLOB = "quant_state.bitsandbytes__nf4"
 for label, mut, nm in (
-        ("blob_not_utf8", lambda d: d.__setitem__(_BLOB, torch.tensor([0xff, 0xfe, 0x00], dtype=torch.uint8)), [_BLOB, "quant_state"]),
-        ("blob_not_json", lambda d: d.__setitem__(_BLOB, torch.tensor(list(b"{x"), dtype=torch.uint8)), [_BLOB, "quant_state"]),
-        ("blob_a_list", lambda d: d.__setitem__(_BLOB, torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)), [_BLOB, "quant_state"]),
+        ("blob_not_utf8", lambda d: d.__setitem__(_BLOB, torch.tensor([0xff, 0xfe, 0x00], dtype=torch.uint8)),
+         [_BLOB, "quant_state"]),
+        ("blob_not_json", lambda d: d.__setitem__(_BLOB, torch.tensor(list(b"{x"), dtype=torch.uint8)),
+         [_BLOB, "quant_state"]),
+        ("blob_a_list", lambda d: d.__setitem__(_BLOB, torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)),
+         [_BLOB, "quant_state"]),
         ("blocksize_str", lambda d: _patch_blob(d, blocksize="x"), ["blocksize"]),
         ("shape_negative", lambda d: _patch_blob(d, shape=[-16, 64]), ["shape"]),
         ("dtype_unknown", lambda d: _patch_blob(d, dtype="float7"), ["dtype"]),
@@ -527,7 +535,8 @@ for label, mut, nm in (
         ("quant_map_wrong", lambda d: d.__setitem__("quant_map", d["quant_map"] * 2), ["quant_map"]),
         ("not_a_dict", None, ["d", "dict"])):
     if mut is None:
-        add(f"nf4/from_bnb_dict/{label}", lambda g: must_error(lambda: pyllmops.NF4State.from_bnb_dict([1, 2]), ["d", "dict"]))
+        add(f"nf4/from_bnb_dict/{label}",
+            lambda g: must_error(lambda: pyllmops.NF4State.from_bnb_dict([1, 2]), ["d", "dict"]))
     else:
         add(f"nf4/from_bnb_dict/{label}", _bnb(mut, nm))
 
@@ -678,9 +687,11 @@ def _lora_module(kwargs, names, value=None):
     return fn
 
 
-for label, kw, nm, val in (("alpha_1e40", dict(alpha=1e40), "alpha", 1e40), ("alpha_nan", dict(alpha=float("nan")), "alpha", None),
+for label, kw, nm, val in (("alpha_1e40", dict(alpha=1e40), "alpha", 1e40),
+                           ("alpha_nan", dict(alpha=float("nan")), "alpha", None),
                            ("r_zero", dict(r=0), "r", 0), ("r_float", dict(r=4.0), "r", None),
-                           ("dropout_one", dict(dropout=1.0), "dropout", 1.0), ("dropout_nan", dict(dropout=float("nan")), "dropout", None)):
+                           ("dropout_one", dict(dropout=1.0), "dropout", 1.0),
+                           ("dropout_nan", dict(dropout=float("nan")), "dropout", None)):
     add(f"nn/LoRALinear/{label}", _lora_module(kw, nm, val))
 
 
@@ -812,7 +823,7 @@ register_tensor_fuzz("lora/dequantize_int", lambda g: {k: v for k, v in int_buil
                      .float().double(), {}, tol=1e-6, nonfinite=("scales", "zeros"), int_args=("qweight",))
 
 
-# ================================================================ huge and overflowing sizes (stride-0 views cost no memory)
+# ================================================================ huge sizes (stride-0 views cost no memory)
 def _huge(call_with, names):
     """An input of an enormous size (numel within int64): a clear error, or torch's allocator refusing the
     output (resource exhaustion, not a contract breach); never a hang, a crash or an overflowed index."""
@@ -844,7 +855,8 @@ add("nf4/nf4_linear/x/huge_rows_expanded", _huge(
         randn(g, 24, 64)), ["x", "size", "rows"]))
 add("paged/paged_attention/q/huge_heads_expanded", _huge(
     lambda g: lambda: pyllmops.paged_attention(randn(g, 2, 1, HD).expand(2, 2**40, HD), randn(g, 6, BS, HKV, HD),
-                                               randn(g, 6, BS, HKV, HD), torch.tensor([[4, 1, 0], [2, 5, -1]], dtype=torch.int32),
+                                               randn(g, 6, BS, HKV, HD),
+                                               torch.tensor([[4, 1, 0], [2, 5, -1]], dtype=torch.int32),
                                                torch.tensor([19, 10], dtype=torch.int32)), ["q", "heads", "size"]))
 
 

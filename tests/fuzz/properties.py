@@ -51,8 +51,10 @@ WINDOW = st.one_of(st.just(-1), st.integers(0, 24), st.just(2**40))
 
 @prop("flash_attention")
 def _flash(g, draw):
-    b, sq, sk = draw(st.integers(1, 2), "batch"), draw(st.integers(1, 20), "seqlen_q"), draw(st.integers(1, 20), "seqlen_k")
-    hkv, group, d = draw(st.integers(1, 2), "heads_kv"), draw(st.integers(1, 3), "group"), draw(st.sampled_from([8, 16, 40]), "head_dim")
+    b = draw(st.integers(1, 2), "batch")
+    sq, sk = draw(st.integers(1, 20), "seqlen_q"), draw(st.integers(1, 20), "seqlen_k")
+    hkv, group = draw(st.integers(1, 2), "heads_kv"), draw(st.integers(1, 3), "group")
+    d = draw(st.sampled_from([8, 16, 40]), "head_dim")
     causal = draw(st.booleans(), "causal")
     window = (draw(WINDOW, "left"), draw(WINDOW, "right"))
     layout = draw(st.sampled_from(["bshd", "bhsd"]), "layout")
@@ -93,7 +95,8 @@ def _paged(g, draw):
     multi = draw(st.booleans(), "multi-token") or any(x > 1 for x in qlens) and draw(st.booleans(), "force")
     if not multi:
         qlens = [1] * n
-    hkv, group, d = draw(st.integers(1, 2), "heads_kv"), draw(st.integers(1, 4), "group"), draw(st.sampled_from([16, 64]), "head_dim")
+    hkv, group = draw(st.integers(1, 2), "heads_kv"), draw(st.integers(1, 4), "group")
+    d = draw(st.sampled_from([16, 64]), "head_dim")
     wl = draw(st.one_of(st.just(-1), st.integers(0, 30)), "window_left")
     splits = draw(st.one_of(st.none(), st.integers(1, 8)), "num_splits")
     need = [-(-L // bs) for L in lens]

@@ -101,7 +101,8 @@ def supervise(names, seed, timeout, report):
             if not chunk:
                 _, status = os.waitpid(pid, 0)
                 if current is not None:
-                    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+                    how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                           else f"exit {os.WEXITSTATUS(status)}")
                     report(current, False, f"CRASH: the process died ({how}) in this case")
                     todo.remove(current)
                 break
