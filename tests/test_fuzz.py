@@ -7,7 +7,8 @@ in a fresh worker.
 Profiles: quick (default, CI): every case once with one seed. Long: PYLLMOPS_FUZZ_SEEDS=N runs every case
 with N seeds (fresh random inputs each) and PYLLMOPS_FUZZ_EXAMPLES=M gives each hypothesis property M
 examples (default 20), e.g. PYLLMOPS_FUZZ_SEEDS=20 PYLLMOPS_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py.
-PYLLMOPS_FUZZ_TIMEOUT (seconds, default 20) is the watchdog; PYLLMOPS_FUZZ_SEED fixes the base seed.
+PYLLMOPS_FUZZ_TIMEOUT (seconds per case, default 10; a property's grows with its examples) is the watchdog;
+PYLLMOPS_FUZZ_SEED fixes the base seed.
 Reproduce one case: python tests/fuzz/worker.py --run NAME SEED.
 """
 import json
@@ -22,7 +23,7 @@ from conftest import EMULATED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "fuzz", "worker.py")
-TIMEOUT = float(os.environ.get("PYLLMOPS_FUZZ_TIMEOUT", "20"))
+TIMEOUT = float(os.environ.get("PYLLMOPS_FUZZ_TIMEOUT", "10"))
 SEEDS = int(os.environ.get("PYLLMOPS_FUZZ_SEEDS", "1"))
 BASE_SEED = int(os.environ.get("PYLLMOPS_FUZZ_SEED", str(int(time.time()) % 100000)))
 

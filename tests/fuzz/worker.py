@@ -43,6 +43,8 @@ def _control(kind):
     return fn
 
 
+# a property runs PYLLMOPS_FUZZ_EXAMPLES examples (default 20) in one case: its watchdog grows with them
+PROPERTY_SCALE = max(1.0, int(os.environ.get("PYLLMOPS_FUZZ_EXAMPLES", "20")) / 20)
 CONTROLS = {f"control/{k}": _control(k) for k in ("crash", "hang", "ok", "fail")}
 
 
@@ -88,7 +90,7 @@ def supervise(names, seed, timeout, report):
         os.close(wfd)
         current, buf, started = None, b"", time.monotonic()
         while True:
-            wait = timeout if current is not None else 60.0
+            wait = 60.0 if current is None else timeout * (PROPERTY_SCALE if current.startswith("property/") else 1)
             ready, _, _ = select.select([rfd], [], [], max(0.0, started + wait - time.monotonic()))
             if not ready:
                 os.kill(pid, signal.SIGKILL)
