@@ -10,7 +10,7 @@ from pyllmops import reference as R
 from pyllmops._ext import lib
 from pyllmops.nn import NF4Linear
 from pyllmops.ops import nf4 as nf4_ops
-from pyllmops.ops._common import view
+from pyllmops.ops._common import on_cuda, view
 from conftest import assert_close, devices
 
 try:
@@ -102,7 +102,8 @@ def test_nested_absmax(device):
     assert torch.equal(state.nested_code.cpu(), nf4_ops.dynamic_code())
     offset = plain.absmax.mean()
     assert torch.equal(state.nested_offset.cpu(), offset.cpu())
-    q, a2 = R.nf4.quantize_sorted_code((plain.absmax - offset).cpu(), nf4_ops.dynamic_code(), 256)
+    rule = "bnb_cuda" if on_cuda(device) else "bnb_cpu"  # bitsandbytes' rule of the device (csrc/nf4/nf4.h)
+    q, a2 = R.nf4.quantize_sorted_code((plain.absmax - offset).cpu(), nf4_ops.dynamic_code(), 256, rule)
     assert torch.equal(state.absmax.cpu(), q) and torch.equal(state.nested_absmax.cpu(), a2)
     decoded = R.nf4.block_scales(state.to("cpu"))
     assert_close(decoded, plain.absmax.cpu(), 5e-3, "decoded nested absmax")
@@ -166,39 +167,62 @@ def test_bytes_equal_bnb(dtype, shape, blocksize):
 
 @needs_bnb
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-@pytest.mark.parametrize("shape", [(7, 5), (4097,), (512, 1024)])
-@pytest.mark.parametrize("blocksize", [64, 256])
-def test_double_quant_matches_bnb(dtype, shape, blocksize):
-    """The 4-bit bytes, offset and nested absmax equal bnb's. bnb's CPU 8-bit quantizer rounds through a
-    65536-entry lookup table, so a code of absmax may differ by one step where the scaled value lies
-    within the table's resolution of a midpoint between two codes; we round exactly (as bnb's CUDA
-    kernel). Decoding bnb's own nested state reproduces bnb's values bit for bit."""
-    w = _weights(shape, dtype, "cpu")
-    packed, state = pyllmops.quantize_nf4(w, blocksize, double_quant=True)
-    bp, bs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(packed, bp)
-    assert torch.equal(state.nested_offset, bs.offset)
-    assert torch.equal(state.nested_absmax, bs.state2.absmax)
-    code = bs.state2.code
-    block2 = torch.arange(state.absmax.numel()) // 256
-    # where a nested block's absmax is 0 every code decodes to the offset: the choice is immaterial
-    diff = ((state.absmax != bs.absmax) & (bs.state2.absmax[block2] > 0)).nonzero().flatten()
-    _, plain = pyllmops.quantize_nf4(w, blocksize)
-    scaled = (plain.absmax - bs.offset) * (1.0 / bs.state2.absmax.clamp(min=1e-38)[block2])
-    err_ours = (code[state.absmax.long()] - scaled).abs()
-    err_bnb = (code[bs.absmax.long()] - scaled).abs()
-    # Ours is the nearest code by the rule csrc/nf4/nf4.h states: compare with the fp32 midpoints
-    # (code[i] + code[i + 1]) / 2, ties to the lower code. (Exact distances disagree with it only where a
-    # value equals a midpoint that fp32 rounded, which a random seed hits now and then.)
+@pytest.mark.parametrize("blocksize", nf4_ops.BLOCKSIZES)
+def test_double_quant_bytes_equal_bnb(dtype, blocksize):
+    """With double quant every byte equals bnb's on the CPU: the 4-bit codes, the offset, the nested absmax
+    and the 8-bit codes of absmax (bnb's CPU rule: a 65536-point grid and a lookup table, csrc/nf4/nf4.h).
+    The 257x129 fp32 tensor at blocksize 32 is issue 11's example (3 of 1037 codes differed)."""
+    for shape in [(257, 129), (7, 5), (4097,), (300, 1024)]:
+        w = _weights(shape, dtype, "cpu", scale=0.02)
+        packed, state = pyllmops.quantize_nf4(w, blocksize, double_quant=True)
+        bp, bs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(packed, bp), shape
+        assert torch.equal(state.nested_offset, bs.offset), shape
+        assert torch.equal(state.nested_absmax, bs.state2.absmax), shape
+        assert torch.equal(state.absmax, bs.absmax), f"{(state.absmax != bs.absmax).sum()} codes differ, {shape}"
+        assert torch.equal(state.nested_code, bs.state2.code)
+        # bnb's nested state decodes identically through our kernel
+        ours = pyllmops.dequantize_nf4(bp, pyllmops.NF4State.from_bnb_dict(bs.as_dict(packed=True)))
+        assert torch.equal(ours, pyllmops.dequantize_nf4(packed, state))
+
+
+def _rounding_edge_cases(code):
+    """Scaled values where rounding rules disagree: each fp32 midpoint of the code and its neighbours,
+    and the points either side of each boundary of bnb's CPU grid; one block per 255 values, led by 1.0 so
+    the block's absmax is 1 and each value is its own scaled value."""
     mids = (code[:-1] + code[1:]) * 0.5
-    live = bs.state2.absmax[block2] > 0
-    nearest = torch.searchsorted(mids, scaled.contiguous())  # the number of midpoints strictly below
-    assert torch.equal(state.absmax.long()[live], nearest[live]), "ours is the nearest code"
-    assert (err_bnb[diff] - err_ours[diff] <= 2.0 / 65535).all(), "bnb differs only within its LUT's resolution"
-    assert diff.numel() <= max(2, state.absmax.numel() // 50)
-    # bnb's nested state decodes identically through our kernel
-    ours = pyllmops.dequantize_nf4(bp, pyllmops.NF4State.from_bnb_dict(bs.as_dict(packed=True)))
-    assert torch.equal(ours, bnbF.dequantize_4bit(bp, bs).reshape(shape))
+    vals = [mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))]
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    lut = (grid.unsqueeze(-1) > mids).sum(-1)
+    edges = (lut[1:] != lut[:-1]).nonzero().flatten()
+    at = ((edges.float() + 1.0) / 32767.5 - 1.0).float()  # where the grid index steps to edge + 1
+    for d in range(-3, 4):
+        v = at
+        for _ in range(abs(d)):
+            v = torch.nextafter(v, torch.tensor(2.0 if d > 0 else -2.0))
+        vals.append(v)
+    flat = torch.cat(vals).clamp(-1, 1)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 255)).view(-1, 255)
+    return torch.cat([torch.ones(flat.shape[0], 1), flat], dim=1).reshape(-1)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nested_rounding_rule_edge_cases(device):
+    """The 8-bit quantizer follows bnb's rule of the device exactly where rules differ: values on fp32
+    midpoints (CUDA: ties to the even index) and either side of the CPU grid's steps; an all-zero block is
+    code 0 (both). On the CPU also against bitsandbytes itself."""
+    code = nf4_ops.dynamic_code()
+    x = torch.cat([_rounding_edge_cases(code), torch.zeros(256), torch.randn(1000)])
+    q, absmax = torch.ops.pyllmops.nf4_quantize_sorted_code(x.to(device), code.to(device), 256)
+    rule = "bnb_cuda" if on_cuda(device) else "bnb_cpu"
+    want_q, want_absmax = R.nf4.quantize_sorted_code(x, code, 256, rule)
+    assert torch.equal(absmax.cpu(), want_absmax)
+    assert torch.equal(q.cpu(), want_q), f"{(q.cpu() != want_q).sum()} of {q.numel()} codes differ"
+    other = R.nf4.quantize_sorted_code(x, code, 256, "bnb_cpu" if rule == "bnb_cuda" else "bnb_cuda")[0]
+    assert not torch.equal(other, want_q), "the edge cases must tell the two rules apart"
+    if bnbF is not None and not on_cuda(device):
+        bq, babsmax = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+        assert torch.equal(bq, q) and torch.equal(babsmax, absmax)
 
 
 @needs_bnb
@@ -447,3 +471,105 @@ def test_bench_nf4_writes_results(tmp_path):
     kinds = {(r["kernel"], r["provider"]) for r in data["rows"]}
     assert ("dequantize", "pyllmops") in kinds and ("linear", "pyllmops fused") in kinds
     assert "| dequantize |" in (out / "nf4.md").read_text()
+
+
+# ---- issue 15: non-finite weights, strided metadata, corrupt bnb dicts, sizes -----------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_refuses_non_finite(device, bad, double_quant):
+    w = _weights((12, 128), torch.bfloat16, device)
+    w[3, 5] = bad
+    w[7, 1] = bad
+    with pytest.raises(ValueError, match=rf"w must be finite, but w\[3, 5\] is {bad}"):
+        pyllmops.quantize_nf4(w, 64, double_quant)
+
+
+def test_quantize_refuses_huge_statistics_for_double_quant():
+    w = torch.full((4, 64), 3e38)
+    w[0] = -3e38
+    with pytest.raises(ValueError, match="double_quant needs the mean of the block absmax"):
+        pyllmops.quantize_nf4(w, 64, double_quant=True)
+    packed, state = pyllmops.quantize_nf4(w, 64)  # plain absmax is fine
+    assert torch.equal(pyllmops.dequantize_nf4(packed, state), w)
+
+
+def test_cpp_quantizers_refuse_non_finite():
+    """Direct _C calls (no Python check) name the first non-finite element too."""
+    C = lib()
+    w = torch.randn(300)
+    w[201], w[77] = float("inf"), float("nan")
+    packed, absmax = torch.empty(150, dtype=torch.uint8), torch.empty(5)
+    with pytest.raises(ValueError, match="w must be finite, but element 77 .* is nan"):
+        C.nf4_quantize(view(w), 64, view(packed), view(absmax), 0)
+    q = torch.empty(300, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="x must be finite, but element 77"):
+        C.nf4_quantize_sorted_code(view(w), view(nf4_ops.dynamic_code()), 256, view(q), view(torch.empty(2)), 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_strided_nested_metadata_is_accepted(device):
+    w = _weights((40, 256), torch.float32, device)
+    packed, state = pyllmops.quantize_nf4(w, 32, double_quant=True)
+    strided = (lambda t: torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0])
+    odd = nf4_ops.replace(state, nested_absmax=strided(state.nested_absmax), nested_code=strided(state.nested_code),
+                          nested_offset=state.nested_offset.expand(3)[1])
+    assert not odd.nested_absmax.is_contiguous() and not odd.nested_code.is_contiguous()
+    want = pyllmops.dequantize_nf4(packed, state)
+    assert torch.equal(pyllmops.dequantize_nf4(packed, odd), want)
+    x = _weights((3, 256), torch.float32, device)
+    assert torch.equal(pyllmops.nf4_linear(x, packed, odd), pyllmops.nf4_linear(x, packed, state))
+
+
+def _bnb_like_dict(nested=True):
+    w = torch.randn(33, 70)
+    _, state = pyllmops.quantize_nf4(w, 64, nested)
+    d = state.as_bnb_dict()
+    key = "quant_state.bitsandbytes__nf4"
+    return d, key, json.loads(bytes(d[key].tolist()))
+
+
+def _with_meta(d, key, meta):
+    return {**d, key: torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+
+
+def test_from_bnb_dict_corrupt_fields_raise_value_errors():
+    d, key, meta = _bnb_like_dict()
+    assert pyllmops.NF4State.from_bnb_dict(d).nested
+    cases = [
+        ({**d, key: torch.tensor([0xFF, 0xFE, 0x80], dtype=torch.uint8)}, "does not hold UTF-8 JSON"),
+        ({**d, key: torch.tensor(list(b"{not json"), dtype=torch.uint8)}, "does not hold UTF-8 JSON"),
+        ({**d, key: torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)}, "must hold a JSON object, got list"),
+        ({**d, key: torch.ones(4)}, "must be a 1-D uint8 tensor"),
+        ({**d, key: "blob"}, "must be a 1-D uint8 tensor .* got a str"),
+        (_with_meta(d, key, {**meta, "dtype": "float64x"}), "dtype must be one of float32, float16, bfloat16"),
+        (_with_meta(d, key, {**meta, "dtype": 3}), "dtype must be a dtype name"),
+        (_with_meta(d, key, {**meta, "blocksize": "64"}), "blocksize must be an int, got '64'"),
+        (_with_meta(d, key, {**meta, "blocksize": 48}), "blocksize must be one of"),
+        (_with_meta(d, key, {**meta, "shape": [-1, 70]}), "shape must be a sequence of non-negative ints"),
+        (_with_meta(d, key, {**meta, "shape": "33x70"}), "shape must be a sequence of non-negative ints"),
+        (_with_meta(d, key, {**meta, "shape": [0, 70]}), "shape must describe 1..2\\*\\*62 elements"),
+        (_with_meta(d, key, {**meta, "shape": [2 ** 40, 2 ** 40]}), "shape must describe 1..2\\*\\*62 elements"),
+        (_with_meta(d, key, {**meta, "nested_offset": "abc"}), "nested_offset must be a finite number"),
+        (_with_meta(d, key, {**meta, "nested_offset": float("nan")}), "nested_offset must be a finite number"),
+        (_with_meta(d, key, {**meta, "nested_blocksize": None}), "nested_blocksize must be an int"),
+        ({k: v for k, v in d.items() if k != "nested_quant_map"}, "needs .*nested_quant_map.* got only"),
+        ({**d, "absmax": [1.0, 2.0]}, "absmax must be a torch.Tensor, got list"),
+        ({**d, "nested_absmax": 3}, "nested_absmax must be a torch.Tensor"),
+        ({**d, "quant_map": "nf4"}, "quant_map must be a torch.Tensor"),
+        ({**d, "quant_map": torch.zeros(3)}, "quant_map is not the NF4 codebook"),
+        ({**d, "absmax": d["absmax"][:3]}, "state.absmax has 3 entries, expected 37"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            pyllmops.NF4State.from_bnb_dict(bad)
+    with pytest.raises(TypeError, match="expects a dict"):
+        pyllmops.NF4State.from_bnb_dict([1, 2])
+
+
+def test_state_sizes_checked():
+    packed, state = pyllmops.quantize_nf4(torch.randn(64))
+    for shape, msg in [((0,), "1..2\\*\\*62 elements"), ((2 ** 31, 2 ** 31, 4), "1..2\\*\\*62 elements"),
+                       ((8, -8), "non-negative ints")]:
+        with pytest.raises(ValueError, match=msg):
+            pyllmops.dequantize_nf4(packed, nf4_ops.replace(state, shape=shape))

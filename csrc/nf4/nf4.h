@@ -56,15 +56,55 @@ PYLLMOPS_HD uint32_t encode(const float* mid, float s) {
   return q;
 }
 
-// Nearest entry of a sorted code of size n (ties to the lower index): the number of midpoints
-// strictly below s, found by binary search.
-PYLLMOPS_HD uint32_t encode_sorted(const float* code, int n, float s) {
+// ---- the nested (8-bit) quantizer: bitsandbytes' quantize_blockwise, byte for byte ------------
+// bitsandbytes 0.50 rounds a scaled value s (x * (1 / absmax), fp32) to its sorted 256-entry code by a
+// different rule on each device, and we follow each on its own device, so our bytes equal bnb's there:
+// - CUDA (kernels.cu, dQuantize): a 7-step bisection, then the nearer of the two neighbours by the fp32
+//   midpoint (code[i] + code[i+1]) * 0.5. The bisection always ends on an even index, so a value
+//   exactly on a midpoint goes to the even index of the pair. Equivalently: the number of midpoints
+//   strictly below s, plus one when s sits exactly on the midpoint above an odd index.
+// - CPU (cpu_ops.cpp, quantize_cpu): s is clamped to [-1, 1], mapped to the nearest point of a
+//   65536-point grid, index = (uint16)((s + 1) * 0.5 * 65535 + 0.5), and that index is looked up in a
+//   table: lut[i] = the number of midpoints strictly below the grid value -1 + 2i / 65535 (fp32). Near
+//   a midpoint this can pick the other neighbour than the exact rule (the issue-11 mismatches).
+// Both: a block whose absmax is 0 gets code 0 everywhere (bnb's CPU writes 0; its CUDA kernel divides
+// 1 / 0 and every comparison with the NaN product fails, which also lands on 0); a NaN s gives 0.
+
+constexpr int kLutSize = 65536;
+
+// The number of midpoints of a sorted code of size n strictly below s (binary search; NaN -> 0).
+PYLLMOPS_HD uint32_t midpoints_below(const float* code, int n, float s) {
   int lo = 0, hi = n - 1;  // answer in [lo, hi]; midpoint i lies between code[i] and code[i + 1]
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     if (s > midpoint(code, mid)) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint32_t>(lo);
+}
+
+// bitsandbytes' CUDA rule (see above).
+PYLLMOPS_HD uint32_t encode_sorted_cuda_rule(const float* code, int n, float s) {
+  uint32_t q = midpoints_below(code, n, s);
+  if ((q & 1u) && static_cast<int>(q) + 1 < n && s == midpoint(code, static_cast<int>(q))) ++q;
+  return q;
+}
+
+// bitsandbytes' CPU rule: the grid index of s (see above).
+PYLLMOPS_HD uint32_t lut_index(float s) {
+  s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+  if (!(s == s)) return 0;  // NaN (0 * inf in a block whose absmax is subnormal): bnb's x86 cast gives 0
+  return static_cast<uint32_t>(
+      PYLLMOPS_ADD_RN(PYLLMOPS_MUL_RN(PYLLMOPS_MUL_RN(PYLLMOPS_ADD_RN(s, 1.0f), 0.5f), 65535.0f), 0.5f));
+}
+
+// bitsandbytes' CPU rule: the table (lut[kLutSize]) for a sorted code of size n.
+inline void build_code_lut(const float* code, int n, uint8_t* lut) {
+  int q = 0;
+  for (int i = 0; i < kLutSize; ++i) {
+    const float v = -1.0f + (2.0f * static_cast<float>(i)) / static_cast<float>(kLutSize - 1);
+    while (q < n - 1 && midpoint(code, q) < v) ++q;
+    lut[i] = static_cast<uint8_t>(q);
+  }
 }
 
 // Where each block's scale comes from: plain fp32 absmax, or the nested 8-bit form.
@@ -92,7 +132,8 @@ void quantize_cpu(const TensorView& w, int64_t blocksize, const TensorView& pack
 void quantize_cuda(const TensorView& w, int64_t blocksize, const TensorView& packed, const TensorView& absmax,
                    uintptr_t stream);
 
-// x[n] fp32 -> q[n] uint8 codes into `code` (sorted, code_size entries), absmax[ceil(n / blocksize)]
+// x[n] fp32 -> q[n] uint8 codes into `code` (sorted, code_size entries), absmax[ceil(n / blocksize)],
+// by bitsandbytes' rule of the device (see above).
 void quantize_sorted_code_cpu(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,
                               const TensorView& absmax);
 void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,

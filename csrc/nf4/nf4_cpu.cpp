@@ -7,7 +7,10 @@
 // Napkin math (2 cores, ~10 GB/s of memory each): dequantizing 4096x4096 to bf16 moves 8 MiB in and
 // 32 MiB out, ~4 ms at bandwidth; the table lookup costs ~1 ns per byte per core, so ~4 ms too.
 #include <algorithm>
+#include <atomic>
+#include <cfloat>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -30,17 +33,45 @@ struct Midpoints {
 };
 const Midpoints kMid;
 
+// The first non-finite element seen by any thread (quantizers refuse them: a NaN would otherwise be
+// encoded as a number, an inf would poison the nested statistics).
+struct FirstBad {
+  std::atomic<int64_t> index{std::numeric_limits<int64_t>::max()};
+  template <typename T>
+  void scan(const T* x, int64_t start, int64_t end) {  // called only for a block known to hold one
+    for (int64_t i = start; i < end; ++i)
+      if (!(std::fabs(to_float(x[i])) <= FLT_MAX)) {
+        int64_t cur = index.load();
+        while (i < cur && !index.compare_exchange_weak(cur, i)) {}
+        return;
+      }
+  }
+  template <typename T>
+  void throw_if_any(const T* x, const char* name) const {
+    const int64_t i = index.load();
+    if (i != std::numeric_limits<int64_t>::max())
+      throw_invalid("pyllmops._C: ", name, " must be finite, but element ", i, " (flattened) is ", to_float(x[i]));
+  }
+};
+
 // Blocks per parallel_for chunk: keep each thread's share at >= ~64k elements.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 65536 / blocksize); }
 
 template <typename T>
 void quantize_impl(const T* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  FirstBad bad;
   parallel_for(n_blocks, block_grain(blocksize), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
       float amax = 0.0f;
-      for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(to_float(w[i])));
+      bool finite = true;
+      for (int64_t i = start; i < end; ++i) {
+        const float a = std::fabs(to_float(w[i]));
+        finite &= a <= FLT_MAX;
+        amax = std::max(amax, a);
+      }
+      if (!finite) bad.scan(w, start, end);
       absmax[b] = amax;
       const float rcp = block_reciprocal(amax);
       // blocksize is even, so a block starts on a byte; only the very last byte can be half full.
@@ -51,6 +82,7 @@ void quantize_impl(const T* w, int64_t n, int64_t blocksize, uint8_t* packed, fl
       }
     }
   });
+  bad.throw_if_any(w, "w");
 }
 
 template <typename T>
@@ -128,21 +160,34 @@ void quantize_cpu(const TensorView& w, int64_t blocksize, const TensorView& pack
 void quantize_sorted_code_cpu(const TensorView& x, const TensorView& code, int64_t blocksize, const TensorView& q,
                               const TensorView& absmax) {
   const float* xp = x.ptr<const float>();
-  const float* cp = code.ptr<const float>();
   const int code_size = static_cast<int>(code.numel());
+  std::vector<uint8_t> lut(kLutSize);
+  build_code_lut(code.ptr<const float>(), code_size, lut.data());
   uint8_t* qp = q.ptr<uint8_t>();
   float* ap = absmax.ptr<float>();
   const int64_t n = x.numel(), n_blocks = (n + blocksize - 1) / blocksize;
+  FirstBad bad;
   parallel_for(n_blocks, block_grain(blocksize), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
       float amax = 0.0f;
-      for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(xp[i]));
+      bool finite = true;
+      for (int64_t i = start; i < end; ++i) {
+        const float a = std::fabs(xp[i]);
+        finite &= a <= FLT_MAX;
+        amax = std::max(amax, a);
+      }
+      if (!finite) bad.scan(xp, start, end);
       ap[b] = amax;
-      const float rcp = block_reciprocal(amax);
-      for (int64_t i = start; i < end; ++i) qp[i] = static_cast<uint8_t>(encode_sorted(cp, code_size, xp[i] * rcp));
+      if (amax == 0.0f) {  // bitsandbytes' rule: an all-zero block is code 0
+        std::fill(qp + start, qp + end, uint8_t{0});
+        continue;
+      }
+      const float rcp = 1.0f / amax;
+      for (int64_t i = start; i < end; ++i) qp[i] = lut[lut_index(xp[i] * rcp)];
     }
   });
+  bad.throw_if_any(xp, "x");
 }
 
 void dequantize_cpu(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out) {

@@ -93,9 +93,11 @@ __global__ void quantize_sorted_code_kernel(const float* __restrict__ x, int64_t
     for (int64_t i = start + lane; i < end; i += 32) amax = fmaxf(amax, fabsf(x[i]));
     amax = group_max(amax);
     if (lane == 0) absmax[b] = amax;
-    const float rcp = block_reciprocal(amax);
+    // bitsandbytes' CUDA rule (nf4.h); an all-zero block is code 0
+    const float rcp = amax == 0.0f ? 0.0f : __frcp_rn(amax);
     for (int64_t i = start + lane; i < end; i += 32)
-      q[i] = static_cast<uint8_t>(encode_sorted(s_code, code_size, __fmul_rn(x[i], rcp)));
+      q[i] = amax == 0.0f ? uint8_t{0}
+                          : static_cast<uint8_t>(encode_sorted_cuda_rule(s_code, code_size, __fmul_rn(x[i], rcp)));
   }
 }
 

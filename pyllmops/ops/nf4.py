@@ -63,6 +63,19 @@ def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+MAX_NUMEL = 2 ** 62  # every element count, byte count and block index below fits int64 with room to spare
+
+
+def _check_shape(name, shape):
+    """A tensor shape: non-negative ints with at least one element and at most MAX_NUMEL in all."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise ValueError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
+    numel = math.prod(shape)
+    if not 1 <= numel <= MAX_NUMEL:
+        raise ValueError(f"{name} must describe 1..2**62 elements, got {tuple(shape)} ({numel} elements)")
+
+
 @dataclass
 class NF4State:
     """How to decode an NF4-packed tensor: the per-block scales and what the tensor was.
@@ -118,8 +131,8 @@ class NF4State:
         check_int("state.blocksize", self.blocksize, choices=BLOCKSIZES)
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"state.dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if self.numel < 1:
-            raise ValueError(f"state.shape must have at least one element, got {tuple(self.shape)}")
+        _check_shape("state.shape", self.shape)
+        check_tensor("state.absmax", self.absmax)
         dev = self.absmax.device
         want = torch.uint8 if self.nested else torch.float32
         check_tensor("state.absmax", self.absmax, dtypes=(want,), dim=1)
@@ -165,46 +178,109 @@ class NF4State:
     @classmethod
     def from_bnb_dict(cls, d, device=None):
         """Reads QuantState.as_dict(packed=True) (or packed=False) output; keys may carry a prefix
-        such as 'weight.' as in a Linear4bit state dict."""
-        flat = {}
+        such as 'weight.' as in a Linear4bit state dict. A malformed field raises ValueError naming it."""
+        if not hasattr(d, "items"):
+            raise TypeError(f"from_bnb_dict expects a dict of bitsandbytes quant-state entries, got {type(d).__name__}")
+        flat, blob_key = {}, None
         for k, v in d.items():
+            if not isinstance(k, str):
+                raise ValueError(f"quant state keys must be strings, got {k!r}")
             if "quant_state." in k:
-                flat["quant_state"] = v
+                if blob_key is not None:
+                    raise ValueError(f"two packed quant_state entries: {blob_key!r} and {k!r}")
+                blob_key = k
             else:
                 flat[k.split(".")[-1]] = v
-        if "quant_state" in flat:
-            blob = flat.pop("quant_state")
-            key = next(k for k in d if "quant_state." in k)
-            qtype = key.rsplit("bitsandbytes__", 1)[-1]
-            meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
-            if meta.get("quant_type", qtype) != qtype:
-                raise ValueError(f"quant_state key says {qtype!r} but its JSON says {meta['quant_type']!r}")
-            flat.update(meta)
+        if blob_key is not None:
+            flat.update(_read_bnb_blob(blob_key, d[blob_key]))
         missing = [k for k in ("absmax", "quant_type", "blocksize", "dtype", "shape") if k not in flat]
         if missing:
             raise ValueError(f"not a bitsandbytes 4-bit quant state: missing {missing}; got keys {sorted(d)}")
         if flat["quant_type"] != "nf4":
             raise ValueError(f"quant_type must be 'nf4', got {flat['quant_type']!r} (fp4 is not supported)")
         qmap = flat.get("quant_map")
-        if qmap is not None and not torch.equal(qmap.float().cpu(), nf4_code()):
-            raise ValueError("quant_map is not the NF4 codebook")
-        dtype = getattr(torch, str(flat["dtype"]).replace("torch.", ""))
-        absmax = flat["absmax"]
+        if qmap is not None:
+            _bnb_tensor("quant_map", qmap)
+            if qmap.numel() != 16 or not torch.equal(qmap.detach().float().cpu().reshape(-1), nf4_code()):
+                raise ValueError("quant_map is not the NF4 codebook")
+        dtype = _bnb_dtype("dtype", flat["dtype"])
+        shape = flat["shape"]
+        if isinstance(shape, torch.Tensor):  # packed=False keeps a torch.Size, some writers a tensor
+            shape = shape.tolist()
+        _check_shape("shape", shape)
+        absmax = _bnb_tensor("absmax", flat["absmax"])
         device = device if device is not None else absmax.device
-        nested = "nested_absmax" in flat
+        nested_keys = ("nested_absmax", "nested_quant_map", "nested_offset")
+        present = [k for k in nested_keys if k in flat]
+        if present and len(present) != len(nested_keys):
+            raise ValueError(f"a nested (double-quant) state needs {list(nested_keys)}, got only {present}")
+        nested = bool(present)
+        if nested:
+            offset = flat["nested_offset"]
+            if isinstance(offset, torch.Tensor) and offset.numel() == 1:
+                offset = offset.item()
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(f"nested_offset must be a finite number, got {offset!r}")
+            nested_dtype = flat.get("nested_dtype", "float32")
+            if _bnb_dtype("nested_dtype", nested_dtype) != torch.float32:
+                raise ValueError(f"nested_dtype must be float32, got {nested_dtype!r}")
         state = cls(
             absmax=absmax.to(device),
-            shape=torch.Size(flat["shape"]),
+            shape=torch.Size(shape),
             dtype=dtype,
-            blocksize=int(flat["blocksize"]),
-            nested_absmax=flat["nested_absmax"].to(device, torch.float32) if nested else None,
-            nested_code=flat["nested_quant_map"].to(device, torch.float32) if nested else None,
-            nested_offset=torch.tensor(float(flat["nested_offset"]), dtype=torch.float32, device=device)
+            blocksize=_bnb_int("blocksize", flat["blocksize"]),
+            nested_absmax=_bnb_tensor("nested_absmax", flat["nested_absmax"]).to(device, torch.float32)
             if nested else None,
-            nested_blocksize=int(flat.get("nested_blocksize", NESTED_BLOCKSIZE)),
+            nested_code=_bnb_tensor("nested_quant_map", flat["nested_quant_map"]).to(device, torch.float32)
+            if nested else None,
+            nested_offset=torch.tensor(float(offset), dtype=torch.float32, device=device) if nested else None,
+            nested_blocksize=_bnb_int("nested_blocksize", flat.get("nested_blocksize", NESTED_BLOCKSIZE)),
         )
         state.validate()
         return state
+
+
+def _read_bnb_blob(key, blob):
+    """The JSON blob of QuantState.as_dict(packed=True): uint8 bytes of a UTF-8 JSON object."""
+    qtype = key.rsplit("bitsandbytes__", 1)[-1]
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        desc = (f"{blob.dtype} tensor of shape {tuple(blob.shape)}" if isinstance(blob, torch.Tensor)
+                else type(blob).__name__)
+        raise ValueError(f"{key} must be a 1-D uint8 tensor (UTF-8 JSON bytes), got a {desc}")
+    try:
+        meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{key} does not hold UTF-8 JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("quant_type", qtype) != qtype:
+        raise ValueError(f"quant_state key says {qtype!r} but its JSON says {meta['quant_type']!r}")
+    return {"quant_type": qtype, **meta}
+
+
+def _bnb_tensor(name, v):
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    return v
+
+
+def _bnb_int(name, v):
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    return v
+
+
+def _bnb_dtype(name, v):
+    if isinstance(v, torch.dtype):
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"{name} must be a dtype name such as 'bfloat16', got {v!r}")
+    dtype = getattr(torch, v.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of float32, float16, bfloat16, got {v!r}")
+    return dtype
 
 
 # ================================ torch.library ops ================================
@@ -245,14 +321,24 @@ def _(x, code, blocksize):
             x.new_empty((_n_blocks(x.numel(), blocksize),), dtype=torch.float32))
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def _scale_views(absmax, nested_absmax, nested_code, nested_offset):
+    """Views of the scale tensors; strided ones (valid in an NF4State) become contiguous temporaries that the
+    views keep alive until the kernel returns."""
+    return (view(absmax.contiguous()), opt_view(_contiguous(nested_absmax)), opt_view(_contiguous(nested_code)),
+            opt_view(_contiguous(nested_offset)))
+
+
 @torch.library.custom_op("pyllmops::nf4_dequantize", mutates_args=(), device_types=("cpu", "cuda"))
 def _nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                     nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor], blocksize: int,
                     nested_blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     out = empty((numel,), dtype, packed.device)
-    lib().nf4_dequantize(view(packed.contiguous()), view(absmax.contiguous()), opt_view(nested_absmax),
-                         opt_view(nested_code), opt_view(nested_offset), blocksize, nested_blocksize, view(out),
-                         stream(packed))
+    lib().nf4_dequantize(view(packed.contiguous()), *_scale_views(absmax, nested_absmax, nested_code, nested_offset),
+                         blocksize, nested_blocksize, view(out), stream(packed))
     return out
 
 
@@ -280,10 +366,9 @@ def _nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     x2 = x.reshape(-1, k).contiguous()
     if _skinny_applies(x2, packed):
         y = empty((x2.shape[0], out_features), x.dtype, x.device)
-        lib().nf4_skinny_matmul(view(x2), view(packed.contiguous()), view(absmax.contiguous()),
-                                opt_view(nested_absmax), opt_view(nested_code), opt_view(nested_offset), blocksize,
-                                nested_blocksize, opt_view(None if bias is None else bias.contiguous()), view(y),
-                                stream(x))
+        lib().nf4_skinny_matmul(view(x2), view(packed.contiguous()),
+                                *_scale_views(absmax, nested_absmax, nested_code, nested_offset), blocksize,
+                                nested_blocksize, opt_view(_contiguous(bias)), view(y), stream(x))
     else:
         # Many rows: the matmul is compute-bound and the dequantized weight (read once from L2 /
         # memory per GEMM) is amortized over the rows, as in bitsandbytes.
@@ -343,14 +428,28 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     check_tensor("w", w, dtypes=FLOAT_DTYPES, nonempty=True)
     check_int("blocksize", blocksize, choices=BLOCKSIZES)
     check_bool("double_quant", double_quant)
+    _check_finite("w", w)
     packed, absmax = torch.ops.pyllmops.nf4_quantize(w, blocksize)
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
+        if not torch.isfinite(offset) or not torch.isfinite(absmax - offset).all():
+            raise ValueError(f"w: double_quant needs the mean of the block absmax ({offset.item()}) and the "
+                             "centred absmax to be finite in float32; the weights are too large "
+                             f"(max |w| = {absmax.max().item()}); use double_quant=False")
         code = dynamic_code(w.device)
         qabsmax, absmax2 = torch.ops.pyllmops.nf4_quantize_sorted_code(absmax - offset, code, NESTED_BLOCKSIZE)
         state = replace(state, absmax=qabsmax, nested_absmax=absmax2, nested_code=code, nested_offset=offset)
     return packed, state
+
+
+def _check_finite(name, t):
+    """Quantizers refuse NaN and +-inf (a NaN would be encoded as a number, an inf poisons the scales)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} must be finite, but {name}[{', '.join(map(str, first))}] is {t[first].item()} "
+                         "(its first non-finite element); NF4 cannot encode NaN or inf")
 
 
 def dequantize_nf4(packed, state, out_dtype=None):

@@ -21,13 +21,41 @@ def _blocks(x, blocksize):
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
 
 
-def quantize_sorted_code(x, code, blocksize):
-    """Blockwise absmax quantization to the nearest entry of a sorted code (ties: lower index)."""
+def _count_below(scaled, mids):
+    return (scaled.unsqueeze(-1) > mids).sum(-1)
+
+
+def quantize_sorted_code(x, code, blocksize, rule="nearest"):
+    """Blockwise absmax quantization to a sorted code -> (q uint8 [n], absmax fp32 [n_blocks]).
+
+    rule: "nearest": the number of fp32 midpoints strictly below the scaled value (ties low; the 4-bit
+    NF4 rule). "bnb_cuda" / "bnb_cpu": bitsandbytes' 8-bit quantize_blockwise on that device (the
+    nested absmax; csrc/nf4/nf4.h): ties to the even index / a 65536-point grid and a lookup table;
+    an all-zero block is code 0.
+    """
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
-    q = (scaled.unsqueeze(-1) > _midpoints(code)).sum(-1).to(torch.uint8)
-    return q.reshape(-1)[: x.numel()], absmax
+    code = code.to(torch.float32)
+    mids = _midpoints(code)
+    if rule == "nearest":
+        scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
+        q = _count_below(scaled, mids)
+    else:
+        scaled = blocks * (1.0 / absmax).unsqueeze(1)
+        if rule == "bnb_cuda":
+            q = _count_below(scaled, mids)
+            tie = (q % 2 == 1) & (q + 1 < code.numel())
+            q = q + (tie & (scaled == mids[q.clamp(max=mids.numel() - 1)])).long()
+        elif rule == "bnb_cpu":
+            grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+            lut = _count_below(grid, mids)
+            s = scaled.clamp(-1.0, 1.0)
+            idx = ((s + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int64)
+            q = lut[idx]
+        else:
+            raise ValueError(f"rule must be 'nearest', 'bnb_cuda' or 'bnb_cpu', got {rule!r}")
+        q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)
+    return q.to(torch.uint8).reshape(-1)[: x.numel()], absmax
 
 
 def quantize_nf4(w, blocksize):
