@@ -278,7 +278,7 @@ LINEAR_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 4), (9,), (5, 7)])  # <= 8 rows: fused kernel
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 4), (9,), (5, 7)])  # both sides of the crossover
 @pytest.mark.parametrize("in_out", [(256, 96), (100, 33), (33, 7), (4096, 64)])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_linear_forward(device, dtype, lead, in_out, double_quant):
@@ -297,7 +297,7 @@ def test_nf4_linear_forward(device, dtype, lead, in_out, double_quant):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(2,), (4, 3)])
-def test_nf4_linear_backward(device, dtype, lead):
+def test_nf4_linear_backward(device, dtype, lead):  # the dispatcher path (autograd)
     k, n = 130, 48
     w = _weights((n, k), dtype, device, scale=k ** -0.5)
     packed, state = pyllmops.quantize_nf4(w, 64, True)
@@ -311,6 +311,45 @@ def test_nf4_linear_backward(device, dtype, lead):
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     assert_close(x.grad.cpu(), x64.grad, tol, "dx")
     assert_close(bias.grad.cpu(), b64.grad, tol, "dbias")
+
+
+@pytest.mark.parametrize("rows", [9, 17, 35, 64])
+@pytest.mark.parametrize("k", [4096, 1000, 33])
+def test_cpu_fused_kernel_many_rows(rows, k):
+    """The CPU fused kernel takes up to 64 rows (groups of 8, columns in chunks): direct calls above the
+    crossover, against float64; 65 rows are refused."""
+    n = 40
+    w = _weights((n, k), torch.float32, "cpu", scale=k ** -0.5)
+    packed, state = pyllmops.quantize_nf4(w, 64, True)
+    x = _weights((rows, k), torch.float32, "cpu")
+    bias = _weights((n,), torch.float32, "cpu")
+    y = torch.full((rows, n), float("nan"))
+    lib().nf4_skinny_matmul(view(x), view(packed), *nf4_ops._scale_views(*state.kernel_args()[:4]), 64, 256,
+                            view(bias), view(y), 0)
+    assert_close(y, R.nf4.nf4_linear(x, packed, state, bias), LINEAR_TOL[torch.float32])
+    with pytest.raises(ValueError, match="x must have 1..64 rows on cpu, got 65"):
+        lib().nf4_skinny_matmul(view(torch.randn(65, k)), view(packed), *nf4_ops._scale_views(*state.kernel_args()[:4]),
+                                64, 256, None, view(torch.empty(65, n)), 0)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_cpu_simd_paths_agree_with_reference(isa, monkeypatch):
+    """Each SIMD path (forced with PYLLMOPS_NF4_ISA; one the CPU lacks falls back to the best it has) is
+    bit-exact on dequantize and accurate on the fused matmul, for every output dtype and odd shapes."""
+    monkeypatch.setenv("PYLLMOPS_NF4_ISA", isa)
+    for dtype in DTYPES:
+        for shape in [(33, 129), (4097,), (64, 100)]:
+            w = _weights(shape, dtype, "cpu", scale=0.05)
+            packed, state = pyllmops.quantize_nf4(w, 32, True)
+            out = pyllmops.dequantize_nf4(packed, state)
+            assert torch.equal(out, R.nf4.dequantize_nf4(packed, state, torch.float32, out_dtype=dtype))
+        w = _weights((48, 999), dtype, "cpu", scale=0.03)
+        packed, state = pyllmops.quantize_nf4(w, 64)
+        x = _weights((5, 999), dtype, "cpu")
+        assert_close(pyllmops.nf4_linear(x, packed, state), R.nf4.nf4_linear(x, packed, state), LINEAR_TOL[dtype])
+    monkeypatch.setenv("PYLLMOPS_NF4_ISA", "avx1024")
+    with pytest.raises(ValueError, match="PYLLMOPS_NF4_ISA must be scalar, avx2 or avx512"):
+        pyllmops.dequantize_nf4(packed, state)
 
 
 # ---- NF4Linear ------------------------------------------------------------------------------------
@@ -444,9 +483,9 @@ def test_bad_inputs_cpp_layer():
     out = torch.empty(100)
     with pytest.raises(ValueError, match="nested_absmax, nested_code and nested_offset must be given together"):
         C.nf4_dequantize(view(packed), view(absmax), view(absmax), None, None, 64, 256, view(out), 0)
-    with pytest.raises(ValueError, match="x must have 1..8 rows, got 9"):
-        C.nf4_skinny_matmul(view(torch.randn(9, 10)), view(packed), view(absmax), None, None, None, 64, 256, None,
-                            view(torch.empty(9, 10)), 0)
+    with pytest.raises(ValueError, match="x must have 1..64 rows on cpu, got 65"):
+        C.nf4_skinny_matmul(view(torch.randn(65, 10)), view(packed), view(absmax), None, None, None, 64, 256, None,
+                            view(torch.empty(65, 10)), 0)
     with pytest.raises(TypeError):
         C.nf4_dequantize("not a view", view(absmax), None, None, None, 64, 256, view(out), 0)
 

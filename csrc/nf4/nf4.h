@@ -35,7 +35,8 @@ namespace nf4 {
 constexpr int kMinBlocksize = 32;  // >= 32 lets a CUDA thread own 16 packed bytes of one block
 constexpr int kMaxBlocksize = 4096;
 constexpr int kNestedCodeSize = 256;
-constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit (decode batches)
+constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit on CUDA (decode batches)
+constexpr int kMaxSkinnyRowsCpu = 64;  // on the CPU (groups of 8 rows share each decoded row of W)
 
 // Reciprocal used to scale a block; bnb clamps absmax at 1e-38 so an all-zero block encodes 0.
 PYLLMOPS_HD float block_reciprocal(float absmax) { return 1.0f / (absmax < 1e-38f ? 1e-38f : absmax); }

@@ -125,8 +125,9 @@ void nf4_skinny_matmul(const TensorView& x, const TensorView& packed, const Tens
   check_input(packed, y, "packed", "y");
   PYLLMOPS_CHECK(x.dim() == 2 && y.dim() == 2, "x and y must be 2-D, got ", x.dim(), "-D and ", y.dim(), "-D");
   PYLLMOPS_CHECK(x.size(0) == y.size(0), "x has ", x.size(0), " rows but y has ", y.size(0));
-  PYLLMOPS_CHECK(x.size(0) >= 1 && x.size(0) <= pyllmops::nf4::kMaxSkinnyRows, "x must have 1..",
-                 pyllmops::nf4::kMaxSkinnyRows, " rows, got ", x.size(0));
+  const int64_t max_rows = y.is_cuda() ? pyllmops::nf4::kMaxSkinnyRows : pyllmops::nf4::kMaxSkinnyRowsCpu;
+  PYLLMOPS_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "x must have 1..", max_rows, " rows on ",
+                 y.device_str(), ", got ", x.size(0));
   PYLLMOPS_CHECK(y.dtype == x.dtype, "y must have x's dtype ", pyllmops::dtype_name(x.dtype), ", got ",
                  pyllmops::dtype_name(y.dtype));
   pyllmops::check_dtype(packed, DType::u8, "packed");

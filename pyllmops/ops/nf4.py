@@ -332,8 +332,7 @@ def _scale_views(absmax, nested_absmax, nested_code, nested_offset):
             opt_view(_contiguous(nested_offset)))
 
 
-@torch.library.custom_op("pyllmops::nf4_dequantize", mutates_args=(), device_types=("cpu", "cuda"))
-def _nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+def _nf4_dequantize_impl(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                     nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor], blocksize: int,
                     nested_blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     out = empty((numel,), dtype, packed.device)
@@ -342,23 +341,41 @@ def _nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: O
     return out
 
 
+_nf4_dequantize = torch.library.custom_op("pyllmops::nf4_dequantize", mutates_args=(),
+                                          device_types=("cpu", "cuda"))(_nf4_dequantize_impl)
+
+
 @_nf4_dequantize.register_fake
 def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, numel, dtype):
     return packed.new_empty((numel,), dtype=dtype)
 
 
+# Rows of x up to which nf4_linear runs the fused kernel; above, it dequantizes W to x's dtype once and
+# calls torch's matmul (compute-bound there, the dequantize amortized over the rows). CPU values measured
+# side by side (docs/nf4.md "Fused or dequantize + matmul"): float32 at 1024x4096, one core, fused vs
+# dequantize+matmul: M=16 4.8 vs 5.6 ms, M=32 9.3 vs 6.9 ms; bfloat16 matmuls run on the CPU's bf16
+# units, which moves the crossover down to 8. CUDA: the fused kernel's own limit (kMaxSkinnyRows).
+FUSED_MAX_ROWS_CPU = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 8}
+MAX_SKINNY_ROWS_CPU = 64  # csrc/nf4/nf4.h kMaxSkinnyRowsCpu
+
+
+def fused_max_rows(dtype, cuda):
+    """The crossover: nf4_linear fuses up to this many rows of x (of `dtype`, on CUDA or the CPU)."""
+    return MAX_SKINNY_ROWS if cuda else FUSED_MAX_ROWS_CPU[dtype]
+
+
 def _skinny_applies(x2, packed):
-    """The fused kernel takes 1..8 rows; on CUDA also in_features % 32 == 0 and 16-byte alignment."""
+    """Few rows (the crossover above); on CUDA also in_features % 32 == 0 and 16-byte alignment."""
     m, k = x2.shape
-    if not 1 <= m <= MAX_SKINNY_ROWS:
+    cuda = on_cuda(x2)
+    if not 1 <= m <= fused_max_rows(x2.dtype, cuda):
         return False
-    if on_cuda(x2):
+    if cuda:
         return k % 32 == 0 and x2.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
     return True
 
 
-@torch.library.custom_op("pyllmops::nf4_linear", mutates_args=(), device_types=("cpu", "cuda"))
-def _nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+def _nf4_linear_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                 nested_code: Optional[torch.Tensor], nested_offset: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], blocksize: int, nested_blocksize: int,
                 out_features: int) -> torch.Tensor:
@@ -372,10 +389,29 @@ def _nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     else:
         # Many rows: the matmul is compute-bound and the dequantized weight (read once from L2 /
         # memory per GEMM) is amortized over the rows, as in bitsandbytes.
-        w = _nf4_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+        w = _nf4_dequantize_impl(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
                             nested_blocksize, out_features * k, x.dtype).view(out_features, k)
         y = torch.nn.functional.linear(x2, w, bias)
     return y.view(*x.shape[:-1], out_features)
+
+
+_nf4_linear = torch.library.custom_op("pyllmops::nf4_linear", mutates_args=(),
+                                      device_types=("cpu", "cuda"))(_nf4_linear_impl)
+
+
+def _eager(*tensors):
+    """Whether a call may skip the torch.library dispatcher (~50 us a call, as much as the kernel of a
+    1024x4096 decode matmul on one core) and run the op's body directly: plain cpu/cuda tensors, no
+    autograd needed, not being traced by torch.compile. The body is the registered op's own function."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda") or (grad and t.requires_grad):
+            return False
+    return True
 
 
 @_nf4_linear.register_fake
@@ -468,7 +504,8 @@ def dequantize_nf4(packed, state, out_dtype=None):
     out_dtype = state.dtype if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    out = torch.ops.pyllmops.nf4_dequantize(packed, *state.kernel_args(), state.numel, out_dtype)
+    args = (packed, *state.kernel_args(), state.numel, out_dtype)
+    out = _nf4_dequantize_impl(*args) if _eager(packed) else torch.ops.pyllmops.nf4_dequantize(*args)
     return out.view(state.shape)
 
 
@@ -485,9 +522,11 @@ def check_linear_weight(packed, state):
 def nf4_linear(x, packed, state, bias=None):
     """y = x @ W.T + bias with W (out_features, in_features) stored in NF4; differentiable in x and bias.
 
-    With at most 8 rows of x (decode) a fused kernel decodes W in registers and reads it once; with
-    more rows W is dequantized to x's dtype and multiplied with torch's matmul. On CUDA the fused
-    kernel also needs in_features % 32 == 0 (otherwise the dequantize path runs).
+    With few rows of x (decode; up to fused_max_rows(x.dtype, on_cuda): 8 on CUDA, 16 / 8 for float32 /
+    bfloat16 on the CPU, a measured crossover) a fused kernel decodes W in registers and reads it once;
+    with more rows W is dequantized to x's dtype and multiplied with torch's matmul. On CUDA the fused
+    kernel also needs in_features % 32 == 0 (otherwise the dequantize path runs). Without autograd and
+    outside torch.compile the call skips the torch.library dispatcher (same function, less overhead).
 
     Args:
         x: float32/float16/bfloat16 (..., in_features).
@@ -497,5 +536,5 @@ def nf4_linear(x, packed, state, bias=None):
     out_features, in_features = check_linear_weight(packed, state)
     check_linear_input(x, in_features, device=state.device)
     check_bias(bias, x, out_features)
-    return torch.ops.pyllmops.nf4_linear(x, packed, *state.kernel_args()[:4], bias, state.blocksize,
-                                         state.nested_blocksize, out_features)
+    args = (x, packed, *state.kernel_args()[:4], bias, state.blocksize, state.nested_blocksize, out_features)
+    return _nf4_linear_impl(*args) if _eager(x, bias) else torch.ops.pyllmops.nf4_linear(*args)
