@@ -508,7 +508,7 @@ def test_bench_nf4_writes_results(tmp_path):
     data = json.loads((out / "nf4.json").read_text())
     assert data["meta"]["device"].startswith("cpu") and data["rows"]
     kinds = {(r["kernel"], r["provider"]) for r in data["rows"]}
-    assert ("dequantize", "pyllmops") in kinds and ("linear", "pyllmops fused") in kinds
+    assert ("dequantize", "pyllmops") in kinds and ("linear", "pyllmops nf4_linear") in kinds
     assert "| dequantize |" in (out / "nf4.md").read_text()
 
 
