@@ -56,13 +56,14 @@ int grid_for(int64_t work_items, int per_block) {
 
 // ---- quantize ---------------------------------------------------------------------------------
 template <typename T>
-__global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t blocksize, uint8_t* __restrict__ packed,
+__global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int blocksize_log2, uint8_t* __restrict__ packed,
                                 float* __restrict__ absmax) {
+  const int64_t blocksize = int64_t{1} << blocksize_log2;
   PYLLMOPS_SHARED(float[15], s_mid);
   load_midpoints(s_mid);
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  const int64_t n_blocks = (n + blocksize - 1) >> blocksize_log2;  // a shift: no 64-bit division
   for (int64_t b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; b < n_blocks; b += warps) {
     const int64_t start = b * blocksize, end = min(n, start + blocksize);
     float amax = 0.0f;
@@ -79,14 +80,15 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t bloc
 }
 
 __global__ void quantize_sorted_code_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ code,
-                                            int code_size, int64_t blocksize, uint8_t* __restrict__ q,
+                                            int code_size, int blocksize_log2, uint8_t* __restrict__ q,
                                             float* __restrict__ absmax) {
+  const int64_t blocksize = int64_t{1} << blocksize_log2;
   PYLLMOPS_SHARED(float[kNestedCodeSize], s_code);
   for (int i = threadIdx.x; i < code_size; i += blockDim.x) s_code[i] = code[i];
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  const int64_t n_blocks = (n + blocksize - 1) >> blocksize_log2;  // a shift: no 64-bit division
   for (int64_t b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; b < n_blocks; b += warps) {
     const int64_t start = b * blocksize, end = min(n, start + blocksize);
     float amax = 0.0f;
@@ -123,7 +125,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales sca
                                   T* __restrict__ out) {
   PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
-  const int64_t chunks = (n + 31) / 32;
+  const int64_t chunks = (n + 31) >> 5;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks; c += stride) {
     const int64_t start = c * 32;
@@ -264,7 +266,7 @@ void quantize_cuda(const TensorView& w, int64_t blocksize, const TensorView& pac
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", __half, __nv_bfloat16, [&] {
     launch("quantize_kernel", quantize_kernel<scalar_t>, grid, kThreads, 0, as_stream(stream), w.ptr<const scalar_t>(),
-           n, blocksize, packed.ptr<uint8_t>(), absmax.ptr<float>());
+           n, log2_pow2(blocksize), packed.ptr<uint8_t>(), absmax.ptr<float>());
   });
 }
 
@@ -275,7 +277,7 @@ void quantize_sorted_code_cuda(const TensorView& x, const TensorView& code, int6
   CudaDeviceGuard guard(x.device);
   const int grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
   launch("quantize_sorted_code_kernel", quantize_sorted_code_kernel, grid, kThreads, 0, as_stream(stream),
-         x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), blocksize, q.ptr<uint8_t>(),
+         x.ptr<const float>(), n, code.ptr<const float>(), static_cast<int>(code.numel()), log2_pow2(blocksize), q.ptr<uint8_t>(),
          absmax.ptr<float>());
 }
 
