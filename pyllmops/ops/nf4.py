@@ -356,7 +356,6 @@ def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nest
 # dequantize+matmul: M=16 4.8 vs 5.6 ms, M=32 9.3 vs 6.9 ms; bfloat16 matmuls run on the CPU's bf16
 # units, which moves the crossover down to 8. CUDA: the fused kernel's own limit (kMaxSkinnyRows).
 FUSED_MAX_ROWS_CPU = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 8}
-MAX_SKINNY_ROWS_CPU = 64  # csrc/nf4/nf4.h kMaxSkinnyRowsCpu
 
 
 def fused_max_rows(dtype, cuda):
