@@ -68,7 +68,8 @@ struct FirstBad {
   void throw_if_any(const T* x, const char* name) const {
     const int64_t i = index.load();
     if (i != std::numeric_limits<int64_t>::max())
-      throw_invalid("pyllmops._C: ", name, " must be finite, but element ", i, " (flattened) is ", to_float(x[i]));
+      throw_invalid("pyllmops._C: ", name, " must be finite, but element ", i, " (flattened index) is ",
+                    to_float(x[i]));
   }
 };
 
