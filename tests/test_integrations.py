@@ -307,3 +307,22 @@ def test_right_padding_decode_window(calls):
                               position_ids=torch.full((2, 1), 10)).logits
     assert calls[0] > 0
     assert_close(out["pyllmops"], out["eager"].double(), 1e-5, "decode after right padding")
+
+
+def test_row_without_real_tokens(calls):
+    """A row that is all padding has zero queries and zero keys: no error, and the other rows are exact."""
+    torch.manual_seed(5)
+    model = mistral(window=4)
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    mask[2, :5] = 0
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert calls[0] > 0
+    assert_close(out["pyllmops"][keep], out["eager"][keep].double(), 1e-5, "real tokens next to an empty row")
+    assert torch.isfinite(out["pyllmops"]).all()
