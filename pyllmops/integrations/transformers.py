@@ -13,8 +13,11 @@ attention a 2-D padding mask, or None when nothing is padded, instead of a 4-D m
 Semantics: causal unless the module says otherwise (module.is_causal / is_causal=); GQA natively (no
 repeat of K/V); a model's sliding_window W as transformers defines it (key j visible from query i iff
 i - j < W, i.e. pyllmops window_size=(W - 1, 0)); with a KV cache the queries are the last positions
-(bottom-right alignment). Not supported (ValueError): attention dropout in training, logit soft-capping,
-4-D custom masks. On CUDA the kernels take fp16/bf16: float32 inputs are computed in bfloat16.
+(bottom-right alignment). Under torch.autocast q/k/v run in the autocast dtype, as sdpa. Logit
+soft-capping (Gemma 2) is passed to flash_attention(softcap=) when this pyllmops has it, else refused.
+Not supported (ValueError): attention dropout in training, 4-D custom masks. On CUDA the kernels take
+fp16/bf16: float32 inputs (without autocast) are computed in bfloat16. torch.compile(fullgraph=True)
+traces an unpadded forward without graph breaks (dynamic=True too); see docs/integrations.md.
 """
 import inspect
 
