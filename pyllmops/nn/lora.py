@@ -379,7 +379,8 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     matches = match_target_modules(model, target_modules)
     if not matches:
         linears = [n for n, m in model.named_modules() if _is_linear(m)]
-        raise ValueError(f"no linear layer matches target_modules={target_modules!r}; linear layers: {linears[:10]}")
+        raise ValueError(f"no nn.Linear matches target_modules={target_modules!r}; linear layers (nn.Linear, "
+                         f"NF4Linear, bitsandbytes Linear4bit): {linears[:10]}")
     # 1. validate every target (no quantization yet, nothing changed)
     for name, mod in matches:
         if isinstance(mod, _ADAPTERS):
