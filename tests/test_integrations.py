@@ -149,8 +149,6 @@ def test_unsupported_arguments_are_rejected():
     module.train()
     with pytest.raises(ValueError, match="dropout=0.1"):
         pyllmops_attention_forward(module, q, q, q, None, dropout=0.1)
-    with pytest.raises(ValueError, match="softcap=30"):
-        pyllmops_attention_forward(module, q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match="4-D attention_mask"):
         pyllmops_attention_forward(module, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
@@ -195,3 +193,136 @@ def test_static_cache_generation_matches_eager(make, padded, calls):
                                    cache_implementation="static")
     assert calls[0] > 0
     assert torch.equal(out["pyllmops"], out["eager"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_sdpa(dtype, calls):
+    """Under torch.autocast rotary leaves q/k in float32 while v is bf16/fp16: attention runs in the autocast
+    dtype, as sdpa does (TRL's default bf16=True trains this way)."""
+    torch.manual_seed(0)
+    model = llama()
+    ids = torch.randint(0, VOCAB, (2, 19))
+    out = {}
+    for impl in ("sdpa", "pyllmops"):
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=dtype):
+            out[impl] = model(ids).logits.float()
+    assert calls[0] == 2
+    assert_close(out["pyllmops"], out["sdpa"].double(), 2e-2, f"autocast {dtype} logits vs sdpa")
+    model.set_attn_implementation("pyllmops")
+    with torch.autocast("cpu", dtype=dtype):  # and a training step's backward
+        model(ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_generation_past_the_window(padding, cache, calls):
+    """Mistral, window 4, prompts of 11 (left-padded by 3 and 7), 10 new tokens: far past the window, rows
+    with fewer real tokens than the window, a static cache's empty slots. (Right-padded prompts are not a
+    generation setup: transformers warns and continues from a padding position; their forward is tested
+    in test_padding_mask_matches_eager and test_right_padding_decode_window.)"""
+    torch.manual_seed(1)
+    model = mistral(window=4)
+    ids = torch.randint(1, VOCAB, (3, 11))
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+        mask[2, :7] = 0
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        kw = {"cache_implementation": "static"} if cache == "static" else {}
+        out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                   **kw)
+    assert calls[0] > 0
+    assert torch.equal(out["pyllmops"], out["eager"])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed-no-cache"])
+def test_compile_fullgraph_no_graph_breaks(packed):
+    """torch.compile(fullgraph=True) raises on any graph break: an unpadded forward has none (no
+    bool(tensor) / .item() / .tolist() of traced values), including rows packing two sequences with
+    use_cache=False (fixed-size cu_seqlens under compile); and the compiled logits equal eager's."""
+    torch.manual_seed(2)
+    model = llama()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    kw = {}
+    if packed:
+        kw = {"use_cache": False, "position_ids": torch.cat([torch.arange(5), torch.arange(11)])[None].expand(2, -1)}
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(ids, **kw).logits
+    model.set_attn_implementation("pyllmops")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=packed)  # dynamic: a symbolic softmax scale too
+    with torch.no_grad():
+        got = compiled(ids, **kw).logits
+    assert_close(got, ref.double(), 1e-5, "compiled logits vs eager")
+    if packed:  # dynamic shapes: another length runs through the same graph
+        ids2, kw2 = ids[:, :12], {"use_cache": False, "position_ids": kw["position_ids"][:, :12]}
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            ref2 = model(ids2, **kw2).logits
+        model.set_attn_implementation("pyllmops")
+        with torch.no_grad():
+            assert_close(compiled(ids2, **kw2).logits, ref2.double(), 1e-5, "dynamic compile, seqlen 12")
+
+
+def test_softcap_passes_through_or_is_refused():
+    """Gemma 2 soft-caps its attention logits: passed to flash_attention(softcap=) when it has it, else a
+    clear error (never silently ignored)."""
+    from pyllmops.integrations import transformers as integ
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 4, 8)
+    if not integ._HAS_SOFTCAP:
+        with pytest.raises(ValueError, match="softcap=30"):
+            integ.pyllmops_attention_forward(module, q, q, q, None, softcap=30.0)
+        return
+    out, _ = integ.pyllmops_attention_forward(module, q, q, q, None, softcap=30.0)
+    s = (q @ q.transpose(-1, -2)).double() / 8 ** 0.5
+    s = 30.0 * torch.tanh(s / 30.0) + torch.full((4, 4), float("-inf")).triu(1).double()
+    ref = (s.softmax(-1) @ q.double()).transpose(1, 2)
+    assert_close(out, ref, 1e-5, "softcapped attention")
+
+
+def test_right_padding_decode_window(calls):
+    """A decode step after right padding: the padding sits between the cached real keys and the new token,
+    and the sliding window counts positions, not real tokens: the new token's logits equal eager's."""
+    torch.manual_seed(4)
+    model = mistral(window=4)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    nxt = torch.randint(1, VOCAB, (2, 1))
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            pre = model(ids, attention_mask=mask, use_cache=True)
+            full = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out[impl] = model(nxt, attention_mask=full, past_key_values=pre.past_key_values,
+                              position_ids=torch.full((2, 1), 10)).logits
+    assert calls[0] > 0
+    assert_close(out["pyllmops"], out["eager"].double(), 1e-5, "decode after right padding")
+
+
+def test_row_without_real_tokens(calls):
+    """A row that is all padding has zero queries and zero keys: no error, and the other rows are exact."""
+    torch.manual_seed(5)
+    model = mistral(window=4)
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    mask[2, :5] = 0
+    out = {}
+    for impl in ("eager", "pyllmops"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert calls[0] > 0
+    assert_close(out["pyllmops"][keep], out["eager"][keep].double(), 1e-5, "real tokens next to an empty row")
+    assert torch.isfinite(out["pyllmops"]).all()

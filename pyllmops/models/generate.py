@@ -53,7 +53,10 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_p=1.0, s
     """Continues each prompt with up to max_new_tokens tokens, all prompts in one batch.
 
     Args:
-        model: a pyllmops.models.Decoder (adapters, NF4 bases and all).
+        model: a pyllmops.models.Decoder (adapters, NF4 bases and all), or a transformers causal LM: then
+            its own generate() runs (left-padded batch, its KV cache, the model's attention implementation,
+            e.g. "pyllmops" after pyllmops.patch) with the same arguments and the same return value.
+            Anything else: TypeError.
         prompts: list of token-id lists (or 1-D tensors), lengths may differ.
         max_new_tokens: int >= 1.
         temperature: 0 -> greedy; > 0 -> sampling from softmax(logits / temperature).
@@ -70,6 +73,12 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_p=1.0, s
         >>> out = generate(model, [tok.encode("upper: abc\\n", bos=True)], max_new_tokens=8,
         ...                stop_tokens=[tok.eos_id])
     """
+    from pyllmops.models.decoder import Decoder
+
+    hf = _is_transformers_lm(model)
+    if not hf and not isinstance(model, Decoder):
+        raise TypeError(f"model must be a pyllmops.models.Decoder or a transformers causal LM (with .generate), got "
+                        f"{type(model).__name__}")
     cfg = model.config
     prompts = _check_prompts(prompts, cfg.vocab_size)
     check_int("max_new_tokens", max_new_tokens, min_value=1)
@@ -82,6 +91,8 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_p=1.0, s
     if not 0 < top_p <= 1:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     stop = set(int(t) for t in stop_tokens)
+    if hf:
+        return _generate_transformers(model, prompts, max_new_tokens, temperature, top_p, stop, generator)
     device = model.device
     dtype = cache_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = len(prompts)
@@ -124,6 +135,49 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_p=1.0, s
         return outputs
     finally:
         model.train(was_training)
+
+
+def _is_transformers_lm(model):
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return callable(getattr(model, "generate", None)) and any(isinstance(m, PreTrainedModel) for m in model.modules())
+
+
+def _generate_transformers(model, prompts, max_new_tokens, temperature, top_p, stop, generator):
+    """generate() for a transformers model: one left-padded batch through model.generate."""
+    device = next(model.parameters()).device
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = 0 if pad is None else int(pad)
+    ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(n, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
+              eos_token_id=sorted(stop) or None)
+    if temperature > 0:
+        kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if generator is not None and temperature > 0:  # reproducible draws from the caller's generator
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    finally:
+        model.train(was_training)
+    outputs = []
+    for row in out[:, longest:].tolist():
+        new = []
+        for t in row:
+            new.append(t)
+            if t in stop:
+                break
+        outputs.append(new[:max_new_tokens])
+    return outputs
 
 
 @torch.no_grad()

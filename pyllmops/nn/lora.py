@@ -293,47 +293,126 @@ def _int_bits(quantize):
     return {"int4": 4, "int3": 3, "int2": 2}.get(quantize)
 
 
+def _is_linear(mod):
+    """A layer apply_lora can adapt: nn.Linear (bitsandbytes' Linear4bit is one), or NF4Linear."""
+    return isinstance(mod, (nn.Linear, NF4Linear))
+
+
+def _output_layer_names(model):
+    """Names of the model's output projection (lm_head), which peft's 'all-linear' leaves out."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if out is not None and m is out}
+
+
+def match_target_modules(model, target_modules):
+    """[(name, module)] of the layers target_modules selects, by peft's rules: "all-linear" (every linear
+    layer but the output layer), a str is a regular expression matched against the whole module name,
+    a list/tuple matches a name exactly or as a dotted suffix ('q_proj' matches 'layers.0.attn.q_proj').
+    A str without regex characters that fully matches no name is taken as a one-name list (where peft
+    would find nothing and raise)."""
+    import re
+
+    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            skip = _output_layer_names(model)
+            return [(n, m) for n, m in linears if n not in skip]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from None
+        found = [(n, m) for n, m in linears if pattern.fullmatch(n)]
+        if found or not re.fullmatch(r"[\w.]+", target_modules):
+            return found
+        target_modules = [target_modules]  # a bare name that matches no full name: as a one-name list
+    if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(f"target_modules must be 'all-linear', a regex str or a list of module names, got "
+                        f"{target_modules!r}")
+    targets = tuple(target_modules)
+    if not targets:
+        raise ValueError("target_modules must name at least one module")
+    return [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _lora_base(name, mod, quantize, blocksize, double_quant):
+    """The frozen base a LoRALinear wraps: a bitsandbytes Linear4bit becomes an NF4Linear on its own bytes."""
+    from pyllmops.integrations import bnb as bnb_interop
+
+    if bnb_interop.is_linear4bit(mod):
+        if quantize not in (None, "nf4"):
+            raise TypeError(f"{name}: quantize={quantize!r} needs a dense nn.Linear, got a bitsandbytes Linear4bit "
+                            f"(already 4-bit: use quantize=None or 'nf4')")
+        return bnb_interop.nf4linear_from_linear4bit(mod, name)
+    if type(mod).__module__.startswith("bitsandbytes"):
+        raise TypeError(f"{name}: {type(mod).__name__} is not supported (nn.Linear, NF4Linear or bitsandbytes "
+                        f"Linear4bit nf4)")
+    if quantize == "nf4" and isinstance(mod, nn.Linear):
+        return NF4Linear.from_linear(mod, blocksize, double_quant)
+    return mod
+
+
 def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantize=None, group_size=64, dropout=0.0,
                use_rslora=False, blocksize=64, double_quant=True):
-    """Replaces the model's targeted nn.Linear layers in place and freezes all but the adapters.
+    r"""Replaces the model's targeted linear layers in place and freezes all but the adapters.
 
-    target_modules: module names (or a single name); a Linear matches when its dotted path equals a
-    name or ends with '.' + name (peft's rule). quantize: None (LoRA on the dense Linear), "nf4"
-    (QLoRA: NF4Linear base, blocksize / double_quant), or "int4" / "int3" / "int2" (QA-LoRA with
-    group_size). Returns the model.
+    target_modules (peft's rules): "all-linear" (every linear layer except the output layer), a str is a
+    regular expression matched against the full module name, a list matches a module name exactly or as
+    a dotted suffix. Targets may be nn.Linear, NF4Linear, or bitsandbytes Linear4bit (nf4; e.g. a model
+    loaded with BitsAndBytesConfig(load_in_4bit=True)): their 4-bit bytes become the NF4 base as they are
+    (no requantization). quantize: None (LoRA on the base as it is), "nf4" (QLoRA: an nn.Linear is
+    quantized to an NF4Linear with blocksize / double_quant), or "int4" / "int3" / "int2" (QA-LoRA with
+    group_size, nn.Linear only). Every target is checked and every replacement built before the model
+    changes: on any error the model is left untouched. Returns the model.
 
     Example:
         >>> apply_lora(model, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], quantize="nf4")
+        >>> apply_lora(model, r=16, alpha=32, target_modules="all-linear")
+        >>> apply_lora(model, r=8, target_modules=r".*\.layers\.[01]\..*_proj")   # regex on full names
     """
     _check_rank_alpha(r, alpha, dropout)
     if quantize not in (None, "nf4", "int4", "int3", "int2"):
         raise ValueError(f"quantize must be None, 'nf4', 'int4', 'int3' or 'int2', got {quantize!r}")
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not targets:
-        raise ValueError("target_modules must name at least one module")
     bits = _int_bits(quantize)
     if bits is not None and group_size not in INT_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {list(INT_GROUP_SIZES)}, got {group_size!r}")
-    matches = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, (nn.Linear, NF4Linear)) and any(name == t or name.endswith("." + t) for t in targets)]
+    matches = match_target_modules(model, target_modules)
     if not matches:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"no nn.Linear matches target_modules={list(targets)}; linear layers: {linears[:10]}")
+        linears = [n for n, m in model.named_modules() if _is_linear(m)]
+        raise ValueError(f"no nn.Linear matches target_modules={target_modules!r}; linear layers (nn.Linear, "
+                         f"NF4Linear, bitsandbytes Linear4bit): {linears[:10]}")
+    # 1. validate every target (no quantization yet, nothing changed)
     for name, mod in matches:
+        if isinstance(mod, _ADAPTERS):
+            raise ValueError(f"{name} already has an adapter")
         if bits is not None:
-            if not isinstance(mod, nn.Linear):
+            if not isinstance(mod, nn.Linear) or type(mod).__module__.startswith("bitsandbytes"):
                 raise TypeError(f"{name}: quantize={quantize!r} needs a dense nn.Linear, got {type(mod).__name__}")
             if mod.in_features % group_size:
                 raise ValueError(f"{name}: group_size {group_size} does not divide in_features {mod.in_features}")
+        else:
+            from pyllmops.integrations import bnb as bnb_interop
+
+            if bnb_interop.is_linear4bit(mod):
+                bnb_interop.nf4_from_linear4bit(mod, name)  # raises on fp4 / the CPU-only packed layout
+            elif type(mod).__module__.startswith("bitsandbytes"):
+                raise TypeError(f"{name}: {type(mod).__name__} is not supported (nn.Linear, NF4Linear or "
+                                f"bitsandbytes Linear4bit nf4)")
+    # 2. build every replacement (may still fail: still nothing changed)
+    new_modules = []
+    for name, mod in matches:
+        if bits is not None:
             new = QALoRALinear.from_linear(mod, bits, group_size, r, alpha, dropout)
         else:
-            base = mod
-            if quantize == "nf4" and isinstance(mod, nn.Linear):
-                base = NF4Linear.from_linear(mod, blocksize, double_quant)
-            new = LoRALinear(base, r, alpha, dropout, use_rslora)
+            new = LoRALinear(_lora_base(name, mod, quantize, blocksize, double_quant), r, alpha, dropout, use_rslora)
+        new_modules.append((name, new))
+    # 3. swap them in
+    for name, new in new_modules:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     for pname, p in model.named_parameters():
         p.requires_grad_(pname.endswith("lora_A") or pname.endswith("lora_B"))
+    model._pyllmops_lora_config = dict(r=r, alpha=alpha, dropout=float(dropout), use_rslora=bool(use_rslora),
+                                       target_modules=sorted(n for n, _ in matches), quantize=quantize)
     return model

@@ -240,6 +240,7 @@ def softmax_scale_or_default(softmax_scale, head_dim):
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) the scale can be a SymFloat.
+    if not (0 < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
     return float(softmax_scale)

@@ -17,8 +17,10 @@ def encode_pair(tok, prompt, completion, max_seq_len):
     """[bos] prompt completion [eos] -> (tokens, targets): targets[i] = tokens[i + 1] where tokens[i + 1]
     belongs to the completion (its eos included), IGNORE on the prompt and at the last position.
     Longer sequences are cut to max_seq_len from the right (the prompt is kept whole)."""
-    p = tok.encode(prompt, bos=True)
-    c = tok.encode(completion, eos=True)
+    if hasattr(tok, "encode_pair_ids"):  # e.g. a Hugging Face tokenizer (chat template)
+        p, c = tok.encode_pair_ids(prompt, completion)
+    else:
+        p, c = tok.encode(prompt, bos=True), tok.encode(completion, eos=True)
     if len(p) >= max_seq_len:
         raise ValueError(f"a prompt of {len(p)} tokens does not fit max_seq_len={max_seq_len} with its completion: "
                          f"{prompt[:60]!r}")
@@ -28,7 +30,7 @@ def encode_pair(tok, prompt, completion, max_seq_len):
 
 
 class Batch:
-    __slots__ = ("tokens", "targets", "cu_seqlens", "seq_ids", "num_seqs", "num_tokens")
+    __slots__ = ("tokens", "targets", "cu_seqlens", "seq_ids", "positions", "max_seqlen", "num_seqs", "num_tokens")
 
     def __init__(self, seqs):
         lengths = [len(t) for t, _ in seqs]
@@ -37,11 +39,14 @@ class Batch:
         self.cu_seqlens = cu_seqlens_from_lengths(lengths, "cpu")
         self.seq_ids = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))
         self.num_seqs, self.num_tokens = len(seqs), sum(lengths)
+        # position of each token in its own sequence (models that take position ids, e.g. transformers')
+        self.positions = torch.arange(self.num_tokens) - self.cu_seqlens[:-1].long()[self.seq_ids]
+        self.max_seqlen = max(lengths) if lengths else 0
 
     def to(self, device):
         """A copy on `device` (this batch is left as it is, so a plan's batches don't pile up there)."""
         out = copy.copy(self)
-        for name in ("tokens", "targets", "cu_seqlens", "seq_ids"):
+        for name in ("tokens", "targets", "cu_seqlens", "seq_ids", "positions"):
             setattr(out, name, getattr(self, name).to(device, non_blocking=True))
         return out
 

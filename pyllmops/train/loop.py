@@ -26,7 +26,7 @@ from pyllmops.train.checkpoint import (has_adapters, latest_checkpoint, load_che
                                        save_checkpoint)
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
 from pyllmops.train.losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
-from pyllmops.train.tokenizer import ByteTokenizer
+from pyllmops.train.tokenizer import as_tokenizer
 
 
 def lr_at(step, *, lr, warmup_steps, total_steps, min_lr_ratio):
@@ -60,13 +60,80 @@ def _dist():
     return 0, 1
 
 
+def _is_hf(model):
+    """A transformers model (PreTrainedModel, possibly inside a peft PeftModel)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) or isinstance(getattr(model, "base_model", None), torch.nn.Module) \
+        and any(isinstance(m, PreTrainedModel) for m in model.modules())
+
+
+def _check_model(model):
+    if isinstance(model, Decoder):
+        return
+    if _is_hf(model):
+        import pyllmops.integrations.transformers as hf  # registers "pyllmops"
+
+        for m in model.modules():  # packing runs on our varlen attention (position ids / cu_seqlens)
+            cfg = getattr(m, "config", None)
+            if hasattr(m, "set_attn_implementation") and getattr(cfg, "_attn_implementation", hf.NAME) != hf.NAME:
+                m.set_attn_implementation(hf.NAME)
+        return
+    raise TypeError(f"model must be a pyllmops.models.Decoder or a transformers causal LM (PreTrainedModel, "
+                    f"or a peft PeftModel of one), got {type(model).__name__}")
+
+
+def _logits(module, batch, raw=None):
+    """(tokens, vocab) logits of a packed batch: our Decoder takes cu_seqlens; a transformers model takes
+    the batch as one row with position ids restarting at each sequence and cu_seq_lens kwargs, which the
+    "pyllmops" attention turns into flash_attention_varlen (no sequence attends to another)."""
+    raw = module if raw is None else raw
+    if isinstance(raw, Decoder):
+        return module(batch.tokens, batch.cu_seqlens)
+    out = module(input_ids=batch.tokens[None], position_ids=batch.positions[None], use_cache=False,
+                 cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
+                 max_length_k=batch.max_seqlen)
+    return out.logits[0]
+
+
+def _adapters_off(model):
+    """The frozen base model inside the block: peft's disable_adapter() for a PeftModel, else ours."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return model.disable_adapter()
+    return disable_adapters(model)
+
+
+def _has_adapters(model):
+    return has_adapters(model) or hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def _activation_checkpointing(model, on):
+    if isinstance(model, Decoder):
+        old, model.gradient_checkpointing = model.gradient_checkpointing, on
+        try:
+            yield
+        finally:
+            model.gradient_checkpointing = old
+        return
+    was = bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)))
+    if on and not was:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if on and not was:
+            model.gradient_checkpointing_disable()
+
+
 def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight_decay, betas, warmup_steps,
            min_lr_ratio, max_grad_norm, bf16, activation_checkpointing, checkpoint_dir, checkpoint_every,
            resume_from, progress, callback, settings, allow_settings_change=False):
     """The loop shared by sft and dpo. micro_batches: the whole plan (steps * grad_accum * world);
     step_fn(module, raw_model, batch) -> (loss, {metric: float}, tokens)."""
-    if not isinstance(model, Decoder):
-        raise TypeError(f"model must be a pyllmops.models.Decoder, got {type(model).__name__}")
+    _check_model(model)
     device = model.device
     rank, world = _dist()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,7 +152,8 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
             raise ValueError(f"checkpoint {resume_path!r} is at step {saved_step}, beyond steps={steps}")
         start, _ = load_checkpoint(resume_path, model, optimizer, device, settings=settings,
                                    allow_settings_change=allow_settings_change)
-    old_ckpt, model.gradient_checkpointing = model.gradient_checkpointing, activation_checkpointing
+    ckpt = _activation_checkpointing(model, activation_checkpointing)
+    ckpt.__enter__()
     module = model
     if world > 1:
         module = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
@@ -139,7 +207,7 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
                 dist.barrier()
     finally:
         bar.close()
-        model.gradient_checkpointing = old_ckpt
+        ckpt.__exit__(None, None, None)
     return history
 
 
@@ -183,14 +251,18 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
         progress=True, callback=None, allow_settings_change=False):
     """Supervised fine-tuning on prompt/completion examples; the loss counts completion tokens only.
 
-    Each example becomes [bos] prompt completion [eos] (tokenizer: ByteTokenizer by default); the
-    cross-entropy counts the completion and its eos. Examples are packed without padding into
+    Each example becomes [bos] prompt completion [eos] (tokenizer: ByteTokenizer by default; a Hugging
+    Face tokenizer with a chat template renders the user turn + generation prompt, then the assistant
+    turn: see pyllmops.train.tokenizer.HFTokenizer); the cross-entropy counts the completion and its eos. Examples are packed without padding into
     micro-batches of at most batch_tokens tokens (flash_attention_varlen keeps them apart), in a seeded
     shuffle per epoch.
 
     Args:
-        model: pyllmops.models.Decoder, usually with adapters (apply_lora); only parameters with
-            requires_grad train (AdamW).
+        model: pyllmops.models.Decoder, or a transformers causal LM (a peft PeftModel of one too),
+            usually with adapters (apply_lora / peft); only parameters with requires_grad train (AdamW).
+            A transformers model is switched to the "pyllmops" attention: each packed micro-batch is one
+            row with position ids restarting per sequence (flash_attention_varlen inside).
+        tokenizer: None (ByteTokenizer) or the model's Hugging Face tokenizer.
         examples: JSONL path or list of {"prompt": str, "completion": str}.
         steps: optimizer steps; grad_accum: micro-batches per step (per process under torchrun).
         lr, weight_decay, betas: AdamW; warmup_steps, min_lr_ratio: the schedule (lr_at).
@@ -213,7 +285,8 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
     """
     _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16,
                    activation_checkpointing, checkpoint_every, batch_tokens, max_seq_len, seed)
-    tok = tokenizer or ByteTokenizer()
+    _check_model(model)
+    tok = as_tokenizer(tokenizer)
     rows = load_examples(examples, SFT_KEYS)
     encoded = [encode_pair(tok, r["prompt"], r["completion"], max_seq_len) for r in rows]
     _, world = _dist()
@@ -221,8 +294,7 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
     micro = LazyBatches(order, encoded, Batch)
 
     def step_fn(module, raw, batch):
-        logits = module(batch.tokens, batch.cu_seqlens)
-        return sft_loss(logits, batch.targets), {}, batch.num_tokens
+        return sft_loss(_logits(module, batch, raw), batch.targets), {}, batch.num_tokens
 
     settings = dict(kind="sft", steps=steps, batch_tokens=batch_tokens, grad_accum=grad_accum, lr=lr, seed=seed)
     return _train(model, micro, step_fn, kind="sft", steps=steps, grad_accum=grad_accum, lr=lr,
@@ -243,9 +315,9 @@ def preference_batch(pairs):
     return Batch([s for pair in pairs for s in pair])
 
 
-def pair_logps(model, batch, average):
+def pair_logps(model, batch, average, raw=None):
     """(chosen, rejected) per-pair log-probabilities of a preference_batch under model."""
-    logits = model(batch.tokens, batch.cu_seqlens)
+    logits = _logits(model, batch, raw)
     lp = sequence_logps(logits, batch.targets, batch.seq_ids, batch.num_seqs, average=average)
     return lp[0::2], lp[1::2]
 
@@ -276,10 +348,11 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
     _check_number("beta", beta, 0, low_open=True)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
-    if isinstance(model, Decoder) and not has_adapters(model):
-        raise ValueError("dpo needs a model with adapters (apply_lora): the reference is the model with its "
-                         "adapters disabled")
-    tok = tokenizer or ByteTokenizer()
+    _check_model(model)
+    if not _has_adapters(model):
+        raise ValueError("dpo needs a model with adapters (apply_lora, or a peft model): the reference is the model "
+                         "with its adapters disabled")
+    tok = as_tokenizer(tokenizer)
     pairs = encode_preferences(tok, load_examples(examples, DPO_KEYS), max_seq_len)
     _, world = _dist()
     order = plan(len(pairs), [1] * len(pairs), batch_pairs, steps * grad_accum * world, seed)
@@ -287,9 +360,9 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
     average = loss_type == "ipo"
 
     def step_fn(module, raw, batch):
-        with torch.no_grad(), disable_adapters(raw):
+        with torch.no_grad(), _adapters_off(raw):
             ref_c, ref_r = pair_logps(raw, batch, average)
-        pol_c, pol_r = pair_logps(module, batch, average)
+        pol_c, pol_r = pair_logps(module, batch, average, raw)
         losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type)
         metrics = {"rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
                    "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": (rc > rr).float().mean().item()}
@@ -307,13 +380,14 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
 @torch.no_grad()
 def evaluate_sft(model, examples, *, tokenizer=None, max_seq_len=512):
     """Mean completion-token cross-entropy of the examples (one packed batch, eval mode)."""
-    tok = tokenizer or ByteTokenizer()
+    _check_model(model)
+    tok = as_tokenizer(tokenizer)
     rows = load_examples(examples, SFT_KEYS)
     batch = Batch([encode_pair(tok, r["prompt"], r["completion"], max_seq_len) for r in rows]).to(model.device)
     was = model.training
     model.eval()
     try:
-        return sft_loss(model(batch.tokens, batch.cu_seqlens), batch.targets).item()
+        return sft_loss(_logits(model, batch), batch.targets).item()
     finally:
         model.train(was)
 
@@ -321,13 +395,14 @@ def evaluate_sft(model, examples, *, tokenizer=None, max_seq_len=512):
 @torch.no_grad()
 def evaluate_dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", max_seq_len=512):
     """{"loss", "rewards/margins", "rewards/accuracies"} of the preference examples (reference: adapters off)."""
-    tok = tokenizer or ByteTokenizer()
+    _check_model(model)
+    tok = as_tokenizer(tokenizer)
     batch = preference_batch(encode_preferences(tok, load_examples(examples, DPO_KEYS), max_seq_len)).to(model.device)
     was = model.training
     model.eval()
     try:
         average = loss_type == "ipo"
-        with disable_adapters(model):
+        with _adapters_off(model):
             ref_c, ref_r = pair_logps(model, batch, average)
         pol_c, pol_r = pair_logps(model, batch, average)
         losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type)
