@@ -80,7 +80,8 @@ struct AttnParams {
   float softcap = 0.0f;               // 0: off
   float cap_scale = 0.0f;             // softmax_scale / softcap (softcap > 0)
 
-  PYLLMOPS_HD int64_t group() const { return heads_q / heads_kv; }
+  // 32-bit division (the binding checks heads_q <= INT32_MAX): no 64-bit division routine on CUDA.
+  PYLLMOPS_HD int64_t group() const { return static_cast<uint32_t>(heads_q) / static_cast<uint32_t>(heads_kv); }
   PYLLMOPS_HD int64_t row_tiles() const { return (max_q_len * group() + kRowTile - 1) / kRowTile; }
 };
 
@@ -115,10 +116,13 @@ PYLLMOPS_HD int64_t first_visible_key(int64_t pos, int window_left) {
 }
 
 // Keys [key_begin, key_end) that the rows [row_begin, row_end) of a sequence can see (rows are
-// ordered query-major: row r is query r / group). Empty when the rows see nothing.
+// ordered query-major: row r is query r / group). Empty when the rows see nothing. Divisions are
+// 32-bit (rows < 2^31: the binding bounds max_seqlen_q by total_q, and CUDA launches at most 65535
+// row tiles; positions < 2^31: seq_lens are int32), so no 64-bit division routine is called.
 PYLLMOPS_HD void visible_keys(int64_t seq_len, int64_t q_len, int64_t group, int64_t row_begin, int64_t row_end,
                               int window_left, int64_t* key_begin, int64_t* key_end) {
-  const int64_t first_q = row_begin / group, last_q = (row_end - 1) / group;
+  const uint32_t g = static_cast<uint32_t>(group);
+  const int64_t first_q = static_cast<uint32_t>(row_begin) / g, last_q = static_cast<uint32_t>(row_end - 1) / g;
   const int64_t first_pos = seq_len - q_len + first_q, last_pos = seq_len - q_len + last_q;
   *key_begin = first_visible_key(first_pos, window_left);
   *key_end = last_pos + 1;  // causal: the last row sees up to its own position
@@ -127,16 +131,17 @@ PYLLMOPS_HD void visible_keys(int64_t seq_len, int64_t q_len, int64_t group, int
 }
 
 // The key range of split `split` out of `num_splits` over [key_begin, key_end), cut on block
-// boundaries so that no block is read by two splits.
-PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int64_t block_size, int64_t split, int64_t num_splits,
+// boundaries (block_size = 1 << log2_bs) so that no block is read by two splits.
+PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int log2_bs, int64_t split, int64_t num_splits,
                             int64_t* split_begin, int64_t* split_end) {
   if (key_end <= key_begin) {
     *split_begin = *split_end = key_begin;
     return;
   }
-  const int64_t b0 = key_begin / block_size, b1 = (key_end + block_size - 1) / block_size;
-  const int64_t per = (b1 - b0 + num_splits - 1) / num_splits;
-  int64_t lo = (b0 + split * per) * block_size, hi = (b0 + (split + 1) * per) * block_size;
+  const int64_t bs = int64_t{1} << log2_bs;
+  const int64_t b0 = key_begin >> log2_bs, b1 = (key_end + bs - 1) >> log2_bs;
+  const int64_t per = static_cast<uint32_t>(b1 - b0 + num_splits - 1) / static_cast<uint32_t>(num_splits);
+  int64_t lo = (b0 + split * per) << log2_bs, hi = (b0 + (split + 1) * per) << log2_bs;
   if (lo < key_begin) lo = key_begin;
   if (hi > key_end) hi = key_end;
   if (hi < lo) hi = lo;
@@ -148,7 +153,7 @@ PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int64_t block_si
 // seq_len keys). Called once per row, outside every key loop (the one division is here).
 PYLLMOPS_HD void row_key_bounds(int64_t seq_len, int64_t q_len, int64_t group, int64_t row, int window_left,
                                 int64_t* lo, int64_t* hi) {
-  const int64_t pos = seq_len - q_len + row / group;
+  const int64_t pos = seq_len - q_len + static_cast<uint32_t>(row) / static_cast<uint32_t>(group);
   *lo = first_visible_key(pos, window_left);
   *hi = pos + 1;
 }

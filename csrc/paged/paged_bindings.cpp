@@ -118,6 +118,7 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
   p.heads_kv = key_cache.size(2);
   p.max_blocks = block_tables.size(1);
   PYLLMOPS_CHECK(key_cache.size(3) == p.head_dim, "q has head_dim ", p.head_dim, " but the cache ", key_cache.size(3));
+  PYLLMOPS_CHECK(p.heads_q <= INT32_MAX, "q has ", p.heads_q, " heads, at most ", INT32_MAX, " supported");
   PYLLMOPS_CHECK(p.heads_kv >= 1 && p.heads_q % p.heads_kv == 0, "heads_q (", p.heads_q,
                  ") must be a multiple of num_kv_heads (", p.heads_kv, ")");
   PYLLMOPS_CHECK(window_left >= -1, "window_left must be -1 (unbounded) or >= 0, got ", window_left);

@@ -238,9 +238,9 @@ void attention_impl(const AttnParams& p) {
 
 void validate_metadata_cpu(const AttnParams& p) {
   if (p.cu_seqlens_q != nullptr) {
-    PYLLMOPS_CHECK(p.cu_seqlens_q[0] == 0, "cu_seqlens_q[0] must be 0, got ", p.cu_seqlens_q[0]);
-    PYLLMOPS_CHECK(p.cu_seqlens_q[p.num_seqs] == p.total_q, "cu_seqlens_q[-1] must equal the number of queries ",
-                   p.total_q, ", got ", p.cu_seqlens_q[p.num_seqs]);
+    PYLLMOPS_CHECK(p.cu_seqlens_q[0] == 0 && p.cu_seqlens_q[p.num_seqs] == p.total_q,
+                   "cu_seqlens_q must start at 0 and end at total_q=", p.total_q, " (q.shape[0]), got first ",
+                   p.cu_seqlens_q[0], " and last ", p.cu_seqlens_q[p.num_seqs]);
   }
   const int64_t capacity = p.max_blocks * p.block_size;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
@@ -248,20 +248,21 @@ void validate_metadata_cpu(const AttnParams& p) {
     query_range(p, s, &q_begin, &q_len);
     const int64_t seq_len = p.seq_lens[s];
     PYLLMOPS_CHECK(q_len >= 0, "cu_seqlens_q must be non-decreasing, but sequence ", s, " has ", q_len, " queries");
-    PYLLMOPS_CHECK(q_len <= p.max_q_len, "sequence ", s, " has ", q_len, " queries, more than max_seqlen_q ",
-                   p.max_q_len);
+    PYLLMOPS_CHECK(q_len <= p.max_q_len, "max_seqlen_q = ", p.max_q_len, " but a sequence has ", q_len,
+                   " queries (sequence ", s, ")");
     PYLLMOPS_CHECK(seq_len >= 0 && seq_len <= capacity, "seq_lens[", s, "] = ", seq_len,
-                   " is outside [0, ", capacity, "] (the block table holds ", p.max_blocks, " blocks of ",
-                   p.block_size, ")");
+                   " is outside [0, ", capacity, "] (block_tables holds ", p.max_blocks, " blocks of ",
+                   p.block_size, " per sequence)");
     PYLLMOPS_CHECK(q_len <= seq_len, "sequence ", s, " has ", q_len, " queries but seq_lens[", s, "] = ", seq_len,
-                   " keys (the queries are the last q_len positions, so q_len <= seq_len)");
+                   "; the queries are the last positions of the sequence, so q_len <= seq_len");
     if (q_len == 0) continue;
     int64_t kb, ke;
     visible_keys(seq_len, q_len, p.group(), 0, q_len * p.group(), p.window_left, &kb, &ke);
     const int32_t* table = p.block_tables + s * p.max_blocks;
     for (int64_t b = kb / p.block_size; b < (ke + p.block_size - 1) / p.block_size; ++b)
       PYLLMOPS_CHECK(table[b] >= 0 && table[b] < p.num_blocks, "block_tables[", s, ", ", b, "] = ", table[b],
-                     " is outside [0, ", p.num_blocks, ") (the cache has ", p.num_blocks, " blocks)");
+                     " is outside [0, ", p.num_blocks, ") (the cache has ", p.num_blocks, " blocks) and sequence ", s,
+                     " reads it");
   }
 }
 

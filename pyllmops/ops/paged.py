@@ -18,6 +18,7 @@ write NaN to the affected attention rows and raise a bit in a per-device error w
 check_kernel_errors() reads (and that validate=True checks eagerly, with a sync, before the launch).
 """
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -123,17 +124,22 @@ def plan_num_splits(num_seqs, num_kv_heads, group, max_seqlen_q, max_keys, block
 
     Work items without splitting: num_seqs * num_kv_heads * row tiles. When they cannot fill the
     device twice over (2 per SM on CUDA, per thread on the CPU), each sequence's visible keys are cut
-    into up to 64 splits of at least 256 keys (and at least one block), merged by LSE afterwards.
+    into up to 64 splits of at least 256 keys on CUDA, 2048 on the CPU (and at least one block),
+    merged afterwards.
     max_keys: an upper bound on the keys one row tile can see (the block table's capacity, or the
     window plus the queries).
     """
     row_tiles = -(-max_seqlen_q * group // ROW_TILE)
     items = num_seqs * num_kv_heads * row_tiles
-    target = 2 * _parallel_units(torch.device(device))
+    device = torch.device(device)
+    target = 2 * _parallel_units(device)
     if items == 0 or items >= target or max_keys <= 0:
         return 1
     by_work = -(-target // items)
-    by_len = max(1, min(max_keys // 256, -(-max_keys // block_size)))
+    # keys per split: 256 on CUDA; 2048 on the CPU, where a split costs a thread start (tens of us) and
+    # a merge, and 2048 keys of a 128-dim fp32 head are ~2 MB of K/V (~200 us of memory traffic)
+    min_keys = 2048 if device.type == "cpu" else 256
+    by_len = max(1, min(max_keys // min_keys, -(-max_keys // block_size)))
     return max(1, min(by_work, by_len, MAX_SPLITS))
 
 
@@ -162,8 +168,11 @@ _LOG2E = 1.4426950408889634
 
 
 def _f32(x):
-    """x rounded to float32 (as the kernels see it), as a Python float (inf when it overflows)."""
-    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+    """x rounded to float32 (the C cast the kernels see), as a Python float (inf when it overflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def _check_scales(softmax_scale, softcap, head_dim):
@@ -257,9 +266,10 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
             cu_seqlens_q when it is on the CPU; on CUDA, total_q (correct, but launches idle row tiles;
             pass it).
         num_splits: split-KV count (1..64); default plan_num_splits (host-side sizes only).
-        validate: check block tables / seq_lens / cu_seqlens_q values before the launch. Default: on
-            CPU tensors always; on CUDA no (it would synchronize; the kernel bounds-checks instead, see
-            check_kernel_errors). True on CUDA checks eagerly (synchronizes).
+        validate: check block tables / seq_lens / cu_seqlens_q values here with torch ops before the
+            launch. Default False: CPU metadata is always checked by the C++ layer before its kernel
+            runs (the same ValueErrors, without ~15 small torch ops per call); on CUDA the kernel
+            bounds-checks instead (see check_kernel_errors). True on CUDA checks eagerly (synchronizes).
 
     Returns:
         out, q's shape and dtype. A query that sees no key gets 0. NaN / inf in q, K or V reach exactly
@@ -320,7 +330,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
             raise ValueError(f"max_seqlen_q must be in [1, total_q={max(total_q, 1)}] (no sequence has more queries "
                              f"than q has rows), got {max_seqlen_q}")
     if validate is None:
-        validate = not on_cuda(dev)
+        validate = False  # CPU: the C++ layer checks every value below before its kernel runs (cheaply)
     check_bool("validate", validate)
     if validate:
         q_lens = (torch.ones(num_seqs, dtype=torch.long, device=dev) if cu_seqlens_q is None
