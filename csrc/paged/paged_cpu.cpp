@@ -241,13 +241,16 @@ void validate_metadata_cpu(const AttnParams& p) {
     PYLLMOPS_CHECK(p.cu_seqlens_q[0] == 0 && p.cu_seqlens_q[p.num_seqs] == p.total_q,
                    "cu_seqlens_q must start at 0 and end at total_q=", p.total_q, " (q.shape[0]), got first ",
                    p.cu_seqlens_q[0], " and last ", p.cu_seqlens_q[p.num_seqs]);
+    for (int64_t s = 0; s < p.num_seqs; ++s)
+      PYLLMOPS_CHECK(p.cu_seqlens_q[s + 1] >= p.cu_seqlens_q[s], "cu_seqlens_q must be non-decreasing, but "
+                     "sequence ", s, " has ", static_cast<int64_t>(p.cu_seqlens_q[s + 1]) - p.cu_seqlens_q[s],
+                     " queries");
   }
   const int64_t capacity = p.max_blocks * p.block_size;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     int64_t q_begin, q_len;
     query_range(p, s, &q_begin, &q_len);
     const int64_t seq_len = p.seq_lens[s];
-    PYLLMOPS_CHECK(q_len >= 0, "cu_seqlens_q must be non-decreasing, but sequence ", s, " has ", q_len, " queries");
     PYLLMOPS_CHECK(q_len <= p.max_q_len, "max_seqlen_q = ", p.max_q_len, " but a sequence has ", q_len,
                    " queries (sequence ", s, ")");
     PYLLMOPS_CHECK(seq_len >= 0 && seq_len <= capacity, "seq_lens[", s, "] = ", seq_len,

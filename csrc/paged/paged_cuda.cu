@@ -88,8 +88,28 @@ __device__ __forceinline__ float group_max_nan(float v) {
 
 // kRows: register rows (1, 4 or 8 >= the rows a tile really has), so a decode step without GQA
 // keeps 2 x 8 fp32 registers of q / accumulator per thread instead of 2 x 64.
+// The kElems q elements lane li owns of row r, from shared memory (two 16-byte loads when contiguous).
+template <int kLanes, bool kContig, int kDMax>
+__device__ __forceinline__ void load_q(const float (&row)[kDMax], int li, float (&v)[kElems]) {
+  if constexpr (kContig) {
+    const float4 a = reinterpret_cast<const float4*>(row)[2 * li];
+    const float4 b = reinterpret_cast<const float4*>(row)[2 * li + 1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) v[e] = row[elem_index<kLanes, kContig>(li, e)];
+  }
+}
+
+// Occupancy: q lives in shared memory (not 64 registers per thread for 8 rows), so the variants fit
+// __launch_bounds__(128, 4)'s 128 registers: 4 resident CTAs (16 warps) per SM, <= 40 KB of shared
+// memory each (sm_90a: 52-123 registers, no spill). The strided 8-row variant (head dims other than
+// 64 / 128) spilled at 128 registers and asks for 3 CTAs per SM instead.
+template <bool kContig, int kRows>
+constexpr int min_ctas_per_sm() { return (kContig || kRows < kRowTile) ? 4 : 3; }
+
 template <typename T, int kLanes, bool kContig, int kRows>
-__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>())) attention_kernel(const AttnParams p) {
   constexpr int kGroups = kThreads / kLanes;
   constexpr int kDMax = kLanes * kElems;
   constexpr int kKeysPerGroup = kKeyTile / kGroups;
@@ -103,6 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   PYLLMOPS_SHARED(int64_t[kRows], s_orow);             // row r's (query, head) row of out
   PYLLMOPS_SHARED(int64_t[kKeyTile], s_off);           // element offset of each key's row, -1: none
   PYLLMOPS_SHARED(float[kGroups][kRows][kDMax], s_red);  // <= 32 KiB: the key groups' accumulators
+  PYLLMOPS_SHARED(float[kRows][kDMax], s_q);           // unscaled q rows (paged.h "Score domain")
   PYLLMOPS_SHARED(int, s_bad);
 
   // Index math: lane decomposition by shifts and masks (kLanes is a power of two); the few divisions
@@ -159,14 +180,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
-  float q_reg[kRows][kElems];  // unscaled q (paged.h "Score domain")
+  if (g == 0) {  // key group 0 stages q (read before the key loop's first barrier)
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (r < n_rows) {
-      load_row<T, kLanes, kContig>(q + s_orow[r] * D, li, D, q_reg[r]);
-    } else {
+    for (int r = 0; r < kRows; ++r) {
+      float qv[kElems];
+      if (r < n_rows) {
+        load_row<T, kLanes, kContig>(q + s_orow[r] * D, li, D, qv);
+      } else {
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) q_reg[r][e] = 0.0f;
+        for (int e = 0; e < kElems; ++e) qv[e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) s_q[r][elem_index<kLanes, kContig>(li, e)] = qv[e];
     }
   }
   int64_t kb, ke, sb, se;
@@ -226,9 +251,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (r < n_rows) {  // block-uniform
+          float qv[kElems];
+          load_q<kLanes, kContig, kDMax>(s_q[r], li, qv);
           float dot = 0.0f;
 #pragma unroll
-          for (int e = 0; e < kElems; ++e) dot = fmaf(q_reg[r][e], kv[e], dot);
+          for (int e = 0; e < kElems; ++e) dot = fmaf(qv[e], kv[e], dot);
           dot = group_sum<kLanes>(dot);
           if (li == 0) s_p[r][t] = (off >= 0 && j >= s_lo[r] && j < s_hi[r]) ? score_of(p, dot) : -INFINITY;
         }
