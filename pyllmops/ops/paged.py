@@ -32,6 +32,7 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256   # csrc/paged/paged.h
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 ROW_TILE = 8
+CTAS_PER_SM = 4  # csrc/paged/paged_cuda.cu min_ctas_per_sm: resident attention CTAs per SM (static, sm_90a)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _ERR_BITS = {1: "a block-table entry some query can see is outside [0, num_blocks)",
              2: "a seq_len is negative, beyond the block table's capacity, or smaller than its number of queries",
@@ -123,7 +124,8 @@ def plan_num_splits(num_seqs, num_kv_heads, group, max_seqlen_q, max_keys, block
     """Split-KV count from host-side sizes only (deterministic for a shape; no sync).
 
     Work items without splitting: num_seqs * num_kv_heads * row tiles. When they cannot fill the
-    device twice over (2 per SM on CUDA, per thread on the CPU), each sequence's visible keys are cut
+    device (CTAS_PER_SM resident CTAs per SM on CUDA, the attention kernel's __launch_bounds__
+    occupancy; 2 per thread on the CPU), each sequence's visible keys are cut
     into up to 64 splits of at least 256 keys on CUDA, 2048 on the CPU (and at least one block),
     merged afterwards.
     max_keys: an upper bound on the keys one row tile can see (the block table's capacity, or the
@@ -132,7 +134,7 @@ def plan_num_splits(num_seqs, num_kv_heads, group, max_seqlen_q, max_keys, block
     row_tiles = -(-max_seqlen_q * group // ROW_TILE)
     items = num_seqs * num_kv_heads * row_tiles
     device = torch.device(device)
-    target = 2 * _parallel_units(device)
+    target = (CTAS_PER_SM if device.type == "cuda" else 2) * _parallel_units(device)
     if items == 0 or items >= target or max_keys <= 0:
         return 1
     by_work = -(-target // items)
