@@ -215,8 +215,14 @@ void attention_impl(const AttnParams& p) {
   const int64_t items = p.num_seqs * p.heads_kv * tiles * p.num_splits;
   const int64_t dp = (p.head_dim + 15) / 16 * 16;
   const int64_t scratch_floats = 2 * kRowTile * dp + kRowTile * kKeyTile;
-  // grain 1: an item is a whole split of a sequence (>= one key tile of work when non-empty).
-  parallel_for(items, 1, [&](int64_t i0, int64_t i1) {
+  // Grain: at least ~1 MB of K/V per thread (starting a thread costs tens of us, much more on a
+  // loaded machine, while 1 MB is ~100 us of reading), else an item (a whole split of a sequence).
+  int64_t kv_bytes = 0;
+  for (int64_t s = 0; s < p.num_seqs; ++s) kv_bytes += p.seq_lens[s];
+  kv_bytes *= 2 * p.heads_kv * p.head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t per_item = std::max<int64_t>(1, kv_bytes / std::max<int64_t>(items, 1));
+  const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 20) + per_item - 1) / per_item);
+  parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
     for (int64_t i = i0; i < i1; ++i) {  // once per work item, not per key
       const int64_t split = i % p.num_splits;
