@@ -662,6 +662,11 @@ def test_huge_window_is_unbounded(window):
         assert torch.equal(got, torch.ops.pyllmops.paged_attention(q, kc, vc, bt, sl, None, 0.25, 0.0, -1, 1, 1))
 
 
+def test_cache_size_overflow_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_blocks=4611686018427387904 is too large"):
+        pyllmops.PagedKVCache(1, 2 ** 62, 8, 2, 16, dtype=torch.float32, device="cpu")
+
+
 def test_zero_kv_heads_is_a_clear_error():
     with pytest.raises(ValueError, match="num_kv_heads must be >= 1, got 0"):
         pyllmops.PagedKVCache(1, 4, 16, 0, 8, dtype=torch.float32, device="cpu")

@@ -463,6 +463,11 @@ class PagedKVCache:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if sliding_window is not None:
             check_int("sliding_window", sliding_window, min_value=0)
+        elems = num_layers * 2 * num_blocks * block_size * num_kv_heads * head_dim
+        if elems * torch.empty(0, dtype=dtype).element_size() >= 2**63:
+            raise ValueError(f"num_blocks={num_blocks} is too large: the cache would hold {elems} elements "
+                             f"(num_layers * 2 * num_blocks * block_size * num_kv_heads * head_dim), beyond int64 "
+                             f"byte offsets")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
