@@ -1,6 +1,7 @@
 """Paged KV cache + paged attention against dense float64 attention over K/V gathered from the cache."""
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def shuffled_tables(seq_lens, block_size, num_blocks, device, pad=2):
 
 
 def run_case(device, dtype, seq_lens, q_lens=None, heads_kv=2, group=4, head_dim=64, block_size=16, window=-1,
-             num_splits=None, scale=None):
+             num_splits=None, scale=None, softcap=0.0):
     n_blocks = sum(-(-L // block_size) for L in seq_lens) + 3
     kc, vc = random_cache(n_blocks, block_size, heads_kv, head_dim, dtype, device)
     bt = shuffled_tables(seq_lens, block_size, n_blocks, device)
@@ -50,9 +51,10 @@ def run_case(device, dtype, seq_lens, q_lens=None, heads_kv=2, group=4, head_dim
         total = sum(q_lens)
     q = torch.randn(total, heads_kv * group, head_dim, device=device).to(dtype)
     out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, num_splits=num_splits,
-                                   softmax_scale=scale,
+                                   softmax_scale=scale, softcap=softcap,
                                    max_seqlen_q=None if q_lens is None else max(max(q_lens), 1))
-    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, softmax_scale=scale)
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window, softmax_scale=scale,
+                               softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape
     if device == CUDA:
         P.check_kernel_errors(device)
@@ -99,9 +101,10 @@ def test_multi_token(device, block_size):
 def test_scale_and_automatic_splits(device):
     dtype = dtypes_for(device)[-1]
     # one long sequence and one kv head: too few work items, so the planner splits
-    n = P.plan_num_splits(1, 1, 1, 1, 2048, 16, torch.device(device))
+    # (at least 256 keys per split on CUDA, 2048 on the CPU, where a split costs a thread start)
+    n = P.plan_num_splits(1, 1, 1, 1, 5000 // 16 * 16 + 32, 16, torch.device(device))
     assert n > 1
-    run_case(device, dtype, [2000], heads_kv=1, group=1, scale=0.3)
+    run_case(device, dtype, [5000], heads_kv=1, group=1, scale=0.3)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -468,10 +471,11 @@ def test_opcheck(device):
     bt = shuffled_tables([20, 9], 8, 10, device)
     sl = torch.tensor([20, 9], dtype=torch.int32, device=device)
     q = torch.randn(2, 4, 16, device=device).to(dtype)
-    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q, kc, vc, bt, sl, None, 0.25, -1, 1, 2))
+    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q, kc, vc, bt, sl, None, 0.25, 0.0, -1, 1, 2))
     cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
     q3 = torch.randn(5, 4, 16, device=device).to(dtype)
-    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q3, kc, vc, bt, sl, cu, 0.25, 4, 3, 1))
+    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q3, kc, vc, bt, sl, cu, 0.25, 0.0, 4, 3, 1))
+    torch.library.opcheck(torch.ops.pyllmops.paged_attention, (q3, kc, vc, bt, sl, cu, 0.25, 5.0, -1, 3, 2))
     key = torch.randn(3, 2, 16, device=device).to(dtype)
     torch.library.opcheck(torch.ops.pyllmops.reshape_and_cache,
                           (key, key.clone(), kc, vc, torch.tensor([0, -1, 79], device=device)))
@@ -560,3 +564,226 @@ def test_multi_token_with_no_queries():
     out = pyllmops.paged_attention(torch.randn(0, 4, 64), kc, vc, bt, torch.tensor([5, 9], dtype=torch.int32),
                                    cu_seqlens_q=torch.tensor([0, 0, 0], dtype=torch.int32))
     assert out.shape == (0, 4, 64)
+
+
+# ---------------------------------------------------------------- softcap, huge scales, instruction sets
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_softcap(device, num_splits):
+    """Gemma-2 logit softcap: softcap * tanh(scale * q.k / softcap) before the mask and softmax."""
+    for dtype in dtypes_for(device)[:1]:
+        run_case(device, dtype, [40, 300], heads_kv=2, group=4, softcap=2.0, scale=0.5, num_splits=num_splits)
+        run_case(device, dtype, [33, 70], q_lens=[5, 9], heads_kv=1, group=2, softcap=0.7, window=20,
+                 num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_huge_softmax_scale_is_the_hard_max(device, num_splits):
+    """Scores are scaled only after the row max is subtracted, so softmax_scale = 1e38 (finite in float32)
+    gives float64's answer (the value of the best key), never NaN."""
+    dtype = dtypes_for(device)[0]
+    out = run_case(device, dtype, [37, 130], heads_kv=2, group=4, scale=1e38, num_splits=num_splits)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scale,match", [(1e39, "softmax_scale must be positive and finite in float32"),
+                                         (3e38, "softmax_scale must be positive and finite in float32"),
+                                         (1e-50, "softmax_scale must be positive and finite in float32"),
+                                         (float("nan"), "softmax_scale"), (-1.0, "softmax_scale")])
+def test_softmax_scale_must_survive_float32(scale, match):
+    q, kc, vc, bt, sl = small()
+    with pytest.raises(ValueError, match=match):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, softmax_scale=scale)
+    with pytest.raises(ValueError, match="softmax_scale"):  # the C++ layer checks again
+        torch.ops.pyllmops.paged_attention(q, kc, vc, bt, sl, None, scale, 0.0, -1, 1, 1)
+
+
+@pytest.mark.parametrize("softcap,match", [(-1.0, "softcap must be 0"), (float("inf"), "softcap must be 0"),
+                                           (1e-45, "softmax_scale / softcap"), ("x", "softcap must be a float")])
+def test_bad_softcap(softcap, match):
+    q, kc, vc, bt, sl = small()
+    with pytest.raises((ValueError, TypeError), match=match):
+        pyllmops.paged_attention(q, kc, vc, bt, sl, softcap=softcap)
+
+
+def supported_isas():
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    isas = ["scalar"]
+    if " avx2" in flags and " fma" in flags and " f16c" in flags:
+        isas.append("avx2")
+    if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags:
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_every_instruction_set(isa, monkeypatch):
+    """The CPU work item is compiled for AVX-512, AVX2 and portable code, picked at run time; each one is
+    checked here (PYLLMOPS_PAGED_ISA forces it), including odd head dims (vector tails) and every dtype."""
+    monkeypatch.setenv("PYLLMOPS_PAGED_ISA", isa)
+    for dtype in dtypes_for("cpu"):
+        run_case("cpu", dtype, [1, 70, 129], heads_kv=2, group=8, head_dim=40, num_splits=2)
+        run_case("cpu", dtype, [20, 90], q_lens=[3, 11], heads_kv=1, group=4, head_dim=17, window=30)
+    run_case("cpu", torch.float32, [77], heads_kv=3, group=1, head_dim=128, softcap=3.0)
+
+
+def test_bad_isa_name(monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_PAGED_ISA", "sse9")
+    q, kc, vc, bt, sl = small()
+    with pytest.raises(ValueError, match="PYLLMOPS_PAGED_ISA must be scalar, avx2 or avx512, got sse9"):
+        pyllmops.paged_attention(q, kc, vc, bt, sl)
+
+
+# ---------------------------------------------------------------- upper bounds (no hang, no overflow)
+@pytest.mark.parametrize("max_seqlen_q", [3, 2 ** 40, 2 ** 62])
+def test_max_seqlen_q_upper_bound(max_seqlen_q):
+    """max_seqlen_q sizes the launch: above total_q it is refused at once (2**40 used to loop for ages, and
+    2**62 with GQA 2 overflowed into NaN), in Python and again in C++."""
+    q, kc, vc, bt, sl = small()
+    q = torch.randn(2, 4, 16)
+    kc2, vc2 = kc[:, :, :1].contiguous(), vc[:, :, :1].contiguous()  # GQA 4 (and 2 below)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    for k, v, qq in ((kc, vc, q), (kc2, vc2, q), (kc[:, :, :2].contiguous(), vc[:, :, :2].contiguous(), q)):
+        with pytest.raises(ValueError, match=rf"max_seqlen_q must be in \[1, total_q=2\].*got {max_seqlen_q}"):
+            pyllmops.paged_attention(qq, k, v, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)
+        with pytest.raises(ValueError, match="max_seqlen_q must be in"):
+            torch.ops.pyllmops.paged_attention(qq, k, v, bt, sl, cu, 0.25, 0.0, -1, max_seqlen_q, 1)
+
+
+@pytest.mark.parametrize("window", [16, 2 ** 31, 2 ** 62, 2 ** 70])
+def test_huge_window_is_unbounded(window):
+    """A window at least the block table's capacity sees everything: same result as window_left=-1."""
+    q, kc, vc, bt, sl = small()
+    want = pyllmops.paged_attention(q, kc, vc, bt, sl)
+    assert torch.equal(pyllmops.paged_attention(q, kc, vc, bt, sl, window_left=window), want)
+    if window < 2 ** 63:  # the C++ layer clamps too
+        got = torch.ops.pyllmops.paged_attention(q, kc, vc, bt, sl, None, 0.25, 0.0, window, 1, 1)
+        assert torch.equal(got, torch.ops.pyllmops.paged_attention(q, kc, vc, bt, sl, None, 0.25, 0.0, -1, 1, 1))
+
+
+def test_cache_size_overflow_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_blocks=4611686018427387904 is too large"):
+        pyllmops.PagedKVCache(1, 2 ** 62, 8, 2, 16, dtype=torch.float32, device="cpu")
+
+
+def test_zero_kv_heads_is_a_clear_error():
+    with pytest.raises(ValueError, match="num_kv_heads must be >= 1, got 0"):
+        pyllmops.PagedKVCache(1, 4, 16, 0, 8, dtype=torch.float32, device="cpu")
+    kc = torch.zeros(4, 8, 0, 16)
+    with pytest.raises(ValueError, match=r"num_kv_heads \(key_cache.shape\[2\]\) must be >= 1, got 0"):
+        pyllmops.paged_attention(torch.randn(1, 4, 16), kc, kc.clone(), torch.zeros(1, 1, dtype=torch.int32),
+                                 torch.ones(1, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------- NaN policy
+def assert_nonfinite_like(out, want, tol):
+    """Non-finite exactly where the float64 reference is, close elsewhere."""
+    bad_out, bad_want = ~torch.isfinite(out.double()), ~torch.isfinite(want)
+    assert torch.equal(bad_out, bad_want), (f"non-finite at {bad_out.nonzero()[:8].tolist()}, reference at "
+                                            f"{bad_want.nonzero()[:8].tolist()}")
+    keep = ~bad_want
+    assert_close(out.double()[keep], want[keep], tol)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("poison", ["q_nan", "q_inf", "k_nan", "k_inf", "v_inf", "v_nan", "k_nan_masked",
+                                    "all_scores_neg_inf"])
+def test_non_finite_reaches_what_it_touches(device, num_splits, poison):
+    """NaN / inf in q, K or V reaches exactly the outputs that see it, as in float64, with and without
+    split-KV (the merge never turns a NaN partial into -inf or 0); masked keys never leak."""
+    dtype = dtypes_for(device)[0]
+    seq_lens, q_lens, heads_kv, group, d, bs, window = [70, 300], [6, 9], 2, 4, 32, 16, 40
+    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
+    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32, device=device)
+    q = torch.randn(15, heads_kv * group, d, device=device).to(dtype)
+
+    def cache_slot(s, pos):  # (block, offset) of sequence s's key at position pos
+        return bt[s, pos // bs].item(), pos % bs
+
+    if poison == "q_nan":
+        q[3, 5, 7] = float("nan")
+    elif poison == "q_inf":
+        q[10, 0, 2] = float("inf")
+    elif poison in ("k_nan", "k_inf", "v_inf", "v_nan"):
+        b, o = cache_slot(1, 290 - 40 + 2)  # seen by sequence 1's last queries only (window 40, causal)
+        cache = kc if poison[0] == "k" else vc
+        cache[b, o, 1, 5] = float("nan") if poison.endswith("nan") else float("inf")
+    elif poison == "k_nan_masked":
+        b, o = cache_slot(1, 100)  # outside every window of sequence 1
+        kc[b, o, 0, :] = float("nan")
+        vc[b, o, 1, :] = float("inf")
+    elif poison == "all_scores_neg_inf":
+        kc[..., 0] = float("-inf")  # q.k = -inf for every key where q[..., 0] > 0
+        q[..., 0] = q[..., 0].abs() + 0.5
+        q[4, :, 0] = 0.0  # 0 * -inf = NaN rows too
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, max_seqlen_q=9, window_left=window,
+                                   num_splits=num_splits)
+    if device == CUDA:
+        P.check_kernel_errors(device)
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window)
+    assert (~torch.isfinite(want)).any() or poison == "k_nan_masked"
+    assert_nonfinite_like(out, want, TOL[dtype])
+
+
+# ---------------------------------------------------------------- reshape_and_cache: races and aliasing
+@pytest.mark.parametrize("validate", [True, False])
+def test_reshape_and_cache_refuses_duplicate_slots(validate):
+    """Two tokens writing one slot would race (the winner depended on thread timing): refused before any
+    write, in Python (validate) and in C++ (validate=False)."""
+    kc, vc = random_cache(4, 8, 2, 16, torch.float32, "cpu")
+    k0, v0 = kc.clone(), vc.clone()
+    key, value = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match=r"duplicate slot 5 \(tokens 1 and 3\)"):
+        pyllmops.reshape_and_cache(key, value, kc, vc, torch.tensor([0, 5, -1, 5]), validate=validate)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+    pyllmops.reshape_and_cache(key, value, kc, vc, torch.tensor([0, -1, -1, 5]), validate=validate)  # -1 repeats
+
+
+def test_reshape_and_cache_refuses_aliased_caches():
+    kc, _ = random_cache(4, 8, 2, 16, torch.float32, "cpu")
+    k0 = kc.clone()
+    key = torch.randn(2, 2, 16)
+    with pytest.raises(ValueError, match="key_cache and value_cache share memory"):
+        pyllmops.reshape_and_cache(key, key.clone(), kc, kc, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="key_cache and value_cache share memory"):  # C++ checks too
+        torch.ops.pyllmops.reshape_and_cache(key, key.clone(), kc, kc, torch.tensor([0, 1]))
+    storage = torch.randn(2, 4, 8, 2, 16)
+    with pytest.raises(ValueError, match="key shares memory"):
+        pyllmops.reshape_and_cache(storage[0, 0, :2], key, storage[0], storage[1], torch.tensor([0, 1]))
+    assert torch.equal(kc, k0)
+
+
+# ---------------------------------------------------------------- cache manager: validate before mutating
+@pytest.mark.parametrize("call,err,match", [
+    (lambda c, a: c.allocate_slots([a], 2.0), TypeError, "num_tokens must be an int .* got float 2.0"),
+    (lambda c, a: c.allocate_slots([a], [1, 2]), ValueError, "num_tokens has 2 entries for 1 sequences"),
+    (lambda c, a: c.allocate_slots([a], [-1]), ValueError, r"num_tokens\[0\] must be >= 0, got -1"),
+    (lambda c, a: c.allocate_slots([a], True), TypeError, "num_tokens must be an int"),
+    (lambda c, a: c.allocate_slots(a, 1), TypeError, "seq_ids must be a list of sequence ids, got int"),
+    (lambda c, a: c.allocate_slots([a, 99], 1), KeyError, "unknown sequence id 99"),
+    (lambda c, a: c.allocate_slots([a], 10 ** 6), pyllmops.OutOfBlocksError, "need"),
+    (lambda c, a: c.fork(99), KeyError, "unknown sequence id 99"),
+    (lambda c, a: c.free(99), KeyError, "unknown sequence id 99"),
+    (lambda c, a: c.copy_blocks([(0, 99)]), ValueError, "block pairs must be in"),
+    (lambda c, a: c.copy_blocks("ab"), ValueError, "pairs must be a list"),
+    (lambda c, a: c.block_tables([a], max_blocks=1.5), TypeError, "max_blocks must be an int"),
+    (lambda c, a: c.write(0, torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.tensor([3, 3])), ValueError,
+     "duplicate slot 3"),
+    (lambda c, a: c.write(2, torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.tensor([3, 4])), ValueError,
+     "layer must be < num_layers=2, got 2"),
+])
+def test_cache_manager_refusals_change_nothing(call, err, match):
+    cache = pyllmops.PagedKVCache(2, 6, 8, 2, 8, dtype=torch.float32, device="cpu")
+    a = cache.add_sequence()
+    cache.allocate_slots([a], 11)
+    cache.fork(a)
+    before = snapshot(cache)
+    with pytest.raises(err, match=match):
+        call(cache, a)
+    assert same_snapshot(before, snapshot(cache))
+    check_invariants(cache)

@@ -51,6 +51,14 @@ constexpr int kErrSeqLen = 2;      // seq_len < 0, > table capacity, or < q_len
 constexpr int kErrSlot = 4;        // reshape_and_cache slot outside [-1, num_blocks * block_size)
 
 // Everything the attention kernels need, as plain pointers and sizes (no TensorView on the device).
+//
+// Score domain. A kernel keeps each row's scores as x = q.k (softcap == 0) or
+// x = softcap * tanh(q.k * cap_scale) with cap_scale = softmax_scale / softcap (logit softcap), and the
+// row statistics (running max m, running sum l) in that domain; probabilities are
+// exp2((x - m) * exp2_scale) with exp2_scale = softmax_scale * log2(e) (softcap == 0) or log2(e).
+// The scale multiplies a difference that is <= 0, so no scale that is finite in float32 can overflow
+// a score (softmax_scale = 1e38 gives the hard maximum, as in float64), and the split partials keep
+// (m, l) rather than an LSE that would overflow.
 struct AttnParams {
   const void* q = nullptr;            // [total_q, heads_q, head_dim], contiguous
   const void* k_cache = nullptr;      // [num_blocks, block_size, heads_kv, head_dim], contiguous
@@ -60,18 +68,34 @@ struct AttnParams {
   const int32_t* cu_seqlens_q = nullptr;  // [num_seqs + 1] or null (decode: one query per sequence)
   void* out = nullptr;                // [total_q, heads_q, head_dim]
   float* partial_out = nullptr;       // [num_splits, total_q, heads_q, head_dim] (num_splits > 1)
-  float* partial_lse = nullptr;       // [num_splits, total_q, heads_q]
+  float* partial_ml = nullptr;        // [num_splits, total_q, heads_q, 2]: each split's (m, l) of a row
   int* error_flag = nullptr;          // CUDA only: bits above; null on the CPU (which throws instead)
   int64_t num_seqs = 0, total_q = 0, max_q_len = 1;
   int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
   int64_t num_blocks = 0, block_size = 0, max_blocks = 0;
   int64_t num_splits = 1;
-  int window_left = -1;
-  float scale_log2 = 0.0f;            // softmax_scale * log2(e): scores live in the base-2 domain
+  int window_left = -1;               // -1: unbounded (the binding clamps windows >= the table's capacity)
+  int log2_block_size = 0;            // block_size = 1 << log2_block_size (index math by shift and mask)
+  float exp2_scale = 0.0f;            // see "Score domain"
+  float softcap = 0.0f;               // 0: off
+  float cap_scale = 0.0f;             // softmax_scale / softcap (softcap > 0)
 
-  PYLLMOPS_HD int64_t group() const { return heads_q / heads_kv; }
+  // 32-bit division (the binding checks heads_q <= INT32_MAX): no 64-bit division routine on CUDA.
+  PYLLMOPS_HD int64_t group() const { return static_cast<uint32_t>(heads_q) / static_cast<uint32_t>(heads_kv); }
   PYLLMOPS_HD int64_t row_tiles() const { return (max_q_len * group() + kRowTile - 1) / kRowTile; }
 };
+
+// A score from a raw dot product q.k (see "Score domain").
+PYLLMOPS_HD float score_of(const AttnParams& p, float dot) {
+  if (p.softcap > 0.0f) {
+#if defined(__CUDA_ARCH__)
+    return p.softcap * tanhf(dot * p.cap_scale);
+#else
+    return p.softcap * std::tanh(dot * p.cap_scale);
+#endif
+  }
+  return dot;
+}
 
 // The queries of sequence s: [q_begin, q_begin + q_len).
 PYLLMOPS_HD void query_range(const AttnParams& p, int64_t s, int64_t* q_begin, int64_t* q_len) {
@@ -92,10 +116,13 @@ PYLLMOPS_HD int64_t first_visible_key(int64_t pos, int window_left) {
 }
 
 // Keys [key_begin, key_end) that the rows [row_begin, row_end) of a sequence can see (rows are
-// ordered query-major: row r is query r / group). Empty when the rows see nothing.
+// ordered query-major: row r is query r / group). Empty when the rows see nothing. Divisions are
+// 32-bit (rows < 2^31: the binding bounds max_seqlen_q by total_q, and CUDA launches at most 65535
+// row tiles; positions < 2^31: seq_lens are int32), so no 64-bit division routine is called.
 PYLLMOPS_HD void visible_keys(int64_t seq_len, int64_t q_len, int64_t group, int64_t row_begin, int64_t row_end,
                               int window_left, int64_t* key_begin, int64_t* key_end) {
-  const int64_t first_q = row_begin / group, last_q = (row_end - 1) / group;
+  const uint32_t g = static_cast<uint32_t>(group);
+  const int64_t first_q = static_cast<uint32_t>(row_begin) / g, last_q = static_cast<uint32_t>(row_end - 1) / g;
   const int64_t first_pos = seq_len - q_len + first_q, last_pos = seq_len - q_len + last_q;
   *key_begin = first_visible_key(first_pos, window_left);
   *key_end = last_pos + 1;  // causal: the last row sees up to its own position
@@ -104,16 +131,17 @@ PYLLMOPS_HD void visible_keys(int64_t seq_len, int64_t q_len, int64_t group, int
 }
 
 // The key range of split `split` out of `num_splits` over [key_begin, key_end), cut on block
-// boundaries so that no block is read by two splits.
-PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int64_t block_size, int64_t split, int64_t num_splits,
+// boundaries (block_size = 1 << log2_bs) so that no block is read by two splits.
+PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int log2_bs, int64_t split, int64_t num_splits,
                             int64_t* split_begin, int64_t* split_end) {
   if (key_end <= key_begin) {
     *split_begin = *split_end = key_begin;
     return;
   }
-  const int64_t b0 = key_begin / block_size, b1 = (key_end + block_size - 1) / block_size;
-  const int64_t per = (b1 - b0 + num_splits - 1) / num_splits;
-  int64_t lo = (b0 + split * per) * block_size, hi = (b0 + (split + 1) * per) * block_size;
+  const int64_t bs = int64_t{1} << log2_bs;
+  const int64_t b0 = key_begin >> log2_bs, b1 = (key_end + bs - 1) >> log2_bs;
+  const int64_t per = static_cast<uint32_t>(b1 - b0 + num_splits - 1) / static_cast<uint32_t>(num_splits);
+  int64_t lo = (b0 + split * per) << log2_bs, hi = (b0 + (split + 1) * per) << log2_bs;
   if (lo < key_begin) lo = key_begin;
   if (hi > key_end) hi = key_end;
   if (hi < lo) hi = lo;
@@ -121,10 +149,13 @@ PYLLMOPS_HD void split_keys(int64_t key_begin, int64_t key_end, int64_t block_si
   *split_end = hi;
 }
 
-// Whether row `row` (query row r / group of a sequence with q_len queries and seq_len keys) sees key j.
-PYLLMOPS_HD bool row_sees(int64_t seq_len, int64_t q_len, int64_t group, int64_t row, int64_t j, int window_left) {
-  const int64_t pos = seq_len - q_len + row / group;
-  return j <= pos && j >= first_visible_key(pos, window_left);
+// Keys [lo, hi) row `row` sees (row r is query r / group of a sequence with q_len queries and
+// seq_len keys). Called once per row, outside every key loop (the one division is here).
+PYLLMOPS_HD void row_key_bounds(int64_t seq_len, int64_t q_len, int64_t group, int64_t row, int window_left,
+                                int64_t* lo, int64_t* hi) {
+  const int64_t pos = seq_len - q_len + static_cast<uint32_t>(row) / static_cast<uint32_t>(group);
+  *lo = first_visible_key(pos, window_left);
+  *hi = pos + 1;
 }
 
 // Whether sequence s's sizes are usable (checked host-side on the CPU; flagged and skipped on CUDA).
@@ -132,25 +163,31 @@ PYLLMOPS_HD bool seq_ok(const AttnParams& p, int64_t seq_len, int64_t q_len) {
   return seq_len >= 0 && q_len >= 0 && q_len <= seq_len && seq_len <= p.max_blocks * p.block_size;
 }
 
-// Split-KV merge: natural-log LSE of the union of n partials (lse[i * stride]); -inf when all are
-// empty; NaN when any partial is NaN (a split that met bad metadata on CUDA poisons its row: the
-// merged row must be NaN too, never a plausible number built from the other splits).
-// Partial i then weighs softmax::merge_weight(lse_i, total). Fixed order: deterministic.
-PYLLMOPS_HD float merged_lse(const float* lse, int64_t stride, int64_t n) {
+// Split-KV merge of n partials of one row (split i: statistics (m_i, l_i) at ml[2 * i * stride],
+// normalized output o_i). Sets *m_tot (NaN-propagating max of the m_i) and *l_tot; partial i then
+// weighs merge_weight(...). NaN in any m_i or l_i (NaN input, or a split that met bad metadata on
+// CUDA) makes the row NaN, never a plausible number built from the other splits. Fixed order:
+// deterministic.
+PYLLMOPS_HD void merge_stats(const float* ml, int64_t stride, int64_t n, float exp2_scale, float* m_tot,
+                             float* l_tot) {
   float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = softmax::nan_max(ml[2 * i * stride], mx);
+  float l = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = lse[i * stride];
-    if (v != v) return NAN;
-    mx = v > mx ? v : mx;
+    const float mi = ml[2 * i * stride], li = ml[2 * i * stride + 1];
+    l += li != li ? li : (mi == -INFINITY ? 0.0f : li * softmax::fast_exp2((mi - mx) * exp2_scale));
   }
-  if (mx == -INFINITY) return -INFINITY;
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) sum += softmax::merge_weight(lse[i * stride], mx);
-#if defined(__CUDA_ARCH__)
-  return mx + log2f(sum) * softmax::kLn2;
-#else
-  return mx + std::log2(sum) * softmax::kLn2;
-#endif
+  *m_tot = mx;
+  *l_tot = l;
+}
+
+// Weight of partial (m_i, l_i) in a merge with totals (m, l): l_i * 2^((m_i - m) * s) / l. An empty
+// partial (m_i = -inf) weighs 0 unless the row is NaN; a row whose every split is empty gives
+// weight 0 (and an output 0 * o_i: 0, or NaN where a split saw keys whose scores were all -inf).
+PYLLMOPS_HD float merge_weight(float mi, float li, float m, float l, float exp2_scale) {
+  if (m != m || l != l) return NAN;
+  if (mi == -INFINITY || !(l > 0.0f)) return 0.0f;
+  return li * softmax::fast_exp2((mi - m) * exp2_scale) / l;
 }
 
 // ---- kernel entry points (paged_bindings.cpp checks views, then calls these) -------------------

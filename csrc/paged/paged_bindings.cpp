@@ -2,6 +2,9 @@
 // relies on (dtypes, contiguity, devices, sizes) and throws; on CPU tensors it also validates the
 // block tables / seq_lens / cu_seqlens_q / slots before any kernel reads memory. On CUDA those live
 // on the device: the kernels bounds-check them, skip what is out of range and raise error bits.
+#include <algorithm>
+#include <cmath>
+
 #include "bindings.h"
 #include "paged/paged.h"
 
@@ -40,6 +43,14 @@ int* flag_ptr(const OptView& flag, const TensorView& ref) {
   return flag->ptr<int>();
 }
 
+// Whether the bytes of two contiguous views overlap.
+bool overlaps(const TensorView& a, const TensorView& b) {
+  const auto* a0 = static_cast<const char*>(a.data);
+  const auto* b0 = static_cast<const char*>(b.data);
+  const int64_t na = a.numel() * pyllmops::dtype_size(a.dtype), nb = b.numel() * pyllmops::dtype_size(b.dtype);
+  return na > 0 && nb > 0 && a0 < b0 + nb && b0 < a0 + na;
+}
+
 void paged_reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                              const TensorView& value_cache, const TensorView& slot_mapping, const OptView& error_flag,
                              uintptr_t stream) {
@@ -56,6 +67,11 @@ void paged_reshape_and_cache(const TensorView& key, const TensorView& value, con
                  key_cache.size(3));
   PYLLMOPS_CHECK(slot_mapping.numel() == key.size(0), "slot_mapping has ", slot_mapping.numel(),
                  " entries, expected one per token (", key.size(0), ")");
+  PYLLMOPS_CHECK(!overlaps(key_cache, value_cache), "key_cache and value_cache share memory (the values would "
+                 "overwrite the keys); pass two separate caches");
+  PYLLMOPS_CHECK(!overlaps(key, key_cache) && !overlaps(key, value_cache) && !overlaps(value, key_cache) &&
+                     !overlaps(value, value_cache),
+                 "key / value share memory with a cache they are written into; pass separate tensors");
   if (key.size(0) == 0) return;
   int* flag = flag_ptr(error_flag, key_cache);
   (void)flag;  // used by the CUDA branch only
@@ -78,9 +94,9 @@ void paged_copy_blocks(const TensorView& caches, const TensorView& pairs, uintpt
 
 void paged_attention(const TensorView& q, const TensorView& key_cache, const TensorView& value_cache,
                      const TensorView& block_tables, const TensorView& seq_lens, const OptView& cu_seqlens_q,
-                     const TensorView& out, const OptView& partial_out, const OptView& partial_lse,
-                     const OptView& error_flag, double softmax_scale, int64_t window_left, int64_t max_q_len,
-                     int64_t num_splits, uintptr_t stream) {
+                     const TensorView& out, const OptView& partial_out, const OptView& partial_ml,
+                     const OptView& error_flag, double softmax_scale, double softcap, int64_t window_left,
+                     int64_t max_q_len, int64_t num_splits, uintptr_t stream) {
   check_cache_pair(key_cache, value_cache);
   check_input(q, key_cache, "q", "key_cache");
   check_input(out, key_cache, "out", "key_cache");
@@ -102,12 +118,26 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
   p.heads_kv = key_cache.size(2);
   p.max_blocks = block_tables.size(1);
   PYLLMOPS_CHECK(key_cache.size(3) == p.head_dim, "q has head_dim ", p.head_dim, " but the cache ", key_cache.size(3));
+  PYLLMOPS_CHECK(p.heads_q <= INT32_MAX, "q has ", p.heads_q, " heads, at most ", INT32_MAX, " supported");
   PYLLMOPS_CHECK(p.heads_kv >= 1 && p.heads_q % p.heads_kv == 0, "heads_q (", p.heads_q,
                  ") must be a multiple of num_kv_heads (", p.heads_kv, ")");
-  PYLLMOPS_CHECK(window_left >= -1 && window_left <= INT32_MAX, "window_left must be -1 or >= 0, got ", window_left);
+  PYLLMOPS_CHECK(window_left >= -1, "window_left must be -1 (unbounded) or >= 0, got ", window_left);
+  // A window at least the table's capacity is unbounded (no key position reaches it): clamp, no overflow.
+  if (window_left >= p.max_blocks * p.block_size || window_left > INT32_MAX) window_left = -1;
   PYLLMOPS_CHECK(num_splits >= 1 && num_splits <= paged::kMaxSplits, "num_splits must be in [1, ", paged::kMaxSplits,
                  "], got ", num_splits);
-  PYLLMOPS_CHECK(max_q_len >= 1, "max_q_len must be >= 1, got ", max_q_len);
+  PYLLMOPS_CHECK(max_q_len >= 1 && max_q_len <= std::max<int64_t>(p.total_q, 1), "max_seqlen_q must be in [1, ",
+                 std::max<int64_t>(p.total_q, 1), "] (no sequence has more queries than q has rows), got ", max_q_len);
+  // Scores stay unscaled (paged.h "Score domain"): the scale multiplies x - m <= 0 and must be a
+  // positive finite float32, as must the softcap and softmax_scale / softcap.
+  const float scale_f = static_cast<float>(softmax_scale);
+  PYLLMOPS_CHECK(scale_f > 0.0f && std::isfinite(scale_f) && std::isfinite(static_cast<float>(softmax_scale * pyllmops::softmax::kLog2e)),
+                 "softmax_scale must be positive and finite in float32 (at most ~2.3e38), got ", softmax_scale);
+  PYLLMOPS_CHECK(softcap == 0.0 || (static_cast<float>(softcap) > 0.0f && std::isfinite(static_cast<float>(softcap)) &&
+                                    std::isfinite(static_cast<float>(softmax_scale / softcap)) &&
+                                    static_cast<float>(softmax_scale / softcap) > 0.0f),
+                 "softcap must be 0 (off) or positive with softmax_scale / softcap finite and nonzero in float32, got "
+                 "softcap ", softcap, " with softmax_scale ", softmax_scale);
   if (cu_seqlens_q) {
     check_input(*cu_seqlens_q, key_cache, "cu_seqlens_q", "key_cache");
     pyllmops::check_dtype(*cu_seqlens_q, DType::i32, "cu_seqlens_q");
@@ -119,15 +149,15 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
                    "q has ", p.total_q, " rows for ", p.num_seqs, " sequences");
   }
   if (num_splits > 1) {
-    PYLLMOPS_CHECK(partial_out && partial_lse, "num_splits > 1 needs partial_out and partial_lse");
+    PYLLMOPS_CHECK(partial_out && partial_ml, "num_splits > 1 needs partial_out and partial_ml");
     check_input(*partial_out, key_cache, "partial_out", "key_cache");
-    check_input(*partial_lse, key_cache, "partial_lse", "key_cache");
+    check_input(*partial_ml, key_cache, "partial_ml", "key_cache");
     pyllmops::check_dtype(*partial_out, DType::f32, "partial_out");
-    pyllmops::check_dtype(*partial_lse, DType::f32, "partial_lse");
+    pyllmops::check_dtype(*partial_ml, DType::f32, "partial_ml");
     pyllmops::check_min_numel(*partial_out, num_splits * q.numel(), "partial_out");
-    pyllmops::check_min_numel(*partial_lse, num_splits * p.total_q * p.heads_q, "partial_lse");
+    pyllmops::check_min_numel(*partial_ml, 2 * num_splits * p.total_q * p.heads_q, "partial_ml");
     p.partial_out = partial_out->ptr<float>();
-    p.partial_lse = partial_lse->ptr<float>();
+    p.partial_ml = partial_ml->ptr<float>();
   }
   p.q = q.data;
   p.k_cache = key_cache.data;
@@ -138,7 +168,11 @@ void paged_attention(const TensorView& q, const TensorView& key_cache, const Ten
   p.max_q_len = max_q_len;
   p.num_splits = num_splits;
   p.window_left = static_cast<int>(window_left);
-  p.scale_log2 = static_cast<float>(softmax_scale) * pyllmops::softmax::kLog2e;
+  p.log2_block_size = __builtin_ctzll(static_cast<unsigned long long>(p.block_size));
+  p.softcap = static_cast<float>(softcap);
+  p.cap_scale = softcap > 0.0 ? static_cast<float>(softmax_scale / softcap) : 0.0f;
+  p.exp2_scale = softcap > 0.0 ? pyllmops::softmax::kLog2e
+                               : static_cast<float>(softmax_scale * pyllmops::softmax::kLog2e);
   if (p.total_q == 0 || p.num_seqs == 0 || p.heads_q == 0) return;  // no output row: nothing to launch
   p.error_flag = flag_ptr(error_flag, key_cache);
   PYLLMOPS_ON_DEVICE(q, "paged_attention", paged::attention_cpu(p, q.dtype), paged::attention_cuda(p, q.dtype, q.device, stream));

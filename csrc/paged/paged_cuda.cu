@@ -77,16 +77,39 @@ __device__ __forceinline__ void load_row(const T* __restrict__ row, int li, int 
   }
 }
 
-// Where row r of a tile writes: element offset of (query, head) in out, in units of head_dim rows.
-__device__ __forceinline__ int64_t out_row(const AttnParams& p, int64_t q_begin, int64_t row, int64_t h) {
-  const int64_t G = p.group();
-  return (q_begin + row / G) * p.heads_q + h * G + row % G;
+// NaN-propagating max over an aligned group of kWidth lanes (fmaxf would drop a NaN score and make
+// the row look masked).
+template <int kWidth = 32>
+__device__ __forceinline__ float group_max_nan(float v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v = softmax::nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
 // kRows: register rows (1, 4 or 8 >= the rows a tile really has), so a decode step without GQA
 // keeps 2 x 8 fp32 registers of q / accumulator per thread instead of 2 x 64.
+// The kElems q elements lane li owns of row r, from shared memory (two 16-byte loads when contiguous).
+template <int kLanes, bool kContig, int kDMax>
+__device__ __forceinline__ void load_q(const float (&row)[kDMax], int li, float (&v)[kElems]) {
+  if constexpr (kContig) {
+    const float4 a = reinterpret_cast<const float4*>(row)[2 * li];
+    const float4 b = reinterpret_cast<const float4*>(row)[2 * li + 1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) v[e] = row[elem_index<kLanes, kContig>(li, e)];
+  }
+}
+
+// Occupancy: q lives in shared memory (not 64 registers per thread for 8 rows), so the variants fit
+// __launch_bounds__(128, 4)'s 128 registers: 4 resident CTAs (16 warps) per SM, <= 40 KB of shared
+// memory each (sm_90a: 52-123 registers, no spill). The strided 8-row variant (head dims other than
+// 64 / 128) spilled at 128 registers and asks for 3 CTAs per SM instead.
+template <bool kContig, int kRows>
+constexpr int min_ctas_per_sm() { return (kContig || kRows < kRowTile) ? 4 : 3; }
+
 template <typename T, int kLanes, bool kContig, int kRows>
-__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>())) attention_kernel(const AttnParams p) {
   constexpr int kGroups = kThreads / kLanes;
   constexpr int kDMax = kLanes * kElems;
   constexpr int kKeysPerGroup = kKeyTile / kGroups;
@@ -95,15 +118,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   PYLLMOPS_SHARED(float[kRows], s_m);
   PYLLMOPS_SHARED(float[kRows], s_l);
   PYLLMOPS_SHARED(float[kRows], s_fac);
+  PYLLMOPS_SHARED(int64_t[kRows], s_lo);               // keys [s_lo, s_hi) of this split row r sees
+  PYLLMOPS_SHARED(int64_t[kRows], s_hi);
+  PYLLMOPS_SHARED(int64_t[kRows], s_orow);             // row r's (query, head) row of out
   PYLLMOPS_SHARED(int64_t[kKeyTile], s_off);           // element offset of each key's row, -1: none
   PYLLMOPS_SHARED(float[kGroups][kRows][kDMax], s_red);  // <= 32 KiB: the key groups' accumulators
+  PYLLMOPS_SHARED(float[kRows][kDMax], s_q);           // unscaled q rows (paged.h "Score domain")
   PYLLMOPS_SHARED(int, s_bad);
 
-  const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid / 32, lane = tid % 32;
-  const int64_t s = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
+  // Index math: lane decomposition by shifts and masks (kLanes is a power of two); the few divisions
+  // below run once per CTA or once per row, in 32 bits, outside every key loop.
+  const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid >> 5, lane = tid & 31;
+  const int64_t s = blockIdx.x / static_cast<uint32_t>(p.num_splits);
+  const int64_t split = blockIdx.x - s * p.num_splits;
   const int64_t h = blockIdx.y, tile = blockIdx.z;
-  const int64_t G = p.group(), BS = p.block_size;
+  const int64_t G = p.group();
+  const int lg = p.log2_block_size;
+  const int64_t bmask = p.block_size - 1;
   const int D = static_cast<int>(p.head_dim);
+  const float c = p.exp2_scale;
   int64_t q_begin, q_len;
   query_range(p, s, &q_begin, &q_len);
   const int64_t seq_len = p.seq_lens[s];
@@ -117,17 +150,28 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
     if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
     return;
   }
+  if (tid < n_rows) {
+    const uint32_t row = static_cast<uint32_t>(row_begin + tid), g32 = static_cast<uint32_t>(G);
+    const uint32_t qi = row / g32;
+    s_orow[tid] = (q_begin + qi) * p.heads_q + h * G + (row - qi * g32);
+  }
+  __syncthreads();
+  const int64_t rows_total = p.total_q * p.heads_q;
 
   if (!ok) {  // never read the cache for bad metadata: NaN rows (where addressable) + error bit
     if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
-    for (int i = tid; i < n_rows * D; i += kThreads) {
-      const int64_t orow = out_row(p, q_begin, row_begin + i / D, h);
-      if (orow < 0 || orow >= p.total_q * p.heads_q) continue;
-      if (p.num_splits == 1) {
-        static_cast<T*>(p.out)[orow * D + i % D] = from_float<T>(NAN);
-      } else {
-        p.partial_out[(split * p.total_q * p.heads_q + orow) * D + i % D] = NAN;
-        if (i % D == 0) p.partial_lse[split * p.total_q * p.heads_q + orow] = NAN;
+    for (int r = 0; r < n_rows; ++r) {
+      const int64_t orow = s_orow[r];
+      if (orow < 0 || orow >= rows_total) continue;
+      for (int d = tid; d < D; d += kThreads) {
+        if (p.num_splits == 1)
+          static_cast<T*>(p.out)[orow * D + d] = from_float<T>(NAN);
+        else
+          p.partial_out[(split * rows_total + orow) * D + d] = NAN;
+      }
+      if (p.num_splits > 1 && tid == 0) {
+        p.partial_ml[2 * (split * rows_total + orow)] = NAN;
+        p.partial_ml[2 * (split * rows_total + orow) + 1] = NAN;
       }
     }
     return;
@@ -136,25 +180,36 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
-  float q_reg[kRows][kElems];
+  if (g == 0) {  // key group 0 stages q (read before the key loop's first barrier)
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (r < n_rows) {
-      load_row<T, kLanes, kContig>(q + out_row(p, q_begin, row_begin + r, h) * D, li, D, q_reg[r]);
+    for (int r = 0; r < kRows; ++r) {
+      float qv[kElems];
+      if (r < n_rows) {
+        load_row<T, kLanes, kContig>(q + s_orow[r] * D, li, D, qv);
+      } else {
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) q_reg[r][e] *= p.scale_log2;
-    } else {
+        for (int e = 0; e < kElems; ++e) qv[e] = 0.0f;
+      }
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) q_reg[r][e] = 0.0f;
+      for (int e = 0; e < kElems; ++e) s_q[r][elem_index<kLanes, kContig>(li, e)] = qv[e];
     }
   }
   int64_t kb, ke, sb, se;
   visible_keys(seq_len, q_len, G, row_begin, row_end, p.window_left, &kb, &ke);
-  split_keys(kb, ke, BS, split, p.num_splits, &sb, &se);
+  split_keys(kb, ke, lg, split, p.num_splits, &sb, &se);
   if (tid < kRows) {
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.0f;
     s_fac[tid] = 1.0f;
+    int64_t lo = 0, hi = 0;
+    if (tid < n_rows) {
+      row_key_bounds(seq_len, q_len, G, row_begin + tid, p.window_left, &lo, &hi);
+      lo = lo > sb ? lo : sb;
+      hi = hi < se ? hi : se;
+      if (hi < lo) hi = lo;
+    }
+    s_lo[tid] = lo;
+    s_hi[tid] = hi;
   }
   if (tid == 0) s_bad = 0;
   float acc[kRows][kElems];
@@ -163,18 +218,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
 #pragma unroll
     for (int e = 0; e < kElems; ++e) acc[r][e] = 0.0f;
   const int32_t* __restrict__ table = p.block_tables + s * p.max_blocks;
-  const int log2_bs = __ffsll(BS) - 1;
 
   for (int64_t t0 = sb; t0 < se; t0 += kKeyTile) {
     __syncthreads();  // the previous tile's s_off / s_p are consumed (and the init is visible)
-    // 1. keys -> element offsets through the block table
+    // 1. keys -> element offsets through the block table (shift and mask: block_size = 2^lg)
     if (tid < kKeyTile) {
       const int64_t j = t0 + tid;
       int64_t off = -1;
       if (j < se) {
-        const int64_t blk = table[j >> log2_bs];
+        const int64_t blk = table[j >> lg];
         if (blk >= 0 && blk < p.num_blocks)
-          off = ((blk * BS + (j & (BS - 1))) * p.heads_kv + h) * D;
+          off = (((blk << lg) + (j & bmask)) * p.heads_kv + h) * D;
         else
           s_bad = 1;
       }
@@ -197,35 +251,36 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (r < n_rows) {  // block-uniform
+          float qv[kElems];
+          load_q<kLanes, kContig, kDMax>(s_q[r], li, qv);
           float dot = 0.0f;
 #pragma unroll
-          for (int e = 0; e < kElems; ++e) dot = fmaf(q_reg[r][e], kv[e], dot);
+          for (int e = 0; e < kElems; ++e) dot = fmaf(qv[e], kv[e], dot);
           dot = group_sum<kLanes>(dot);
-          if (li == 0)
-            s_p[r][t] = (off >= 0 && row_sees(seq_len, q_len, G, row_begin + r, j, p.window_left)) ? dot : -INFINITY;
+          if (li == 0) s_p[r][t] = (off >= 0 && j >= s_lo[r] && j < s_hi[r]) ? score_of(p, dot) : -INFINITY;
         }
       }
     }
     __syncthreads();
-    // 3. online softmax: one warp per row
+    // 3. online softmax: one warp per row; p = exp2((x - m) * exp2_scale)
     for (int r = warp; r < n_rows; r += kWarps) {
       const float x0 = s_p[r][lane], x1 = s_p[r][lane + 32];
-      softmax::RowState st;
-      st.m = s_m[r];
-      st.l = s_l[r];
-      const float fac = st.rescale_to(group_max(fmaxf(x0, x1)));
-      const float p0 = softmax::exp2_shifted(x0, st.m), p1 = softmax::exp2_shifted(x1, st.m);
+      const float m_old = s_m[r];
+      const float m_new = softmax::nan_max(group_max_nan(softmax::nan_max(x0, x1)), m_old);
+      const float fac = m_old == -INFINITY ? 0.0f : softmax::fast_exp2((m_old - m_new) * c);
+      const float p0 = softmax::exp2_scaled(x0, m_new, c), p1 = softmax::exp2_scaled(x1, m_new, c);
       const float sum = group_sum(p0 + p1);
       s_p[r][lane] = p0;
       s_p[r][lane + 32] = p1;
       if (lane == 0) {
-        s_m[r] = st.m;
-        s_l[r] = st.l + sum;
+        s_m[r] = m_new;
+        s_l[r] = s_l[r] * fac + sum;
         s_fac[r] = fac;
       }
     }
     __syncthreads();
-    // 4. P V: one V row load per key for all rows
+    // 4. P V: one V row load per key for all rows; a key a row does not see is skipped (select), so a
+    //    non-finite V there never reaches the row, while a key it sees always contributes.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float f = s_fac[r];
@@ -237,14 +292,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
       const int t = g + it * kGroups;
       const int64_t off = s_off[t];
       if (off < 0) continue;  // uniform within the key group
+      const int64_t j = t0 + t;
       float vv[kElems];
       load_row<T, kLanes, kContig>(vc + off, li, D, vv);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (r < n_rows) {
           const float pr = s_p[r][t];
+          const bool sees = j >= s_lo[r] && j < s_hi[r];
 #pragma unroll
-          for (int e = 0; e < kElems; ++e) acc[r][e] = fmaf(pr, vv[e], acc[r][e]);
+          for (int e = 0; e < kElems; ++e) acc[r][e] = sees ? fmaf(pr, vv[e], acc[r][e]) : acc[r][e];
         }
       }
     }
@@ -265,25 +322,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
   __syncthreads();
   const bool bad = s_bad != 0;
   if (bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
-  for (int i = tid; i < n_rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float v = 0.0f;
-#pragma unroll
-    for (int gg = 0; gg < kGroups; ++gg) v += s_red[gg][r][d];
+  for (int r = 0; r < n_rows; ++r) {
     const float l = s_l[r];
-    v = bad ? NAN : v * (l > 0.0f ? 1.0f / l : 0.0f);
-    const int64_t orow = out_row(p, q_begin, row_begin + r, h);
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[orow * D + d] = from_float<T>(v);
-    } else {
-      const int64_t prow = split * p.total_q * p.heads_q + orow;
-      p.partial_out[prow * D + d] = v;
-      if (d == 0) {
-        softmax::RowState st;
-        st.m = s_m[r];
-        st.l = l;
-        p.partial_lse[prow] = bad ? NAN : st.lse_natural();
-      }
+    // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN as in float64
+    const bool saw = s_hi[r] > s_lo[r];
+    const float inv = bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+    const int64_t orow = s_orow[r];
+    for (int d = tid; d < D; d += kThreads) {
+      float v = 0.0f;
+#pragma unroll
+      for (int gg = 0; gg < kGroups; ++gg) v += s_red[gg][r][d];
+      v *= inv;
+      if (p.num_splits == 1)
+        static_cast<T*>(p.out)[orow * D + d] = from_float<T>(v);
+      else
+        p.partial_out[(split * rows_total + orow) * D + d] = v;
+    }
+    if (p.num_splits > 1 && tid == 0) {
+      p.partial_ml[2 * (split * rows_total + orow)] = bad ? NAN : s_m[r];
+      p.partial_ml[2 * (split * rows_total + orow) + 1] = bad ? NAN : l;
     }
   }
 }
@@ -291,12 +348,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttnParams
 template <typename T>
 __global__ void merge_kernel(const AttnParams p) {
   const int64_t row = blockIdx.x, rows = p.total_q * p.heads_q;
-  const float total = merged_lse(p.partial_lse + row, rows, p.num_splits);
+  float m, l;
+  merge_stats(p.partial_ml + 2 * row, rows, p.num_splits, p.exp2_scale, &m, &l);
+  const bool empty = m == -INFINITY;  // every split empty: 0, or NaN where one saw only -inf scores
   for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
     float v = 0.0f;
     for (int64_t i = 0; i < p.num_splits; ++i) {
-      const float w = softmax::merge_weight(p.partial_lse[i * rows + row], total);
-      v += w == 0.0f ? 0.0f : w * p.partial_out[(i * rows + row) * p.head_dim + d];
+      const float* ml = p.partial_ml + 2 * (i * rows + row);
+      const float po = p.partial_out[(i * rows + row) * p.head_dim + d];
+      const float w = merge_weight(ml[0], ml[1], m, l, p.exp2_scale);
+      v += empty ? 0.0f * po : (w == 0.0f ? 0.0f : w * po);
     }
     static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(v);
   }

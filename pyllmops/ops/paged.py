@@ -5,7 +5,7 @@ Ops (torch.ops.pyllmops.*), in the order: schema + kernel, fake:
   reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> ()     # mutates the caches
   paged_copy_blocks(caches, pairs) -> ()                                        # copy-on-write copies
   paged_attention(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale,
-                  window_left, max_seqlen_q, num_splits) -> out
+                  softcap, window_left, max_seqlen_q, num_splits) -> out
 No autograd: these are inference ops (the cache is written, not differentiated).
 Public API: paged_attention, reshape_and_cache, PagedKVCache, OutOfBlocksError, plan_num_splits,
 check_kernel_errors. Kernel design and numbers: csrc/paged/paged.h, docs/paged.md.
@@ -17,19 +17,22 @@ kernels bounds-check it themselves: they never read outside the cache, skip what
 write NaN to the affected attention rows and raise a bit in a per-device error word that
 check_kernel_errors() reads (and that validate=True checks eagerly, with a sync, before the launch).
 """
+import math
+import struct
 from typing import Optional
 
 import torch
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bool, check_int, check_tensor, empty, error_word, on_cuda,
-                                  opt_view, register_error_word, softmax_scale_or_default, stream, view)
+                                  opt_view, register_error_word, stream, view)
 from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (documented here; covers every family)
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256   # csrc/paged/paged.h
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 ROW_TILE = 8
+CTAS_PER_SM = 4  # csrc/paged/paged_cuda.cu min_ctas_per_sm: resident attention CTAs per SM (static, sm_90a)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _ERR_BITS = {1: "a block-table entry some query can see is outside [0, num_blocks)",
              2: "a seq_len is negative, beyond the block table's capacity, or smaller than its number of queries",
@@ -82,24 +85,24 @@ def _(caches, pairs):
 @torch.library.custom_op("pyllmops::paged_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], softmax_scale: float,
-                     window_left: int, max_seqlen_q: int, num_splits: int) -> torch.Tensor:
+                     softcap: float, window_left: int, max_seqlen_q: int, num_splits: int) -> torch.Tensor:
     q = q.contiguous()
     out = empty(q.shape, q.dtype, q.device)
-    part_out = part_lse = None
+    part_out = part_ml = None
     if num_splits > 1:  # split-KV workspaces: torch's (caching) allocator, never the kernel's
         part_out = empty((num_splits, *q.shape), torch.float32, q.device)
-        part_lse = empty((num_splits, q.shape[0], q.shape[1]), torch.float32, q.device)
+        part_ml = empty((num_splits, q.shape[0], q.shape[1], 2), torch.float32, q.device)  # each split's (m, l)
     lib().paged_attention(view(q), view(key_cache), view(value_cache), view(block_tables.contiguous()),
                           view(seq_lens.contiguous()), opt_view(None if cu_seqlens_q is None else
                                                                 cu_seqlens_q.contiguous()),
-                          view(out), opt_view(part_out), opt_view(part_lse), opt_view(_error_word(q.device)),
-                          float(softmax_scale), window_left, max_seqlen_q, num_splits, stream(q))
+                          view(out), opt_view(part_out), opt_view(part_ml), opt_view(_error_word(q.device)),
+                          float(softmax_scale), float(softcap), window_left, max_seqlen_q, num_splits, stream(q))
     return out
 
 
 @_paged_attention.register_fake
-def _(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, window_left, max_seqlen_q,
-      num_splits):
+def _(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, softcap, window_left,
+      max_seqlen_q, num_splits):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -121,18 +124,24 @@ def plan_num_splits(num_seqs, num_kv_heads, group, max_seqlen_q, max_keys, block
     """Split-KV count from host-side sizes only (deterministic for a shape; no sync).
 
     Work items without splitting: num_seqs * num_kv_heads * row tiles. When they cannot fill the
-    device twice over (2 per SM on CUDA, per thread on the CPU), each sequence's visible keys are cut
-    into up to 64 splits of at least 256 keys (and at least one block), merged by LSE afterwards.
+    device (CTAS_PER_SM resident CTAs per SM on CUDA, the attention kernel's __launch_bounds__
+    occupancy; 2 per thread on the CPU), each sequence's visible keys are cut
+    into up to 64 splits of at least 256 keys on CUDA, 2048 on the CPU (and at least one block),
+    merged afterwards.
     max_keys: an upper bound on the keys one row tile can see (the block table's capacity, or the
     window plus the queries).
     """
     row_tiles = -(-max_seqlen_q * group // ROW_TILE)
     items = num_seqs * num_kv_heads * row_tiles
-    target = 2 * _parallel_units(torch.device(device))
+    device = torch.device(device)
+    target = (CTAS_PER_SM if device.type == "cuda" else 2) * _parallel_units(device)
     if items == 0 or items >= target or max_keys <= 0:
         return 1
     by_work = -(-target // items)
-    by_len = max(1, min(max_keys // 256, -(-max_keys // block_size)))
+    # keys per split: 256 on CUDA; 2048 on the CPU, where a split costs a thread start (tens of us) and
+    # a merge, and 2048 keys of a 128-dim fp32 head are ~2 MB of K/V (~200 us of memory traffic)
+    min_keys = 2048 if device.type == "cpu" else 256
+    by_len = max(1, min(max_keys // min_keys, -(-max_keys // block_size)))
     return max(1, min(by_work, by_len, MAX_SPLITS))
 
 
@@ -152,6 +161,43 @@ def _check_cache(key_cache, value_cache, dtypes=FLOAT_DTYPES):
                          f"{MAX_BLOCK_SIZE}], got {bs}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim (key_cache.shape[3]) must be in [1, {MAX_HEAD_DIM}], got {d}")
+    if key_cache.shape[2] < 1:
+        raise ValueError(f"num_kv_heads (key_cache.shape[2]) must be >= 1, got {key_cache.shape[2]}")
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_LOG2E = 1.4426950408889634
+
+
+def _f32(x):
+    """x rounded to float32 (the C cast the kernels see), as a Python float (inf when it overflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _check_scales(softmax_scale, softcap, head_dim):
+    """softmax_scale (default 1/sqrt(head_dim)) and softcap (0 = off) as the kernels will use them: positive
+    and finite after the cast to float32, and so are softmax_scale * log2(e) and softmax_scale / softcap."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    for name, v in (("softmax_scale", softmax_scale), ("softcap", softcap)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__} {v!r}")
+    softmax_scale, softcap = float(softmax_scale), float(softcap)
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0 and 0 < _f32(softmax_scale) < math.inf
+            and _f32(softmax_scale * _LOG2E) < math.inf):
+        raise ValueError(f"softmax_scale must be positive and finite in float32 (0 < softmax_scale <= "
+                         f"{_F32_MAX / _LOG2E:.3g}, not rounding to 0), got {softmax_scale}")
+    if softcap != 0.0:
+        if not (math.isfinite(softcap) and softcap > 0 and 0 < _f32(softcap) < math.inf):
+            raise ValueError(f"softcap must be 0 (off) or positive and finite in float32, got {softcap}")
+        ratio = softmax_scale / softcap
+        if not 0 < _f32(ratio) < math.inf:
+            raise ValueError(f"softmax_scale / softcap must be positive and finite in float32, got "
+                             f"{softmax_scale} / {softcap} = {ratio}")
+    return softmax_scale, softcap
 
 
 def _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, total_q, num_blocks, block_size, window_left,
@@ -195,8 +241,8 @@ def _validate_metadata(block_tables, seq_lens, cu_seqlens_q, q_lens, total_q, nu
 
 
 # ================================ public API ================================
-def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softmax_scale=None, window_left=-1,
-                    cu_seqlens_q=None, max_seqlen_q=None, num_splits=None, validate=None):
+def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softmax_scale=None, softcap=0.0,
+                    window_left=-1, cu_seqlens_q=None, max_seqlen_q=None, num_splits=None, validate=None):
     """Attention of new queries over a paged KV cache.
 
     Args:
@@ -208,21 +254,28 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
         block_tables: int32 [num_seqs, max_blocks]; entries nobody can see (beyond seq_len, or wholly
             outside the window) are not read and may be anything (e.g. -1).
         seq_lens: int32 [num_seqs], keys per sequence (already written with reshape_and_cache).
-        softmax_scale: default 1 / sqrt(head_dim).
+        softmax_scale: default 1 / sqrt(head_dim); positive and finite in float32 (huge scales are
+            fine: scores are never scaled before the max is subtracted, so 1e38 gives the hard max).
+        softcap: logit softcap (Gemma 2): scores become softcap * tanh(softmax_scale * q.k / softcap)
+            before the mask and softmax; 0 (default) is off.
         window_left: -1, or w >= 0: a query at position p sees keys max(0, p - w) .. p. Blocks wholly
-            outside every query's window are not read.
+            outside every query's window are not read. A window at least the block table's capacity
+            is unbounded (the same as -1).
         cu_seqlens_q: int32 [num_seqs + 1] offsets of each sequence's queries in q (multi-token
             queries: chunked prefill, speculative verification); the queries of a sequence are its
             last q_len positions, causal.
-        max_seqlen_q: the largest q_len (host int; sizes the launch). Default: read from cu_seqlens_q
-            when it is on the CPU; on CUDA, total_q (correct, but launches idle row tiles; pass it).
+        max_seqlen_q: the largest q_len (host int in [1, total_q]; sizes the launch). Default: read from
+            cu_seqlens_q when it is on the CPU; on CUDA, total_q (correct, but launches idle row tiles;
+            pass it).
         num_splits: split-KV count (1..64); default plan_num_splits (host-side sizes only).
-        validate: check block tables / seq_lens / cu_seqlens_q values before the launch. Default: on
-            CPU tensors always; on CUDA no (it would synchronize; the kernel bounds-checks instead, see
-            check_kernel_errors). True on CUDA checks eagerly (synchronizes).
+        validate: check block tables / seq_lens / cu_seqlens_q values here with torch ops before the
+            launch. Default False: CPU metadata is always checked by the C++ layer before its kernel
+            runs (the same ValueErrors, without ~15 small torch ops per call); on CUDA the kernel
+            bounds-checks instead (see check_kernel_errors). True on CUDA checks eagerly (synchronizes).
 
     Returns:
-        out, q's shape and dtype. A query that sees no key gets 0.
+        out, q's shape and dtype. A query that sees no key gets 0. NaN / inf in q, K or V reach exactly
+        the output rows that see them (as in float64; docs/paged.md "NaN policy").
 
     Example:
         >>> cache = pyllmops.PagedKVCache(1, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=64,
@@ -256,7 +309,9 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
     if seq_lens.shape[0] != num_seqs:
         raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries, expected one per block_tables row ({num_seqs})")
     check_int("window_left", window_left, min_value=-1)
-    softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
+    if window_left >= block_tables.shape[1] * block_size:
+        window_left = -1  # no key position reaches it: unbounded (and no int64 overflow downstream)
+    softmax_scale, softcap = _check_scales(softmax_scale, softcap, head_dim)
     if cu_seqlens_q is None:
         if total_q != num_seqs:
             raise ValueError(f"decode takes one query per sequence: q has {total_q} rows but there are {num_seqs} "
@@ -270,11 +325,14 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
             raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = "
                              f"{num_seqs + 1}")
         if max_seqlen_q is None:  # on CUDA, reading the sizes would synchronize: use the bound total_q
-            max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()), 1) if (
-                not on_cuda(dev) and num_seqs) else max(total_q, 1)
+            max_seqlen_q = min(max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()), 1), max(total_q, 1)) if (
+                not on_cuda(dev) and num_seqs) else max(total_q, 1)  # (malformed offsets: validation names them)
         check_int("max_seqlen_q", max_seqlen_q, min_value=1)
+        if max_seqlen_q > max(total_q, 1):
+            raise ValueError(f"max_seqlen_q must be in [1, total_q={max(total_q, 1)}] (no sequence has more queries "
+                             f"than q has rows), got {max_seqlen_q}")
     if validate is None:
-        validate = not on_cuda(dev)
+        validate = False  # CPU: the C++ layer checks every value below before its kernel runs (cheaply)
     check_bool("validate", validate)
     if validate:
         q_lens = (torch.ones(num_seqs, dtype=torch.long, device=dev) if cu_seqlens_q is None
@@ -293,7 +351,7 @@ def paged_attention(q, key_cache, value_cache, block_tables, seq_lens, *, softma
     if num_splits > MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     return torch.ops.pyllmops.paged_attention(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                              float(softmax_scale), window_left, max_seqlen_q, num_splits)
+                                              softmax_scale, softcap, window_left, max_seqlen_q, num_splits)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, validate=None):
@@ -304,7 +362,12 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, valid
         key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], written in place.
         slot_mapping: int64 (num_tokens,); -1 skips a token (padding). Slots outside
             [-1, num_blocks * block_size) raise ValueError (CPU, or CUDA with validate=True) or, on CUDA
-            by default, are skipped and reported by check_kernel_errors() (no host sync).
+            by default, are skipped and reported by check_kernel_errors() (no host sync). Two tokens
+            may not share a slot (which one wins would depend on thread timing): ValueError on the
+            CPU and with validate=True on CUDA (checking device-resident slots by default would
+            synchronize).
+
+    key_cache and value_cache must not share memory, nor key / value with either cache (ValueError).
     """
     _check_cache(key_cache, value_cache)
     dev = key_cache.device
@@ -322,13 +385,36 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, valid
     if validate is None:
         validate = not on_cuda(dev)
     check_bool("validate", validate)
+    if _overlap(key_cache, value_cache):
+        raise ValueError("key_cache and value_cache share memory (the values would overwrite the keys); pass two "
+                         "separate caches")
+    for name, t in (("key", key), ("value", value)):
+        if _overlap(t, key_cache) or _overlap(t, value_cache):
+            raise ValueError(f"{name} shares memory with a cache it is written into; pass a separate tensor")
     if validate and slot_mapping.numel():
         bad = ((slot_mapping < -1) | (slot_mapping >= n_blocks * block_size)).nonzero()
         if bad.numel():
             i = bad[0, 0].item()
             raise ValueError(f"slot_mapping[{i}] = {slot_mapping[i].item()} is outside [-1, "
                              f"{n_blocks * block_size}) (num_blocks * block_size; -1 skips a token)")
+        used = slot_mapping[slot_mapping >= 0]
+        uniq, counts = torch.unique(used, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1][0].item()
+            where = (slot_mapping == dup).nonzero()[:2, 0].tolist()
+            raise ValueError(f"slot_mapping has duplicate slot {dup} (tokens {where[0]} and {where[1]}); each slot "
+                             f"may be written by one token (-1 skips a token)")
     torch.ops.pyllmops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _overlap(a, b):
+    """Whether the memory spans of two tensors overlap (conservative for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    span = (lambda t: (t.data_ptr(), t.data_ptr() + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+                       * t.element_size()))
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 # ================================ cache + block manager ================================
@@ -377,6 +463,11 @@ class PagedKVCache:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if sliding_window is not None:
             check_int("sliding_window", sliding_window, min_value=0)
+        elems = num_layers * 2 * num_blocks * block_size * num_kv_heads * head_dim
+        if elems * torch.empty(0, dtype=dtype).element_size() >= 2**63:
+            raise ValueError(f"num_blocks={num_blocks} is too large: the cache would hold {elems} elements "
+                             f"(num_layers * 2 * num_blocks * block_size * num_kv_heads * head_dim), beyond int64 "
+                             f"byte offsets")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
@@ -411,6 +502,7 @@ class PagedKVCache:
         seqs = [self._seq(s) for s in seq_ids]
         width = max([len(s.blocks) for s in seqs] + [1])
         if max_blocks is not None:
+            check_int("max_blocks", max_blocks, min_value=1)
             if max_blocks < width:
                 raise ValueError(f"max_blocks={max_blocks} is smaller than the longest table ({width})")
             width = max_blocks
@@ -459,14 +551,23 @@ class PagedKVCache:
         """Reserves room for num_tokens new tokens of each sequence (an int for all, or one per id) and
         returns their int64 slots, sequence after sequence, in position order. All or nothing: on
         OutOfBlocksError nothing changed."""
+        # ---- validate everything (no mutation before this block ends) ----
+        if not isinstance(seq_ids, (list, tuple, range)):
+            raise TypeError(f"seq_ids must be a list of sequence ids, got {type(seq_ids).__name__} {seq_ids!r}")
         seq_ids = list(seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
-        counts = [num_tokens] * len(seq_ids) if isinstance(num_tokens, int) else list(num_tokens)
-        if len(counts) != len(seq_ids):
-            raise ValueError(f"num_tokens has {len(counts)} entries for {len(seq_ids)} sequences")
-        for c in counts:
-            check_int("num_tokens", c, min_value=0)
+        if isinstance(num_tokens, (list, tuple)):
+            counts = list(num_tokens)
+            if len(counts) != len(seq_ids):
+                raise ValueError(f"num_tokens has {len(counts)} entries for {len(seq_ids)} sequences")
+        elif isinstance(num_tokens, int) and not isinstance(num_tokens, bool):
+            counts = [num_tokens] * len(seq_ids)
+        else:
+            raise TypeError(f"num_tokens must be an int (for every sequence) or a list of ints (one per sequence), "
+                            f"got {type(num_tokens).__name__} {num_tokens!r}")
+        for i, c in enumerate(counts):
+            check_int(f"num_tokens[{i}]" if isinstance(num_tokens, (list, tuple)) else "num_tokens", c, min_value=0)
         seqs = [self._seq(s) for s in seq_ids]
         bs = self.block_size
         # ---- plan (no mutation) ----
@@ -515,7 +616,10 @@ class PagedKVCache:
 
     def copy_blocks(self, pairs):
         """Copies block src -> dst in every layer's K and V pool, in one kernel launch."""
-        t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        try:
+            t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"pairs must be a list of (src, dst) block ids, got {pairs!r}") from e
         if t.numel() and (t.min().item() < 0 or t.max().item() >= self.num_blocks):
             raise ValueError(f"block pairs must be in [0, {self.num_blocks}), got {pairs}")
         caches = self.storage.view(self.num_layers * 2, self.num_blocks, -1)
