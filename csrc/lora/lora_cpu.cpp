@@ -53,18 +53,27 @@ void decode_run(const Weight& w, int64_t row, int64_t col0, int64_t len, float* 
       }
     }
   } else {
+    // Codes walked with a running (word, slot) cursor: one division per run, none per element.
+    // The 2^bits values of a group come from a table built with int_decode, so they are the same floats.
     const int cpw = codes_per_word(w.bits);
     const uint32_t mask = static_cast<uint32_t>(max_code(w.bits));
     const int32_t* words = w.qweight + row * words_per_row(w.k_in, w.bits);
     const int64_t groups = w.k_in / w.group_size;
+    int64_t wi = col0 / cpw;
+    int slot = static_cast<int>(col0 - wi * cpw);
+    uint32_t word = static_cast<uint32_t>(words[wi]) >> (slot * w.bits);
     for (int64_t e = 0; e < len;) {
       const int64_t g = (col0 + e) / w.group_size;
       const int64_t end = std::min(len, (g + 1) * w.group_size - col0);
-      const float scale = w.scales[row * groups + g], zero = w.zeros[row * groups + g];
+      float table[16];
+      for (uint32_t q = 0; q <= mask; ++q) table[q] = int_decode(q, w.scales[row * groups + g], w.zeros[row * groups + g]);
       for (; e < end; ++e) {
-        const int64_t k = col0 + e;
-        const uint32_t q = (static_cast<uint32_t>(words[k / cpw]) >> ((k % cpw) * w.bits)) & mask;
-        dst[e * stride] = int_decode(q, scale, zero);
+        dst[e * stride] = table[word & mask];
+        word >>= w.bits;
+        if (++slot == cpw && col0 + e + 1 < w.k_in) {
+          slot = 0;
+          word = static_cast<uint32_t>(words[++wi]);
+        }
       }
     }
   }
@@ -195,11 +204,14 @@ void int_dequantize_impl(const int32_t* qweight, const float* scales, const floa
   w.zeros = zeros;
   w.bits = bits;
   w.group_size = group_size;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));
+  if (k == 0) return;
+  const int64_t grain = std::max<int64_t>(1, 65536 / k);
   parallel_for(n, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row)
-      for (int64_t e = 0; e < k; ++e)
-        out[row * k + e] = from_float<T>(load_weight<WeightKind::int_q, T>(w, row, e, nullptr));
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      decode_run<WeightKind::int_q, T>(w, rr, 0, k, row.data(), 1);
+      for (int64_t e = 0; e < k; ++e) out[rr * k + e] = from_float<T>(row[e]);
+    }
   });
 }
 
