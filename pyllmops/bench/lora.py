@@ -7,9 +7,10 @@ over it (> 1 is faster):
   lora:   peft's LoRA layer on an nn.Linear                    vs pyllmops.nn.LoRALinear (dense base)
   qlora:  peft's LoRA layer on bitsandbytes' Linear4bit (NF4,    vs LoRALinear(NF4Linear), same format
           blocksize 64, double quant)
-  qalora: peft's LoRA layer on an nn.Linear holding the          vs pyllmops.nn.QALoRALinear (INT4, groups
-          dequantized INT4 weight (peft has QA-LoRA only for        of 64; A on group-pooled x)
-          GPTQ models; a dense base is the stronger peer)
+  qalora: peft's LoRA layer on an INT4 layer that dequantizes    vs pyllmops.nn.QALoRALinear (INT4, groups
+          in torch and calls matmul each time (peft runs QA-LoRA     of 64; A on group-pooled x)
+          only on GPTQ layers; this is their torch-kernel pattern,
+          without bitsandbytes' or GPTQ's CPU kernels, not installed)
 A third row per case, "torch matmul (no adapter)", is the base product alone: what the adapter costs.
 
 FLOPs counted: forward 2*m*k*n (base) + 2*m*r*(k + n) (adapter); forward+backward adds dx
@@ -79,6 +80,30 @@ def _bnb_linear(bnb, lin, dtype, dev):
     return l4.to(dev)
 
 
+class _TorchInt4Linear(nn.Linear):
+    """The peer's INT4 base: what peft's QA-LoRA runs on (a GPTQ QuantLinear) does without a custom
+    kernel: unpack the codes, scale and shift in torch, then a dense matmul, every call. An nn.Linear
+    subclass so peft wraps it; its `weight` (the dequantized W) is what peft reads for shape, dtype
+    and device, the forward does not use it."""
+
+    def __init__(self, qweight, scales, zeros, dtype):
+        n, groups = scales.shape
+        super().__init__(groups * GROUP, n, bias=False, device=scales.device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.weight.copy_(pyllmops.dequantize_int(qweight, scales, zeros, 4, GROUP, dtype))
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("shifts", torch.arange(8, device=scales.device, dtype=torch.int32) * 4)
+
+    def forward(self, x):
+        n = self.qweight.shape[0]
+        q = (self.qweight.unsqueeze(-1) >> self.shifts) & 15
+        w = q.view(n, -1, GROUP).to(self.scales.dtype) * self.scales.unsqueeze(-1) + self.zeros.unsqueeze(-1)
+        return torch.nn.functional.linear(x, w.view(n, -1).to(x.dtype))
+
+
 def _cases(bench):
     """(shapes as (in_features, out_features), ranks, rows, dtype)."""
     if bench.device.type == "cuda":
@@ -106,12 +131,9 @@ def _layers(kind, lin, r, peft, bnb, dtype, dev):
         name = "peft + bitsandbytes NF4"
     else:
         ours = pyllmops.nn.QALoRALinear.from_linear(lin, bits=4, group_size=GROUP, r=r, alpha=2 * r)
-        deq = nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
-        with torch.no_grad():
-            b = ours.base_layer
-            deq.weight.copy_(pyllmops.dequantize_int(b.qweight, b.scales, b.zeros, 4, GROUP, dtype))
-        theirs = _peft_layer(peft, deq, r, 2 * r) if peft else None
-        name = "peft LoRA (dequantized INT4 as nn.Linear)"
+        b = ours.base_layer
+        theirs = _peft_layer(peft, _TorchInt4Linear(b.qweight, b.scales, b.zeros, dtype), r, 2 * r) if peft else None
+        name = "peft LoRA on torch INT4 dequantize + matmul (GPTQ torch-kernel pattern)"
     for p in ours.parameters():
         p.requires_grad_(p is ours.lora_A or p is ours.lora_B)
     if kind != "qalora":

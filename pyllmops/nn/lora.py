@@ -15,7 +15,14 @@ PEFT_PREFIX = "base_model.model."
 def _check_rank_alpha(r, alpha, dropout, use_rslora=False):
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    _check_scaling(alpha, "alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a finite float, got {type(alpha).__name__} {alpha!r}")
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an int too large for a double
+        finite = False
+    if not finite:
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
     scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
     _check_scaling(scaling, "scaling", f" (alpha={alpha!r} / {'sqrt(r)' if use_rslora else 'r'} with r={r})")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -16,6 +16,7 @@ products done with torch. QA-LoRA's adapter sees x mean-pooled over groups of gr
 """
 import math
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -50,10 +51,11 @@ def _c(t):
 
 
 # Rows of x (tokens) from which the base product runs as a library GEMM on a transient dequantized
-# weight (the workspace path) instead of the fused kernel. Measured crossovers (docs/lora.md,
-# `python -m pyllmops bench lora`): on the CPU the library GEMM wins for a dense W from 2 rows on and
-# for NF4 / INT from 16; on CUDA the issue-12 design point, 64 rows (predicted, no GPU yet).
-CROSSOVER_CPU = {"dense": 1, "nf4": 16, "int": 16}
+# weight (the workspace path) instead of the fused kernel. CPU: always (measured, docs/lora.md: the
+# fused CPU kernel lost to dequantize + MKL at every row count, 1 included, for all three bases; it
+# stays reachable with PYLLMOPS_LORA_PATH=fused as the CUDA algorithm's CPU twin). CUDA: from 64 rows,
+# the issue-12 design point (predicted; no GPU measurement yet).
+CROSSOVER_CPU = 1
 CROSSOVER_CUDA = 64
 PATHS = ("auto", "fused", "workspace")
 
@@ -65,7 +67,7 @@ def kernel_path(kind, m, device):
         raise ValueError(f"PYLLMOPS_LORA_PATH must be one of {PATHS}, got {forced!r}")
     if forced != "auto":
         return forced
-    limit = CROSSOVER_CUDA if on_cuda(device) else CROSSOVER_CPU[kind]
+    limit = CROSSOVER_CUDA if on_cuda(device) else CROSSOVER_CPU
     return "workspace" if m >= limit else "fused"
 
 
@@ -133,6 +135,7 @@ def _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_
       backward: dx = dy.W;  t = dy.B;  dx += scaling * mask * expand(t.A)   (dW is never formed)
     t comes back in fp32 (the backward's dA / dB use it)."""
     m, r = inp.shape[0], lora_a.shape[0]
+    scaling = struct.unpack("f", struct.pack("f", scaling))[0]  # the kernels' float32 value (addmm_ checks it)
     mask = None if dropout_scale is None else _flat(dropout_scale)
     weight = _decode(kind, w, inp.dtype)
     if not transposed:
