@@ -750,3 +750,20 @@ def test_harness_ratios_ceilings_noise(tmp_path):
     md = (out / "demo.md").read_text()
     assert "> 1 is faster" in md and "| 2.00x | noisy |" in md and ">ceil" in md
     assert all(r["pct_of_ceiling"] is None or r["pct_of_ceiling"] <= 100 for r in rows)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("r", [128, 256])
+def test_large_rank_decode_shapes(device, r, monkeypatch):
+    """Ranks above the fused CUDA kernel's 64 run at decode shapes too (the workspace path takes them)."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
+    assert L.kernel_path("nf4", 3, CUDA, r) == "workspace" and L.kernel_path("nf4", 3, CUDA, 64) == "fused"
+    wf = torch.randn(40, 96, device=device) / 10
+    packed, state = pyllmops.quantize_nf4(wf, 64)
+    x = torch.randn(3, 96, device=device)
+    a, b = _adapter(r, 96, 40, torch.float32, device)
+    _check_fwd_bwd(lambda x, a, b: pyllmops.qlora_linear(x, packed, state, a, b, 0.5),
+                   lambda x, a, b: R.qlora_linear(x, packed, state, a, b, 0.5), x, [a, b], torch.float32,
+                   f"qlora r={r}")

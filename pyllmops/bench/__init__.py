@@ -6,5 +6,4 @@ FAMILIES = {
     "attention": "pyllmops.bench.attention",
     "paged": "pyllmops.bench.paged",
     "lora": "pyllmops.bench.lora",
-    "model": "pyllmops.bench.model",
 }

@@ -8,7 +8,8 @@ small Llama-shaped decoder, ours against the usual stack, side by side in one ru
 Same sizes, rank, targets, tokens and optimizer; fp32 activations on the CPU. Reported per provider:
 the step's median time, and its peak memory above the resting footprint (CUDA: max_memory_allocated;
 CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs before the step after
-malloc_trim has returned freed heap pages, minus the RSS before it). Run alone with `python -m pyllmops bench model`; bench lora ends with it.
+malloc_trim has returned freed heap pages, minus the RSS before it). `python -m pyllmops bench lora`
+ends with it (one row per provider).
 """
 import ctypes
 import ctypes.util

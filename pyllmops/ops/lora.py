@@ -28,7 +28,7 @@ from pyllmops.ops.nf4 import check_linear_weight
 
 INT_BITS = (2, 3, 4)
 INT_GROUP_SIZES = (32, 64, 128)
-MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda
+MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda: the fused kernel's limit; larger ranks take the workspace path
 
 
 def codes_per_word(bits):
@@ -60,15 +60,19 @@ CROSSOVER_CUDA = 64
 PATHS = ("auto", "fused", "workspace")
 
 
-def kernel_path(kind, m, device):
-    """'fused' or 'workspace' for an m-row call; PYLLMOPS_LORA_PATH=fused|workspace forces one."""
+def kernel_path(kind, m, device, r=0):
+    """'fused' or 'workspace' for an m-row, rank-r call; PYLLMOPS_LORA_PATH=fused|workspace forces one,
+    except that ranks above MAX_RANK_CUDA always take the workspace path on CUDA (the fused kernel
+    keeps t in registers)."""
     forced = os.environ.get("PYLLMOPS_LORA_PATH", "auto")
     if forced not in PATHS:
         raise ValueError(f"PYLLMOPS_LORA_PATH must be one of {PATHS}, got {forced!r}")
+    cuda = on_cuda(device)
+    if cuda and r > MAX_RANK_CUDA:
+        return "workspace"
     if forced != "auto":
         return forced
-    limit = CROSSOVER_CUDA if on_cuda(device) else CROSSOVER_CPU
-    return "workspace" if m >= limit else "fused"
+    return "workspace" if m >= (CROSSOVER_CUDA if cuda else CROSSOVER_CPU) else "fused"
 
 
 def _run(kind, inp_nd, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols, pool):
@@ -76,7 +80,7 @@ def _run(kind, inp_nd, w, transposed, bias, lora_a, lora_b, scaling, dropout_sca
     of the op family on `inp_nd` (..., n_red) -> (out (..., n_cols), t [m, r] fp32). `w` holds the
     weight's arguments in the op's order (see _decode)."""
     inp = _flat(inp_nd)
-    if kernel_path(kind, inp.shape[0], inp.device) == "workspace":
+    if kernel_path(kind, inp.shape[0], inp.device, lora_a.shape[0]) == "workspace":
         out, t = _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool)
     else:
         out, t = _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols)
@@ -461,8 +465,6 @@ def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropo
     if tuple(lora_b.shape) != (out_features, r):
         raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected (out_features={out_features}, r={r}) "
                          f"(rank of lora_a is {r})")
-    if on_cuda(x) and r > MAX_RANK_CUDA:
-        raise ValueError(f"the CUDA kernel supports rank r <= {MAX_RANK_CUDA}, got r={r}")
     _check_scaling(scaling)
     check_bias(bias, x, out_features)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
