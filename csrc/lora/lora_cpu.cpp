@@ -65,8 +65,9 @@ void decode_run(const Weight& w, int64_t row, int64_t col0, int64_t len, float* 
     for (int64_t e = 0; e < len;) {
       const int64_t g = (col0 + e) / w.group_size;
       const int64_t end = std::min(len, (g + 1) * w.group_size - col0);
+      const float scale = w.scales[row * groups + g], zero = w.zeros[row * groups + g];
       float table[16];
-      for (uint32_t q = 0; q <= mask; ++q) table[q] = int_decode(q, w.scales[row * groups + g], w.zeros[row * groups + g]);
+      for (uint32_t q = 0; q <= mask; ++q) table[q] = int_decode(q, scale, zero);
       for (; e < end; ++e) {
         dst[e * stride] = table[word & mask];
         word >>= w.bits;

@@ -277,7 +277,8 @@ class Bench:
                 f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']}{' (baseline)' if r['baseline'] else ''} "
                 f"| {r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {fmt(r['gbps'], '.1f')} "
                 f"| {fmt(r['tflops'], '.3g')} | {r.get('bound') or ''} | {pct} "
-                f"| {'' if vs is None else format(vs, '.2f') + 'x'} | {'noisy' if r.get('noisy') else ''} | {r.get('note', '')} |")
+                f"| {'' if vs is None else format(vs, '.2f') + 'x'} | {'noisy' if r.get('noisy') else ''} "
+                f"| {r.get('note', '')} |")
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir):
