@@ -441,9 +441,12 @@ def test_against_peft(use_rslora):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
-def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev):
-    """The experimental mma.sync main loop (PYLLMOPS_LORA_TENSOR_CORES=1) against the references."""
-    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1")
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev, tensor_cores):
+    """The fused kernel's mma.sync main loop (the default for fp16 / bf16) and its SIMT loop
+    (PYLLMOPS_LORA_TENSOR_CORES=0) against the references; 135 rows, forced onto the fused path."""
+    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", tensor_cores)
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
     in_f, out_f, r = 192, 131, 24
     x = torch.randn(3, 45, in_f, device=dev).to(dtype)
     w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)

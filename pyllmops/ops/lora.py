@@ -41,9 +41,10 @@ def words_per_row(in_features, bits):
 
 # ================================ kernels ================================
 def tensor_cores_enabled():
-    """fp16 / bf16 CUDA calls take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu) when
-    PYLLMOPS_LORA_TENSOR_CORES=1. Experimental: it compiles, but has never run on a GPU."""
-    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "0") == "1"
+    """fp16 / bf16 CUDA calls of the fused kernel take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu,
+    sm_80+) by default, since it passes the emulated tests (docs/emulator.md, with negative controls);
+    PYLLMOPS_LORA_TENSOR_CORES=0 selects the SIMT fp32 loop. Not yet run on a GPU."""
+    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "1") != "0"
 
 
 def _c(t):
