@@ -20,6 +20,7 @@ import struct
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
@@ -380,7 +381,7 @@ for _kind, _op in (("lora", _lora_fwd), ("qlora", _qlora_fwd), ("qalora", _qalor
 class _Eager(torch.autograd.Function):
     """The same forward and backward as the registered ops, called without the dispatcher (eager mode:
     the registered op's Python autograd wrapper and two dispatches cost more than a decode-shape GEMM).
-    Under torch.compile the public functions call the registered ops instead."""
+    Under torch.compile or a TorchDispatchMode the public functions call the registered ops instead."""
 
     @staticmethod
     def forward(ctx, kind, x, w0, w_rest, bias, lora_a, lora_b, scaling, mask, n_cols, pool):
@@ -406,7 +407,9 @@ class _Eager(torch.autograd.Function):
 
 
 def _eager():
-    return not torch.compiler.is_compiling()
+    """Plain eager execution: no torch.compile tracing and no TorchDispatchMode (fake tensors, op
+    recorders, flop counters), all of which must see the registered ops."""
+    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
 
 
 # ---- INT quantization ------------------------------------------------------------------------------
