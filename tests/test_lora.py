@@ -770,3 +770,20 @@ def test_large_rank_decode_shapes(device, r, monkeypatch):
     _check_fwd_bwd(lambda x, a, b: pyllmops.qlora_linear(x, packed, state, a, b, 0.5),
                    lambda x, a, b: R.qlora_linear(x, packed, state, a, b, 0.5), x, [a, b], torch.float32,
                    f"qlora r={r}")
+
+
+def test_harness_measure_together_alternates():
+    from pyllmops.bench.harness import Bench
+
+    order = []
+    bench = Bench("demo", "cpu", quick=True, progress=False)
+    bench._ceilings = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul": "fake"}
+    rows = bench.measure_together("k", "fwd", "x", [
+        dict(provider="peer", fn=lambda: order.append("peer"), baseline=True),
+        dict(provider="ours", fn=lambda: order.append("ours")),
+        dict(provider="broken", fn=lambda: 1 / 0)])
+    assert [r["provider"] for r in rows] == ["peer", "ours"] and "error" in bench.rows[0]
+    timed = order[4:]  # after two warm-up calls each
+    assert timed[:4] == ["peer", "ours", "peer", "ours"] and len(timed) >= 10
+    bench._finish()
+    assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] > 0

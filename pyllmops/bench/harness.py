@@ -21,7 +21,9 @@ What a reader can trust:
 
 Timing. CUDA: triton.testing.do_bench when triton is importable (warm-up, L2 flushed before each
 run, CUDA-event timing), else the same procedure here. CPU: perf_counter over repeated calls after
-a warm-up. Both report the median and the 20th/80th percentiles.
+a warm-up; measure_together() alternates the providers of a case call by call, so load drift on a
+shared machine does not favour whichever ran in the quieter moment. Both report the median and the
+20th/80th percentiles.
 """
 import datetime
 import json
@@ -194,6 +196,44 @@ class Bench:
         self.rows.append(row)
         self._progress(row)
         return row
+
+    def measure_together(self, kernel, mode, x, entries):
+        """Times several providers of one case and records a row each. entries: dicts with provider, fn
+        and optional bytes, flops, baseline. On the CPU their calls alternate round by round (A, B, C,
+        A, B, C, ...), so load that comes and goes on a shared machine hits every provider alike and the
+        ratios stay fair; on CUDA (or with a custom timer) each is timed in turn as by measure()."""
+        if self._timer is not None or self.device.type == "cuda":
+            return [self.measure(kernel, e["provider"], mode, x, e["fn"], bytes=e.get("bytes"),
+                                 flops=e.get("flops"), baseline=e.get("baseline", False)) for e in entries]
+        ready = []
+        for e in entries:
+            try:
+                for _ in range(2):  # warm-up
+                    e["fn"]()
+                ready.append(e)
+            except Exception as ex:  # a peer that cannot run this case: recorded, not fatal
+                row = dict(kernel=kernel, provider=e["provider"], mode=mode, x=x, error=f"{type(ex).__name__}: {ex}")
+                self.rows.append(row)
+                self._progress(row)
+        samples = [[] for _ in ready]
+        total, min_time, max_rounds = 0.0, (0.1 if self.quick else 0.3) * len(ready), 50
+        while ready and (len(samples[0]) < 5 or (total < min_time and len(samples[0]) < max_rounds)):
+            for e, dst in zip(ready, samples):
+                t0 = time.perf_counter()
+                e["fn"]()
+                dt = time.perf_counter() - t0
+                dst.append(dt * 1e3)
+                total += dt
+        rows = []
+        for e, ms in zip(ready, samples):
+            med, p20, p80 = _quantiles(ms)
+            row = dict(kernel=kernel, provider=e["provider"], mode=mode, x=x, median_ms=med, p20_ms=p20, p80_ms=p80,
+                       gbps=None, tflops=None, baseline=e.get("baseline", False))
+            self.rate(row, bytes=e.get("bytes"), flops=e.get("flops"))
+            self.rows.append(row)
+            self._progress(row)
+            rows.append(row)
+        return rows
 
     def record(self, kernel, provider, mode, x, median_ms, p20_ms, p80_ms, *, baseline=False, **extra):
         """Adds a row timed by the caller (e.g. a whole training step); extra keys go into the JSON."""

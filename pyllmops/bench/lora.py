@@ -151,18 +151,21 @@ def _case(bench, kind, label, m, lin, r, ours, theirs, theirs_name):
     x = torch.randn(m, k, device=dev, dtype=dtype)
     xg = x.clone().requires_grad_()
     gy = torch.randn(m, n, device=dev, dtype=dtype)
-    providers = ([(theirs_name, theirs, True)] if theirs is not None else []) + [("pyllmops", ours, theirs is None)]
+    entries = {"fwd": [], "fwd+bwd": []}
+    for name, layer, is_base in [(theirs_name, theirs, True), ("pyllmops", ours, theirs is None)]:
+        if layer is not None:
+            entries["fwd"].append(dict(provider=name, fn=lambda layer=layer: layer(x), baseline=is_base,
+                                       flops=_flops(m, k, n, r, False)))
+            entries["fwd+bwd"].append(dict(provider=name, fn=lambda layer=layer: layer(xg).backward(gy),
+                                           baseline=is_base, flops=_flops(m, k, n, r, True)))
+    matmul = "torch matmul (no adapter)"
+    entries["fwd"].append(dict(provider=matmul, fn=lambda: torch.nn.functional.linear(x, w),
+                               flops=_flops(m, k, n, 0, False)))
+    entries["fwd+bwd"].append(dict(provider=matmul, fn=lambda: torch.nn.functional.linear(xg, w).backward(gy),
+                                   flops=_flops(m, k, n, 0, True)))
     with torch.no_grad():
-        for name, layer, base in providers:
-            bench.measure(kind, name, "fwd", label, lambda: layer(x), flops=_flops(m, k, n, r, False),
-                          baseline=base)
-        bench.measure(kind, "torch matmul (no adapter)", "fwd", label, lambda: torch.nn.functional.linear(x, w),
-                      flops=_flops(m, k, n, 0, False))
-    for name, layer, base in providers:
-        bench.measure(kind, name, "fwd+bwd", label, lambda: layer(xg).backward(gy), flops=_flops(m, k, n, r, True),
-                      baseline=base)
-    bench.measure(kind, "torch matmul (no adapter)", "fwd+bwd", label,
-                  lambda: torch.nn.functional.linear(xg, w).backward(gy), flops=_flops(m, k, n, 0, True))
+        bench.measure_together(kind, "fwd", label, entries["fwd"])
+    bench.measure_together(kind, "fwd+bwd", label, entries["fwd+bwd"])
 
 
 def run(bench):

@@ -111,6 +111,7 @@ def run(bench):
     ids = torch.randint(0, cfg["vocab_size"], (batch, seqlen), generator=gen).to(dev)
     providers = [("transformers + peft + bitsandbytes + SDPA", _peer, True), ("pyllmops", _ours, False)]
     n_steps = 3 if bench.quick else 6
+    ready = []  # (name, baseline, step, peak MiB, trainable params)
     for name, build, baseline in providers:
         try:
             torch.manual_seed(0)
@@ -118,31 +119,30 @@ def run(bench):
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
 
-            def step():
+            def step(model=model, loss_fn=loss_fn, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(ids)
-                loss.backward()
+                loss_fn(ids).backward()
                 opt.step()
-                return loss
 
             step()  # warm-up (allocations, optimizer state)
-            peak = _peak_step_mib(step, dev)
-            times = []
-            for _ in range(n_steps):
-                bench.sync()
-                t0 = time.perf_counter()
-                step()
-                bench.sync()
-                times.append((time.perf_counter() - t0) * 1e3)
-            times.sort()
-            pick = (lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))])
-            bench.record("qlora sft step", name, "fwd+bwd+adamw", label, times[len(times) // 2], pick(0.2), pick(0.8),
-                         baseline=baseline, peak_step_mib=peak, trainable_params=sum(p.numel() for p in params),
-                         note="" if peak is None else f"step peak {peak:.1f} MiB above rest")
-            del model, opt
+            ready.append((name, baseline, step, _peak_step_mib(step, dev), sum(p.numel() for p in params)))
         except Exception as e:  # a missing peer is recorded, not fatal
             bench.rows.append(dict(kernel="qlora sft step", provider=name, mode="fwd+bwd+adamw", x=label,
                                    error=f"{type(e).__name__}: {e}"))
+    times = [[] for _ in ready]
+    for _ in range(n_steps):  # the providers' steps alternate, so load drift hits both alike
+        for (_, _, step, _, _), dst in zip(ready, times):
+            bench.sync()
+            t0 = time.perf_counter()
+            step()
+            bench.sync()
+            dst.append((time.perf_counter() - t0) * 1e3)
+    for (name, baseline, _, peak, n_params), ms in zip(ready, times):
+        ms.sort()
+        pick = (lambda q: ms[min(len(ms) - 1, int(round(q * (len(ms) - 1))))])
+        bench.record("qlora sft step", name, "fwd+bwd+adamw", label, ms[len(ms) // 2], pick(0.2), pick(0.8),
+                     baseline=baseline, peak_step_mib=peak, trainable_params=n_params,
+                     note="" if peak is None else f"step peak {peak:.1f} MiB above rest")
     for row in bench.rows:
         if row.get("kernel") == "qlora sft step" and "median_ms" in row:
             peak = row["peak_step_mib"]
