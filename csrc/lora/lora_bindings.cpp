@@ -183,8 +183,8 @@ void int_quantize(const TensorView& w, int64_t bits, int64_t group_size, const T
       const scalar_t* p = w.ptr<const scalar_t>();
       for (int64_t i = 0; i < w.numel(); ++i) {
         const float v = pyllmops::to_float(p[i]);
-        PYLLMOPS_CHECK(std::isfinite(v), "w must be finite to be quantized, got w[", i / w.size(1), ", ",
-                       i % w.size(1), "] = ", v);
+        PYLLMOPS_CHECK(std::isfinite(v), "w must be finite to be quantized, got ", v, " at index (", i / w.size(1),
+                       ", ", i % w.size(1), ")");
       }
     });
   }

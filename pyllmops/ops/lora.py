@@ -567,8 +567,8 @@ def check_finite_weight(w, name="w"):
     if bool(bad.any()):
         flat = int(bad.reshape(-1).nonzero()[0, 0])
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), w.shape))
-        raise ValueError(f"{name} must be finite to be quantized, got {name}[{', '.join(map(str, index))}] = "
-                         f"{w[index].item()} (the first of {int(bad.sum())} non-finite elements)")
+        raise ValueError(f"{name} must be finite to be quantized, got {w[index].item()} at index "
+                         f"({', '.join(map(str, index))}) (the first of {int(bad.sum())} non-finite elements)")
 
 
 def quantize_int(w, bits, group_size):
