@@ -40,7 +40,7 @@ def cmd_bench(args):
     import torch
 
     from pyllmops.bench import FAMILIES
-    from pyllmops.bench.harness import Bench, device_slug
+    from pyllmops.bench.harness import DEFAULT_OUT, Bench, device_slug
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     families = list(FAMILIES) if args.family == "all" else [args.family]
@@ -50,9 +50,9 @@ def cmd_bench(args):
         bench = Bench(family, device, quick=args.quick)
         importlib.import_module(FAMILIES[family]).run(bench)
         print(bench.markdown())
-        if args.out:
-            out = bench.write(args.out if args.flat else f"{args.out}/{device_slug(bench.device)}")
-            print(f"wrote {out}/{family}.json and {family}.md")
+        root = args.out or DEFAULT_OUT
+        out = bench.write(root if args.flat else f"{root}/{device_slug(bench.device)}")
+        print(f"wrote {out}/{family}.json and {family}.md")
 
 
 def cmd_demo(args):
@@ -77,7 +77,7 @@ def main(argv=None):
     b.add_argument("family", help="op family (e.g. nf4), 'all', or 'static' (ptxas/SASS report, no GPU)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--out", default=None, help="write <out>/<device>/<family>.json and .md")
+    b.add_argument("--out", default=None, help="results folder: <out>/<device>/<family>.json and .md (default ./bench-results)")
     b.add_argument("--flat", action="store_true", help="write straight into --out, without the device folder")
     from pyllmops.bench.static import add_arguments as add_static_arguments
 

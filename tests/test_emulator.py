@@ -197,6 +197,7 @@ def _lora_case(tensor_cores):
             t.grad = None
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1" if tensor_cores else "0")
+            mp.setenv("PYLLMOPS_LORA_PATH", "fused")  # 70 rows would take the workspace path (ops/lora.py)
             y = pyllmops.lora_linear(x, w, a, b, 2.0)
             y.backward(g)
         return [y, x.grad, a.grad, b.grad]

@@ -17,6 +17,9 @@ from conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
 # smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
 TOL = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Both implementations of every op (ops/lora.py kernel_path): the fused kernel (decode shapes on CUDA)
+# and the workspace path (dequantize + library GEMM; training shapes, and always on the CPU).
+PATHS = ["fused", "workspace"]
 
 
 def _adapter(r, a_cols, out_features, dtype, device):
@@ -63,7 +66,9 @@ LORA_CASES = [  # (in_features, out_features, leading dims, r)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_f,out_f,lead,r", LORA_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_lora_linear(device, dtype, in_f, out_f, lead, r, with_bias):
+@pytest.mark.parametrize("path", PATHS)
+def test_lora_linear(device, dtype, in_f, out_f, lead, r, with_bias, path, monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
     x = torch.randn(*lead, in_f, device=device).to(dtype)
     w = (torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)).to(dtype)
     a, b = _adapter(r, in_f, out_f, dtype, device)
@@ -85,7 +90,9 @@ def test_lora_linear(device, dtype, in_f, out_f, lead, r, with_bias):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_dropout_mask(device, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_lora_dropout_mask(device, dtype, path, monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
     """Dropout multiplies the adapter's input only; the op with an explicit mask vs the reference."""
     x = torch.randn(4, 9, 70, device=device).to(dtype)
     w = (torch.randn(33, 70, device=device) / 8).to(dtype)
@@ -119,7 +126,9 @@ def test_lora_dropout_public():
 @pytest.mark.parametrize("in_f,out_f,lead,r", [(6, 42, (5,), 1), (123, 431, (2, 3), 8), (431, 6, (3,), 64),
                                               (40, 24, (3, 50), 8)])  # 150 rows: > one 64-row CUDA tile
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_qlora_linear(device, dtype, in_f, out_f, lead, r, double_quant):
+@pytest.mark.parametrize("path", PATHS)
+def test_qlora_linear(device, dtype, in_f, out_f, lead, r, double_quant, path, monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
     wf = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
     packed, state = pyllmops.quantize_nf4(wf.to(dtype), 64, double_quant)
     x = torch.randn(*lead, in_f, device=device).to(dtype)
@@ -201,7 +210,9 @@ QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,),
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_f,out_f,lead,group_size,r", QALORA_CASES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_qalora_linear(device, dtype, in_f, out_f, lead, group_size, r, bits):
+@pytest.mark.parametrize("path", PATHS)
+def test_qalora_linear(device, dtype, in_f, out_f, lead, group_size, r, bits, path, monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
     w = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
     q, s, z = pyllmops.quantize_int(w, bits, group_size)
     x = torch.randn(*lead, in_f, device=device).to(dtype)
@@ -218,7 +229,9 @@ def test_qalora_linear(device, dtype, in_f, out_f, lead, group_size, r, bits):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_qalora_dropout_mask(device):
+@pytest.mark.parametrize("path", PATHS)
+def test_qalora_dropout_mask(device, path, monkeypatch):
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
     x = torch.randn(7, 128, device=device)
     q, s, z = pyllmops.quantize_int(torch.randn(20, 128, device=device) / 11, 4, 32)
     a, b = _adapter(8, 4, 20, torch.float32, device)
@@ -428,9 +441,12 @@ def test_against_peft(use_rslora):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
-def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev):
-    """The experimental mma.sync main loop (PYLLMOPS_LORA_TENSOR_CORES=1) against the references."""
-    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "1")
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev, tensor_cores):
+    """The fused kernel's mma.sync main loop (the default for fp16 / bf16) and its SIMT loop
+    (PYLLMOPS_LORA_TENSOR_CORES=0) against the references; 135 rows, forced onto the fused path."""
+    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", tensor_cores)
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
     in_f, out_f, r = 192, 131, 24
     x = torch.randn(3, 45, in_f, device=dev).to(dtype)
     w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
@@ -562,3 +578,212 @@ def test_binding_rechecks():
         lib().int_dequantize(view(q), view(s), view(z), 5, 32, view(torch.empty(24, 64)), 0)
     with pytest.raises(ValueError, match="qweight has shape"):
         lib().int_dequantize(view(q[:, :4].contiguous()), view(s), view(z), 4, 32, view(torch.empty(24, 64)), 0)
+
+
+# ---- the two paths: crossover, eager entry vs the registered ops --------------------------------------
+def test_kernel_path_crossover(monkeypatch):
+    from pyllmops.ops import lora as L
+
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    assert L.kernel_path("nf4", 1, torch.device("cpu")) == ("fused" if pyllmops.build_info().get("emulated")
+                                                            else "workspace")
+    assert L.kernel_path("int", L.CROSSOVER_CUDA - 1, CUDA) == "fused"
+    assert L.kernel_path("int", L.CROSSOVER_CUDA, CUDA) == "workspace"
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fast")
+    with pytest.raises(ValueError, match="PYLLMOPS_LORA_PATH must be one of"):
+        L.kernel_path("dense", 4, "cpu")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
+def test_across_crossover(device, kind, monkeypatch):
+    """The automatic choice on both sides of the CUDA crossover (63 and 64 rows), against float64."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    wf = torch.randn(40, 128, device=device) / 11
+    a_cols = 4 if kind == "qalora" else 128
+    for rows in (L.CROSSOVER_CUDA - 1, L.CROSSOVER_CUDA):
+        x = torch.randn(rows, 128, device=device)
+        a, b = _adapter(8, a_cols, 40, torch.float32, device)
+        if kind == "lora":
+            fn, ref = (lambda x, a, b: pyllmops.lora_linear(x, wf, a, b, 1.5)), \
+                (lambda x, a, b: R.lora_linear(x, wf, a, b, 1.5))
+        elif kind == "qlora":
+            packed, state = pyllmops.quantize_nf4(wf, 64, True)
+            fn, ref = (lambda x, a, b: pyllmops.qlora_linear(x, packed, state, a, b, 1.5)), \
+                (lambda x, a, b: R.qlora_linear(x, packed, state, a, b, 1.5))
+        else:
+            q, s, z = pyllmops.quantize_int(wf, 4, 32)
+            fn, ref = (lambda x, a, b: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=32)), \
+                (lambda x, a, b: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 32))
+        _check_fwd_bwd(fn, ref, x, [a, b], torch.float32, f"{kind} rows={rows}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eager_entry_matches_registered_ops(path, monkeypatch):
+    """The public functions call an autograd.Function in eager mode and the registered ops under
+    torch.compile; both give the same output and gradients."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
+    x = torch.randn(3, 5, 96)
+    q, s, z = pyllmops.quantize_int(torch.randn(24, 96) / 10, 3, 32)
+    a, b = _adapter(4, 3, 24, torch.float32, "cpu")
+    bias = torch.randn(24)
+    outs = []
+    for eager in (True, False):
+        monkeypatch.setattr(L, "_eager", lambda eager=eager: eager)
+        xs, as_, bs, bis = _leaf(x), _leaf(a), _leaf(b), _leaf(bias)
+        y = pyllmops.qalora_linear(xs, q, s, z, as_, bs, 0.7, bits=3, group_size=32, bias=bis)
+        y.backward(torch.ones_like(y))
+        outs.append([y, xs.grad, as_.grad, bs.grad, bis.grad])
+    for u, v in zip(*outs):
+        assert_close(u, v, 1e-6, "eager vs registered")
+
+
+# ---- issue 15: bad scalings, non-finite weights, empty in_features ---------------------------------------
+def test_scaling_must_fit_float32():
+    """1e39 passed a Python isfinite check, overflowed to inf in the kernels' float32, and inf * (B = 0)
+    made the whole output NaN. Now it is refused, in Python and again in C++."""
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    a, b = torch.randn(8, 64), torch.zeros(32, 8)
+    for bad in (1e39, -1e39, float("inf"), float("nan"), 10 ** 400):
+        with pytest.raises(ValueError, match=r"scaling must be a finite float whose float32 cast is finite"):
+            pyllmops.lora_linear(x, w, a, b, bad)
+    # FLT_MAX itself, and the largest double that still rounds to it, are fine: B = 0 gives the base layer
+    for ok in (3.4028234663852886e38, 3.4028235677973362e38):
+        assert_close(pyllmops.lora_linear(x, w, a, b, ok), x.double() @ w.double().T, 1e-6, "huge scaling")
+    packed, state = pyllmops.quantize_nf4(w, 64)
+    with pytest.raises(ValueError, match="scaling must be"):
+        pyllmops.qlora_linear(x, packed, state, a, b, 1e39)
+    q, s, z = pyllmops.quantize_int(w, 4, 32)
+    with pytest.raises(ValueError, match="scaling must be"):
+        pyllmops.qalora_linear(x, q, s, z, torch.randn(8, 2), b, 1e39, bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"scaling must be .* \(alpha=1e\+40 / r with r=8\), got 1.25e\+39"):
+        LoRALinear(nn.Linear(64, 32), r=8, alpha=1e40)
+    with pytest.raises(ValueError, match=r"scaling must be .* \(alpha=1e\+39 / sqrt\(r\) with r=4\), got 5e\+38"):
+        LoRALinear(nn.Linear(64, 32), r=4, alpha=1e39, use_rslora=True)
+    with pytest.raises(ValueError, match=r"scaling must be .* \(alpha=1e\+39 / r with r=1\)"):
+        QALoRALinear.from_linear(nn.Linear(64, 8), bits=4, group_size=32, r=1, alpha=1e39)
+    with pytest.raises(ValueError, match=r"alpha must be a finite float, got inf"):
+        LoRALinear(nn.Linear(64, 32), r=8, alpha=float("inf"))
+    # what reaches the kernels is scaling: alpha 1e39 with r = 64 is a finite float32 1.5625e37
+    layer = LoRALinear(nn.Linear(64, 32), r=64, alpha=1e39)
+    assert torch.isfinite(layer(torch.randn(3, 64))).all()
+
+
+def test_scaling_rechecked_in_cpp():
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    x, w, a, b = torch.randn(4, 64), torch.randn(24, 64), torch.randn(8, 64), torch.zeros(24, 8)
+    out, t = torch.empty(4, 24), torch.empty(4, 8)
+    with pytest.raises(ValueError, match="scaling must be finite after its cast to float32"):
+        lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1e39, view(out),
+                               view(t), False, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_int_refuses_non_finite(bad):
+    w = torch.randn(6, 64)
+    w[2, 37] = bad
+    w[4, 1] = bad
+    with pytest.raises(ValueError, match=r"w must be finite to be quantized, got (nan|inf|-inf) at index \(2, 37\) "
+                                         r"\(the first of 2 non-finite elements\)"):
+        pyllmops.quantize_int(w, 4, 32)
+    with pytest.raises(ValueError, match="dtype"):
+        pyllmops.quantize_int(w.long(), 4, 32)
+
+
+def test_quantize_int_rechecked_in_cpp():
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    w = torch.randn(6, 64)
+    w[3, 5] = float("nan")
+    q, s, z = torch.zeros(6, 8, dtype=torch.int32), torch.zeros(6, 2), torch.zeros(6, 2)
+    with pytest.raises(ValueError, match=r"w must be finite to be quantized, got nan at index \(3, 5\)"):
+        lib().int_quantize(view(w), 4, 32, view(q), view(s), view(z), 0)
+    assert not q.any() and not s.any()  # refused before anything was written
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device", devices())
+def test_zero_in_features(device, path, monkeypatch):
+    """in_features 0 failed inside a reshape; the result is the bias (no features contribute)."""
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", path)
+    x = torch.randn(5, 0, device=device, requires_grad=True)
+    w = torch.randn(32, 0, device=device)
+    a = torch.randn(8, 0, device=device, requires_grad=True)
+    b = torch.randn(32, 8, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device)
+    y = pyllmops.lora_linear(x, w, a, b, 2.0, bias)
+    assert torch.equal(y, bias.expand(5, 32))
+    y.sum().backward()
+    assert x.grad.shape == (5, 0) and a.grad.shape == (8, 0)
+    assert torch.equal(b.grad, torch.zeros_like(b))
+    q, s, z = (torch.zeros(32, 0, dtype=torch.int32, device=device), torch.ones(32, 0, device=device),
+               torch.zeros(32, 0, device=device))
+    y = pyllmops.qalora_linear(x.detach(), q, s, z, torch.randn(8, 0, device=device), b.detach(), 2.0, bits=4,
+                               group_size=32)
+    assert torch.equal(y, torch.zeros(5, 32, device=device))
+
+
+# ---- the shared benchmark harness ---------------------------------------------------------------------
+def test_harness_ratios_ceilings_noise(tmp_path):
+    import json
+
+    from pyllmops.bench.harness import Bench
+
+    times = iter([(2.0, 1.9, 2.1), (1.0, 0.5, 0.9), (1.0, 0.98, 1.02)])
+    bench = Bench("demo", "cpu", timer=lambda fn: next(times), progress=False)
+    bench._ceilings = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul": "fake"}
+    peer = bench.measure("k", "peer", "fwd", "x1", lambda: None, bytes=1e7, flops=1e9, baseline=True)
+    ours = bench.measure("k", "ours", "fwd", "x1", lambda: None, bytes=1e7, flops=1e9)
+    fast = bench.measure("k", "cached", "fwd", "x1", lambda: None, bytes=1e8)
+    # ideal times: memory 1e7 / 1e10 = 1 ms, compute 1e9 / 1e12 = 1 ms: bound by the larger (tie: memory)
+    assert peer["bound"] in ("memory", "compute") and peer["pct_of_ceiling"] == pytest.approx(50.0)
+    assert ours["pct_of_ceiling"] == pytest.approx(100.0) and not peer["noisy"]
+    assert ours["noisy"]  # p80 / p20 = 1.8 > 1.5
+    assert fast["above_ceiling"] and fast["pct_of_ceiling"] is None  # 10 ms of copying in 1 ms: cached
+    out = bench.write(tmp_path)
+    rows = json.loads((out / "demo.json").read_text())["rows"]
+    assert [r["vs_baseline"] for r in rows] == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0)]
+    md = (out / "demo.md").read_text()
+    assert "> 1 is faster" in md and "| 2.00x | noisy |" in md and ">ceil" in md
+    assert all(r["pct_of_ceiling"] is None or r["pct_of_ceiling"] <= 100 for r in rows)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("r", [128, 256])
+def test_large_rank_decode_shapes(device, r, monkeypatch):
+    """Ranks above the fused CUDA kernel's 64 run at decode shapes too (the workspace path takes them)."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
+    assert L.kernel_path("nf4", 3, CUDA, r) == "workspace" and L.kernel_path("nf4", 3, CUDA, 64) == "fused"
+    wf = torch.randn(40, 96, device=device) / 10
+    packed, state = pyllmops.quantize_nf4(wf, 64)
+    x = torch.randn(3, 96, device=device)
+    a, b = _adapter(r, 96, 40, torch.float32, device)
+    _check_fwd_bwd(lambda x, a, b: pyllmops.qlora_linear(x, packed, state, a, b, 0.5),
+                   lambda x, a, b: R.qlora_linear(x, packed, state, a, b, 0.5), x, [a, b], torch.float32,
+                   f"qlora r={r}")
+
+
+def test_harness_measure_together_alternates():
+    from pyllmops.bench.harness import Bench
+
+    order = []
+    bench = Bench("demo", "cpu", quick=True, progress=False)
+    bench._ceilings = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul": "fake"}
+    rows = bench.measure_together("k", "fwd", "x", [
+        dict(provider="peer", fn=lambda: order.append("peer"), baseline=True),
+        dict(provider="ours", fn=lambda: order.append("ours")),
+        dict(provider="broken", fn=lambda: 1 / 0)])
+    assert [r["provider"] for r in rows] == ["peer", "ours"] and "error" in bench.rows[0]
+    timed = order[4:]  # after two warm-up calls each
+    assert timed[:4] == ["peer", "ours", "peer", "ours"] and len(timed) >= 10
+    bench._finish()
+    assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] > 0

@@ -1,5 +1,7 @@
 // Python bindings of the LoRA kernels (csrc/lora/lora.h). Checks everything a kernel relies on:
 // dtypes, contiguity, devices, and that every buffer holds what the kernel will index.
+#include <cmath>
+
 #include "bindings.h"
 #include "nf4/nf4_bindings.h"
 #include "lora/lora.h"
@@ -89,6 +91,8 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
   a.lora_b = lora_b.data;
   a.pool = pool;
   a.scaling = static_cast<float>(scaling);
+  PYLLMOPS_CHECK(std::isfinite(a.scaling), "scaling must be finite after its cast to float32 (|scaling| <= ",
+                 "3.4028235e38), got ", scaling);
   a.out = out.data;
   a.t = t.ptr<float>();
   w->n_out = n_out;
@@ -174,6 +178,16 @@ void int_quantize(const TensorView& w, int64_t bits, int64_t group_size, const T
   PYLLMOPS_CHECK(w.dim() == 2, "w must be 2-D, got ", w.dim(), "-D");
   check_bits_group(bits, group_size);
   check_int_weight(qweight, scales, zeros, bits, group_size, w.size(0), w.size(1), w);
+  if (!w.is_cuda()) {  // host memory: refuse non-finite weights before anything is written
+    PYLLMOPS_DISPATCH_FLOAT_TYPES(w.dtype, "w", pyllmops::f16_t, pyllmops::bf16_t, [&] {
+      const scalar_t* p = w.ptr<const scalar_t>();
+      for (int64_t i = 0; i < w.numel(); ++i) {
+        const float v = pyllmops::to_float(p[i]);
+        PYLLMOPS_CHECK(std::isfinite(v), "w must be finite to be quantized, got ", v, " at index (", i / w.size(1),
+                       ", ", i % w.size(1), ")");
+      }
+    });
+  }
   PYLLMOPS_ON_DEVICE(w, "quantize_int",
                      lora::int_quantize_cpu(w, static_cast<int>(bits), group_size, qweight, scales, zeros),
                      lora::int_quantize_cuda(w, static_cast<int>(bits), group_size, qweight, scales, zeros, stream));

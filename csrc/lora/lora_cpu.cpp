@@ -53,18 +53,28 @@ void decode_run(const Weight& w, int64_t row, int64_t col0, int64_t len, float* 
       }
     }
   } else {
+    // Codes walked with a running (word, slot) cursor: one division per run, none per element.
+    // The 2^bits values of a group come from a table built with int_decode, so they are the same floats.
     const int cpw = codes_per_word(w.bits);
     const uint32_t mask = static_cast<uint32_t>(max_code(w.bits));
     const int32_t* words = w.qweight + row * words_per_row(w.k_in, w.bits);
     const int64_t groups = w.k_in / w.group_size;
+    int64_t wi = col0 / cpw;
+    int slot = static_cast<int>(col0 - wi * cpw);
+    uint32_t word = static_cast<uint32_t>(words[wi]) >> (slot * w.bits);
     for (int64_t e = 0; e < len;) {
       const int64_t g = (col0 + e) / w.group_size;
       const int64_t end = std::min(len, (g + 1) * w.group_size - col0);
       const float scale = w.scales[row * groups + g], zero = w.zeros[row * groups + g];
+      float table[16];
+      for (uint32_t q = 0; q <= mask; ++q) table[q] = int_decode(q, scale, zero);
       for (; e < end; ++e) {
-        const int64_t k = col0 + e;
-        const uint32_t q = (static_cast<uint32_t>(words[k / cpw]) >> ((k % cpw) * w.bits)) & mask;
-        dst[e * stride] = int_decode(q, scale, zero);
+        dst[e * stride] = table[word & mask];
+        word >>= w.bits;
+        if (++slot == cpw && col0 + e + 1 < w.k_in) {
+          slot = 0;
+          word = static_cast<uint32_t>(words[++wi]);
+        }
       }
     }
   }
@@ -184,6 +194,28 @@ void int_quantize_impl(const T* w, int64_t n, int64_t k, int bits, int64_t group
   });
 }
 
+// One row of a 2- or 4-bit W, whose groups hold whole words (cpw divides group_size). Host builds use
+// -ffp-contract=off, so q * scale + zero rounds twice, exactly as int_decode.
+template <int BITS, typename T>
+void int_dequantize_row_aligned(const int32_t* words, const float* scales, const float* zeros, int64_t groups,
+                                int64_t group_size, T* dst) {
+  constexpr int kCpw = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  const int64_t words_per_group = group_size / kCpw;
+  float vals[kCpw];
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = scales[g], zero = zeros[g];
+    const int32_t* wg = words + g * words_per_group;
+    T* d = dst + g * group_size;
+    for (int64_t wi = 0; wi < words_per_group; ++wi) {
+      const uint32_t word = static_cast<uint32_t>(wg[wi]);
+      // int_decode's arithmetic, written so the compiler vectorizes it across the word's codes
+      for (int c = 0; c < kCpw; ++c) vals[c] = static_cast<float>((word >> (c * BITS)) & kMask) * scale + zero;
+      for (int c = 0; c < kCpw; ++c) d[wi * kCpw + c] = from_float<T>(vals[c]);
+    }
+  }
+}
+
 template <typename T>
 void int_dequantize_impl(const int32_t* qweight, const float* scales, const float* zeros, int bits,
                          int64_t group_size, int64_t n, int64_t k, T* out) {
@@ -195,11 +227,23 @@ void int_dequantize_impl(const int32_t* qweight, const float* scales, const floa
   w.zeros = zeros;
   w.bits = bits;
   w.group_size = group_size;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));
+  if (k == 0) return;
+  const int64_t grain = std::max<int64_t>(1, 65536 / k), groups = k / group_size, wpr = words_per_row(k, bits);
   parallel_for(n, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row)
-      for (int64_t e = 0; e < k; ++e)
-        out[row * k + e] = from_float<T>(load_weight<WeightKind::int_q, T>(w, row, e, nullptr));
+    std::vector<float> row(bits == 3 ? static_cast<size_t>(k) : 0);
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int32_t* words = qweight + rr * wpr;
+      const float* s = scales + rr * groups;
+      const float* z = zeros + rr * groups;
+      if (bits == 4) {
+        int_dequantize_row_aligned<4, T>(words, s, z, groups, group_size, out + rr * k);
+      } else if (bits == 2) {
+        int_dequantize_row_aligned<2, T>(words, s, z, groups, group_size, out + rr * k);
+      } else {  // 3-bit: 10 codes per word, so groups straddle words; the cursor walk of decode_run
+        decode_run<WeightKind::int_q, T>(w, rr, 0, k, row.data(), 1);
+        for (int64_t e = 0; e < k; ++e) out[rr * k + e] = from_float<T>(row[e]);
+      }
+    }
   });
 }
 

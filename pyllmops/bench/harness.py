@@ -4,12 +4,26 @@ A family's bench module (pyllmops/bench/<family>.py) defines `run(bench)` and ca
 `bench.measure(kernel, provider, mode, x, fn, bytes=..., flops=...)` once per (case, provider); the
 harness times it, converts to GB/s or TFLOP/s, relates it to the device's measured ceilings and to
 the baseline provider of the same case, and writes one long-format table:
-  kernel, provider, mode, x, median_ms, p20_ms, p80_ms, gbps, tflops, pct_of_ceiling, vs_baseline
-plus the run's metadata (device, commit, date, torch, CUDA) to <out>/<family>.json and .md.
+  kernel, provider, mode, x, median_ms, p20_ms, p80_ms, gbps, tflops, bound, pct_of_ceiling,
+  vs_baseline, noisy
+plus the run's metadata (device, commit, date, torch, CUDA, threads, ceilings) to <out>/<family>.json
+and .md (always both; `python -m pyllmops bench` writes them under ./bench-results by default).
+
+What a reader can trust:
+- vs_baseline is a speedup: baseline median / this median, > 1 is faster than the case's baseline row.
+- bound / pct_of_ceiling: each row is held to the ceiling that bounds it. With bytes B and flops F, the
+  ideal time is max(B / copy bandwidth, F / matmul throughput); the larger term names the bound
+  ("memory" or "compute") and pct_of_ceiling = 100 * ideal / median. A row faster than that ideal
+  (its working set sits in cache, or the ceiling was measured low) gets no percentage and
+  above_ceiling = True: a share above 100% is never printed.
+- noisy: p80 / p20 > NOISY_SPREAD (1.5); such rows are flagged, not hidden.
+- Progress: one line per measured row on stderr (row number, elapsed time), so long runs show life.
 
 Timing. CUDA: triton.testing.do_bench when triton is importable (warm-up, L2 flushed before each
 run, CUDA-event timing), else the same procedure here. CPU: perf_counter over repeated calls after
-a warm-up. Both report the median and the 20th/80th percentiles.
+a warm-up; measure_together() alternates the providers of a case call by call, so load drift on a
+shared machine does not favour whichever ran in the quieter moment. Both report the median and the
+20th/80th percentiles.
 """
 import datetime
 import json
@@ -17,12 +31,20 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import pyllmops
+
+NOISY_SPREAD = 1.5  # p80 / p20 above this flags a row as noisy
+DEFAULT_OUT = "bench-results"  # under the current directory
+LEGEND = ("vs baseline is a speedup over the case's baseline row: > 1 is faster, < 1 slower. "
+          "% ceiling: the share of the ceiling that bounds the row (memory: copy bandwidth; compute: matmul "
+          "throughput); blank with '>ceil' when the row beats the measured ceiling (cache-resident). "
+          f"noisy: p80/p20 > {NOISY_SPREAD}.")
 
 
 def _quantiles(samples):
@@ -97,9 +119,11 @@ def device_slug(device):
 
 
 class Bench:
-    def __init__(self, family, device, quick=False, timer=None):
+    def __init__(self, family, device, quick=False, timer=None, progress=True):
         self.family, self.device, self.quick = family, torch.device(device), quick
         self.rows = []
+        self.progress = progress
+        self._t0 = time.perf_counter()
         self._ceilings = None
         self._timer = timer
         self.meta = {
@@ -162,19 +186,94 @@ class Bench:
             self.sync()
             med, p20, p80 = self.time(fn)
         except Exception as e:  # a peer that cannot run this case: recorded, not fatal
-            self.rows.append(dict(kernel=kernel, provider=provider, mode=mode, x=x, error=f"{type(e).__name__}: {e}"))
+            row = dict(kernel=kernel, provider=provider, mode=mode, x=x, error=f"{type(e).__name__}: {e}")
+            self.rows.append(row)
+            self._progress(row)
             return None
-        ceil = self.ceilings()
         row = dict(kernel=kernel, provider=provider, mode=mode, x=x, median_ms=med, p20_ms=p20, p80_ms=p80,
-                   gbps=None, tflops=None, pct_of_ceiling=None, baseline=baseline)
+                   gbps=None, tflops=None, baseline=baseline)
+        self.rate(row, bytes=bytes, flops=flops)
+        self.rows.append(row)
+        self._progress(row)
+        return row
+
+    def measure_together(self, kernel, mode, x, entries):
+        """Times several providers of one case and records a row each. entries: dicts with provider, fn
+        and optional bytes, flops, baseline. On the CPU their calls alternate round by round (A, B, C,
+        A, B, C, ...), so load that comes and goes on a shared machine hits every provider alike and the
+        ratios stay fair; on CUDA (or with a custom timer) each is timed in turn as by measure()."""
+        if self._timer is not None or self.device.type == "cuda":
+            return [self.measure(kernel, e["provider"], mode, x, e["fn"], bytes=e.get("bytes"),
+                                 flops=e.get("flops"), baseline=e.get("baseline", False)) for e in entries]
+        ready = []
+        for e in entries:
+            try:
+                for _ in range(2):  # warm-up
+                    e["fn"]()
+                ready.append(e)
+            except Exception as ex:  # a peer that cannot run this case: recorded, not fatal
+                row = dict(kernel=kernel, provider=e["provider"], mode=mode, x=x, error=f"{type(ex).__name__}: {ex}")
+                self.rows.append(row)
+                self._progress(row)
+        samples = [[] for _ in ready]
+        total, min_time, max_rounds = 0.0, (0.1 if self.quick else 0.3) * len(ready), 50
+        while ready and (len(samples[0]) < 5 or (total < min_time and len(samples[0]) < max_rounds)):
+            for e, dst in zip(ready, samples):
+                t0 = time.perf_counter()
+                e["fn"]()
+                dt = time.perf_counter() - t0
+                dst.append(dt * 1e3)
+                total += dt
+        rows = []
+        for e, ms in zip(ready, samples):
+            med, p20, p80 = _quantiles(ms)
+            row = dict(kernel=kernel, provider=e["provider"], mode=mode, x=x, median_ms=med, p20_ms=p20, p80_ms=p80,
+                       gbps=None, tflops=None, baseline=e.get("baseline", False))
+            self.rate(row, bytes=e.get("bytes"), flops=e.get("flops"))
+            self.rows.append(row)
+            self._progress(row)
+            rows.append(row)
+        return rows
+
+    def record(self, kernel, provider, mode, x, median_ms, p20_ms, p80_ms, *, baseline=False, **extra):
+        """Adds a row timed by the caller (e.g. a whole training step); extra keys go into the JSON."""
+        row = dict(kernel=kernel, provider=provider, mode=mode, x=x, median_ms=median_ms, p20_ms=p20_ms,
+                   p80_ms=p80_ms, gbps=None, tflops=None, baseline=baseline, **extra)
+        self.rate(row)
+        self.rows.append(row)
+        self._progress(row)
+        return row
+
+    def rate(self, row, bytes=None, flops=None):
+        """Fills gbps / tflops, the bound, pct_of_ceiling (never above 100) and the noise flag."""
+        med = row["median_ms"]
+        row.update(bound=None, pct_of_ceiling=None, above_ceiling=False,
+                   noisy=row["p20_ms"] > 0 and row["p80_ms"] / row["p20_ms"] > NOISY_SPREAD)
+        if bytes is None and flops is None:
+            return row
+        ceil = self.ceilings()
+        ideal = {}
         if bytes is not None:
             row["gbps"] = bytes / (med * 1e-3) / 1e9
-            row["pct_of_ceiling"] = 100 * row["gbps"] / ceil["copy_gbps"]
+            ideal["memory"] = bytes / (ceil["copy_gbps"] * 1e9)
         if flops is not None:
             row["tflops"] = flops / (med * 1e-3) / 1e12
-            row["pct_of_ceiling"] = 100 * row["tflops"] / ceil["matmul_tflops"]
-        self.rows.append(row)
+            ideal["compute"] = flops / (ceil["matmul_tflops"] * 1e12)
+        bound = max(ideal, key=ideal.get)
+        pct = 100 * ideal[bound] / (med * 1e-3)
+        row["bound"] = bound
+        if pct > 100:
+            row["above_ceiling"] = True
+        else:
+            row["pct_of_ceiling"] = pct
         return row
+
+    def _progress(self, row):
+        if not self.progress:
+            return
+        what = (f"{row['median_ms']:.4g} ms" if "median_ms" in row else f"n/a ({row['error'][:60]})")
+        print(f"[{self.family} #{len(self.rows)} {time.perf_counter() - self._t0:6.1f}s] {row['kernel']} "
+              f"{row['mode']} {row['x']} {row['provider']}: {what}", file=sys.stderr, flush=True)
 
     def _finish(self):
         """vs_baseline = baseline median / this median (> 1: faster than the baseline)."""
@@ -188,28 +287,38 @@ class Bench:
     # ---- output -------------------------------------------------------------------------------
     def markdown(self):
         self._finish()
-        c = self.ceilings()
         lines = [
             f"# {self.family} on {self.meta['device']}",
             "",
             f"commit {self.meta['commit']}, {self.meta['date']}, torch {self.meta['torch']}, "
             f"CUDA {self.meta['cuda']}, pyllmops {self.meta['pyllmops']}, threads {self.meta['threads']}",
-            f"ceilings (measured): copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.2f} TFLOP/s "
-            f"({c['matmul']})",
+        ]
+        if self._ceilings is not None:
+            c = self._ceilings
+            lines.append(f"ceilings (measured): copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.3g} "
+                         f"TFLOP/s ({c['matmul']})")
+        lines += [
             "",
-            "| kernel | mode | x | provider | median ms | p20 | p80 | GB/s | TFLOP/s | % ceiling | vs baseline |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            LEGEND,
+            "",
+            "| kernel | mode | x | provider | median ms | p20 | p80 | GB/s | TFLOP/s | bound | % ceiling "
+            "| vs baseline (>1 is faster) | noisy | note |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
         ]
         fmt = (lambda v, f: "" if v is None else format(v, f))
         for r in self.rows:
             if "error" in r:
                 lines.append(f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']} | n/a: {r['error'][:80]} "
-                             f"| | | | | | |")
+                             f"| | | | | | | | | |")
                 continue
+            pct = ">ceil" if r.get("above_ceiling") else fmt(r.get("pct_of_ceiling"), ".1f")
+            vs = r.get("vs_baseline")
             lines.append(
                 f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']}{' (baseline)' if r['baseline'] else ''} "
                 f"| {r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {fmt(r['gbps'], '.1f')} "
-                f"| {fmt(r['tflops'], '.2f')} | {fmt(r['pct_of_ceiling'], '.1f')} | {fmt(r.get('vs_baseline'), '.2f')}x |")
+                f"| {fmt(r['tflops'], '.3g')} | {r.get('bound') or ''} | {pct} "
+                f"| {'' if vs is None else format(vs, '.2f') + 'x'} | {'noisy' if r.get('noisy') else ''} "
+                f"| {r.get('note', '')} |")
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir):

@@ -12,10 +12,19 @@ from pyllmops.ops.lora import (INT_BITS, INT_GROUP_SIZES, _check_scaling, int_li
 PEFT_PREFIX = "base_model.model."
 
 
-def _check_rank_alpha(r, alpha, dropout):
+def _check_rank_alpha(r, alpha, dropout, use_rslora=False):
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    _check_scaling(alpha)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a finite float, got {type(alpha).__name__} {alpha!r}")
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an int too large for a double
+        finite = False
+    if not finite:
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+    _check_scaling(scaling, "scaling", f" (alpha={alpha!r} / {'sqrt(r)' if use_rslora else 'r'} with r={r})")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
 
@@ -71,7 +80,7 @@ class LoRALinear(_AdapterMixin, nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"base must be an nn.Linear or pyllmops.nn.NF4Linear, got {type(base).__name__}")
-        _check_rank_alpha(r, alpha, dropout)
+        _check_rank_alpha(r, alpha, dropout, use_rslora)
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)

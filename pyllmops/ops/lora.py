@@ -16,18 +16,20 @@ products done with torch. QA-LoRA's adapter sees x mean-pooled over groups of gr
 """
 import math
 import os
+import struct
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
                                   on_cuda, opt_view, stream, view)
-from pyllmops.ops.nf4 import check_linear_weight
+from pyllmops.ops.nf4 import MAX_SKINNY_ROWS, check_linear_weight
 
 INT_BITS = (2, 3, 4)
 INT_GROUP_SIZES = (32, 64, 128)
-MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda
+MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda: the fused kernel's limit; larger ranks take the workspace path
 
 
 def codes_per_word(bits):
@@ -40,45 +42,139 @@ def words_per_row(in_features, bits):
 
 # ================================ kernels ================================
 def tensor_cores_enabled():
-    """fp16 / bf16 CUDA calls take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu) when
-    PYLLMOPS_LORA_TENSOR_CORES=1. Experimental: it compiles, but has never run on a GPU."""
-    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "0") == "1"
+    """fp16 / bf16 CUDA calls of the fused kernel take the mma.sync main loop (csrc/lora/lora_cuda_mma.cu,
+    sm_80+) by default, since it passes the emulated tests (docs/emulator.md, with negative controls);
+    PYLLMOPS_LORA_TENSOR_CORES=0 selects the SIMT fp32 loop. Not yet run on a GPU."""
+    return os.environ.get("PYLLMOPS_LORA_TENSOR_CORES", "1") != "0"
 
 
 def _c(t):
     return None if t is None else t.contiguous()
 
 
-def _fused(kind, inp_nd, wargs, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
-    """Runs the fused kernel on `inp_nd` (..., n_red); returns (out (..., n_cols), t [m, r] fp32)."""
+# Rows of x (tokens) from which the base product runs as a library GEMM on a transient dequantized
+# weight (the workspace path) instead of the fused kernel. CPU: always (measured, docs/lora.md: the
+# fused CPU kernel lost to dequantize + MKL at every row count, 1 included, for all three bases; it
+# stays reachable with PYLLMOPS_LORA_PATH=fused as the CUDA algorithm's CPU twin). CUDA: from 64 rows,
+# the issue-12 design point (predicted; no GPU measurement yet).
+CROSSOVER_CPU = 1
+CROSSOVER_CUDA = 64
+PATHS = ("auto", "fused", "workspace")
+
+
+def kernel_path(kind, m, device, r=0):
+    """'fused' or 'workspace' for an m-row, rank-r call; PYLLMOPS_LORA_PATH=fused|workspace forces one,
+    except that ranks above MAX_RANK_CUDA always take the workspace path on CUDA (the fused kernel
+    keeps t in registers)."""
+    forced = os.environ.get("PYLLMOPS_LORA_PATH", "auto")
+    if forced not in PATHS:
+        raise ValueError(f"PYLLMOPS_LORA_PATH must be one of {PATHS}, got {forced!r}")
+    cuda = on_cuda(device)
+    if cuda and r > MAX_RANK_CUDA:
+        return "workspace"
+    if forced != "auto":
+        return forced
+    return "workspace" if m >= (CROSSOVER_CUDA if cuda else CROSSOVER_CPU) else "fused"
+
+
+def _run(kind, inp_nd, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols, pool):
+    """One forward (transposed=False: y, t = x.A^T) or input-gradient (transposed=True: dx, t = dy.B)
+    of the op family on `inp_nd` (..., n_red) -> (out (..., n_cols), t [m, r] fp32). `w` holds the
+    weight's arguments in the op's order (see _decode)."""
     inp = _flat(inp_nd)
+    if kernel_path(kind, inp.shape[0], inp.device, lora_a.shape[0]) == "workspace":
+        out, t = _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool)
+    else:
+        out, t = _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols)
+    return out.view(*inp_nd.shape[:-1], n_cols), t
+
+
+def _flat(x):
+    """(..., k) -> (rows, k) contiguous; explicit row count, so k = 0 works (reshape(-1, 0) cannot)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
+    """The fused kernel (csrc/lora/lora.h): the weight decoded tile by tile, the adapter as an epilogue."""
     mask = None if dropout_scale is None else _flat(dropout_scale)
     m = inp.shape[0]
     out = empty((m, n_cols), inp.dtype, inp.device)
     t = empty((m, lora_a.shape[0]), torch.float32, inp.device)
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
-    fn = {"dense": lib().lora_fused_dense, "nf4": lib().lora_fused_nf4, "int": lib().lora_fused_int}[kind]
+    if kind == "dense":
+        fn, wargs = lib().lora_fused_dense, (view(w[0].contiguous()),)
+    elif kind == "nf4":
+        packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize = w[:7]
+        fn = lib().lora_fused_nf4
+        wargs = (view(packed.contiguous()), view(absmax.contiguous()), opt_view(_c(nested_absmax)),
+                 opt_view(_c(nested_code)), opt_view(_c(nested_offset)), blocksize, nested_blocksize)
+    else:
+        qweight, scales, zeros, bits, group_size = w
+        fn = lib().lora_fused_int
+        wargs = (view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits, group_size)
     fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
        view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t),
        tensor_cores_enabled(), stream(inp))
-    return out.view(*inp_nd.shape[:-1], n_cols), t
+    return out, t
 
 
-def _flat(x):
-    return x.reshape(-1, x.shape[-1]).contiguous()
+def _decode(kind, w, dtype):
+    """The dense (out_features, in_features) base weight in `dtype`: the weight itself, or a transient
+    workspace filled by our dequantize kernel (NF4: ops.nf4; INT: int_dequantize). Never cached: the
+    caller drops it when its GEMM is done, and the backward decodes again."""
+    if kind == "dense":
+        return w[0] if w[0].dtype == dtype else w[0].to(dtype)
+    if kind == "nf4":
+        packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, n, k = w
+        return torch.ops.pyllmops.nf4_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                 blocksize, nested_blocksize, n * k, dtype).view(n, k)
+    qweight, scales, zeros, bits, group_size = w
+    return torch.ops.pyllmops.int_dequantize(qweight, scales, zeros, bits, group_size, dtype)
 
 
-def _dense_wargs(weight):
-    return (view(weight.contiguous()),)
-
-
-def _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize):
-    return (view(packed.contiguous()), view(absmax.contiguous()), opt_view(_c(nested_absmax)),
-            opt_view(_c(nested_code)), opt_view(_c(nested_offset)), blocksize, nested_blocksize)
-
-
-def _int_wargs(qweight, scales, zeros, bits, group_size):
-    return (view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits, group_size)
+def _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool):
+    """Training / prefill shapes: the base product is one library GEMM (torch.mm: MKL / oneDNN on the
+    CPU, cuBLAS on CUDA) on the decoded weight; the adapter terms are rank-r GEMMs accumulated into the
+    base product in place (addmm_ with alpha = scaling), so the output is written by the GEMM and
+    updated once, with no separate scale or add pass.
+      forward:  y = x.W^T + bias;  t = pool(x * mask).A^T;  y += scaling * t.B^T
+      backward: dx = dy.W;  t = dy.B;  dx += scaling * mask * expand(t.A)   (dW is never formed)
+    t comes back in fp32 (the backward's dA / dB use it)."""
+    m, r = inp.shape[0], lora_a.shape[0]
+    scaling = struct.unpack("f", struct.pack("f", scaling))[0]  # the kernels' float32 value (addmm_ checks it)
+    mask = None if dropout_scale is None else _flat(dropout_scale)
+    if not transposed and kind == "nf4" and 1 <= m <= MAX_SKINNY_ROWS and not on_cuda(inp):
+        # CPU decode shapes: ops.nf4's skinny kernel reads the 4-bit codes once and writes no workspace
+        # (measured 4096x1024, m = 1: 2.9 ms against 5.0 ms for dequantize + matmul, bitsandbytes 3.0 ms)
+        out = torch.ops.pyllmops.nf4_linear(inp, *w[:5], bias, w[5], w[6], w[7])
+    else:
+        weight = _decode(kind, w, inp.dtype)
+        if transposed:
+            out = torch.mm(inp, weight)
+        else:
+            out = torch.mm(inp, weight.t()) if bias is None else torch.addmm(bias, inp, weight.t())
+        del weight  # the workspace is released before the adapter's GEMMs
+    if not transposed:
+        xd = inp if mask is None else inp * mask
+        xp = xd if pool == 1 else xd.view(m, -1, pool).mean(-1)
+        t = torch.mm(xp, lora_a.t())
+        if r:
+            out.addmm_(t, lora_b.t(), alpha=scaling)
+    else:
+        t = torch.mm(inp, lora_b)
+        if r:
+            if pool == 1 and mask is None:
+                out.addmm_(t, lora_a, alpha=scaling)
+            else:
+                term = torch.mm(t, lora_a)  # (m, in_features / pool): one value per pooled group
+                if pool != 1:
+                    term = term.mul_(1.0 / pool).unsqueeze(-1)
+                view_ = out.view(m, -1, pool) if pool != 1 else out
+                if mask is None:
+                    view_.add_(term, alpha=scaling)
+                else:
+                    view_.addcmul_(term, mask.view(m, -1, pool) if pool != 1 else mask, value=scaling)
+    return out, t.float()
 
 
 # ---- dense LoRA ----------------------------------------------------------------------------------
@@ -86,15 +182,13 @@ def _int_wargs(qweight, scales, zeros, bits, group_size):
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
               lora_b: torch.Tensor, scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor,
                                                                                                      torch.Tensor]:
-    return _fused("dense", x, _dense_wargs(weight), False, bias, lora_a, lora_b, scaling, dropout_scale,
-                  weight.shape[0])
+    return _run("dense", x, (weight,), False, bias, lora_a, lora_b, scaling, dropout_scale, weight.shape[0], 1)
 
 
 @torch.library.custom_op("pyllmops::lora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
 def _lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                  dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused("dense", dy, _dense_wargs(weight), True, None, lora_a, lora_b, scaling, dropout_scale,
-                  weight.shape[1])
+    return _run("dense", dy, (weight,), True, None, lora_a, lora_b, scaling, dropout_scale, weight.shape[1], 1)
 
 
 # ---- QLoRA (NF4 base) ----------------------------------------------------------------------------
@@ -104,8 +198,9 @@ def _qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nest
                nested_blocksize: int, out_features: int, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                lora_b: torch.Tensor, scaling: float,
                dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
-    return _fused("nf4", x, wargs, False, bias, lora_a, lora_b, scaling, dropout_scale, out_features)
+    w = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, out_features,
+         x.shape[-1])
+    return _run("nf4", x, w, False, bias, lora_a, lora_b, scaling, dropout_scale, out_features, 1)
 
 
 @torch.library.custom_op("pyllmops::qlora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
@@ -114,8 +209,9 @@ def _qlora_bwd_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                   nested_offset: Optional[torch.Tensor], blocksize: int, nested_blocksize: int, in_features: int,
                   lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                   dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    wargs = _nf4_wargs(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize)
-    return _fused("nf4", dy, wargs, True, None, lora_a, lora_b, scaling, dropout_scale, in_features)
+    w = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, dy.shape[-1],
+         in_features)
+    return _run("nf4", dy, w, True, None, lora_a, lora_b, scaling, dropout_scale, in_features, 1)
 
 
 # ---- QA-LoRA (INT base, pooled adapter input) ----------------------------------------------------
@@ -123,16 +219,16 @@ def _qlora_bwd_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
 def _qalora_fwd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                 group_size: int, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused("int", x, _int_wargs(qweight, scales, zeros, bits, group_size), False, bias, lora_a, lora_b,
-                  scaling, dropout_scale, qweight.shape[0])
+    return _run("int", x, (qweight, scales, zeros, bits, group_size), False, bias, lora_a, lora_b, scaling,
+                dropout_scale, qweight.shape[0], group_size)
 
 
 @torch.library.custom_op("pyllmops::qalora_bwd_dx", mutates_args=(), device_types=("cpu", "cuda"))
 def _qalora_bwd_dx(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    group_size: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                    dropout_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused("int", dy, _int_wargs(qweight, scales, zeros, bits, group_size), True, None, lora_a, lora_b,
-                  scaling, dropout_scale, scales.shape[1] * group_size)
+    return _run("int", dy, (qweight, scales, zeros, bits, group_size), True, None, lora_a, lora_b, scaling,
+                dropout_scale, scales.shape[1] * group_size, group_size)
 
 
 # ---- fakes -----------------------------------------------------------------------------------------
@@ -174,44 +270,85 @@ def _(dy, qweight, scales, zeros, bits, group_size, lora_a, lora_b, scaling, dro
 
 
 # ---- autograd: one backward for the three forwards ----------------------------------------------------
-# Per op: where x, the weight tensors, bias, lora_a, lora_b, scaling, dropout_scale sit in the
-# inputs; the pooling group (1, or QA-LoRA's group_size) and how to call the dx op.
+# Per op: where x, the weight tensors, bias, lora_a, lora_b, scaling, dropout_scale sit in the inputs.
 _LAYOUT = {
     "lora": dict(weight=slice(1, 2), bias=2, a=3, b=4, s=5, mask=6),
     "qlora": dict(weight=slice(1, 9), bias=9, a=10, b=11, s=12, mask=13),
     "qalora": dict(weight=slice(1, 6), bias=6, a=7, b=8, s=9, mask=10),
 }
+_KIND = {"lora": "dense", "qlora": "nf4", "qalora": "int"}
 
 
-def _pool_of(kind, inputs):
-    return inputs[5] if kind == "qalora" else 1
+def _pooled(x2, pool):
+    return x2 if pool == 1 else x2.view(x2.shape[0], -1, pool).mean(-1)
+
+
+def _grads(kind, w, x, lora_a, lora_b, mask, xa, s, pool, grad_y, grad_xa, need, dx_fn):
+    """Gradients of y (and of the returned xa, rarely used) -> (dx, dW, d_bias, dA, dB), None where
+    `need` (x, W, bias, A, B) is False. dx_fn(dy) -> (dx, g = dy.B fp32) is the op's input-gradient
+    (the fused kernel or the workspace GEMM; dW is never formed unless W itself requires grad).
+    dA = s * g^T.pool(x * mask) and dB = s * dy^T.xa are rank-r GEMMs in x's dtype."""
+    dt, k = x.dtype, x.shape[-1]
+    if grad_y is None:  # only xa was differentiated
+        grad_y = x.new_zeros(*x.shape[:-1], lora_b.shape[0])
+    dy = _flat(grad_y)
+    dx = dw = dbias = da = db = None
+    if need[0]:
+        dx, g = dx_fn(dy)
+        dx = _flat(dx)
+    else:
+        g = torch.mm(dy, lora_b)
+    if need[3]:
+        x2 = _flat(x)
+        xp = _pooled(x2 if mask is None else x2 * _flat(mask), pool)
+    if grad_xa is not None and need[0]:  # xa is an output too: xa = pool(x * mask) . A^T
+        extra = grad_xa.to(dt) @ lora_a
+        if pool != 1:
+            extra = extra.repeat_interleave(pool, dim=1) / pool
+        if mask is not None:
+            extra = extra * _flat(mask)
+        dx = dx + extra
+    if need[0]:
+        dx = dx.view(x.shape)
+    if need[3]:
+        da = torch.mm(g.to(dt).t(), xp).mul_(s)
+        if grad_xa is not None:
+            da = da + grad_xa.to(dt).t() @ xp
+    if need[4]:
+        db = torch.mm(dy.t(), xa.to(dt)).mul_(s)
+    if need[2]:
+        dbias = dy.sum(0)
+    if need[1]:  # only a dense W: normally frozen; honour requires_grad anyway
+        dw = torch.mm(dy.t(), _flat(x))
+    return dx, dw, dbias, da, db
+
+
+def _dx_op(kind, w, k, lora_a, lora_b, s, mask):
+    """The input-gradient as a registered op (what torch.compile and opcheck see)."""
+    if kind == "lora":
+        return lambda dy: torch.ops.pyllmops.lora_bwd_dx(dy, w[0], lora_a, lora_b, s, mask)
+    if kind == "qlora":
+        return lambda dy: torch.ops.pyllmops.qlora_bwd_dx(dy, *w[:7], k, lora_a, lora_b, s, mask)
+    return lambda dy: torch.ops.pyllmops.qalora_bwd_dx(dy, *w[:5], lora_a, lora_b, s, mask)
 
 
 def _make_setup(kind):
     lay = _LAYOUT[kind]
 
     def setup(ctx, inputs, output):
-        x = inputs[0]
         w = list(inputs[lay["weight"]])
         ctx.tensor_slots = [i for i, v in enumerate(w) if isinstance(v, torch.Tensor)]
         ctx.w_consts = [None if isinstance(v, torch.Tensor) else v for v in w]
-        saved = [w[i] for i in ctx.tensor_slots]
-        ctx.n_w = len(saved)
-        ctx.save_for_backward(x, inputs[lay["a"]], inputs[lay["b"]], inputs[lay["mask"]], output[1], *saved)
+        ctx.save_for_backward(inputs[0], inputs[lay["a"]], inputs[lay["b"]], inputs[lay["mask"]], output[1],
+                              *[w[i] for i in ctx.tensor_slots])
         ctx.scaling = inputs[lay["s"]]
-        ctx.pool = _pool_of(kind, inputs)
-        ctx.has_bias = inputs[lay["bias"]] is not None
-        ctx.x_shape = x.shape
+        ctx.pool = inputs[5] if kind == "qalora" else 1
         # xa is an output only so the backward can reuse it; callers almost never differentiate
         # through it. Unmaterialized, its unused gradient arrives as None instead of an (m, r) zero
-        # tensor that would cost an (m, k) fp32 matmul and a dx round trip through fp32.
+        # tensor that would cost an (m, k) matmul.
         ctx.set_materialize_grads(False)
 
     return setup
-
-
-def _pooled(x2, pool):
-    return x2 if pool == 1 else x2.view(x2.shape[0], -1, pool).mean(-1)
 
 
 def _make_backward(kind):
@@ -223,50 +360,15 @@ def _make_backward(kind):
         w = list(ctx.w_consts)
         for slot, t in zip(ctx.tensor_slots, saved):
             w[slot] = t
-        s, pool = ctx.scaling, ctx.pool
-        k = x.shape[-1]
-        if grad_y is None:  # only xa was differentiated
-            grad_y = x.new_zeros(*ctx.x_shape[:-1], lora_b.shape[0])
-        dy = _flat(grad_y)
+        nig = ctx.needs_input_grad
+        need = (nig[0], kind == "lora" and nig[1], nig[lay["bias"]], nig[lay["a"]], nig[lay["b"]])
+        dx_fn = _dx_op(kind, w, x.shape[-1], lora_a, lora_b, ctx.scaling, mask)
+        dx, dw, dbias, da, db = _grads(kind, w, x, lora_a, lora_b, mask, xa, ctx.scaling, ctx.pool, grad_y, grad_xa,
+                                       need, dx_fn)
         grads = [None] * n_inputs
-        need = ctx.needs_input_grad
-        g = None
-        if need[0]:
-            if kind == "lora":
-                dx, g = torch.ops.pyllmops.lora_bwd_dx(dy, w[0], lora_a, lora_b, s, mask)
-            elif kind == "qlora":
-                dx, g = torch.ops.pyllmops.qlora_bwd_dx(dy, *w[:7], k, lora_a, lora_b, s, mask)
-            else:
-                dx, g = torch.ops.pyllmops.qalora_bwd_dx(dy, *w[:5], lora_a, lora_b, s, mask)
-            grads[0] = dx
-        if g is None:
-            g = dy.float() @ lora_b.float()
-        x2 = _flat(x).float()
-        m2 = None if mask is None else _flat(mask).float()
-        xd = x2 if m2 is None else x2 * m2
-        xp = _pooled(xd, pool)
-        if grad_xa is not None:  # xa is an output too: xa = pool(xd) . A^T
-            gxa = grad_xa.float()
-            if need[0]:
-                extra = gxa @ lora_a.float()
-                if pool != 1:
-                    extra = extra.repeat_interleave(pool, dim=1) / pool
-                if m2 is not None:
-                    extra = extra * m2
-                grads[0] = (_flat(grads[0]).float() + extra).to(x.dtype)
-        if need[0]:
-            grads[0] = grads[0].reshape(ctx.x_shape)
-        if need[lay["a"]]:
-            da = s * (g.t() @ xp)
-            if grad_xa is not None:
-                da = da + grad_xa.float().t() @ xp
-            grads[lay["a"]] = da.to(lora_a.dtype)
-        if need[lay["b"]]:
-            grads[lay["b"]] = (s * (dy.float().t() @ xa)).to(lora_b.dtype)
-        if ctx.has_bias and need[lay["bias"]]:
-            grads[lay["bias"]] = dy.float().sum(0).to(grad_y.dtype)
-        if kind == "lora" and need[1]:  # the base weight is normally frozen; honour requires_grad anyway
-            grads[1] = (dy.float().t() @ x2).to(w[0].dtype)
+        grads[0], grads[lay["bias"]], grads[lay["a"]], grads[lay["b"]] = dx, dbias, da, db
+        if kind == "lora":
+            grads[1] = dw
         return tuple(grads)
 
     return backward
@@ -274,6 +376,40 @@ def _make_backward(kind):
 
 for _kind, _op in (("lora", _lora_fwd), ("qlora", _qlora_fwd), ("qalora", _qalora_fwd)):
     _op.register_autograd(_make_backward(_kind), setup_context=_make_setup(_kind))
+
+
+class _Eager(torch.autograd.Function):
+    """The same forward and backward as the registered ops, called without the dispatcher (eager mode:
+    the registered op's Python autograd wrapper and two dispatches cost more than a decode-shape GEMM).
+    Under torch.compile or a TorchDispatchMode the public functions call the registered ops instead."""
+
+    @staticmethod
+    def forward(ctx, kind, x, w0, w_rest, bias, lora_a, lora_b, scaling, mask, n_cols, pool):
+        w = (w0, *w_rest)
+        y, xa = _run(kind, x, w, False, bias, lora_a, lora_b, scaling, mask, n_cols, pool)
+        ctx.kind, ctx.w_rest, ctx.scaling, ctx.pool = kind, w_rest, scaling, pool
+        ctx.save_for_backward(x, w0, lora_a, lora_b, mask, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w0, lora_a, lora_b, mask, xa = ctx.saved_tensors
+        w, kind, s, pool = (w0, *ctx.w_rest), ctx.kind, ctx.scaling, ctx.pool
+        nig = ctx.needs_input_grad
+        need = (nig[1], kind == "dense" and nig[2], nig[4], nig[5], nig[6])
+        k = x.shape[-1]
+
+        def dx_fn(dy):
+            return _run(kind, dy, w, True, None, lora_a, lora_b, s, mask, k, pool)
+
+        dx, dw, dbias, da, db = _grads(kind, w, x, lora_a, lora_b, mask, xa, s, pool, grad_y, None, need, dx_fn)
+        return None, dx, dw, None, dbias, da, db, None, None, None, None
+
+
+def _eager():
+    """Plain eager execution: no torch.compile tracing and no TorchDispatchMode (fake tensors, op
+    recorders, flop counters), all of which must see the registered ops."""
+    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
 
 
 # ---- INT quantization ------------------------------------------------------------------------------
@@ -310,9 +446,23 @@ def _(qweight, scales, zeros, bits, group_size, dtype):
 
 
 # ================================ public API ================================
-def _check_scaling(scaling):
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise TypeError(f"scaling must be a finite float, got {type(scaling).__name__} {scaling!r}")
+# The smallest magnitude that rounds to inf in float32: (2 - 2^-24) * 2^127, halfway between FLT_MAX and
+# 2^128 (round-to-nearest-even sends the tie up). Below it a double casts to a finite float32.
+FLOAT32_OVERFLOW = (2 - 2 ** -24) * 2 ** 127
+
+
+def _check_scaling(scaling, name="scaling", why=""):
+    """A real number that stays finite after the kernels' cast to float32 (issue 15: 1e39 passed a
+    Python isfinite check, became inf in C++, and inf * 0 made the whole output NaN)."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{name} must be a finite float, got {type(scaling).__name__} {scaling!r}")
+    try:
+        finite = math.isfinite(scaling) and abs(float(scaling)) < FLOAT32_OVERFLOW
+    except OverflowError:  # an int too large for a double
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite float whose float32 cast is finite (|{name}| <= "
+                         f"3.4028235e38){why}, got {scaling!r}")
 
 
 def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropout):
@@ -325,8 +475,6 @@ def _check_adapter(x, lora_a, lora_b, a_cols, out_features, scaling, bias, dropo
     if tuple(lora_b.shape) != (out_features, r):
         raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected (out_features={out_features}, r={r}) "
                          f"(rank of lora_a is {r})")
-    if on_cuda(x) and r > MAX_RANK_CUDA:
-        raise ValueError(f"the CUDA kernel supports rank r <= {MAX_RANK_CUDA}, got r={r}")
     _check_scaling(scaling)
     check_bias(bias, x, out_features)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -366,9 +514,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, t
     out_features, in_features = weight.shape
     check_linear_input(x, in_features)
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
-    y, _ = torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling),
-                                       dropout_mask(x, dropout, training))
-    return y
+    mask = dropout_mask(x, dropout, training)
+    if _eager():
+        return _Eager.apply("dense", x, weight, (), bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
+    return torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling), mask)[0]
 
 
 def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, training=True):
@@ -385,10 +534,13 @@ def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropou
     out_features, in_features = check_linear_weight(packed, state)
     check_linear_input(x, in_features, device=state.device)
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
-    y, _ = torch.ops.pyllmops.qlora_fwd(x, packed, *state.kernel_args()[:4], state.blocksize, state.nested_blocksize,
-                                        out_features, bias, lora_a, lora_b, float(scaling),
-                                        dropout_mask(x, dropout, training))
-    return y
+    mask = dropout_mask(x, dropout, training)
+    nested = state.kernel_args()[1:4]
+    if _eager():
+        w_rest = (state.absmax, *nested, state.blocksize, state.nested_blocksize, out_features, in_features)
+        return _Eager.apply("nf4", x, packed, w_rest, bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
+    return torch.ops.pyllmops.qlora_fwd(x, packed, state.absmax, *nested, state.blocksize, state.nested_blocksize,
+                                        out_features, bias, lora_a, lora_b, float(scaling), mask)[0]
 
 
 def _check_int(qweight, scales, zeros, bits, group_size):
@@ -407,6 +559,18 @@ def _check_int(qweight, scales, zeros, bits, group_size):
     return n, in_features
 
 
+def check_finite_weight(w, name="w"):
+    """Quantizers refuse NaN and +-inf weights (a min-max group would turn them into finite codes)."""
+    if w.device.type == "meta":
+        return
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).nonzero()[0, 0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), w.shape))
+        raise ValueError(f"{name} must be finite to be quantized, got {w[index].item()} at index "
+                         f"({', '.join(map(str, index))}) (the first of {int(bad.sum())} non-finite elements)")
+
+
 def quantize_int(w, bits, group_size):
     """Group-wise asymmetric min-max quantization (QA-LoRA's base weight), along in_features.
 
@@ -416,7 +580,8 @@ def quantize_int(w, bits, group_size):
     (element k of a row in word k // cpw at bit (k % cpw) * bits; 3-bit leaves 2 bits per word unused).
 
     Args:
-        w: float32/float16/bfloat16 (out_features, in_features); in_features % group_size == 0.
+        w: float32/float16/bfloat16 (out_features, in_features); in_features % group_size == 0; finite
+            (NaN or +-inf raises ValueError naming the first bad index).
         bits: 2, 3 or 4. group_size: 32, 64 or 128.
 
     Returns:
@@ -432,6 +597,7 @@ def quantize_int(w, bits, group_size):
     if w.shape[1] % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {w.shape[1]} (w shape "
                          f"{tuple(w.shape)})")
+    check_finite_weight(w)
     return torch.ops.pyllmops.int_quantize(w, bits, group_size)
 
 
@@ -460,9 +626,12 @@ def qalora_linear(x, qweight, scales, zeros, lora_a, lora_b, scaling, *, bits, g
     n, in_features = _check_int(qweight, scales, zeros, bits, group_size)
     check_linear_input(x, in_features, device=scales.device)
     _check_adapter(x, lora_a, lora_b, in_features // group_size, n, scaling, bias, dropout)
-    y, _ = torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b,
-                                         float(scaling), dropout_mask(x, dropout, training))
-    return y
+    mask = dropout_mask(x, dropout, training)
+    if _eager():
+        return _Eager.apply("int", x, qweight, (scales, zeros, bits, group_size), bias, lora_a, lora_b, float(scaling),
+                            mask, n, group_size)
+    return torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b,
+                                         float(scaling), mask)[0]
 
 
 def int_linear(x, qweight, scales, zeros, *, bits, group_size, bias=None):
@@ -473,5 +642,7 @@ def int_linear(x, qweight, scales, zeros, *, bits, group_size, bias=None):
     no_a = x.new_zeros((0, in_features // group_size))
     no_b = x.new_zeros((n, 0))
     _check_adapter(x, no_a, no_b, in_features // group_size, n, 1.0, bias, 0.0)
-    y, _ = torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, no_a, no_b, 1.0, None)
-    return y
+    if _eager():
+        return _Eager.apply("int", x, qweight, (scales, zeros, bits, group_size), bias, no_a, no_b, 1.0, None, n,
+                            group_size)
+    return torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, no_a, no_b, 1.0, None)[0]

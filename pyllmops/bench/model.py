@@ -1,0 +1,150 @@
+"""Model-level benchmark: one QLoRA SFT step (forward, loss, backward, AdamW step on the adapters) of a
+small Llama-shaped decoder, ours against the usual stack, side by side in one run.
+
+  peer (baseline): transformers' LlamaForCausalLM (SDPA attention) whose seven projections per block
+                   are bitsandbytes Linear4bit (NF4, blocksize 64, double quant), with peft LoRA on them
+  pyllmops:        pyllmops.models.Decoder (flash_attention_varlen) with apply_lora(quantize="nf4")
+
+Same sizes, rank, targets, tokens and optimizer; fp32 activations on the CPU. Reported per provider:
+the step's median time, and its peak memory above the resting footprint (CUDA: max_memory_allocated;
+CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs before the step after
+malloc_trim has returned freed heap pages, minus the RSS before it). `python -m pyllmops bench lora`
+ends with it (one row per provider).
+"""
+import ctypes
+import ctypes.util
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import pyllmops
+from pyllmops.models.decoder import PROJECTIONS
+
+TARGETS = list(PROJECTIONS)
+
+
+def sizes(bench):
+    """(config kwargs, batch, seqlen, rank)."""
+    if bench.device.type == "cuda":
+        return dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16,
+                    num_kv_heads=4), 4, 1024, 16
+    if bench.quick:
+        return dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=2, num_heads=4,
+                    num_kv_heads=2), 2, 128, 16
+    return dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
+                num_kv_heads=4), 4, 256, 16
+
+
+def _ours(cfg, r, dev):
+    model = pyllmops.models.Decoder(pyllmops.models.DecoderConfig(**cfg)).to(dev)
+    pyllmops.apply_lora(model, r=r, alpha=2 * r, target_modules=TARGETS, quantize="nf4", blocksize=64,
+                        double_quant=True)
+
+    def loss_fn(ids):
+        logits = model(ids)
+        return pyllmops.train.losses.sft_loss(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    return model, loss_fn
+
+
+def _peer(cfg, r, dev):
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_heads"],
+        num_key_value_heads=cfg["num_kv_heads"], attn_implementation="sdpa", tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    for name, mod in list(model.named_modules()):  # the seven projections of each block -> NF4
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear) and child_name in TARGETS:
+                l4 = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.float32,
+                                       compress_statistics=True, quant_type="nf4")
+                l4.load_state_dict(child.state_dict())
+                setattr(mod, child_name, l4.to(dev))
+    model = model.to(dev)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn
+
+
+def _rss_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _peak_step_mib(step, dev):
+    """Peak memory of one step above the footprint before it, in MiB (None if the OS cannot tell)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # hand freed heap pages back: RSS = live
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _rss_kib("VmRSS")
+        step()
+        return (_rss_kib("VmHWM") - base) / 1024
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def run(bench):
+    dev = bench.device
+    cfg, batch, seqlen, r = sizes(bench)
+    label = (f"h{cfg['hidden_size']} L{cfg['num_layers']} V{cfg['vocab_size']} {batch}x{seqlen} tok r{r} "
+             f"NF4 all projections")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seqlen), generator=gen).to(dev)
+    providers = [("transformers + peft + bitsandbytes + SDPA", _peer, True), ("pyllmops", _ours, False)]
+    n_steps = 3 if bench.quick else 6
+    ready = []  # (name, baseline, step, peak MiB, trainable params)
+    for name, build, baseline in providers:
+        try:
+            torch.manual_seed(0)
+            model, loss_fn = build(cfg, r, dev)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step(model=model, loss_fn=loss_fn, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(ids).backward()
+                opt.step()
+
+            step()  # warm-up (allocations, optimizer state)
+            ready.append((name, baseline, step, _peak_step_mib(step, dev), sum(p.numel() for p in params)))
+        except Exception as e:  # a missing peer is recorded, not fatal
+            bench.rows.append(dict(kernel="qlora sft step", provider=name, mode="fwd+bwd+adamw", x=label,
+                                   error=f"{type(e).__name__}: {e}"))
+    times = [[] for _ in ready]
+    for _ in range(n_steps):  # the providers' steps alternate, so load drift hits both alike
+        for (_, _, step, _, _), dst in zip(ready, times):
+            bench.sync()
+            t0 = time.perf_counter()
+            step()
+            bench.sync()
+            dst.append((time.perf_counter() - t0) * 1e3)
+    for (name, baseline, _, peak, n_params), ms in zip(ready, times):
+        ms.sort()
+        pick = (lambda q: ms[min(len(ms) - 1, int(round(q * (len(ms) - 1))))])
+        bench.record("qlora sft step", name, "fwd+bwd+adamw", label, ms[len(ms) // 2], pick(0.2), pick(0.8),
+                     baseline=baseline, peak_step_mib=peak, trainable_params=n_params,
+                     note="" if peak is None else f"step peak {peak:.1f} MiB above rest")
+    for row in bench.rows:
+        if row.get("kernel") == "qlora sft step" and "median_ms" in row:
+            peak = row["peak_step_mib"]
+            print(f"qlora sft step, {row['provider']}: {row['median_ms']:.1f} ms, step peak "
+                  f"{'n/a' if peak is None else f'{peak:.1f} MiB'} above rest, {row['trainable_params']} trainable")
