@@ -47,16 +47,22 @@ namespace {
 #define PYLLMOPS_ATTN_X86_DISPATCH 1
 #endif
 
+// The project builds with -ffp-contract=off (bitwise-stable elementwise kernels); the tile products here are
+// compared with tolerances, and a fused multiply-add is both faster and more accurate, so these regions allow it.
 namespace isa_base {
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
 constexpr int kVecWidth = 4;
 constexpr int kRows = 4;
 #include "attention/attention_cpu_isa.inc"
+#pragma GCC pop_options
 }  // namespace isa_base
 
 #ifdef PYLLMOPS_ATTN_X86_DISPATCH
 namespace isa_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
 constexpr int kVecWidth = 8;
 constexpr int kRows = 4;
 #include "attention/attention_cpu_isa.inc"
@@ -66,6 +72,7 @@ constexpr int kRows = 4;
 namespace isa_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
 constexpr int kVecWidth = 16;
 constexpr int kRows = 8;
 #include "attention/attention_cpu_isa.inc"
@@ -75,11 +82,13 @@ constexpr int kRows = 8;
 
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t, bool);
-using Exp2Fn = void (*)(const float*, float, float*, int64_t);
+using Exp2Fn = float (*)(const float*, float, float*, int64_t);
+using MaxFn = float (*)(const float*, int64_t);
 
 struct Isa {
   GemmFn gemm;
   Exp2Fn exp2_shifted;
+  MaxFn row_max;
   const char* name;
 };
 
@@ -91,11 +100,11 @@ const Isa& isa() {
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (cap.empty() || cap == "avx512")) return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, "avx512"};
+    if (avx512 && (cap.empty() || cap == "avx512")) return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, isa_avx512::row_max, "avx512"};
     if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2"))
-      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, "avx2"};
+      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, isa_avx2::row_max, "avx2"};
 #endif
-    return Isa{isa_base::gemm, isa_base::exp2_shifted, "baseline"};
+    return Isa{isa_base::gemm, isa_base::exp2_shifted, isa_base::row_max, "baseline"};
   }();
   return chosen;
 }
@@ -125,19 +134,20 @@ struct Ctx {
 // loaded value is finite.
 template <typename T>
 bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, const Ctx& cx, int block, float* dst) {
-  float bad = 0.0f;  // x - x is NaN for a non-finite x
+  uint32_t bad = 0;  // a non-finite float has all exponent bits set
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = base + (r0 + r) * row_stride;
     float* out = dst + r * cx.dp;
+    for (int64_t c = 0; c < cx.d; ++c) out[c] = to_float(src[c]);
     for (int64_t c = 0; c < cx.d; ++c) {
-      const float x = to_float(src[c]);
-      out[c] = x;
-      bad += x - x;
+      uint32_t u;
+      std::memcpy(&u, out + c, 4);
+      bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
     }
     std::fill(out + cx.d, out + cx.dp, 0.0f);
   }
   std::fill(dst + rows * cx.dp, dst + block * cx.dp, 0.0f);
-  return bad == 0.0f;
+  return bad == 0;
 }
 
 // src[block][dp] -> dst[dp][block]
@@ -239,18 +249,15 @@ void online_step(const float* s, const int* lo, const int* hi, int64_t rows, flo
       continue;
     }
     const float* sr = s + r * kBlockN;
-    float tmax = -INFINITY;
-    for (int c = lo[r]; c < hi[r]; ++c) tmax = nan_max(tmax, sr[c]);
-    const float m_new = nan_max(m[r], tmax);
+    const float m_new = nan_max(m[r], isa().row_max(sr, kBlockN));  // masked entries are -inf
     if (!(m_new == m[r])) {  // also when either is NaN
       factor[r] = m[r] == -INFINITY ? 0.0f : std::exp2(m[r] - m_new);
       l[r] *= factor[r];
       m[r] = m_new;
     }
-    isa().exp2_shifted(sr, m_new, pr, kBlockN);
+    // masked entries give exp2(-inf - m) = 0 (NaN only when m is -inf or NaN: the row is NaN then anyway)
+    const float sum = isa().exp2_shifted(sr, m_new, pr, kBlockN);
     std::fill(pr, pr + lo[r], 0.0f);
-    float sum = 0.0f;
-    for (int c = lo[r]; c < hi[r]; ++c) sum += pr[c];
     std::fill(pr + hi[r], pr + kBlockN, 0.0f);
     l[r] += sum;
   }
