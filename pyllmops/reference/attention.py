@@ -26,7 +26,8 @@ def visible_mask(seqlen_q, seqlen_k, window_size=(-1, -1), causal=False, top_lef
     return ok
 
 
-def attention(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, top_left=False, softcap=0.0):
+def attention(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, top_left=False, softcap=0.0,
+              exact=None):
     """q (batch, seqlen_q, heads_q, d), k/v (batch, seqlen_k, heads_kv, d) -> (out like q, lse (batch,
     heads_q, seqlen_q)). Rows that see no key give out 0 and lse -inf, with zero gradients. softcap > 0: the
     scores s become softcap * tanh(s / softcap) before the mask and softmax.
@@ -35,7 +36,8 @@ def attention(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, t
     output or gradient, whatever its values; a visible pair does its arithmetic, so a NaN reaches exactly what it
     touches. With non-finite inputs the products are taken element by element with the masked pairs zeroed
     before multiplying (a matmul would spread a masked NaN as 0 * NaN); that materializes (b, h, sq, sk, d), so
-    keep such cases small."""
+    keep such cases small. exact=True forces that mode (for a non-finite output gradient), None picks it when an
+    input is not finite."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
@@ -43,7 +45,8 @@ def attention(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, t
     kh = k.repeat_interleave(group, dim=2) if group > 1 else k
     vh = v.repeat_interleave(group, dim=2) if group > 1 else v
     ok = visible_mask(sq, sk, window_size, causal, top_left, q.device)
-    exact = not all(bool(torch.isfinite(t).all()) for t in (q, k, v))
+    if exact is None:
+        exact = not all(bool(torch.isfinite(t).all()) for t in (q, k, v))
     if exact:
         ok5 = ok.view(1, 1, sq, sk, 1)
         k5 = torch.where(ok5, kh.permute(0, 2, 1, 3).unsqueeze(2), 0.0)  # (b, h, sq, sk, d), masked keys zeroed
