@@ -97,8 +97,17 @@ def _route_enabled():
     return os.environ.get("PYLLMOPS_ATTENTION_CPU", "auto") != "kernel"
 
 
-def _finite(*ts):
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+def _nan_policy_ok(causal, *ts):
+    """Whether torch's kernel follows the NaN policy on these inputs. It computes masked pairs inside its blocks
+    and spreads a NaN through 0 * NaN (measured: a NaN key reaches the causal rows before it), so with a causal mask
+    the inputs must be finite (one summing pass each: inf / NaN, or an overflowing sum, sends the call to pyllmops'
+    kernel, which is right either way). Full attention has no masked pair: its arithmetic is the reference's."""
+    if not causal:
+        return True
+    total = ts[0].sum(dtype=torch.float32)
+    for t in ts[1:]:
+        total = total + t.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total))
 
 
 def _sdpa_mask_ok(left, right, top_left, sq, sk):
@@ -131,17 +140,23 @@ def _expand_kv(t, group):
     return t if group == 1 else t.repeat_interleave(group, dim=-2)
 
 
-def _sdpa_fwd_dense(q, k, v, scale, causal, out, lse):
-    """q (b, s, h, d) etc. into out (q's layout) and lse (b, h, s)."""
+def _into(result, dst):
+    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst."""
+    if dst is None or result.stride() == dst.stride():
+        return result
+    return dst.copy_(result)
+
+
+def _sdpa_fwd_dense(q, k, v, scale, causal, out=None, lse=None):
+    """q (b, s, h, d) etc. -> (out, lse (b, h, s)); into `out` / `lse` when their layouts differ or they are views."""
     group = q.shape[-2] // k.shape[-2]
     k, v = _expand_kv(k, group), _expand_kv(v, group)
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), 0.0, causal, scale=scale)[:2]
-    out.copy_(o.transpose(-3, -2))
-    lse.copy_(l)
+    return _into(o.transpose(-3, -2), out), _into(l, lse)
 
 
-def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq, dk, dv):
+def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv=None):
     group = q.shape[-2] // k.shape[-2]
     ke, ve = _expand_kv(k, group), _expand_kv(v, group)
     t = (lambda x: x.transpose(-3, -2))
@@ -151,9 +166,7 @@ def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq, dk, dv):
     if group > 1:
         gk = gk.unflatten(-2, (k.shape[-2], group)).sum(-2)
         gv = gv.unflatten(-2, (k.shape[-2], group)).sum(-2)
-    dq.copy_(t(gq))
-    dk.copy_(gk)
-    dv.copy_(gv)
+    return _into(t(gq), dq), _into(gk, dk), _into(gv, dv)
 
 
 # ================================ torch.library ops ================================
@@ -169,20 +182,21 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
-    if _sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and _finite(q, k, v):
+    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+            and _nan_policy_ok(window_right == 0, q, k, v)):
         if not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
                 window_left, window_right, top_left, q.shape[1], k.shape[1]):
-            _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
-            return out, lse
+            return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
         if varlen:
             spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
             if _varlen_route_ok(spans, window_right):
                 lse.fill_(-math.inf)  # sequences without queries have no rows; none without keys is routed
                 for q0, q1, k0, k1 in spans:
                     if q1 > q0:
-                        _sdpa_fwd_dense(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-                                        softmax_scale, window_right == 0, out[q0:q1].unsqueeze(0),
-                                        lse[:, q0:q1].unsqueeze(0))
+                        o, l = _sdpa_fwd_dense(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0),
+                                               v[k0:k1].unsqueeze(0), softmax_scale, window_right == 0)
+                        out[q0:q1].copy_(o[0])
+                        lse[:, q0:q1].copy_(l[0])
                 return out, lse
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
@@ -214,11 +228,11 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
         return dq, dk.zero_(), dv.zero_()
     if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and (dlse is None or not dlse.any())
-            and lse.numel() > 0 and bool(lse.abs().max() <= _SDPA_MAX_LSE) and _finite(q, k, v, dout)):
+            and lse.numel() > 0 and bool(lse.abs().max() <= _SDPA_MAX_LSE)
+            and _nan_policy_ok(window_right == 0, q, k, v, dout)):
         causal = window_right == 0
         if cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
-            _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
-            return dq, dk, dv
+            return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
         if cu_seqlens_q is not None:
             spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
             if _varlen_route_ok(spans, window_right):
@@ -227,9 +241,11 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 for q0, q1, k0, k1 in spans:
                     if q1 > q0:
                         u = (lambda x, a, b: x[a:b].unsqueeze(0))
-                        _sdpa_bwd_dense(u(dout, q0, q1), u(q, q0, q1), u(k, k0, k1), u(v, k0, k1), u(out, q0, q1),
-                                        lse[:, q0:q1].unsqueeze(0), softmax_scale, causal, u(dq, q0, q1),
-                                        u(dk, k0, k1), u(dv, k0, k1))
+                        gq, gk, gv = _sdpa_bwd_dense(u(dout, q0, q1), u(q, q0, q1), u(k, k0, k1), u(v, k0, k1),
+                                                     u(out, q0, q1), lse[:, q0:q1].unsqueeze(0), softmax_scale, causal)
+                        dq[q0:q1].copy_(gq[0])
+                        dk[k0:k1].copy_(gk[0])
+                        dv[k0:k1].copy_(gv[0])
                 return dq, dk, dv
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
