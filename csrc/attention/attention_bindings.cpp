@@ -6,6 +6,7 @@
 
 #include "attention/attention.h"
 #include "bindings.h"
+#include "common/dtype.h"
 
 using pyllmops::DType;
 using pyllmops::TensorView;
@@ -246,6 +247,37 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                      attn::backward_cuda(p, q.dtype, stream));
 }
 
+// max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap single-threaded
+// pass ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a
+// zero lse gradient). A torch reduction would start a parallel region, which costs more than the pass itself.
+template <typename T>
+float max_abs_rec(const char* base, const TensorView& t, int64_t dim, float m) {
+  const int64_t n = t.shape[dim], st = t.strides[dim] * static_cast<int64_t>(sizeof(T));
+  if (dim + 1 == t.dim()) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = std::fabs(pyllmops::to_float(*reinterpret_cast<const T*>(base + i * st)));
+      if (x != x) return x;
+      m = x > m ? x : m;
+    }
+    return m;
+  }
+  for (int64_t i = 0; i < n && m == m; ++i) m = max_abs_rec<T>(base + i * st, t, dim + 1, m);
+  return m;
+}
+
+float max_abs(const TensorView& t) {
+  pyllmops::check_not_null(t, "tensor");
+  PYLLMOPS_CHECK(!t.is_cuda(), "attention_max_abs reads CPU tensors only");
+  if (t.numel() == 0) return 0.0f;
+  if (t.dim() == 0) {
+    return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t,
+                                         [&] { return std::fabs(pyllmops::to_float(*static_cast<scalar_t*>(t.data))); });
+  }
+  return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t, [&] {
+    return max_abs_rec<scalar_t>(static_cast<const char*>(t.data), t, 0, 0.0f);
+  });
+}
+
 }  // namespace
 
 void register_attention(py::module_& m) {
@@ -253,4 +285,5 @@ void register_attention(py::module_& m) {
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);
   m.def("attention_cpu_isa", [] { return std::string(attn::cpu_isa_name()); });
+  m.def("attention_max_abs", &max_abs, nogil);
 }

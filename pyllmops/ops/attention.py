@@ -100,14 +100,17 @@ def _route_enabled():
 def _nan_policy_ok(causal, *ts):
     """Whether torch's kernel follows the NaN policy on these inputs. It computes masked pairs inside its blocks
     and spreads a NaN through 0 * NaN (measured: a NaN key reaches the causal rows before it), so with a causal mask
-    the inputs must be finite (one summing pass each: inf / NaN, or an overflowing sum, sends the call to pyllmops'
-    kernel, which is right either way). Full attention has no masked pair: its arithmetic is the reference's."""
+    the inputs must be finite (one pass each; a non-finite input sends the call to pyllmops' kernel). Full attention
+    has no masked pair: its arithmetic is the reference's."""
     if not causal:
         return True
-    total = ts[0].sum(dtype=torch.float32)
-    for t in ts[1:]:
-        total = total + t.sum(dtype=torch.float32)
-    return bool(torch.isfinite(total))
+    return all(math.isfinite(_max_abs(t)) for t in ts)
+
+
+def _max_abs(t):
+    """max |t| (NaN if t holds one), one single-threaded pass in _C (a torch reduction starts a parallel region,
+    which costs more than the pass on a busy machine)."""
+    return lib().attention_max_abs(view(t))
 
 
 def _sdpa_mask_ok(left, right, top_left, sq, sk):
@@ -227,8 +230,8 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     delta = empty(lse.shape, torch.float32, q.device)
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
         return dq, dk.zero_(), dv.zero_()
-    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and (dlse is None or not dlse.any())
-            and lse.numel() > 0 and bool(lse.abs().max() <= _SDPA_MAX_LSE)
+    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and (dlse is None or _max_abs(dlse) == 0)
+            and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
             and _nan_policy_ok(window_right == 0, q, k, v, dout)):
         causal = window_right == 0
         if cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
