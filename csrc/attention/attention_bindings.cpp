@@ -254,12 +254,22 @@ template <typename T>
 float max_abs_rec(const char* base, const TensorView& t, int64_t dim, float m) {
   const int64_t n = t.shape[dim], st = t.strides[dim] * static_cast<int64_t>(sizeof(T));
   if (dim + 1 == t.dim()) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = std::fabs(pyllmops::to_float(*reinterpret_cast<const T*>(base + i * st)));
-      if (x != x) return x;
-      m = x > m ? x : m;
+    bool nan = false;
+    if (st == static_cast<int64_t>(sizeof(T))) {  // contiguous rows: a loop without exits, vectorized
+      const T* p = reinterpret_cast<const T*>(base);
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = std::fabs(pyllmops::to_float(p[i]));
+        nan |= x != x;
+        m = x > m ? x : m;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = std::fabs(pyllmops::to_float(*reinterpret_cast<const T*>(base + i * st)));
+        nan |= x != x;
+        m = x > m ? x : m;
+      }
     }
-    return m;
+    return nan ? NAN : m;
   }
   for (int64_t i = 0; i < n && m == m; ++i) m = max_abs_rec<T>(base + i * st, t, dim + 1, m);
   return m;

@@ -17,6 +17,7 @@ NaN to every output row of a sequence they cannot honour (longer than max_seqlen
 and raise bits in the per-device error word that check_kernel_errors() reads; validate=True checks the
 offsets eagerly instead (one synchronization).
 """
+import functools
 import math
 import os
 from typing import Optional
@@ -139,8 +140,20 @@ def _varlen_route_ok(spans, right):
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _native_gqa():
+    """Whether torch's CPU flash kernel takes fewer k/v heads than q heads itself (torch 2.13 does; older versions
+    get k/v repeated per group, as SDPA's enable_gqa does)."""
+    q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+    try:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)
+        return True
+    except Exception:
+        return False
+
+
 def _expand_kv(t, group):
-    return t if group == 1 else t.repeat_interleave(group, dim=-2)
+    return t if group == 1 or _native_gqa() else t.repeat_interleave(group, dim=-2)
 
 
 def _into(result, dst):
@@ -166,7 +179,7 @@ def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv
     gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         t(dout), t(q), t(ke), t(ve), t(out), lse.contiguous(), 0.0, causal, scale=scale)
     gk, gv = t(gk), t(gv)
-    if group > 1:
+    if group > 1 and not _native_gqa():
         gk = gk.unflatten(-2, (k.shape[-2], group)).sum(-2)
         gv = gv.unflatten(-2, (k.shape[-2], group)).sum(-2)
     return _into(t(gq), dq), _into(gk, dk), _into(gv, dv)
