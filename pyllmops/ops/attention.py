@@ -234,7 +234,9 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     softmax_scale: float, softcap: float, window_left: int, window_right: int,
                     top_left: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # the inputs' layouts, as the fake kernel promises
+    # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route then needs
+    # no copy) and one the kernels write as fast as any (they take strides).
+    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
@@ -275,8 +277,7 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 @_flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
       window_left, window_right, top_left, deterministic):
-    return (torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)),
-            torch.empty_like(_last_dim_contiguous(v)))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup(ctx, inputs, output):
