@@ -609,14 +609,14 @@ def test_reference_matches_naive():
 
 # ---- logit softcap (issue 10) -------------------------------------------------------------------
 def _softcap_or_skip(device):
-    """The CUDA kernels refuse softcap until helper attn_gpu's kernels implement it (RuntimeError "... do not
+    """The CUDA kernels refuse softcap until helper attn_gpu's kernels implement it (_C's ValueError "... do not
     implement it yet"): these tests then skip on CUDA and run unchanged once the refusal is gone."""
     if not on_cuda(device):
         return
     q = torch.randn(1, 8, 1, 64, device=device).to(torch.bfloat16)
     try:
         pyllmops.flash_attention(q, q, q, softcap=5.0)
-    except RuntimeError as e:
+    except ValueError as e:
         if "do not implement it yet" in str(e):
             pytest.skip("the CUDA attention kernels do not implement softcap yet")
         raise
@@ -706,9 +706,12 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", ["q_row", "k_in_window", "k_outside_window", "v_element", "dout_row", "q_causal_full"])
-def test_nan_policy(device, case):
+def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
+    if on_cuda(device):  # strict: the marker must go when the CUDA kernels follow the policy
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA kernels (helper attn_gpu's rewrite) do not "
+                                              "follow the NaN policy yet: row maxima drop NaN, masked pairs spread it"))
     dtype = _dtypes(device)[0]
     cases = {
         "q_row": dict(poison=[("q", (0, 33, 1))], causal=False, window=(10, 10)),
@@ -737,10 +740,13 @@ def test_inf_input_is_not_laundered(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("scale", [1e3, 1e5, 1e15, 1e30])
 @pytest.mark.parametrize("window", [(-1, -1), (30, 30)])
-def test_large_softmax_scale(device, cpu_path, scale, window):
+def test_large_softmax_scale(request, device, cpu_path, scale, window):
     """The backward rebuilds P from recomputed row statistics, not from the float32 lse (issue 15: dv error 0.06 at
     scale 1e5 and NaN at 1e15 before). The softmax is then nearly one-hot: out and dv are well conditioned (dq and
     dk are scale times a cancellation, conditioned like the scale itself: only finite is asserted)."""
+    if on_cuda(device) and scale >= 1e5:  # strict: the marker must go when the CUDA backward is fixed
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA backward rebuilds P from the float32 lse "
+                                              "(dv error 0.04 at 1e5, NaN beyond; helper attn_gpu's rewrite)"))
     dtype = _dtypes(device)[0]
     tol = 1e-4 if dtype == torch.float32 else TOL[dtype]["out"]  # at 1e3 fp32's score rounding alone gives 8e-6
     q, k, v = _inputs(2, 60, 70, 2, 2, 32, dtype, device)

@@ -423,7 +423,7 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
         softmax_scale: default 1 / sqrt(head_dim); at most 2.3589e38 (finite in float32 times log2(e)).
         softcap: logit softcap (Gemma 2): the scores s = softmax_scale * q.k become softcap * tanh(s / softcap)
             before the mask and the softmax; 0.0 (default) is off. Not implemented by the CUDA kernels yet
-            (RuntimeError there).
+            (ValueError there).
         deterministic: accepted for FlashAttention compatibility; the backward is always deterministic
             (every gradient element has a single writer, no atomics), so gradients are bitwise
             reproducible either way.
