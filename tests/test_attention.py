@@ -14,10 +14,23 @@ from tests.conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
 # Tolerances (relative Frobenius error vs float64), a few times what a correct kernel shows. Measured on
 # the CPU kernel (max over 3 seeds of seqlen 129-300 cases): fp32 out 1.6e-7, lse 5e-8, grads 4.9e-7;
 # bf16 out 1.7e-3, grads 1.9e-3; fp16 out 2.1e-4, grads 2.4e-4 (dominated by rounding out / grads to the
-# 16-bit type). The GPU kernel also rounds P to 16 bits before P V, hence the fp16 margin.
+# 16-bit type). The GPU kernel also rounds P to 16 bits before P V, hence the fp16 margin. Full and causal
+# attention on CPU run torch's CPU flash kernel (ops/attention.py, "torch SDPA for what it computes faster"):
+# max over 6 seeds: bf16 out 2.2e-3, grads 3.9e-3, lse 1.1e-5 (its 16-bit path is less exact in the lse than ours,
+# 5e-8; still 300x below bf16's epsilon); fp16 out 2.8e-4, grads 4.9e-4, lse 1.1e-5; fp32 as ours.
 TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
-       torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 1e-5},
-       torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5}}
+       torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 3e-5},
+       torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 3e-5}}
+
+
+@pytest.fixture(params=["auto", "kernel"])
+def cpu_path(request, monkeypatch, device):
+    """CPU: 'auto' hands full / causal-aligned attention to torch's CPU flash kernel (ops/attention.py), 'kernel'
+    forces pyllmops' own kernel (PYLLMOPS_ATTENTION_CPU=kernel), so both are tested. CUDA has one path."""
+    if request.param == "kernel" and on_cuda(device):
+        pytest.skip("one path on CUDA")
+    monkeypatch.setenv("PYLLMOPS_ATTENTION_CPU", request.param)
+    return request.param
 
 
 def _dtypes(device):
@@ -31,15 +44,16 @@ def _inputs(b, sq, sk, hq, hkv, d, dtype, device):
     return q, k, v
 
 
-def _check(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, grads=True):
+def _check(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, grads=True, softcap=0.0):
     """Runs pyllmops' forward (+ backward) and the float64 reference; compares out, lse, dq, dk, dv."""
     dtype = q.dtype
     tol = TOL[dtype]
     qs, ks, vs = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    kw = {"softcap": softcap} if softcap else {}
     out, lse = pyllmops.flash_attention(qs, ks, vs, causal=causal, window_size=window_size,
-                                        softmax_scale=softmax_scale, return_lse=True)
+                                        softmax_scale=softmax_scale, return_lse=True, **kw)
     q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
-    ro, rl = ref.attention(q64, k64, v64, causal, window_size, softmax_scale)
+    ro, rl = ref.attention(q64, k64, v64, causal, window_size, softmax_scale, softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert_close(out, ro, tol["out"], "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "lse: -inf rows differ from the reference"
@@ -68,7 +82,7 @@ def _check(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, g
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (129, 129), (17, 129), (129, 17), (1, 300), (300, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_shapes(device, sq, sk, causal):
+def test_shapes(device, cpu_path, sq, sk, causal):
     for dtype in _dtypes(device):
         q, k, v = _inputs(2, sq, sk, 4, 2, 64, dtype, device)
         _check(q, k, v, causal=causal)
@@ -85,7 +99,7 @@ def test_seqlen_1000(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("group", [1, 2, 8])
-def test_gqa(device, group):
+def test_gqa(device, cpu_path, group):
     for dtype in _dtypes(device):
         q, k, v = _inputs(2, 77, 93, 8, 8 // group, 64, dtype, device)
         _check(q, k, v, causal=group == 2, window_size=(-1, -1) if group != 8 else (20, 5))
@@ -93,7 +107,7 @@ def test_gqa(device, group):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("head_dim", [8, 24, 64, 72, 128, 256])
-def test_head_dims(device, head_dim):
+def test_head_dims(device, cpu_path, head_dim):
     for dtype in _dtypes(device):
         q, k, v = _inputs(1, 70, 65, 2, 1, head_dim, dtype, device)
         _check(q, k, v, causal=True)
@@ -148,7 +162,7 @@ def test_softmax_scale_and_lse_gradient(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_deterministic_bitwise(device):
+def test_deterministic_bitwise(device, cpu_path):
     dtype = _dtypes(device)[-1]
     q, k, v = _inputs(2, 200, 180, 8, 2, 64, dtype, device)
     g = torch.randn(q.shape, device=device).to(dtype)
@@ -499,7 +513,7 @@ def test_bad_inputs():
         (lambda: fa(q, k, v, window_size=(3,)), ValueError, "window_size must be a pair"),
         (lambda: fa(q, k, v, window_size=(-2, 0)), ValueError, "window_size[0] must be >= -1"),
         (lambda: fa(q, k, v, window_size=(1, 2.0)), TypeError, "window_size[1] must be an int"),
-        (lambda: fa(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be positive"),
+        (lambda: fa(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be > 0 and at most 2.3589e+38"),
         (lambda: fa(q, k, v, softmax_scale="x"), TypeError, "softmax_scale must be a float"),
         (lambda: fa(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
         (lambda: fa(q[:, :0], k, v), ValueError, "seqlen_q"),
@@ -591,3 +605,293 @@ def test_reference_matches_naive():
     want = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
     assert rel_err(o, want) < 1e-12
     assert rel_err(lse, torch.logsumexp(s, -1)) < 1e-12
+
+
+# ---- logit softcap (issue 10) -------------------------------------------------------------------
+def _softcap_or_skip(device):
+    """The CUDA kernels refuse softcap until helper attn_gpu's kernels implement it (_C's ValueError "... do not
+    implement it yet"): these tests then skip on CUDA and run unchanged once the refusal is gone."""
+    if not on_cuda(device):
+        return
+    q = torch.randn(1, 8, 1, 64, device=device).to(torch.bfloat16)
+    try:
+        pyllmops.flash_attention(q, q, q, softcap=5.0)
+    except ValueError as e:
+        if "do not implement it yet" in str(e):
+            pytest.skip("the CUDA attention kernels do not implement softcap yet")
+        raise
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("causal,window,group", [(False, (-1, -1), 1), (True, (-1, -1), 2), (False, (20, 5), 4),
+                                                 (True, (7, 0), 1)])
+def test_softcap(device, causal, window, group):
+    """s -> softcap * tanh(s / softcap) before mask and softmax; out, lse, and the gradients through tanh."""
+    _softcap_or_skip(device)
+    for dtype in _dtypes(device):
+        q, k, v = _inputs(2, 90, 77, 4, 4 // group, 64, dtype, device)
+        # scale 0.5 makes |s| ~ 4 sigma comparable to the cap: tanh is far from linear there
+        _check(q, k, v, causal=causal, window_size=window, softmax_scale=0.5, softcap=2.0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_softcap_varlen_and_sdpa(device):
+    _softcap_or_skip(device)
+    dtype = _dtypes(device)[0]
+    tol = TOL[dtype]
+    lens_q, lens_k = [5, 130, 0, 64], [9, 100, 3, 64]
+    q = torch.randn(sum(lens_q), 4, 32, device=device).to(dtype).requires_grad_(True)
+    k = torch.randn(sum(lens_k), 2, 32, device=device).to(dtype).requires_grad_(True)
+    v = torch.randn(sum(lens_k), 2, 32, device=device).to(dtype).requires_grad_(True)
+    cq, ck = _cu(lens_q, device), _cu(lens_k, device)
+    out, lse = pyllmops.flash_attention_varlen(q, k, v, cq, ck, 130, 100, causal=True, window_size=(40, 0),
+                                               softcap=3.0, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = ref.attention_varlen(q64, k64, v64, cq.cpu(), ck.cpu(), True, (40, 0), softcap=3.0)
+    assert_close(out, ro, tol["out"], "out")
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    assert_close(lse[fin], rl[fin], tol["lse"], "lse")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ro.backward(g.double())
+    for name, a, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(a, r, tol["grad"], name)
+    # SDPA drop-in (top-left causal) and the module pass it through
+    qb = torch.randn(1, 2, 40, 64, device=device).to(dtype)
+    y = scaled_dot_product_attention(qb, qb, qb, is_causal=True, softcap=1.5)
+    want, _ = ref.attention(*(qb.double().transpose(1, 2),) * 3, causal=True, top_left=True, softcap=1.5)
+    assert_close(y, want.transpose(1, 2), tol["out"], "sdpa out")
+    m = pyllmops.nn.MultiHeadAttention(64, 2, softcap=4.0, rope_base=None).to(device)
+    assert m.softcap == 4.0
+
+
+def test_softcap_makes_a_difference():
+    """The cap is applied (a kernel that ignored it would still match a reference that ignored it)."""
+    q, k, v = _inputs(1, 40, 40, 2, 2, 64, torch.float32, "cpu")
+    a = pyllmops.flash_attention(q, k, v, softmax_scale=1.0)
+    b = pyllmops.flash_attention(q, k, v, softmax_scale=1.0, softcap=1.0)
+    assert rel_err(a, b) > 1e-2
+
+
+# ---- NaN policy, scales, overflow (issue 15) ----------------------------------------------------
+def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
+    """Puts NaN where `poison` says; forward + backward against the float64 reference in its exact (masked-pair)
+    mode: the NaN pattern of out, lse, dq, dk, dv must be the reference's, and every finite entry must be close."""
+    q, k, v = _inputs(1, 70, 70, 4, 4 // group, 32, dtype, device)
+    for name, idx in poison:
+        t = {"q": q, "k": k, "v": v}[name]
+        t[idx] = float("nan")
+    qs, ks, vs = _leaves(q, k, v)
+    out, lse = pyllmops.flash_attention(qs, ks, vs, causal=causal, window_size=window, return_lse=True)
+    g = torch.randn(out.shape, device=device).to(dtype)
+    if dout_row is not None:
+        g[0, dout_row, 1] = float("nan")
+    out.backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = ref.attention(q64, k64, v64, causal, window, exact=True)
+    ro.backward(g.double())
+    tol = TOL[dtype]
+    for name, a, r, t in (("out", out, ro, tol["out"]), ("lse", lse, rl, tol["lse"]), ("dq", qs.grad, q64.grad,
+                          tol["grad"]), ("dk", ks.grad, k64.grad, tol["grad"]), ("dv", vs.grad, v64.grad, tol["grad"])):
+        nan_a, nan_r = torch.isnan(a), torch.isnan(r)
+        assert torch.equal(nan_a, nan_r), (f"{name}: NaN at {int(nan_a.sum())} entries, the reference at "
+                                           f"{int(nan_r.sum())} ({int((nan_a != nan_r).sum())} differ)")
+        fin = ~nan_r
+        assert torch.equal(torch.isinf(a[fin]), torch.isinf(r[fin])), f"{name}: -inf entries differ"
+        f2 = fin & torch.isfinite(r)
+        assert_close(a[f2], r[f2], t, name)
+    return out, lse
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", ["q_row", "k_in_window", "k_outside_window", "v_element", "dout_row", "q_causal_full"])
+def test_nan_policy(request, device, case):
+    """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
+    gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
+    if on_cuda(device):  # strict: the marker must go when the CUDA kernels follow the policy
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA kernels (helper attn_gpu's rewrite) do not "
+                                              "follow the NaN policy yet: row maxima drop NaN, masked pairs spread it"))
+    dtype = _dtypes(device)[0]
+    cases = {
+        "q_row": dict(poison=[("q", (0, 33, 1))], causal=False, window=(10, 10)),
+        "k_in_window": dict(poison=[("k", (0, 40, 0))], causal=True, window=(12, 0)),
+        "k_outside_window": dict(poison=[("k", (0, 69, 0))], causal=True, window=(5, 0)),  # query 69 sees it only
+        "v_element": dict(poison=[("v", (0, 20, 1, 7))], causal=False, window=(3, 30)),
+        "dout_row": dict(poison=[], causal=True, window=(16, 0), dout_row=50),
+        "q_causal_full": dict(poison=[("q", (0, 3, 2))], causal=True, window=(-1, -1)),  # the CPU route's shape
+    }
+    out, lse = _nan_case(device, dtype, **cases[case])
+    if case == "q_row":
+        assert torch.isnan(out[0, 33, 1]).all() and torch.isnan(lse[0, 1, 33])
+        assert not torch.isnan(out[0, :33]).any()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_inf_input_is_not_laundered(device):
+    dtype = _dtypes(device)[0]
+    q, k, v = _inputs(1, 30, 30, 2, 2, 32, dtype, device)
+    q[0, 4, 0, 0] = float("inf")
+    out, lse = pyllmops.flash_attention(q, k, v, window_size=(6, 6), return_lse=True)
+    assert not torch.isfinite(out[0, 4, 0]).all() and not torch.isfinite(lse[0, 0, 4])
+    assert torch.isfinite(out[0, 12:, 0]).all() and torch.isfinite(out[0, :, 1]).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("scale", [1e3, 1e5, 1e15, 1e30])
+@pytest.mark.parametrize("window", [(-1, -1), (30, 30)])
+def test_large_softmax_scale(request, device, cpu_path, scale, window):
+    """The backward rebuilds P from recomputed row statistics, not from the float32 lse (issue 15: dv error 0.06 at
+    scale 1e5 and NaN at 1e15 before). The softmax is then nearly one-hot: out and dv are well conditioned (dq and
+    dk are scale times a cancellation, conditioned like the scale itself: only finite is asserted)."""
+    if on_cuda(device) and scale >= 1e5:  # strict: the marker must go when the CUDA backward is fixed
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA backward rebuilds P from the float32 lse "
+                                              "(dv error 0.04 at 1e5, NaN beyond; helper attn_gpu's rewrite)"))
+    dtype = _dtypes(device)[0]
+    tol = 1e-4 if dtype == torch.float32 else TOL[dtype]["out"]  # at 1e3 fp32's score rounding alone gives 8e-6
+    q, k, v = _inputs(2, 60, 70, 2, 2, 32, dtype, device)
+    qs, ks, vs = _leaves(q, k, v)
+    out = pyllmops.flash_attention(qs, ks, vs, softmax_scale=scale, window_size=window)
+    g = torch.randn_like(out)
+    out.backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ro, _ = ref.attention(q64, k64, v64, False, window, scale)
+    ro.backward(g.double())
+    assert_close(out, ro, tol, "out")
+    assert_close(vs.grad, v64.grad, max(tol, TOL[dtype]["grad"]), "dv")
+    assert torch.isfinite(qs.grad).all() and torch.isfinite(ks.grad).all()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_window_bounds_beyond_int64_arithmetic(device):
+    """Windows of at least seqlen_q + seqlen_k are unbounded, also int64 max and 10**30 (issue 15: the sums
+    i + shift +- left/right overflowed; 10**30 gave torch's "Expected a value of type 'int'")."""
+    dtype = _dtypes(device)[0]
+    big = 2 ** 63 - 1
+    q, k, v = _inputs(1, 90, 40, 2, 1, 32, dtype, device)  # sq > sk
+    fa = pyllmops.flash_attention
+    full, causal = fa(q, k, v), fa(q, k, v, causal=True)
+    for w in ((-1, big), (big, big), (big, -1), (10 ** 30, 10 ** 30)):
+        assert torch.equal(fa(q, k, v, window_size=w), full), w
+    for w in ((big, 0), (10 ** 30, 0)):
+        assert torch.equal(fa(q, k, v, window_size=w), causal), w
+    qb, kb = q.transpose(1, 2), k.transpose(1, 2)
+    assert torch.equal(scaled_dot_product_attention(qb, kb, kb, is_causal=True, window_size=(big, big), enable_gqa=True),
+                       scaled_dot_product_attention(qb, kb, kb, is_causal=True, enable_gqa=True))
+    cu = _cu([30, 60], device)
+    cuk = _cu([10, 30], device)
+    fv = pyllmops.flash_attention_varlen
+    assert torch.equal(fv(q[0], k[0], v[0], cu, cuk, 60, 30, window_size=(big, 0)),
+                       fv(q[0], k[0], v[0], cu, cuk, 60, 30, causal=True))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("max_seqlen", [2 ** 40, 2 ** 62, 2 ** 63 - 1])
+def test_varlen_huge_max_seqlen(device, max_seqlen):
+    """max_seqlen far above the rows is clamped to them (Python and C++): no loop over 2**40 / 64 tiles, no tile count
+    that overflows into an unwritten output; fwd and bwd equal the call with the exact maxima."""
+    dtype = _dtypes(device)[0]
+    lens = [20, 50, 7]
+    q = torch.randn(sum(lens), 2, 32, device=device).to(dtype)
+    cu = _cu(lens, device)
+    fv = pyllmops.flash_attention_varlen
+    a, b = _leaves(q, q)
+    want = fv(a, a, a, cu, cu, 50, 50, causal=True)
+    got = fv(b, b, b, cu, cu, max_seqlen, max_seqlen, causal=True)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_scale_and_softcap_messages():
+    q, k, v = _inputs(1, 8, 8, 2, 2, 32, torch.float32, "cpu")
+    fa = pyllmops.flash_attention
+    for bad in (1e39, float("inf"), float("nan"), 0.0, -1.0, 1e-50):
+        with pytest.raises(ValueError, match=_re(f"softmax_scale must be > 0 and at most 2.3589e+38 (positive and "
+                                                 f"finite in float32, also after the kernels multiply it by log2(e)), "
+                                                 f"got {bad!r}")):
+            fa(q, k, v, softmax_scale=bad)
+    assert torch.isfinite(fa(q, k, v, softmax_scale=1e31 / 1e31 * 1e-3)).all()  # small scales are fine
+    for bad in (-1.0, float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match=_re(f"softcap must be 0 (off) or positive and finite in float32 (at most "
+                                                 f"3.4028e+38), got {bad!r}")):
+            fa(q, k, v, softcap=bad)
+    with pytest.raises(TypeError, match=_re("softcap must be a float (0.0 = off), got bool True")):
+        fa(q, k, v, softcap=True)
+    with pytest.raises(ValueError, match=_re("num_heads must be >= 1, got 0")):
+        pyllmops.nn.MultiHeadAttention(64, 0)
+    with pytest.raises(ValueError, match=_re("softcap must be 0 (off)")):
+        pyllmops.nn.MultiHeadAttention(64, 2, softcap=-2.0)
+
+
+def test_binding_rechecks_bounds(monkeypatch):
+    """_C checks scale / softcap in float32 and clamps max_seqlen and windows before any loop (a direct call with
+    2**62 returns at once, and int64-max windows equal unbounded)."""
+    from pyllmops._ext import lib
+
+    monkeypatch.setenv("PYLLMOPS_ATTENTION_CPU", "kernel")  # bitwise comparisons with the same kernel
+    from pyllmops.ops._common import view
+
+    C = lib()
+    q, k, v = _inputs(1, 8, 8, 2, 2, 32, torch.float32, "cpu")
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 8)
+    for scale, msg in ((1e39, "softmax_scale must be > 0 and at most"), (float("nan"), "softmax_scale must be > 0")):
+        with pytest.raises(ValueError, match=_re(msg)):
+            C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, scale, 0.0,
+                                -1, -1, False, 0)
+    with pytest.raises(ValueError, match=_re("softcap must be 0 (off) or positive and finite in float32")):
+        C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.1, 1e39, -1, -1,
+                            False, 0)
+    C.attention_forward(view(q), view(k), view(v), view(out), view(lse), None, None, None, 8, 8, 0.1, 0.0, 2 ** 63 - 1,
+                        2 ** 63 - 1, False, 0)
+    assert torch.equal(out, pyllmops.flash_attention(q, k, v, softmax_scale=0.1))
+    qv, outv, lsev = q[0], torch.empty_like(q[0]), torch.empty(2, 8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    C.attention_forward(view(qv), view(qv), view(qv), view(outv), view(lsev), view(cu), view(cu), None, 2 ** 62,
+                        2 ** 62, 0.1, 0.0, -1, -1, False, 0)
+    assert torch.equal(outv, pyllmops.flash_attention_varlen(qv, qv, qv, cu, cu, 5, 5, softmax_scale=0.1))
+
+
+def test_varlen_strided_and_meta_metadata():
+    """Valid strided cu_seqlens are accepted (copied to contiguous); meta tensors get shapes (no offset is read)."""
+    q = torch.randn(50, 2, 32)
+    cu = _cu([20, 30], "cpu")
+    strided = torch.stack([cu, torch.zeros_like(cu)], 1)[:, 0]
+    assert strided.stride() == (2,)
+    fv = pyllmops.flash_attention_varlen
+    assert torch.equal(fv(q, q, q, strided, strided, 30, 30), fv(q, q, q, cu, cu, 30, 30))
+    qm = q.to("meta")
+    out, lse = fv(qm, qm, qm, cu.to("meta"), cu.to("meta"), 30, 30, return_lse=True)
+    assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (2, 50)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_isa_fallbacks(isa):
+    """The tile kernel's portable and AVX2 builds (the default picks the best the CPU has): same results as the
+    reference, in a subprocess since the choice is made once per process (PYLLMOPS_CPU_ISA caps it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pyllmops\n"
+        "from pyllmops.reference import attention as ref\n"
+        "from pyllmops._ext import lib\n"
+        "from tests.conftest import rel_err\n"
+        "print(lib().attention_cpu_isa())\n"
+        "q, k, v = (torch.randn(1, 100, 2, 40) for _ in range(3))\n"
+        "qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))\n"
+        "o = pyllmops.flash_attention(qs, ks, vs, causal=True, window_size=(30, 0), softcap=5.0)\n"
+        "g = torch.randn_like(o); o.backward(g)\n"
+        "q6, k6, v6 = (t.double().requires_grad_(True) for t in (q, k, v))\n"
+        "r, _ = ref.attention(q6, k6, v6, True, (30, 0), softcap=5.0); r.backward(g.double())\n"
+        "print(max(rel_err(o, r), rel_err(qs.grad, q6.grad), rel_err(ks.grad, k6.grad), rel_err(vs.grad, v6.grad)))\n")
+    env = dict(os.environ, PYLLMOPS_CPU_ISA=isa, PYLLMOPS_ATTENTION_CPU="kernel")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    name, err = res.stdout.split()
+    assert name in ("baseline", isa)  # a CPU without AVX2 runs the baseline
+    assert float(err) < 3e-6

@@ -69,16 +69,18 @@ struct Mask {
   int64_t sq = 0, sk = 0, shift = 0;
   int64_t left = -1, right = -1;
 
-  // First and last visible key of query i (inclusive); empty when first > last.
+  // First and last visible key of query i (inclusive); empty when first > last. Written so that no sum overflows
+  // int64 whatever left / right are (make_params also clamps windows >= sq + sk to -1, unbounded): i, shift are
+  // bounded by the sequence lengths, and left / right are only added once known to be smaller than a distance.
   PYLLMOPS_HD int64_t first_key(int64_t i) const {
-    if (left < 0) return 0;
-    const int64_t v = i + shift - left;
-    return v < 0 ? 0 : v;
+    const int64_t diag = i + shift;
+    if (left < 0 || left >= diag) return 0;
+    return diag - left;
   }
   PYLLMOPS_HD int64_t last_key(int64_t i) const {
-    if (right < 0) return sk - 1;
-    const int64_t v = i + shift + right;
-    return v > sk - 1 ? sk - 1 : v;
+    const int64_t diag = i + shift;
+    if (right < 0 || right >= sk - 1 - diag) return sk - 1;
+    return diag + right;
   }
   PYLLMOPS_HD bool visible(int64_t i, int64_t j) const { return j >= first_key(i) && j <= last_key(i) && j >= 0; }
 
@@ -97,8 +99,10 @@ struct Mask {
   // Query tiles that key rows [j0, j1) are seen by (the backward's dk/dv pass walks these).
   // Query i sees key j iff i >= j - shift - right (if right >= 0) and i <= j - shift + left (if left >= 0).
   PYLLMOPS_HD void query_tiles(int64_t j0, int64_t j1, int block_m, int64_t* tile_begin, int64_t* tile_end) const {
-    int64_t lo = right < 0 ? 0 : j0 - shift - right;
-    int64_t hi = left < 0 ? sq - 1 : (j1 - 1) - shift + left;
+    // (overflow-free as first_key / last_key: a bound beyond [0, sq - 1] is clamped before it is computed)
+    const int64_t dlo = j0 - shift, dhi = (j1 - 1) - shift;
+    int64_t lo = (right < 0 || right >= dlo) ? 0 : dlo - right;
+    int64_t hi = (left < 0 || left >= sq - 1 - dhi) ? sq - 1 : dhi + left;
     if (lo < 0) lo = 0;
     if (hi > sq - 1) hi = sq - 1;
     if (hi < lo) {
@@ -233,6 +237,7 @@ PYLLMOPS_HD Mask seq_mask(const Params& p, const SeqInfo& s) {
 // ---- kernel entry points (attention_bindings.cpp checks views and fills Params first) ----------
 // dtype: the element type of q/k/v/o (and of dout/dq/dk/dv).
 void forward_cpu(const Params& p, DType dtype);
+const char* cpu_isa_name();  // the instruction set the CPU kernel's tile products run on: avx512, avx2 or baseline
 void backward_cpu(const Params& p, DType dtype);
 void forward_cuda(const Params& p, DType dtype, uintptr_t stream);
 void backward_cuda(const Params& p, DType dtype, uintptr_t stream);

@@ -1,7 +1,12 @@
 // Python bindings of the flash attention kernels (csrc/attention/attention.h). Every view is checked
 // (dtype, rank, shapes, head_dim contiguity, devices, cu_seqlens) before a kernel runs.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
 #include "attention/attention.h"
 #include "bindings.h"
+#include "common/dtype.h"
 
 using pyllmops::DType;
 using pyllmops::TensorView;
@@ -10,6 +15,13 @@ using pyllmops::bind::check_float_dtype;
 namespace attn = pyllmops::attention;
 
 namespace {
+
+// float32 max / log2(e): the largest softmax_scale whose base-2 form is finite in float32 (ops/attention.py too).
+constexpr double kMaxSoftmaxScale = 2.3589112e38;
+
+// A window bound of at least sq + sk is unbounded (no query is that far from any key whatever the diagonal's
+// shift): it becomes -1, so the mask arithmetic (attention.h Mask) never sees a huge value.
+int64_t clamp_window(int64_t w, int64_t sq, int64_t sk) { return w >= sq + sk ? -1 : w; }
 
 // A token-major tensor: (batch, seq, heads, d) or, varlen, (total, heads, d), d contiguous.
 void check_tokens(const TensorView& t, const TensorView& ref, const char* name, bool varlen) {
@@ -68,8 +80,13 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   PYLLMOPS_CHECK(k.size(-1) == d, "k must have q's head_dim ", d, ", got ", k.size(-1));
   PYLLMOPS_CHECK(hkv >= 1 && hq % hkv == 0, "heads of q (", hq, ") must be a multiple of heads of k/v (", hkv, ")");
   PYLLMOPS_CHECK(left >= -1 && right >= -1, "window_size entries must be >= -1, got (", left, ", ", right, ")");
-  PYLLMOPS_CHECK(scale > 0.0 && scale < 1e30, "softmax_scale must be positive and finite, got ", scale);
-  PYLLMOPS_CHECK(softcap >= 0.0 && softcap < 1e30, "softcap must be 0 (off) or positive and finite, got ", softcap);
+  // The kernels use scale and scale * log2(e) in float32: both must be finite and positive there.
+  const float scale32 = static_cast<float>(scale), scale_log2 = scale32 * 1.4426950408889634f;
+  PYLLMOPS_CHECK(std::isfinite(scale) && scale32 > 0.0f && std::isfinite(scale_log2), "softmax_scale must be > 0 and ",
+                 "at most ", kMaxSoftmaxScale, " (positive and finite in float32 also after the kernels multiply it by ",
+                 "log2(e)), got ", scale);
+  PYLLMOPS_CHECK(std::isfinite(softcap) && softcap >= 0.0 && std::isfinite(static_cast<float>(softcap)),
+                 "softcap must be 0 (off) or positive and finite in float32 (at most 3.4028e38), got ", softcap);
   pyllmops::check_dtype(lse, DType::f32, "lse");
   pyllmops::check_contiguous(lse, "lse");
   pyllmops::check_same_device(lse, q, "lse", "q");
@@ -89,8 +106,6 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   p.heads_kv = hkv;
   p.head_dim = d;
   p.scale = static_cast<float>(scale);
-  p.window_left = left;
-  p.window_right = right;
   p.top_left = top_left;
   p.device = q.device;
   if (!varlen) {
@@ -103,6 +118,8 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
                    p.seqlen_q, "), got ", pyllmops::shape_str(lse.shape));
     p.lse_batch_stride = hq * p.seqlen_q;
     p.lse_head_stride = p.seqlen_q;
+    p.window_left = clamp_window(left, p.seqlen_q, p.seqlen_k);
+    p.window_right = clamp_window(right, p.seqlen_q, p.seqlen_k);
     return p;
   }
   const TensorView& cq = *cu_q;
@@ -120,10 +137,14 @@ attn::Params make_params(const TensorView& q, const TensorView& k, const TensorV
   PYLLMOPS_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0, got ", max_seqlen_q, ", ",
                  max_seqlen_k);
   p.batch = cq.size(0) - 1;
-  p.seqlen_q = max_seqlen_q;
-  p.seqlen_k = max_seqlen_k;
   p.total_q = q.size(0);
   p.total_k = k.size(0);
+  // No sequence is longer than all the rows: a larger max_seqlen (2**62, say) is clamped before it sizes any loop
+  // or grid, and can then neither hang the kernels nor overflow a tile count.
+  p.seqlen_q = std::min(max_seqlen_q, p.total_q);
+  p.seqlen_k = std::min(max_seqlen_k, p.total_k);
+  p.window_left = clamp_window(left, p.seqlen_q, p.seqlen_k);
+  p.window_right = clamp_window(right, p.seqlen_q, p.seqlen_k);
   p.cu_seqlens_q = cq.ptr<const int32_t>();
   p.cu_seqlens_k = ck.ptr<const int32_t>();
   // Free on any device (no offset is read): the lengths sum to the rows, so if rows > batch * max_seqlen some
@@ -175,7 +196,6 @@ int* error_flag_ptr(const OptView& flag, const TensorView& q) {
 // Until a kernel implements the logit softcap, it refuses it (one line per backend, removed with its kernel).
 void check_softcap_supported(const attn::Params& p, const TensorView& q) {
   PYLLMOPS_CHECK(p.softcap == 0.f || !q.is_cuda(), "softcap: the CUDA attention kernels do not implement it yet");
-  PYLLMOPS_CHECK(p.softcap == 0.f || q.is_cuda(), "softcap: the CPU attention kernel does not implement it yet");
 }
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -227,10 +247,53 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                      attn::backward_cuda(p, q.dtype, stream));
 }
 
+// max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap single-threaded
+// pass ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a
+// zero lse gradient). A torch reduction would start a parallel region, which costs more than the pass itself.
+template <typename T>
+float max_abs_rec(const char* base, const TensorView& t, int64_t dim, float m) {
+  const int64_t n = t.shape[dim], st = t.strides[dim] * static_cast<int64_t>(sizeof(T));
+  if (dim + 1 == t.dim()) {
+    bool nan = false;
+    if (st == static_cast<int64_t>(sizeof(T))) {  // contiguous rows: a loop without exits, vectorized
+      const T* p = reinterpret_cast<const T*>(base);
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = std::fabs(pyllmops::to_float(p[i]));
+        nan |= x != x;
+        m = x > m ? x : m;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = std::fabs(pyllmops::to_float(*reinterpret_cast<const T*>(base + i * st)));
+        nan |= x != x;
+        m = x > m ? x : m;
+      }
+    }
+    return nan ? NAN : m;
+  }
+  for (int64_t i = 0; i < n && m == m; ++i) m = max_abs_rec<T>(base + i * st, t, dim + 1, m);
+  return m;
+}
+
+float max_abs(const TensorView& t) {
+  pyllmops::check_not_null(t, "tensor");
+  PYLLMOPS_CHECK(!t.is_cuda(), "attention_max_abs reads CPU tensors only");
+  if (t.numel() == 0) return 0.0f;
+  if (t.dim() == 0) {
+    return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t,
+                                         [&] { return std::fabs(pyllmops::to_float(*static_cast<scalar_t*>(t.data))); });
+  }
+  return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t, [&] {
+    return max_abs_rec<scalar_t>(static_cast<const char*>(t.data), t, 0, 0.0f);
+  });
+}
+
 }  // namespace
 
 void register_attention(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);
+  m.def("attention_cpu_isa", [] { return std::string(attn::cpu_isa_name()); });
+  m.def("attention_max_abs", &max_abs, nogil);
 }

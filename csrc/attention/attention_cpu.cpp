@@ -1,26 +1,41 @@
 // Flash attention CPU kernels: forward and the two-pass backward (attention.h has the algorithm).
 //
-// Tiling as the CUDA kernels: query tiles of kBlockM rows, key tiles of kBlockN keys, only the key
-// tiles in the mask's band are visited and only tiles the band cuts are masked per element. The
-// tiles are converted to fp32 once when loaded; scores, softmax statistics and accumulators are fp32.
+// Tiling as the CUDA kernels: query tiles of kBlockM rows, key tiles of kBlockN keys, only the key tiles in the
+// mask's band are visited. Tiles are converted to fp32 once when loaded, zero-padded to kBlockM / kBlockN rows and
+// to dp = head_dim rounded up to 16 columns, so every tile product is a fixed-shape fp32 GEMM (64 x 64 x dp or
+// 64 x dp x 64) done by a register-blocked micro-kernel (attention_cpu_isa.inc) compiled for AVX-512, AVX2 + FMA
+// and the baseline ISA and picked at run time (PYLLMOPS_CPU_ISA=baseline|avx2|avx512 caps it, for tests); exp2 is
+// a vector polynomial from the same file. Softmax statistics and accumulators are fp32.
 // Threads: parallel_for over (batch x heads x query tiles) in the forward and in the dq pass, over
 // (batch x kv heads x key tiles) in the dk/dv pass, so every output element has one writer.
-// Memory per thread: a few tiles (kBlockM x d + 2 kBlockN x d + kBlockM x kBlockN floats, ~100 KB at
-// d = 128), independent of the sequence lengths.
 //
-// Napkin math (2 cores, ~30 GFLOP/s of fp32 FMA each with 8-wide vectors): sq = sk = 1024, h = 8,
-// d = 64 non-causal is 4 * 1024^2 * 64 * 8 = 2.1 GFLOP forward: ~35 ms at peak. The loops here are
-// row-by-row dot products (no register blocking), measured at ~10 GFLOP/s on 2 cores
-// (`python -m pyllmops bench attention --device cpu`): a correct, memory-lean reference path, not a
-// competitor to oneDNN-backed torch SDPA on CPU.
+// Scores. s = softmax_scale * q.k, or with a logit softcap c > 0, c * tanh(softmax_scale * q.k / c) (Gemma 2), kept
+// in the base-2 domain (times log2 e); masked entries are -inf. The backward multiplies dS by the derivative of the
+// cap, 1 - tanh^2.
+//
+// Backward statistics. The backward does not rebuild P from the saved float32 LSE: at a large softmax_scale the
+// LSE's rounding (|lse| * 6e-8) is a large error in the exponent (issue 15: dv error 0.06 at scale 1e5). The dq
+// pass first recomputes each row's max m and sum l over its key tiles (one more QK^T per tile pair), exactly as
+// the forward does, and P = exp2(s - m) / l uses the same floats s in both passes; the dk/dv pass reads (m, l) from
+// a workspace. 8 tile GEMMs per visited tile pair in all (dq pass: S twice, dP, dQ; dk/dv pass: S, dP, dV, dK).
+//
+// NaN policy (docs/attention.md): a non-finite input reaches exactly the outputs and gradients that the float64
+// reference computes from it. Row maxima propagate NaN (std::max would drop it and make the row look empty);
+// masked pairs contribute nothing even when the other operand is NaN: P and dS are set to 0 there, and a tile
+// product whose B operand holds a non-finite value on a tile the mask cuts is done pair by pair, skipping the
+// masked pairs (0 * NaN would otherwise spread the NaN).
+//
+// Memory per thread: a dozen tiles (kBlock x dp floats), ~800 KB at d = 256, independent of the sequence lengths.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "attention/attention.h"
-#include "common/cpu_math.h"
 #include "common/dtype.h"
-#include "common/online_softmax.h"
 #include "common/parallel.h"
 
 namespace pyllmops {
@@ -28,25 +43,223 @@ namespace attention {
 
 namespace {
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYLLMOPS_ATTN_X86_DISPATCH 1
+#endif
+
+// The project builds with -ffp-contract=off (bitwise-stable elementwise kernels); the tile products here are
+// compared with tolerances, and a fused multiply-add is both faster and more accurate, so these regions allow it.
+namespace isa_base {
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kVecWidth = 4;
+constexpr int kRows = 4;
+#include "attention/attention_cpu_isa.inc"
+#pragma GCC pop_options
+}  // namespace isa_base
+
+#ifdef PYLLMOPS_ATTN_X86_DISPATCH
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kVecWidth = 8;
+constexpr int kRows = 4;
+#include "attention/attention_cpu_isa.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx2
+
+namespace isa_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kVecWidth = 16;
+constexpr int kRows = 8;
+#include "attention/attention_cpu_isa.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx512
+#endif
+
+using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, bool);
+using Exp2Fn = float (*)(const float*, float, float*, int64_t);
+using MaxFn = float (*)(const float*, int64_t);
+
+struct Isa {
+  GemmFn gemm;
+  Exp2Fn exp2_shifted;
+  MaxFn row_max;
+  const char* name;
+};
+
+const Isa& isa() {
+  static const Isa chosen = [] {
+    const char* env = std::getenv("PYLLMOPS_CPU_ISA");
+    const std::string cap = env ? env : "";
+#ifdef PYLLMOPS_ATTN_X86_DISPATCH
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx512 && (cap.empty() || cap == "avx512")) return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, isa_avx512::row_max, "avx512"};
+    if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2"))
+      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, isa_avx2::row_max, "avx2"};
+#endif
+    return Isa{isa_base::gemm, isa_base::exp2_shifted, isa_base::row_max, "baseline"};
+  }();
+  return chosen;
+}
+
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 int64_t num_tiles(int64_t n, int block) { return (n + block - 1) / block; }
 
-// rows [r0, r0 + rows) of a (token, head) slice -> dst[rows][d] in fp32.
+// Per-call constants.
+struct Ctx {
+  int64_t d = 0, dp = 0;  // head_dim, padded to a multiple of 16
+  float scale = 1.0f, scale_log2 = 1.0f, softcap = 0.0f, inv_softcap = 0.0f, softcap_log2 = 0.0f;
+  explicit Ctx(const Params& p)
+      : d(p.head_dim), dp((p.head_dim + 15) / 16 * 16), scale(p.scale), scale_log2(p.scale * kLog2e),
+        softcap(p.softcap) {
+    if (softcap > 0.0f) {
+      inv_softcap = 1.0f / softcap;
+      softcap_log2 = softcap * kLog2e;
+    }
+  }
+};
+
+// rows [r0, r0 + rows) of a (token, head) slice -> dst[block][dp] in fp32, zero-padded. Returns whether every
+// loaded value is finite.
 template <typename T>
-void load_rows(const T* base, int64_t row_stride, int64_t r0, int64_t rows, int64_t d, float* dst) {
+bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, const Ctx& cx, int block, float* dst) {
+  uint32_t bad = 0;  // a non-finite float has all exponent bits set
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = base + (r0 + r) * row_stride;
-    for (int64_t c = 0; c < d; ++c) dst[r * d + c] = to_float(src[c]);
+    float* out = dst + r * cx.dp;
+    for (int64_t c = 0; c < cx.d; ++c) out[c] = to_float(src[c]);
+    for (int64_t c = 0; c < cx.d; ++c) {
+      uint32_t u;
+      std::memcpy(&u, out + c, 4);
+      bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    }
+    std::fill(out + cx.d, out + cx.dp, 0.0f);
   }
+  std::fill(dst + rows * cx.dp, dst + block * cx.dp, 0.0f);
+  return bad == 0;
+}
+
+// src[block][dp] -> dst[dp][block]
+void transpose(const float* src, int block, int64_t dp, float* dst) {
+  for (int r = 0; r < block; ++r)
+    for (int64_t c = 0; c < dp; ++c) dst[c * block + r] = src[r * dp + c];
 }
 
 template <typename T>
-void store_rows(const float* src, float mul, int64_t rows, int64_t d, T* base, int64_t row_stride, int64_t r0) {
+void store_rows(const float* src, float mul, int64_t rows, const Ctx& cx, T* base, int64_t row_stride, int64_t r0) {
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = base + (r0 + r) * row_stride;
-    for (int64_t c = 0; c < d; ++c) dst[c] = from_float<T>(src[r * d + c] * mul);
+    for (int64_t c = 0; c < cx.d; ++c) dst[c] = from_float<T>(src[r * cx.dp + c] * mul);
+  }
+}
+
+// C[i][j] += sum_k A(i, k) B[k][j] over the visible (query, key) pairs only: A(i, k) = a[i * as + k * ak] and the
+// pair is (i, k) when a_rows_are_queries, else (k, i); the keys row r sees are columns [lo[r], hi[r]). For tile
+// products whose B operand is not finite on a tile the mask cuts (see the NaN policy at the top).
+void masked_gemm(int64_t I, int64_t J, int64_t K, const float* a, int64_t as, int64_t ak, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, const int* lo, const int* hi, bool a_rows_are_queries) {
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = a_rows_are_queries ? i : k, col = a_rows_are_queries ? k : i;
+      if (col < lo[row] || col >= hi[row]) continue;
+      const float x = a[i * as + k * ak];
+      float* ci = c + i * ldc;
+      const float* bk = b + k * ldb;
+      for (int64_t j = 0; j < J; ++j) ci[j] += x * bk[j];
+    }
+}
+
+// acc (+)= A B for a tile product: the micro-kernel, or masked_gemm when B is not finite and the mask cuts the tile.
+void tile_gemm(bool b_finite, bool full, int64_t I, int64_t J, int64_t K, const float* a, int64_t as, int64_t ak,
+               const float* b, int64_t ldb, float* c, int64_t ldc, const int* lo, const int* hi,
+               bool a_rows_are_queries) {
+  if (b_finite || full)
+    isa().gemm(I, J, K, a, as, ak, b, ldb, c, ldc, true);
+  else
+    masked_gemm(I, J, K, a, as, ak, b, ldb, c, ldc, lo, hi, a_rows_are_queries);
+}
+
+// NaN-propagating max (std::max drops a NaN second argument).
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
+// Base-2 logits of query rows [i0, i0 + rows) x keys [j0, j0 + cols) into s[kBlockM][kBlockN]; row r sees
+// columns [lo[r], hi[r]) (lo = hi = 0: none); every other entry, padding included, is -inf.
+void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* qf,
+            const float* kt, float* s, int* lo, int* hi) {
+  isa().gemm(kBlockM, kBlockN, cx.dp, qf, cx.dp, 1, kt, kBlockN, s, kBlockN, false);
+  for (int r = 0; r < kBlockM; ++r) {
+    float* sr = s + r * kBlockN;
+    int a = 0, b = 0;
+    if (r < rows) {
+      const int64_t fk = std::max(mask.first_key(i0 + r), j0), lk = std::min(mask.last_key(i0 + r), j0 + cols - 1);
+      if (fk <= lk) {
+        a = static_cast<int>(fk - j0);
+        b = static_cast<int>(lk - j0 + 1);
+      }
+    }
+    lo[r] = a;
+    hi[r] = b;
+    for (int c = 0; c < a; ++c) sr[c] = -INFINITY;
+    for (int c = b; c < kBlockN; ++c) sr[c] = -INFINITY;
+    if (cx.softcap > 0.0f) {
+      for (int c = a; c < b; ++c) sr[c] = cx.softcap_log2 * std::tanh(sr[c] * cx.scale * cx.inv_softcap);
+    } else {
+      for (int c = a; c < b; ++c) sr[c] *= cx.scale_log2;
+    }
+  }
+}
+
+// P = exp2(s - m) / l on the visible columns, 0 elsewhere (padding rows included); m and l: row 0 of the tile on.
+void probs(const float* s, const int* lo, const int* hi, int64_t rows, const float* m, const float* l, float* pb) {
+  for (int r = 0; r < kBlockM; ++r) {
+    float* pr = pb + r * kBlockN;
+    if (r >= rows || lo[r] >= hi[r]) {
+      std::fill(pr, pr + kBlockN, 0.0f);
+      continue;
+    }
+    isa().exp2_shifted(s + r * kBlockN, m[r], pr, kBlockN);
+    const float inv = 1.0f / l[r];
+    std::fill(pr, pr + lo[r], 0.0f);
+    for (int c = lo[r]; c < hi[r]; ++c) pr[c] *= inv;
+    std::fill(pr + hi[r], pr + kBlockN, 0.0f);
+  }
+}
+
+// Online softmax step for one tile: row maxima m and sums l take in the tile's logits s; pb gets exp2(s - m_new)
+// on the visible columns (0 elsewhere); returns per row the factor the row's earlier accumulator must be scaled by
+// (1: unchanged) in factor[].
+void online_step(const float* s, const int* lo, const int* hi, int64_t rows, float* m, float* l, float* pb,
+                 float* factor) {
+  for (int r = 0; r < kBlockM; ++r) {
+    float* pr = pb + r * kBlockN;
+    factor[r] = 1.0f;
+    if (r >= rows || lo[r] >= hi[r]) {
+      std::fill(pr, pr + kBlockN, 0.0f);
+      continue;
+    }
+    const float* sr = s + r * kBlockN;
+    const float m_new = nan_max(m[r], isa().row_max(sr, kBlockN));  // masked entries are -inf
+    if (!(m_new == m[r])) {  // also when either is NaN
+      factor[r] = m[r] == -INFINITY ? 0.0f : std::exp2(m[r] - m_new);
+      l[r] *= factor[r];
+      m[r] = m_new;
+    }
+    // masked entries give exp2(-inf - m) = 0 (NaN only when m is -inf or NaN: the row is NaN then anyway)
+    const float sum = isa().exp2_shifted(sr, m_new, pr, kBlockN);
+    std::fill(pr, pr + lo[r], 0.0f);
+    std::fill(pr + hi[r], pr + kBlockN, 0.0f);
+    l[r] += sum;
   }
 }
 
@@ -72,63 +285,69 @@ struct QueryTile {
   }
 };
 
-// Loads the fp32 K and V rows [j0, j1) of kv head hk; returns the number of keys.
+// Per-thread tiles.
+struct Buffers {
+  std::vector<float> qf, gf, kf, kt, vf, vt, s, pb, ds, acc, acc2;
+  int lo[kBlockM], hi[kBlockM];
+  float m[kBlockM], l[kBlockM], factor[kBlockM];
+  explicit Buffers(const Ctx& cx)
+      : qf(kBlockM * cx.dp), gf(kBlockM * cx.dp), kf(kBlockN * cx.dp), kt(kBlockN * cx.dp), vf(kBlockN * cx.dp),
+        vt(kBlockN * cx.dp), s(kBlockM * kBlockN), pb(kBlockM * kBlockN), ds(kBlockM * kBlockN),
+        acc(std::max(kBlockM, kBlockN) * cx.dp), acc2(kBlockN * cx.dp) {}
+};
+
 template <typename T>
-int64_t load_kv(const Params& p, const SeqInfo& si, int64_t hk, int64_t j0, int64_t j1, float* kf, float* vf) {
-  const int64_t d = p.head_dim;
-  load_rows(k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk), p.lk.seq, j0, j1 - j0, d, kf);
-  load_rows(k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk), p.lv.seq, j0, j1 - j0, d, vf);
-  return j1 - j0;
+bool load_keys(const Params& p, const Ctx& cx, const SeqInfo& si, int64_t hk, int64_t j0, int64_t cols, Buffers& bf) {
+  const bool fin = load_tile(k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk), p.lk.seq, j0, cols, cx, kBlockN,
+                             bf.kf.data());
+  transpose(bf.kf.data(), kBlockN, cx.dp, bf.kt.data());
+  return fin;
+}
+
+template <typename T>
+bool load_values(const Params& p, const Ctx& cx, const SeqInfo& si, int64_t hk, int64_t j0, int64_t cols,
+                 Buffers& bf, bool transposed) {
+  const bool fin = load_tile(k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk), p.lv.seq, j0, cols, cx, kBlockN,
+                             bf.vf.data());
+  if (transposed) transpose(bf.vf.data(), kBlockN, cx.dp, bf.vt.data());
+  return fin;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
 template <typename T>
 void forward_impl(const Params& p) {
-  const int64_t d = p.head_dim, m_tiles = num_tiles(p.seqlen_q, kBlockM);
-  const float scale_log2 = p.scale * softmax::kLog2e;
+  const Ctx cx(p);
+  const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
   parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(kBlockM * d), kf(kBlockN * d), vf(kBlockN * d), acc(kBlockM * d), s(kBlockN);
-    softmax::RowState rows_state[kBlockM];
+    Buffers bf(cx);
     QueryTile t;
     for (int64_t task = t0; task < t1; ++task) {
       if (!t.decode(p, task, m_tiles)) continue;
-      load_rows(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, d, qf.data());
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t r = 0; r < t.rows; ++r) rows_state[r] = softmax::RowState();
-
+      load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
+                bf.qf.data());
+      std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
+      std::fill(bf.m, bf.m + kBlockM, -INFINITY);
+      std::fill(bf.l, bf.l + kBlockM, 0.0f);
       int64_t nb, ne;
       t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
       for (int64_t nt = nb; nt < ne; ++nt) {
-        const int64_t j0 = nt * kBlockN, j1 = std::min(t.si.sk, j0 + kBlockN);
-        const int64_t cols = load_kv<T>(p, t.si, t.hk, j0, j1, kf.data(), vf.data());
-        const bool full = t.mask.tile_is_full(t.i0, t.i1, j0, j1);
-        for (int64_t r = 0; r < t.rows; ++r) {
-          float tile_max = -INFINITY;
-          for (int64_t c = 0; c < cols; ++c) {
-            float x = dot8(&qf[r * d], &kf[c * d], d) * scale_log2;
-            if (!full && !t.mask.visible(t.i0 + r, j0 + c)) x = -INFINITY;
-            s[c] = x;
-            tile_max = std::max(tile_max, x);
-          }
-          softmax::RowState& st = rows_state[r];
-          const float factor = st.rescale_to(tile_max);
-          float* a = &acc[r * d];
-          if (factor != 1.0f)
-            for (int64_t c = 0; c < d; ++c) a[c] *= factor;
-          float lsum = 0.0f;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float pr = softmax::exp2_shifted(s[c], st.m);
-            lsum += pr;
-            if (pr != 0.0f) axpy(pr, &vf[c * d], a, d);
-          }
-          st.l += lsum;
-        }
+        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
+        load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
+        const bool v_fin = load_values<T>(p, cx, t.si, t.hk, j0, cols, bf, false);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
+        for (int r = 0; r < t.rows; ++r)
+          if (bf.factor[r] != 1.0f)
+            for (int64_t c = 0; c < dp; ++c) bf.acc[r * dp + c] *= bf.factor[r];
+        tile_gemm(v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.pb.data(), kBlockN,
+                  1, bf.vf.data(), dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
       }
       T* ob = q_row(static_cast<T*>(p.o), p.lo, t.si, 0, t.h);
       float* lse = p.lse + lse_index(p, t.si, 0, t.h);
       for (int64_t r = 0; r < t.rows; ++r) {
-        store_rows(&acc[r * d], rows_state[r].inv_l(), 1, d, ob, p.lo.seq, t.i0 + r);
-        lse[t.i0 + r] = rows_state[r].lse_natural();
+        const float l = bf.l[r];  // 0: the row saw no key; NaN propagates
+        store_rows(&bf.acc[r * dp], l == 0.0f ? 0.0f : 1.0f / l, 1, cx, ob, p.lo.seq, t.i0 + r);
+        lse[t.i0 + r] = l == 0.0f ? -INFINITY : (bf.m[r] + std::log2(l)) * kLn2;
       }
     }
   });
@@ -156,104 +375,142 @@ void delta_impl(const Params& p) {
   });
 }
 
-// The backward's inner tile: for each visible (query row r, key col c) of rows [i0, i0 + rows) x keys
-// [j0, j0 + cols), recomputes P = exp2(S scale log2e - lse2) and dS = P (dP - delta) and calls
-// f(r, c, P, dS). Rows that saw no key in the forward (lse = -inf) get no gradient.
-template <typename F>
-void for_each_grad(const Params& p, const Mask& mask, const float* lse, const float* delta, int64_t i0, int64_t rows,
-                   int64_t j0, int64_t cols, const float* qf, const float* gf, const float* kf, const float* vf,
-                   const F& f) {
-  const int64_t d = p.head_dim;
-  const float scale_log2 = p.scale * softmax::kLog2e;
-  const bool full = mask.tile_is_full(i0, i0 + rows, j0, j0 + cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float lse2 = lse[i0 + r] * softmax::kLog2e;
-    if (lse2 == -INFINITY) continue;
-    const float dl = delta[i0 + r];
-    for (int64_t c = 0; c < cols; ++c) {
-      if (!full && !mask.visible(i0 + r, j0 + c)) continue;
-      const float pr = softmax::fast_exp2(dot8(&qf[r * d], &kf[c * d], d) * scale_log2 - lse2);
-      const float dp = dot8(&gf[r * d], &vf[c * d], d);
-      f(r, c, pr, pr * (dp - dl));
+// dS = P (dP - delta) on the visible columns (times the softcap's 1 - tanh^2), 0 elsewhere; in place over dp_ds.
+void grad_scores(const Ctx& cx, const float* s, const float* pb, const int* lo, const int* hi, int64_t rows,
+                 const float* delta, float* dp_ds) {
+  for (int r = 0; r < kBlockM; ++r) {
+    float* dr = dp_ds + r * kBlockN;
+    if (r >= rows || lo[r] >= hi[r]) {
+      std::fill(dr, dr + kBlockN, 0.0f);
+      continue;
     }
+    const float* pr = pb + r * kBlockN;
+    const float dl = delta[r];
+    std::fill(dr, dr + lo[r], 0.0f);
+    for (int c = lo[r]; c < hi[r]; ++c) dr[c] = pr[c] * (dr[c] - dl);
+    if (cx.softcap > 0.0f) {
+      const float* sr = s + r * kBlockN;
+      for (int c = lo[r]; c < hi[r]; ++c) {
+        const float th = sr[c] / cx.softcap_log2;  // tanh(scale q.k / softcap)
+        dr[c] *= 1.0f - th * th;
+      }
+    }
+    std::fill(dr + hi[r], dr + kBlockN, 0.0f);
   }
+}
+
+// dq per query tile; first recomputes the rows' softmax statistics (m, l) and stores them in ws_m / ws_l (lse
+// layout) for the dk/dv pass.
+template <typename T>
+void dq_impl(const Params& p, float* ws_m, float* ws_l) {
+  const Ctx cx(p);
+  const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
+  parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
+    Buffers bf(cx);
+    QueryTile t;
+    for (int64_t task = t0; task < t1; ++task) {
+      if (!t.decode(p, task, m_tiles)) continue;
+      load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
+                bf.qf.data());
+      load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, t.si, 0, t.h), p.ldo.seq, t.i0, t.rows, cx, kBlockM,
+                bf.gf.data());
+      const int64_t off = lse_index(p, t.si, 0, t.h) + t.i0;
+      const float* delta = p.delta + off;
+      std::fill(bf.m, bf.m + kBlockM, -INFINITY);
+      std::fill(bf.l, bf.l + kBlockM, 0.0f);
+      int64_t nb, ne;
+      t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
+      for (int64_t nt = nb; nt < ne; ++nt) {  // statistics
+        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
+        load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
+      }
+      for (int64_t r = 0; r < t.rows; ++r) {
+        ws_m[off + r] = bf.m[r];
+        ws_l[off + r] = bf.l[r];
+      }
+      std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
+      for (int64_t nt = nb; nt < ne; ++nt) {  // dq
+        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
+        const bool k_fin = load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
+        load_values<T>(p, cx, t.si, t.hk, j0, cols, bf, true);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        probs(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data());
+        isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, bf.vt.data(), kBlockN, bf.ds.data(), kBlockN, false);
+        grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, t.rows, delta, bf.ds.data());
+        tile_gemm(k_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.ds.data(), kBlockN,
+                  1, bf.kf.data(), dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
+      }
+      store_rows(bf.acc.data(), p.scale, t.rows, cx, q_row(static_cast<T*>(p.dq), p.ldq, t.si, 0, t.h), p.ldq.seq,
+                 t.i0);
+    }
+  });
 }
 
 // dk, dv for one key tile, summed over the query heads of the kv head's group.
 template <typename T>
-void dkdv_impl(const Params& p) {
-  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv, n_tiles = num_tiles(p.seqlen_k, kBlockN);
+void dkdv_impl(const Params& p, const float* ws_m, const float* ws_l) {
+  const Ctx cx(p);
+  const int64_t dp = cx.dp, group = p.heads_q / p.heads_kv, n_tiles = num_tiles(p.seqlen_k, kBlockN);
   parallel_for(p.batch * p.heads_kv * n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(kBlockM * d), gf(kBlockM * d), kf(kBlockN * d), vf(kBlockN * d), dkf(kBlockN * d),
-        dvf(kBlockN * d);
+    Buffers bf(cx);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t nt = task % n_tiles, hk = (task / n_tiles) % p.heads_kv, b = task / (n_tiles * p.heads_kv);
       const SeqInfo si = seq_info(p, b);
       const int64_t j0 = nt * kBlockN;
       if (j0 >= si.sk) continue;
-      const int64_t cols = load_kv<T>(p, si, hk, j0, std::min(si.sk, j0 + kBlockN), kf.data(), vf.data());
+      const int64_t cols = std::min(si.sk, j0 + kBlockN) - j0;
+      load_keys<T>(p, cx, si, hk, j0, cols, bf);
+      load_values<T>(p, cx, si, hk, j0, cols, bf, true);
       const Mask mask = seq_mask(p, si);
-      std::fill(dkf.begin(), dkf.end(), 0.0f);
-      std::fill(dvf.begin(), dvf.end(), 0.0f);
+      float* dkf = bf.acc.data();
+      float* dvf = bf.acc2.data();
+      std::fill(dkf, dkf + kBlockN * dp, 0.0f);
+      std::fill(dvf, dvf + kBlockN * dp, 0.0f);
       int64_t mb, me;
       mask.query_tiles(j0, j0 + cols, kBlockM, &mb, &me);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const float* lse = p.lse + lse_index(p, si, 0, h);
-        const float* delta = p.delta + lse_index(p, si, 0, h);
         for (int64_t mt = mb; mt < me; ++mt) {
           const int64_t i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
-          load_rows(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, d, qf.data());
-          load_rows(q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h), p.ldo.seq, i0, rows, d, gf.data());
-          for_each_grad(p, mask, lse, delta, i0, rows, j0, cols, qf.data(), gf.data(), kf.data(), vf.data(),
-                        [&](int64_t r, int64_t c, float pr, float ds) {
-                          axpy(pr, &gf[r * d], &dvf[c * d], d);
-                          axpy(ds, &qf[r * d], &dkf[c * d], d);
-                        });
+          const int64_t off = lse_index(p, si, 0, h) + i0;
+          const bool q_fin = load_tile(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, cx,
+                                       kBlockM, bf.qf.data());
+          const bool g_fin = load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h), p.ldo.seq, i0, rows,
+                                       cx, kBlockM, bf.gf.data());
+          scores(cx, mask, i0, rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+          probs(bf.s.data(), bf.lo, bf.hi, rows, ws_m + off, ws_l + off, bf.pb.data());
+          isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, bf.vt.data(), kBlockN, bf.ds.data(), kBlockN, false);
+          grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, rows, p.delta + off, bf.ds.data());
+          const bool full = mask.tile_is_full(i0, i0 + rows, j0, j0 + cols);
+          tile_gemm(g_fin, full, kBlockN, dp, kBlockM, bf.pb.data(), 1, kBlockN, bf.gf.data(), dp, dvf, dp, bf.lo,
+                    bf.hi, false);
+          tile_gemm(q_fin, full, kBlockN, dp, kBlockM, bf.ds.data(), 1, kBlockN, bf.qf.data(), dp, dkf, dp, bf.lo,
+                    bf.hi, false);
         }
       }
-      store_rows(dkf.data(), p.scale, cols, d, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
-      store_rows(dvf.data(), 1.0f, cols, d, k_row(static_cast<T*>(p.dv), p.ldv, si, 0, hk), p.ldv.seq, j0);
-    }
-  });
-}
-
-template <typename T>
-void dq_impl(const Params& p) {
-  const int64_t d = p.head_dim, m_tiles = num_tiles(p.seqlen_q, kBlockM);
-  parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(kBlockM * d), gf(kBlockM * d), kf(kBlockN * d), vf(kBlockN * d), dqf(kBlockM * d);
-    QueryTile t;
-    for (int64_t task = t0; task < t1; ++task) {
-      if (!t.decode(p, task, m_tiles)) continue;
-      load_rows(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, d, qf.data());
-      load_rows(q_row(static_cast<const T*>(p.dout), p.ldo, t.si, 0, t.h), p.ldo.seq, t.i0, t.rows, d, gf.data());
-      const float* lse = p.lse + lse_index(p, t.si, 0, t.h);
-      const float* delta = p.delta + lse_index(p, t.si, 0, t.h);
-      std::fill(dqf.begin(), dqf.end(), 0.0f);
-      int64_t nb, ne;
-      t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
-      for (int64_t nt = nb; nt < ne; ++nt) {
-        const int64_t j0 = nt * kBlockN;
-        const int64_t cols = load_kv<T>(p, t.si, t.hk, j0, std::min(t.si.sk, j0 + kBlockN), kf.data(), vf.data());
-        for_each_grad(p, t.mask, lse, delta, t.i0, t.rows, j0, cols, qf.data(), gf.data(), kf.data(), vf.data(),
-                      [&](int64_t r, int64_t c, float, float ds) { axpy(ds, &kf[c * d], &dqf[r * d], d); });
-      }
-      store_rows(dqf.data(), p.scale, t.rows, d, q_row(static_cast<T*>(p.dq), p.ldq, t.si, 0, t.h), p.ldq.seq, t.i0);
+      store_rows(dkf, p.scale, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
+      store_rows(dvf, 1.0f, cols, cx, k_row(static_cast<T*>(p.dv), p.ldv, si, 0, hk), p.ldv.seq, j0);
     }
   });
 }
 
 }  // namespace
 
+const char* cpu_isa_name() { return isa().name; }
+
 void forward_cpu(const Params& p, DType dtype) {
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] { forward_impl<scalar_t>(p); });
 }
 
 void backward_cpu(const Params& p, DType dtype) {
+  // (m, l) per query row, in the lse layout (see "Backward statistics" at the top)
+  const int64_t n_stats = p.varlen() ? p.heads_q * p.lse_head_stride : p.batch * p.lse_batch_stride;
+  std::vector<float> ws(2 * static_cast<size_t>(n_stats));
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] {
     delta_impl<scalar_t>(p);
-    dkdv_impl<scalar_t>(p);
-    dq_impl<scalar_t>(p);
+    dq_impl<scalar_t>(p, ws.data(), ws.data() + n_stats);
+    dkdv_impl<scalar_t>(p, ws.data(), ws.data() + n_stats);
   });
 }
 

@@ -9,7 +9,16 @@ its TFLOP/s are "useful" FLOP/s as for every provider.
 Shapes (CUDA): FlashAttention's benchmark convention, batch * seqlen = 16k tokens, hidden 2048
 (heads = 2048 / head_dim), seqlen 512 .. 16k; sliding window 4096 at seqlen 4k .. 32k (batch 1) against
 full causal at the same shape.
+Shapes (CPU, float32, the dtype of CPU training; head_dim 64): b1 h4 seqlen 512 .. 2048 causal and not; GQA 8:2 at
+1024; sliding window 128 at 4096 (SDPA given the equivalent boolean mask); varlen (4 sequences of 128 .. 1024 tokens,
+SDPA on the zero-padded batch with a key-padding mask, the usual alternative without varlen); softcap (no SDPA peer:
+the row is there to show its cost against our own full attention). On CPU the peers of one case are timed
+interleaved (A, B, A, B, ...) and each gets the median of its own samples, so load from other processes on a shared
+machine hits both alike; ratios are vs_baseline = SDPA median / ours.
 """
+import statistics
+import time
+
 import torch
 
 import pyllmops
@@ -157,11 +166,147 @@ def run(bench):
             _case(bench, "sliding window 4096", 1, 16, s, s, 128, True, (4096, 0), dtype, with_flex=True)
             _case(bench, "sliding window 4096", 1, 16, s, s, 128, True, (-1, -1), dtype)  # full causal reference
     else:
-        dtype = torch.float32
-        seqlens = [256, 512] if bench.quick else [512, 1024, 2048]
-        for causal in (False, True):
-            for s in seqlens:
-                _case(bench, "attention", 1, 4, s, s, 64, causal, (-1, -1), dtype)
-        s = 1024 if bench.quick else 4096
-        _case(bench, "sliding window 128", 1, 4, s, s, 64, True, (128, 0), dtype)
-        _case(bench, "sliding window 128", 1, 4, s, s, 64, True, (-1, -1), dtype)
+        _run_cpu(bench)
+
+
+# ---- CPU: every row against torch SDPA on the same math, timed interleaved ------------------------------------
+def _paired_times(fns, quick, min_time_s=None, min_reps=7, max_reps=40):
+    """{name: (median, p20, p80) ms} of fns {name: fn}, called in turn (A, B, A, B, ...) after a warm-up."""
+    min_time_s = (0.2 if quick else 0.6) if min_time_s is None else min_time_s
+    for fn in fns.values():
+        fn()
+        fn()
+    samples = {n: [] for n in fns}
+    total = 0.0
+    while len(samples[next(iter(fns))]) < min_reps or (total < min_time_s and len(samples[next(iter(fns))]) < max_reps):
+        for n, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            samples[n].append(dt * 1e3)
+            total += dt
+    out = {}
+    for n, s in samples.items():
+        s = sorted(s)
+        out[n] = (statistics.median(s), s[int(0.2 * (len(s) - 1))], s[int(0.8 * (len(s) - 1))])
+    return out
+
+
+def _record(bench, kernel, mode, x, times, flops, baseline_name):
+    """Rows through the harness (ceilings, TFLOP/s, vs_baseline) with the paired medians as the timer's answer."""
+    old = bench._timer
+    try:
+        for name, t in times.items():
+            bench._timer = (lambda fn, t=t: t)
+            bench.measure(kernel, name, mode, x, lambda: None, flops=flops, baseline=name == baseline_name)
+    finally:
+        bench._timer = old
+
+
+def _cpu_modes(bench, kernel, x, providers, inputs, flops_fwd, baseline_name="torch sdpa (cpu)"):
+    """fwd (no_grad) and fwd+bwd of each provider {name: f(*inputs)}, paired; inputs require grad."""
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f(*inputs)
+        return run
+
+    g = {}
+
+    def fwd_bwd(name, f):
+        def run():
+            out = f(*inputs)
+            if name not in g:
+                g[name] = torch.randn_like(out)
+            torch.autograd.grad(out, inputs, g[name])
+        return run
+
+    _record(bench, kernel, "fwd", x, _paired_times({n: fwd(f) for n, f in providers.items()}, bench.quick), flops_fwd,
+            baseline_name)
+    _record(bench, kernel, "fwd+bwd", x, _paired_times({n: fwd_bwd(n, f) for n, f in providers.items()}, bench.quick),
+            3.5 * flops_fwd, baseline_name)
+
+
+def _band_mask(sq, sk, causal, window, device):
+    from pyllmops.reference.attention import visible_mask
+
+    return visible_mask(sq, sk, window, causal, device=device)
+
+
+def _cpu_dense(bench, kernel, b, hq, hkv, s, d, causal, window, softcap=0.0):
+    dev, dtype = bench.device, torch.float32
+    x = (f"b{b} h{hq}" + (f" kv{hkv}" if hkv != hq else "") + f" s{s} d{d}" + (" causal" if causal else "")
+         + (f" win{window[0]}" if window != (-1, -1) else "") + (f" softcap{softcap:g}" if softcap else ""))
+    flops = 4.0 * visited_area(s, s, causal, window) * d * hq * b
+    q = torch.randn(b, hq, s, d, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, s, d, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, s, d, device=dev, dtype=dtype, requires_grad=True)
+
+    def ours(q, k, v):  # BHSD views, no copies
+        return pyllmops.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                                        window_size=window, softcap=softcap)
+
+    F = torch.nn.functional
+    if softcap:
+        def full(q, k, v):
+            return pyllmops.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        _cpu_modes(bench, kernel, x, {"pyllmops": ours, "pyllmops without softcap": full}, (q, k, v), flops,
+                   baseline_name="pyllmops without softcap")
+        return
+    if window == (-1, -1):
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != hq)
+    else:
+        mask = _band_mask(s, s, causal, window, dev)
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hkv != hq)
+    _cpu_modes(bench, kernel, x, {"pyllmops": ours, "torch sdpa (cpu)": sdpa}, (q, k, v), flops)
+
+
+def _cpu_varlen(bench, lens, h, d, causal):
+    dev, dtype = bench.device, torch.float32
+    n, smax = sum(lens), max(lens)
+    x = f"varlen {'+'.join(map(str, lens))} h{h} d{d}" + (" causal" if causal else "")
+    flops = 4.0 * sum(visited_area(s, s, causal, (-1, -1)) for s in lens) * d * h
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(n, h, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    # SDPA without varlen: the zero-padded (batch, heads, smax, d) batch with a key-padding (and causal) mask; the
+    # padding is part of its cost (built inside the timed call, as a caller would)
+    rows = torch.cat([torch.arange(s, device=dev) + b * smax for b, s in enumerate(lens)])
+    valid = torch.zeros(len(lens), smax, dtype=torch.bool, device=dev)
+    for b, s in enumerate(lens):
+        valid[b, :s] = True
+    mask = valid[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(smax, smax, dtype=torch.bool, device=dev).tril()
+    mask = mask | ~valid[:, None, :, None]  # padded query rows see everything (no NaN rows; they are dropped)
+
+    def pad(t):
+        out = t.new_zeros(len(lens) * smax, h, d).index_copy(0, rows, t)
+        return out.view(len(lens), smax, h, d).transpose(1, 2)
+
+    def sdpa(q, k, v):
+        o = torch.nn.functional.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
+        return o.transpose(1, 2).reshape(len(lens) * smax, h, d).index_select(0, rows)
+
+    def ours(q, k, v):
+        return pyllmops.flash_attention_varlen(q, k, v, cu, cu, smax, smax, causal=causal)
+
+    _cpu_modes(bench, "varlen", x, {"pyllmops": ours, "torch sdpa (cpu)": sdpa}, (q, k, v), flops)
+
+
+def _run_cpu(bench):
+    seqlens = [256, 512] if bench.quick else [512, 1024, 2048]
+    for causal in (False, True):
+        for s in seqlens:
+            _cpu_dense(bench, "attention", 1, 4, 4, s, 64, causal, (-1, -1))
+    s = 512 if bench.quick else 1024
+    for causal in (False, True):
+        _cpu_dense(bench, "attention gqa 8:2", 1, 8, 2, s, 64, causal, (-1, -1))
+    s = 1024 if bench.quick else 4096
+    _cpu_dense(bench, "sliding window 128", 1, 4, 4, s, 64, True, (128, 0))
+    lens = [64, 256, 128, 512] if bench.quick else [128, 1024, 256, 512]
+    for causal in (False, True):
+        _cpu_varlen(bench, lens, 4, 64, causal)
+    _cpu_dense(bench, "softcap", 1, 4, 4, 256 if bench.quick else 1024, 64, True, (-1, -1), softcap=30.0)

@@ -3,7 +3,7 @@ import torch
 
 from pyllmops.nn.rotary import RotaryEmbedding, apply_rotary
 from pyllmops.ops._common import check_bool, check_int
-from pyllmops.ops.attention import flash_attention
+from pyllmops.ops.attention import _softcap, flash_attention
 
 
 class MultiHeadAttention(torch.nn.Module):
@@ -19,6 +19,7 @@ class MultiHeadAttention(torch.nn.Module):
             (window, window) otherwise), or None for full attention.
         rope_base: rotary base (Llama: 10000, Llama 3: 500000), or None for no rotary embedding.
         bias: bias on the q/k/v projections (o_proj has none), as Qwen2.
+        softcap: attention logit softcap (Gemma 2: 50.0), 0.0 = off; see pyllmops.flash_attention.
 
     forward(x (batch, seqlen, hidden), position_ids=None (batch, seqlen) or (seqlen,)) -> (batch, seqlen, hidden).
 
@@ -28,12 +29,13 @@ class MultiHeadAttention(torch.nn.Module):
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, causal=True, window=None,
-                 rope_base=10000.0, bias=False, device=None, dtype=None):
+                 rope_base=10000.0, bias=False, softcap=0.0, device=None, dtype=None):
         super().__init__()
+        check_int("hidden_size", hidden_size, min_value=1)
+        check_int("num_heads", num_heads, min_value=1)  # before hidden_size // num_heads
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                          ("head_dim", head_dim)):
+        for name, val in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             check_int(name, val, min_value=1)
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -42,7 +44,7 @@ class MultiHeadAttention(torch.nn.Module):
             check_int("window", window, min_value=0)
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, \
             head_dim
-        self.causal, self.window = causal, window
+        self.causal, self.window, self.softcap = causal, window, _softcap(softcap)
         kw = dict(device=device, dtype=dtype)
         self.q_proj = torch.nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **kw)
         self.k_proj = torch.nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **kw)
@@ -64,5 +66,5 @@ class MultiHeadAttention(torch.nn.Module):
             pos = torch.arange(s, device=x.device) if position_ids is None else position_ids
             cos, sin = self.rotary(pos)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = flash_attention(q, k, v, causal=self.causal, window_size=self.window_size())
+        out = flash_attention(q, k, v, causal=self.causal, window_size=self.window_size(), softcap=self.softcap)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

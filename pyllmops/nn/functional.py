@@ -1,11 +1,11 @@
 """Functional forms of pyllmops' ops with the signatures of torch.nn.functional."""
 
-from pyllmops.ops._common import check_bool, check_tensor, on_cuda, softmax_scale_or_default
-from pyllmops.ops.attention import CPU_DTYPES, CUDA_DTYPES, MAX_HEAD_DIM, _sdpa, _window
+from pyllmops.ops._common import check_bool, check_tensor, on_cuda
+from pyllmops.ops.attention import CPU_DTYPES, CUDA_DTYPES, MAX_HEAD_DIM, _sdpa, _softcap, _softmax_scale, _window
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, window_size=None):
+                                 enable_gqa=False, *, window_size=None, softcap=0.0):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention on pyllmops' flash attention kernels.
 
     Same layout and argument names as torch: query (batch, heads_q, L, head_dim), key/value (batch,
@@ -19,6 +19,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     window_size (pyllmops extension): (left, right) sliding window relative to the same diagonal: query i
     sees key j iff i - left <= j <= i + right (-1 unbounded; is_causal sets right = 0).
+
+    softcap (pyllmops extension): logit softcap, scores s -> softcap * tanh(s / softcap) before the mask and
+    softmax (Gemma 2); 0.0 is off.
 
     Example:
         >>> q = torch.randn(2, 8, 1024, 64, dtype=torch.bfloat16)
@@ -48,6 +51,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          "heads_q a multiple of heads_kv")
     if b < 1 or L < 1 or key.shape[2] < 1:
         raise ValueError(f"batch, L and S must be >= 1, got query {tuple(query.shape)}, key {tuple(key.shape)}")
-    window = _window(False, (-1, -1) if window_size is None else window_size)
-    s = softmax_scale_or_default(scale, d)
-    return _sdpa(query, key, value, is_causal=is_causal, scale=s, window_size=window)
+    window = _window(False, (-1, -1) if window_size is None else window_size, L, key.shape[2])
+    s = _softmax_scale(scale, d)
+    return _sdpa(query, key, value, is_causal=is_causal, scale=s, window_size=window, softcap=_softcap(softcap))

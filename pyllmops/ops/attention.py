@@ -17,13 +17,16 @@ NaN to every output row of a sequence they cannot honour (longer than max_seqlen
 and raise bits in the per-device error word that check_kernel_errors() reads; validate=True checks the
 offsets eagerly instead (one synchronization).
 """
+import functools
+import math
+import os
 from typing import Optional
 
 import torch
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (check_bool, check_int, check_tensor, empty, empty_like, error_word, on_cuda,
-                                  opt_view, register_error_word, softmax_scale_or_default, stream, view)
+                                  opt_view, register_error_word, stream, view)
 from pyllmops.ops._common import check_kernel_errors  # noqa: F401  (covers every family)
 
 MAX_HEAD_DIM = 256  # csrc/attention/attention.h kMaxHeadDim
@@ -75,6 +78,111 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+# ================================ CPU: torch SDPA for what it computes faster ================================
+# The CPU kernel (csrc/attention/attention_cpu.cpp) is a register-blocked tile kernel, but torch's own CPU flash
+# attention (oneDNN/MKL GEMMs on large key blocks) is several times faster per FLOP on full and causal attention. The
+# ops therefore hand exactly those cases to torch's kernel (aten._scaled_dot_product_flash_attention_for_cpu and its
+# backward), after all of pyllmops' argument checks, and keep their own kernel where it does less work (sliding
+# windows: only the band is visited; varlen sequences whose lengths differ) or where torch's cannot follow the
+# contract: the logit softcap, bottom-right causal masks with seqlen_q != seqlen_k, empty rows, non-finite inputs
+# (pyllmops' NaN policy, docs/attention.md), a backward through the returned lse, and a backward at |lse| > 32, where
+# rebuilding P from a float32 lse loses accuracy (torch's dv error is 0.5 at softmax_scale 1e5; ours recomputes the
+# row statistics). docs/attention.md lists the routes with their measured ratios. PYLLMOPS_ATTENTION_CPU=kernel turns
+# the route off (tests compare both paths).
+_SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SDPA_MAX_LSE = 32.0
+_SDPA_MAX_VARLEN_BATCH = 64  # one torch call per sequence: beyond this many, Python overhead outweighs the gain
+
+
+def _route_enabled():
+    return os.environ.get("PYLLMOPS_ATTENTION_CPU", "auto") != "kernel"
+
+
+def _nan_policy_ok(causal, *ts):
+    """Whether torch's kernel may take these inputs: only finite ones (one pass each; a non-finite input sends the
+    call to pyllmops' kernel). Measured: with a causal mask torch computes masked pairs inside its blocks and spreads a
+    NaN through 0 * NaN (a NaN key reaches the rows before it); the fuzz suite found a NaN q row turned into numbers
+    in full attention too. `causal` is kept for the call sites' readability."""
+    return all(math.isfinite(_max_abs(t)) for t in ts)
+
+
+def _max_abs(t):
+    """max |t| (NaN if t holds one), one single-threaded pass in _C (a torch reduction starts a parallel region,
+    which costs more than the pass on a busy machine)."""
+    return lib().attention_max_abs(view(t))
+
+
+def _sdpa_mask_ok(left, right, top_left, sq, sk):
+    """Full attention, or causal with the diagonal through (0, 0) (top-left, or sq == sk): torch's is_causal."""
+    if left != -1 or right not in (-1, 0):
+        return False
+    return right == -1 or top_left or sq == sk
+
+
+def _sdpa_eligible(q, k, softcap, left, right, top_left):
+    return (_route_enabled() and q.device.type == "cpu" and not on_cuda(q) and q.dtype in _SDPA_DTYPES
+            and softcap == 0.0 and q.shape[-2] > 0 and left == -1 and right in (-1, 0))
+
+
+def _varlen_lengths(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _varlen_route_ok(spans, right):
+    if len(spans) > _SDPA_MAX_VARLEN_BATCH:
+        return False
+    for q0, q1, k0, k1 in spans:
+        if q1 > q0 and (k1 == k0 or (right == 0 and q1 - q0 != k1 - k0)):
+            return False  # rows that see no key, or a bottom-right causal mask torch's is_causal cannot express
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _native_gqa():
+    """Whether torch's CPU flash kernel takes fewer k/v heads than q heads itself (torch 2.13 does; older versions
+    get k/v repeated per group, as SDPA's enable_gqa does)."""
+    q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+    try:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)
+        return True
+    except Exception:
+        return False
+
+
+def _expand_kv(t, group):
+    return t if group == 1 or _native_gqa() else t.repeat_interleave(group, dim=-2)
+
+
+def _into(result, dst):
+    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst."""
+    if dst is None or result.stride() == dst.stride():
+        return result
+    return dst.copy_(result)
+
+
+def _sdpa_fwd_dense(q, k, v, scale, causal, out=None, lse=None):
+    """q (b, s, h, d) etc. -> (out, lse (b, h, s)); into `out` / `lse` when their layouts differ or they are views."""
+    group = q.shape[-2] // k.shape[-2]
+    k, v = _expand_kv(k, group), _expand_kv(v, group)
+    o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), 0.0, causal, scale=scale)[:2]
+    return _into(o.transpose(-3, -2), out), _into(l, lse)
+
+
+def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv=None):
+    group = q.shape[-2] // k.shape[-2]
+    ke, ve = _expand_kv(k, group), _expand_kv(v, group)
+    t = (lambda x: x.transpose(-3, -2))
+    gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        t(dout), t(q), t(ke), t(ve), t(out), lse.contiguous(), 0.0, causal, scale=scale)
+    gk, gv = t(gk), t(gv)
+    if group > 1 and not _native_gqa():
+        gk = gk.unflatten(-2, (k.shape[-2], group)).sum(-2)
+        gv = gv.unflatten(-2, (k.shape[-2], group)).sum(-2)
+    return _into(t(gq), dq), _into(gk, dk), _into(gv, dv)
+
+
 # ================================ torch.library ops ================================
 @torch.library.custom_op("pyllmops::flash_attn_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
@@ -88,6 +196,22 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
+    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+            and _nan_policy_ok(window_right == 0, q, k, v)):
+        if not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
+                window_left, window_right, top_left, q.shape[1], k.shape[1]):
+            return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
+        if varlen:
+            spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
+            if _varlen_route_ok(spans, window_right):
+                lse.fill_(-math.inf)  # sequences without queries have no rows; none without keys is routed
+                for q0, q1, k0, k1 in spans:
+                    if q1 > q0:
+                        o, l = _sdpa_fwd_dense(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0),
+                                               v[k0:k1].unsqueeze(0), softmax_scale, window_right == 0)
+                        out[q0:q1].copy_(o[0])
+                        lse[:, q0:q1].copy_(l[0])
+                return out, lse
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
                             max_seqlen_k, softmax_scale, softcap, window_left, window_right, top_left, stream(q))
@@ -108,7 +232,9 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     softmax_scale: float, softcap: float, window_left: int, window_right: int,
                     top_left: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # the inputs' layouts, as the fake kernel promises
+    # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route then needs
+    # no copy) and one the kernels write as fast as any (they take strides).
+    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
@@ -117,6 +243,26 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     delta = empty(lse.shape, torch.float32, q.device)
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
         return dq, dk.zero_(), dv.zero_()
+    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and (dlse is None or _max_abs(dlse) == 0)
+            and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
+            and _nan_policy_ok(window_right == 0, q, k, v, dout)):
+        causal = window_right == 0
+        if cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
+            return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
+        if cu_seqlens_q is not None:
+            spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
+            if _varlen_route_ok(spans, window_right):
+                dk.zero_()
+                dv.zero_()
+                for q0, q1, k0, k1 in spans:
+                    if q1 > q0:
+                        u = (lambda x, a, b: x[a:b].unsqueeze(0))
+                        gq, gk, gv = _sdpa_bwd_dense(u(dout, q0, q1), u(q, q0, q1), u(k, k0, k1), u(v, k0, k1),
+                                                     u(out, q0, q1), lse[:, q0:q1].unsqueeze(0), softmax_scale, causal)
+                        dq[q0:q1].copy_(gq[0])
+                        dk[k0:k1].copy_(gk[0])
+                        dv[k0:k1].copy_(gv[0])
+                return dq, dk, dv
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k),
@@ -129,8 +275,7 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 @_flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
       window_left, window_right, top_left, deterministic):
-    return (torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)),
-            torch.empty_like(_last_dim_contiguous(v)))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -178,14 +323,49 @@ def _check_qkv(q, k, v, varlen):
             raise ValueError(f"batch, seqlen_q and seqlen_k must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _window(causal, window_size):
+def _window(causal, window_size, seqlen_q, seqlen_k):
+    """(left, right) for the kernels: causal sets right = 0, and a bound of at least seqlen_q + seqlen_k (no query is
+    that far from any key, whatever the diagonal) is unbounded, -1, so that any int is accepted (10**30 too) and
+    nothing overflows int64 in the mask arithmetic."""
     check_bool("causal", causal)
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
     left, right = window_size
     check_int("window_size[0]", left, min_value=-1)
     check_int("window_size[1]", right, min_value=-1)
-    return left, 0 if causal else right
+    if causal:
+        right = 0
+    far = seqlen_q + seqlen_k
+    return (-1 if left >= far else left), (-1 if right >= far else right)
+
+
+# float32 max / log2(e): the kernels use softmax_scale * log2(e) in float32 (csrc/attention/attention_bindings.cpp).
+MAX_SOFTMAX_SCALE = 2.3589112e38
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _softmax_scale(softmax_scale, head_dim):
+    """1 / sqrt(head_dim) when None; else a number > 0 that stays positive and finite in float32, also times log2(e)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__} {softmax_scale!r}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and 0 < scale <= MAX_SOFTMAX_SCALE) or torch.tensor(scale).item() == 0:
+        raise ValueError(f"softmax_scale must be > 0 and at most {MAX_SOFTMAX_SCALE:.5g} (positive and finite in "
+                         f"float32, also after the kernels multiply it by log2(e)), got {softmax_scale!r}")
+    return scale
+
+
+def _softcap(softcap):
+    """The logit softcap: 0 (off) or a positive number finite in float32."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 = off), got {type(softcap).__name__} {softcap!r}")
+    cap = float(softcap)
+    if not (math.isfinite(cap) and 0 <= cap <= _FLOAT32_MAX):
+        raise ValueError(f"softcap must be 0 (off) or positive and finite in float32 (at most {_FLOAT32_MAX:.5g}), "
+                         f"got {softcap!r}")
+    return cap
 
 
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate):
@@ -203,8 +383,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         if total > batch * mx:  # free: the lengths sum to the rows
             raise ValueError(f"{x} has {total} rows for {batch} sequences of at most max_seqlen_{x} = {mx} rows: "
                              f"some sequence of cu_seqlens_{x} is longer than max_seqlen_{x}")
-    if on_cuda(q) and not validate:
-        return  # reading the offsets would synchronize: the kernels check them (module docstring)
+    if (on_cuda(q) and not validate) or q.device.type == "meta":
+        return  # reading the offsets would synchronize (meta tensors have none): the kernels check them (docstring)
     for name, c, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         vals = c.tolist()
@@ -224,8 +404,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 
 # ================================ public API ================================
-def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, deterministic=False,
-                    return_lse=False):
+def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, softcap=0.0,
+                    deterministic=False, return_lse=False):
     """softmax(q k^T * softmax_scale + mask) v, computed tile by tile (FlashAttention-2); differentiable.
 
     Args:
@@ -236,8 +416,12 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
             dtypes: float16 / bfloat16 on CUDA; float32 / bfloat16 / float16 on CPU.
         causal: mask aligned bottom-right when seqlen_q != seqlen_k (FlashAttention): sets right = 0.
         window_size: (left, right): query i sees key j iff i + sk - sq - left <= j <= i + sk - sq + right;
-            -1 is unbounded. A query that sees no key outputs 0 (lse -inf) and gets zero gradients.
-        softmax_scale: default 1 / sqrt(head_dim).
+            -1 is unbounded, and so is any bound >= seqlen_q + seqlen_k. A query that sees no key outputs 0
+            (lse -inf) and gets zero gradients.
+        softmax_scale: default 1 / sqrt(head_dim); at most 2.3589e38 (finite in float32 times log2(e)).
+        softcap: logit softcap (Gemma 2): the scores s = softmax_scale * q.k become softcap * tanh(s / softcap)
+            before the mask and the softmax; 0.0 (default) is off. Not implemented by the CUDA kernels yet
+            (ValueError there).
         deterministic: accepted for FlashAttention compatibility; the backward is always deterministic
             (every gradient element has a single writer, no atomics), so gradients are bitwise
             reproducible either way.
@@ -253,18 +437,19 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
         >>> out = pyllmops.flash_attention(q, k, v, causal=True, window_size=(256, 0))
     """
     _check_qkv(q, k, v, varlen=False)
-    left, right = _window(causal, window_size)
-    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    left, right = _window(causal, window_size, q.shape[1], k.shape[1])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    cap = _softcap(softcap)
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
-    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, 0.0, left,
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, cap, left,
                                                  right, False, deterministic)
     return (out, lse) if return_lse else out
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                           window_size=(-1, -1), softmax_scale=None, deterministic=False, return_lse=False,
-                           validate=None):
+                           window_size=(-1, -1), softmax_scale=None, softcap=0.0, deterministic=False,
+                           return_lse=False, validate=None):
     """flash_attention on packed sequences without padding; differentiable.
 
     Args:
@@ -274,8 +459,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             sequence, bottom-right) and may be 0.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (host ints; they size the kernel grid),
             each >= every length of its cu_seqlens. rows > batch * max_seqlen raises ValueError on any
-            device (no synchronization needed).
-        causal, window_size, softmax_scale, deterministic, return_lse: as flash_attention.
+            device (no synchronization needed). A value above the rows of its tensor (no sequence can be longer)
+            is clamped to them, so 2**62 means "unknown" rather than a grid of 2**62 rows.
+        causal, window_size, softmax_scale, softcap, deterministic, return_lse: as flash_attention.
+        cu_seqlens_q / cu_seqlens_k may have any stride (a strided view is copied to contiguous).
         validate: check the offset values (cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = rows,
             lengths <= max_seqlen; ValueError naming the sequence) before the launch. Default: always on
             CPU tensors; on CUDA no, since reading device offsets synchronizes: the kernels then check
@@ -296,22 +483,26 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         validate = not on_cuda(q)
     check_bool("validate", validate)
     _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate)
-    left, right = _window(causal, window_size)
-    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
+    left, right = _window(causal, window_size, max_seqlen_q, max_seqlen_k)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    cap = _softcap(softcap)
     check_bool("deterministic", deterministic)
     check_bool("return_lse", return_lse)
-    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, 0.0, left, right, False, deterministic)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                                 max_seqlen_q, max_seqlen_k, scale, cap, left, right, False,
+                                                 deterministic)
     return (out, lse) if return_lse else out
 
 
-def _sdpa(query, key, value, *, is_causal, scale, window_size):
+def _sdpa(query, key, value, *, is_causal, scale, window_size, softcap=0.0):
     """(batch, heads, seqlen, head_dim) attention with torch SDPA's top-left causal alignment; the
-    arguments are already checked by pyllmops.nn.functional.scaled_dot_product_attention."""
+    arguments are already checked by pyllmops.nn.functional.scaled_dot_product_attention (window_size already
+    clamped by _window)."""
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # views, no copies
     left, right = window_size
     if is_causal:
         right = 0
-    out, _ = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, 0.0, left,
+    out, _ = torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, softcap, left,
                                                right, True, False)
     return out.transpose(1, 2)
