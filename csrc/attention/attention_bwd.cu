@@ -78,13 +78,16 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   const Mask mask = seq_mask(p, si);
   const int64_t hk = h / (p.heads_q / p.heads_kv), d = p.head_dim;
   const int warp = threadIdx.x / kWarpSize;
-  const float scale_log2 = p.scale * softmax::kLog2e;
+  const bool capped = p.softcap > 0.0f;
+  const float pre = capped ? p.scale / p.softcap : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
 
   const T* k = k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk);
   const T* v = k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk);
-  load_tile<T, kBlockM, kD, kThreads>(sQ, q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq, si.sq - i0, d);
-  load_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
-                                      si.sq - i0, d);
+  cp_async_tile<T, kBlockM, kD, kThreads>(sQ, q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq,
+                                          si.sq - i0, d);
+  cp_async_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
+                                          si.sq - i0, d);
+  ptx::cp_async_commit();
 
   // This lane's two rows: lse in base 2 (-inf for padding rows and rows that see no key) and delta.
   float lse2[2], dl[2];
@@ -96,41 +99,45 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
     dl[r] = i < si.sq ? p.delta[off] : 0.0f;
   }
 
-  float acc_dq[kD / 8][4];
+  float acc_dq[1][kD / 8][4];
   zero(acc_dq);
   int64_t nb, ne;
   mask.key_tiles(i0, i0 + kBlockM < si.sq ? i0 + kBlockM : si.sq, kBlockN, &nb, &ne);
   for (int64_t nt = nb; nt < ne; ++nt) {
     const int64_t j0 = nt * kBlockN;
+    __syncthreads();  // the previous tile is consumed by every warp
+    cp_async_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
+    cp_async_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
     __syncthreads();
-    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
-    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
-    __syncthreads();
-    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    float s[1][kBlockN / 8][4], dp[1][kBlockN / 8][4];
     zero(s);
     zero(dp);
-    gemm_ss<T, kBlockN, kD, kStride>(s, sQ + warp * 16 * kStride, sK);
-    gemm_ss<T, kBlockN, kD, kStride>(dp, sdO + warp * 16 * kStride, sV);
-    const bool full = mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
+    gemm_abt<T, 1, kBlockN, kD, kStride>(s, SmemA<T, kStride>{sQ + warp * 16 * kStride}, sK);
+    gemm_abt<T, 1, kBlockN, kD, kStride>(dp, SmemA<T, kStride>{sdO + warp * 16 * kStride}, sV);
+    int lo[2] = {0, 0}, hi[2] = {kBlockN - 1, kBlockN - 1};
+    if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN))
+#pragma unroll
+      for (int r = 0; r < 2; ++r) visible_cols<kBlockN>(mask, i0 + warp * 16 + acc_row(2 * r), j0, &lo[r], &hi[r]);
 #pragma unroll
     for (int n8 = 0; n8 < kBlockN / 8; ++n8)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        bool keep = lse2[e / 2] != -INFINITY;
-        if (!full) {
-          const int64_t i = i0 + warp * 16 + acc_row(e), j = j0 + acc_col(n8, e);
-          keep = keep && i < si.sq && j < si.sk && mask.visible(i, j);
-        }
-        const float pr = keep ? softmax::fast_exp2(s[n8][e] * scale_log2 - lse2[e / 2]) : 0.0f;
-        s[n8][e] = pr * (dp[n8][e] - dl[e / 2]);
+        const int r = e / 2, c = acc_col(n8, e);
+        const Score x = score(s[0][n8][e], capped, pre);
+        const bool keep = lse2[r] != -INFINITY && c >= lo[r] && c <= hi[r];
+        const float pr = softmax::fast_exp2(x.s * mul - lse2[r]);
+        s[0][n8][e] = keep ? pr * (dp[0][n8][e] - dl[r]) * x.dtanh : 0.0f;
       }
-    uint32_t a[kBlockN / 16][4];
-    acc_to_a<T, kBlockN>(s, a);
-    gemm_rs<T, kD, kBlockN, kStride>(acc_dq, a, sK);
+    uint32_t a[1][kBlockN / 16][4];
+    acc_to_a<T, 1, kBlockN>(s, a);
+    gemm_ab<T, 1, kD, kBlockN, kStride>(acc_dq, RegA<1, kBlockN>{a}, sK);
   }
-  const float mul[2] = {p.scale, p.scale};
+  ptx::cp_async_wait<0>();  // no key tile visited: the Q / dO copies are still pending
+  const float scale2[2] = {p.scale, p.scale};
   T* dq = q_row(static_cast<T*>(p.dq), p.ldq, si, i0 + warp * 16, h);
-  store_acc<T, kD>(acc_dq, mul, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
+  store_acc<T, kD>(acc_dq[0], scale2, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
 }
 
 template <typename T, int kD, bool kDoDK, bool kDoDV>
@@ -153,12 +160,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   const Mask mask = seq_mask(p, si);
   const int64_t group = p.heads_q / p.heads_kv, d = p.head_dim;
   const int warp = threadIdx.x / kWarpSize;
-  const float scale_log2 = p.scale * softmax::kLog2e;
+  const bool capped = p.softcap > 0.0f;
+  const float pre = capped ? p.scale / p.softcap : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
 
-  load_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq, si.sk - j0, d);
-  load_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq, si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq,
+                                          si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq,
+                                          si.sk - j0, d);
+  ptx::cp_async_commit();
 
-  float acc_dk[kDoDK ? kD / 8 : 1][4], acc_dv[kDoDV ? kD / 8 : 1][4];
+  float acc_dk[1][kDoDK ? kD / 8 : 1][4], acc_dv[1][kDoDV ? kD / 8 : 1][4];
   zero(acc_dk);
   zero(acc_dv);
   int64_t mb, me;
@@ -171,57 +182,69 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
     const float* delta = p.delta + lse_index(p, si, 0, h);
     for (int64_t mt = mb; mt < me; ++mt) {
       const int64_t i0 = mt * kBlockM;
-      __syncthreads();
-      load_tile<T, kBlockM, kD, kThreads>(sQ, q + i0 * p.lq.seq, p.lq.seq, si.sq - i0, d);
-      load_tile<T, kBlockM, kD, kThreads>(sdO, dout + i0 * p.ldo.seq, p.ldo.seq, si.sq - i0, d);
+      __syncthreads();  // the previous query tile is consumed by every warp
+      cp_async_tile<T, kBlockM, kD, kThreads>(sQ, q + i0 * p.lq.seq, p.lq.seq, si.sq - i0, d);
+      cp_async_tile<T, kBlockM, kD, kThreads>(sdO, dout + i0 * p.ldo.seq, p.ldo.seq, si.sq - i0, d);
+      ptx::cp_async_commit();
       for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
         const bool in = i0 + r < si.sq;
         sL[r] = in ? lse[i0 + r] * softmax::kLog2e : -INFINITY;
         sD[r] = in ? delta[i0 + r] : 0.0f;
       }
+      ptx::cp_async_wait<0>();
       __syncthreads();
-      float s[kBlockM / 8][4];
+      float s[1][kBlockM / 8][4];
       zero(s);
-      gemm_ss<T, kBlockM, kD, kStride>(s, sK + warp * 16 * kStride, sQ);  // S^T: rows keys, cols queries
-      const bool full = mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
+      gemm_abt<T, 1, kBlockM, kD, kStride>(s, SmemA<T, kStride>{sK + warp * 16 * kStride}, sQ);  // S^T
+      // Rows of S^T are keys, columns queries: query i0 + c sees key j iff c lies in the visible query columns
+      // of key j, i.e. lo_k[r] <= c <= hi_k[r] (Mask::query_tiles' bounds per key).
+      int lo[2] = {0, 0}, hi[2] = {kBlockM - 1, kBlockM - 1};
+      if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN))
+#pragma unroll
+        for (int r = 0; r < 2; ++r) visible_rows<kBlockM>(mask, j0 + warp * 16 + acc_row(2 * r), i0, &lo[r], &hi[r]);
+      float dtanh[kDoDK ? kBlockM / 8 : 1][4];
 #pragma unroll
       for (int n8 = 0; n8 < kBlockM / 8; ++n8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = acc_col(n8, e);
-          bool keep = sL[col] != -INFINITY;
-          if (!full) {
-            const int64_t j = j0 + warp * 16 + acc_row(e), i = i0 + col;
-            keep = keep && i < si.sq && j < si.sk && mask.visible(i, j);
-          }
-          s[n8][e] = keep ? softmax::fast_exp2(s[n8][e] * scale_log2 - sL[col]) : 0.0f;
+          const int r = e / 2, c = acc_col(n8, e);
+          const Score x = score(s[0][n8][e], capped, pre);
+          if constexpr (kDoDK) dtanh[n8][e] = x.dtanh;
+          const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];
+          s[0][n8][e] = keep ? softmax::fast_exp2(x.s * mul - sL[c]) : 0.0f;
         }
-      uint32_t a[kBlockM / 16][4];
+      uint32_t a[1][kBlockM / 16][4];
       if constexpr (kDoDV) {
-        acc_to_a<T, kBlockM>(s, a);
-        gemm_rs<T, kD, kBlockM, kStride>(acc_dv, a, sdO);
+        acc_to_a<T, 1, kBlockM>(s, a);
+        gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dv, RegA<1, kBlockM>{a}, sdO);
       }
       if constexpr (kDoDK) {
-        float dp[kBlockM / 8][4];
+        float dp[1][kBlockM / 8][4];
         zero(dp);
-        gemm_ss<T, kBlockM, kD, kStride>(dp, sV + warp * 16 * kStride, sdO);  // dP^T
+        gemm_abt<T, 1, kBlockM, kD, kStride>(dp, SmemA<T, kStride>{sV + warp * 16 * kStride}, sdO);  // dP^T
 #pragma unroll
         for (int n8 = 0; n8 < kBlockM / 8; ++n8)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[n8][e] *= dp[n8][e] - sD[acc_col(n8, e)];
-        acc_to_a<T, kBlockM>(s, a);
-        gemm_rs<T, kD, kBlockM, kStride>(acc_dk, a, sQ);
+          for (int e = 0; e < 4; ++e) {
+            const int r = e / 2, c = acc_col(n8, e);
+            const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];  // dS exactly 0 where masked
+            s[0][n8][e] = keep ? s[0][n8][e] * (dp[0][n8][e] - sD[c]) * dtanh[n8][e] : 0.0f;
+          }
+        acc_to_a<T, 1, kBlockM>(s, a);
+        gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dk, RegA<1, kBlockM>{a}, sQ);
       }
     }
   }
+  ptx::cp_async_wait<0>();  // no query tile visited: the K / V copies are still pending
   const int64_t rows = si.sk - j0 - warp * 16;
   if constexpr (kDoDK) {
-    const float mul[2] = {p.scale, p.scale};
-    store_acc<T, kD>(acc_dk, mul, k_row(static_cast<T*>(p.dk), p.ldk, si, j0 + warp * 16, hk), p.ldk.seq, rows, d);
+    const float scale2[2] = {p.scale, p.scale};
+    store_acc<T, kD>(acc_dk[0], scale2, k_row(static_cast<T*>(p.dk), p.ldk, si, j0 + warp * 16, hk), p.ldk.seq,
+                     rows, d);
   }
   if constexpr (kDoDV) {
     const float one[2] = {1.0f, 1.0f};
-    store_acc<T, kD>(acc_dv, one, k_row(static_cast<T*>(p.dv), p.ldv, si, j0 + warp * 16, hk), p.ldv.seq, rows, d);
+    store_acc<T, kD>(acc_dv[0], one, k_row(static_cast<T*>(p.dv), p.ldv, si, j0 + warp * 16, hk), p.ldv.seq, rows, d);
   }
 }
 

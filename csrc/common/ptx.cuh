@@ -10,6 +10,7 @@
 //   cp_async_{ca,cg}<N>(dst, src, src_bytes)  cp.async.{ca,cg}.shared.global [dst], [src], N, src_bytes
 //   cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   prmt(a, b, sel)                 prmt.b32 (byte permute, default mode)
+//   fmax_nan(a, b)                  max.NaN.f32 (NaN if either operand is NaN; fmaxf drops a NaN)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -112,6 +113,19 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 #else
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+#endif
+}
+
+// max.NaN.f32 (sm_80+): the larger of a and b, or NaN when either is NaN (PTX ISA, "Floating Point
+// Instructions: max"). Row maxima of attention scores use it so that a NaN score is never dropped
+// (fmaxf returns the other operand) and the row then reads as NaN instead of as fully masked.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(PYLLMOPS_EMU)
+  return (a != a || b != b) ? NAN : (a > b ? a : b);
+#else
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
   return d;
 #endif
 }
