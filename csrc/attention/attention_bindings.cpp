@@ -174,7 +174,6 @@ int* error_flag_ptr(const OptView& flag, const TensorView& q) {
 
 // Until a kernel implements the logit softcap, it refuses it (one line per backend, removed with its kernel).
 void check_softcap_supported(const attn::Params& p, const TensorView& q) {
-  PYLLMOPS_CHECK(p.softcap == 0.f || !q.is_cuda(), "softcap: the CUDA attention kernels do not implement it yet");
   PYLLMOPS_CHECK(p.softcap == 0.f || q.is_cuda(), "softcap: the CPU attention kernel does not implement it yet");
 }
 

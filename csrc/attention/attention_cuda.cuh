@@ -197,35 +197,38 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// tanh(x) = 1 - 2 / (e^{2x} + 1): one ex2, one approximate reciprocal and three FMA-class instructions instead of
+// tanhf's ~20. Absolute error ~1e-7 (near 0 the cancellation costs relative, not absolute, accuracy: the score it
+// feeds is softcap * tanh, so absolute error is what counts). |x| > 9 gives +-1 (tanh(9) = 1 - 3e-8 rounds to 1 in
+// fp32) and keeps e^{2x} finite; a NaN x fails both comparisons and stays NaN.
+__device__ __forceinline__ float fast_tanh(float x) {
+  x = x > 9.0f ? 9.0f : (x < -9.0f ? -9.0f : x);
+  return 1.0f - __fdividef(2.0f, ptx::ex2_approx(x * (2.0f * softmax::kLog2e)) + 1.0f);
+}
+
 // Scores of one tile before the softmax, in place.
 // softcap_scores: the logit softcap (Params::softcap = c > 0; c tanh(scale s / c) replaces the scaled score
-// scale s). Here s -> tanh(s scale / c): the factor c joins the softmax's base-2 multiplier (c log2 e instead of
+// scale s). Here s -> tanh(s pre), pre = scale / c (softcap_pre): the factor c joins the softmax's base-2 multiplier (c log2 e instead of
 // scale log2 e), so the capped and uncapped kernels share everything after this step.
 template <int kTiles, int kN>
-__device__ __forceinline__ void softcap_scores(float (&s)[kTiles][kN / 8][4], float softcap, float scale) {
-  const float pre = scale / softcap;
+__device__ __forceinline__ void softcap_scores(float (&s)[kTiles][kN / 8][4], float pre) {
 #pragma unroll
   for (int mt = 0; mt < kTiles; ++mt)
 #pragma unroll
     for (int n8 = 0; n8 < kN / 8; ++n8)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[mt][n8][e] = tanhf(s[mt][n8][e] * pre);
+      for (int e = 0; e < 4; ++e) s[mt][n8][e] = fast_tanh(s[mt][n8][e] * pre);
 }
-// mask_scores: element (row r, column c) outside [lo[r], hi[r]] becomes -inf, whatever its score (a NaN key the
-// mask hides touches nothing). Only tiles the band cuts need it (Mask::tile_is_full).
-template <int kTiles, int kN>
-__device__ __forceinline__ void mask_scores(float (&s)[kTiles][kN / 8][4], const int (&lo)[2 * kTiles],
-                                            const int (&hi)[2 * kTiles]) {
-#pragma unroll
-  for (int mt = 0; mt < kTiles; ++mt)
-#pragma unroll
-    for (int n8 = 0; n8 < kN / 8; ++n8)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = 2 * mt + e / 2, c = acc_col(n8, e);
-        if (c < lo[r] || c > hi[r]) s[mt][n8][e] = -INFINITY;
-      }
-}
+// scale / softcap without IEEE division's slow path (a called subroutine: a stack frame in the kernel). Params
+// bounds both to (0, 1e30), where __fdividef's 2-ulp error is all there is.
+__device__ __forceinline__ float softcap_pre(const Params& p) { return __fdividef(p.scale, p.softcap); }
+
+// mask_scores: element (accumulator row r, column c) outside row r's visible columns [lo, hi] (visible_cols of
+// query row row_of(r)) becomes -inf, whatever its score (a NaN key the mask hides touches nothing). Row by row,
+// so that only one row's bounds are live. Only tiles the band cuts need it.
+template <int kTiles, int kN, typename RowOf>
+__device__ __forceinline__ void mask_scores(float (&s)[kTiles][kN / 8][4], const Mask& mask, int64_t j0,
+                                            const RowOf& row_of);
 // The visible columns [lo, hi] (clamped to [0, kN - 1]; empty when lo > hi) of key tile j0 for query row i.
 template <int kN>
 __device__ __forceinline__ void visible_cols(const Mask& mask, int64_t i, int64_t j0, int* lo, int* hi) {
@@ -237,6 +240,22 @@ __device__ __forceinline__ void visible_cols(const Mask& mask, int64_t i, int64_
   const int64_t a = mask.first_key(i) - j0, b = mask.last_key(i) - j0;
   *lo = static_cast<int>(a < 0 ? 0 : (a > kN ? kN : a));
   *hi = static_cast<int>(b < -1 ? -1 : (b > kN - 1 ? kN - 1 : b));
+}
+template <int kTiles, int kN, typename RowOf>
+__device__ __forceinline__ void mask_scores(float (&s)[kTiles][kN / 8][4], const Mask& mask, int64_t j0,
+                                            const RowOf& row_of) {
+#pragma unroll
+  for (int r = 0; r < 2 * kTiles; ++r) {
+    int lo, hi;
+    visible_cols<kN>(mask, row_of(r), j0, &lo, &hi);
+#pragma unroll
+    for (int n8 = 0; n8 < kN / 8; ++n8)
+#pragma unroll
+      for (int e = 2 * (r % 2); e < 2 * (r % 2) + 2; ++e) {
+        const int c = acc_col(n8, e);
+        if (c < lo || c > hi) s[r / 2][n8][e] = -INFINITY;
+      }
+  }
 }
 
 // The visible rows [lo, hi] (clamped to [0, kM - 1]; empty when lo > hi) of query tile i0 for key j: the
@@ -263,7 +282,7 @@ struct Score {
 };
 __device__ __forceinline__ Score score(float x, bool capped, float pre) {
   if (!capped) return {x, 1.0f};
-  const float t = tanhf(x * pre);
+  const float t = fast_tanh(x * pre);
   return {t, 1.0f - t * t};
 }
 
@@ -318,6 +337,12 @@ void launch_varlen_fail(const Params& p, bool backward, cudaStream_t stream) {
   if (!p.varlen() || p.batch == 0) return;
   const unsigned grid = static_cast<unsigned>(p.batch < 1024 ? p.batch : 1024);
   launch("flash_attention varlen_fail_kernel", varlen_fail_kernel<T>, dim3(grid), dim3(128), 0, stream, p, backward);
+}
+
+// The kv head of query head h (GQA / MQA). Heads are at most 65535 (check_cuda_params): a 32-bit division, not
+// the called subroutine of a 64-bit one.
+__device__ __forceinline__ int64_t kv_head(const Params& p, int64_t h) {
+  return static_cast<int>(h) / (static_cast<int>(p.heads_q) / static_cast<int>(p.heads_kv));
 }
 
 // Launch helpers shared by the forward and backward launchers.

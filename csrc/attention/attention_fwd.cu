@@ -19,8 +19,9 @@
 // NaN (docs/attention.md): a NaN score makes its row's max NaN (max.NaN, never fmaxf), hence its out and lse
 // NaN; masked scores are -inf whatever q . k is; a row that sees no key gives out 0, lse -inf.
 //
-// Head dims: instantiated for padded kD in {64, 128, 256} (x fp16, bf16: 6 kernels); any multiple of 8 up to
-// 256 runs on the next padded size with zero-filled columns (exact, at the padded cost).
+// Instantiations: padded kD in {64, 128, 256} x fp16, bf16 x softcap on / off (12 kernels; the softcap is a
+// template argument because its ~10 instructions per score would otherwise sit in every kernel's loop). Any head
+// dim that is a multiple of 8 up to 256 runs on the next padded size with zero-filled columns (exact).
 // Tiles and shared memory ((kBlockM + 2 kBlockN) x (kD + 8) x 2 bytes):
 //   kD  64: 128 x 64 keys, 36.9 KB;  kD 128: 128 x 32 keys, 52.2 KB;  kD 256: 64 x 32 keys, 67.6 KB.
 // Registers per thread (fp32 accumulators): kD 128: O 2 x 16 x 4 = 128, S 2 x 4 x 4 = 32, Q fragments
@@ -38,19 +39,23 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 
-template <int kD>
+// Tile sizes per head dim, chosen from ptxas on sm_80 and sm_90a (static report): the largest key tile that
+// leaves 2 CTAs of 128 threads per SM (<= 255 registers) without spills. kD 128: 64-key tiles spilled 8-16 bytes
+// at 254-255 registers (sm_90a), 48-key tiles 8 bytes on sm_80; 32 keys fit on both, except with the softcap
+// (8 bytes on sm_90a), which takes 16.
+template <int kD, bool kSoftcap>
 struct FwdConfig {
   static constexpr int kTilesM = kD <= 128 ? 2 : 1;  // m16 row tiles per warp
   static constexpr int kBlockM = kWarps * 16 * kTilesM;
-  static constexpr int kBlockN = kD <= 64 ? 64 : 32;
-  static constexpr bool kQInRegs = kD <= 128;
+  static constexpr int kBlockN = kD <= 64 ? 64 : (kD <= 128 && kSoftcap ? 16 : 32);
+  static constexpr bool kQInRegs = kD <= 64;  // kD 128: the 64 registers of Q fragments do not fit next to O
   static constexpr int kStride = kD + 8;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kStride * 2;
 };
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
-  using Cfg = FwdConfig<kD>;
+  using Cfg = FwdConfig<kD, kSoftcap>;
   constexpr int kTilesM = Cfg::kTilesM, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
   constexpr int kRows = 2 * kTilesM;  // accumulator rows per lane
   PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
@@ -64,20 +69,34 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
   const int64_t i0 = mt * kBlockM;
   if (i0 >= si.sq) return;
   const Mask mask = seq_mask(p, si);
-  const int64_t hk = h / (p.heads_q / p.heads_kv), d = p.head_dim;
+  const int64_t hk = kv_head(p, h), d = p.head_dim;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t iw = i0 + warp * 16 * kTilesM;  // the warp's first query row
-  const bool capped = p.softcap > 0.0f;
-  const float mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;  // scores -> base-2 softmax domain
+  const float mul = (kSoftcap ? p.softcap : p.scale) * softmax::kLog2e;  // scores -> base-2 softmax domain
+  const float pre = kSoftcap ? softcap_pre(p) : 0.0f;
 
   const T* q = q_row(static_cast<const T*>(p.q), p.lq, si, i0, h);
   const T* k = k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk);
   const T* v = k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk);
+  // What the epilogue needs, computed now so that only these stay live across the loop (keeping SeqInfo's fields
+  // instead cost an 8-byte spill at kD 128).
+  T* const o_warp = q_row(static_cast<T*>(p.o), p.lo, si, iw, h);
+  float* const lse_warp = p.lse + lse_index(p, si, iw, h);
+  const int out_rows = static_cast<int>(si.sq - iw < kBlockM ? si.sq - iw : kBlockM);  // may be <= 0
   int64_t nb, ne;
   mask.key_tiles(i0, i0 + kBlockM < si.sq ? i0 + kBlockM : si.sq, kBlockN, &nb, &ne);
+  // Key tiles [fb, fe) lie inside the band for every row of the CTA and need no per-element mask
+  // (Mask::tile_is_full, solved once for the tile range: j0 >= first_key(last row), j0 + kBlockN - 1 <= last_key(i0)).
+  // Tile indices fit in int (a key tensor of 2^31 tiles would hold > 2^36 rows).
+  int fb = 0, fe = 0;
+  if (i0 + kBlockM <= si.sq) {
+    fb = static_cast<int>((mask.first_key(i0 + kBlockM - 1) + kBlockN - 1) / kBlockN);
+    fe = static_cast<int>((mask.last_key(i0) + 1) / kBlockN);
+  }
+  const int tb = static_cast<int>(nb), te = static_cast<int>(ne);
 
   cp_async_tile<T, kBlockM, kD, kThreads>(sQ, q, p.lq.seq, si.sq - i0, d);
-  if (nb < ne) cp_async_tile<T, kBlockN, kD, kThreads>(sK, k + nb * kBlockN * p.lk.seq, p.lk.seq, si.sk - nb * kBlockN, d);
+  if (tb < te) cp_async_tile<T, kBlockN, kD, kThreads>(sK, k + nb * kBlockN * p.lk.seq, p.lk.seq, si.sk - nb * kBlockN, d);
   ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();
@@ -99,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
     row_l[r] = 0.0f;
   }
 
-  for (int64_t nt = nb; nt < ne; ++nt) {
-    const int64_t j0 = nt * kBlockN;
+  for (int nt = tb; nt < te; ++nt) {
+    const int64_t j0 = static_cast<int64_t>(nt) * kBlockN;
     cp_async_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
     ptx::cp_async_commit();
 
@@ -111,13 +130,9 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
     } else {
       gemm_abt<T, kTilesM, kBlockN, kD, kStride>(s, q_smem, sK);
     }
-    if (capped) softcap_scores<kTilesM, kBlockN>(s, p.softcap, p.scale);
-    if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN)) {
-      int lo[kRows], hi[kRows];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) visible_cols<kBlockN>(mask, iw + (r / 2) * 16 + acc_row(2 * (r % 2)), j0, &lo[r], &hi[r]);
-      mask_scores<kTilesM, kBlockN>(s, lo, hi);
-    }
+    if constexpr (kSoftcap) softcap_scores<kTilesM, kBlockN>(s, pre);
+    if (nt < fb || nt >= fe)
+      mask_scores<kTilesM, kBlockN>(s, mask, j0, [&](int r) { return iw + (r / 2) * 16 + acc_row(2 * (r % 2)); });
 
     // Online softmax: new row max (NaN-propagating), rescale O and l, P = exp2((s - m) mul).
     float m_scaled[kRows];
@@ -131,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
       }
       mx = quad_max(mx);
       // exp2(-inf - -inf) would be NaN: a row still without a visible key keeps factor 0 (its O and l are 0).
-      const float factor = mx == -INFINITY ? 0.0f : softmax::fast_exp2((row_m[r] - mx) * mul);
+      const float factor = mx == -INFINITY ? 0.0f : ptx::ex2_approx((row_m[r] - mx) * mul);
       row_m[r] = mx;
       row_l[r] *= factor;
 #pragma unroll
@@ -148,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * t + e / 2;
-          const float pr = softmax::fast_exp2(s[t][n8][e] * mul - m_scaled[r]);
+          const float pr = ptx::ex2_approx(s[t][n8][e] * mul - m_scaled[r]);
           row_l[r] += pr;
           s[t][n8][e] = pr;
         }
@@ -157,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
 
     ptx::cp_async_wait<0>();  // V(j) has landed (this thread's copies) ...
     __syncthreads();          // ... everyone's, and every warp is done reading K(j)
-    if (nt + 1 < ne) {
+    if (nt + 1 < te) {
       cp_async_tile<T, kBlockN, kD, kThreads>(sK, k + (j0 + kBlockN) * p.lk.seq, p.lk.seq, si.sk - j0 - kBlockN, d);
       ptx::cp_async_commit();
     }
@@ -166,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
     __syncthreads();          // ... for everyone, and every warp is done reading V(j)
   }
 
-  const int64_t rows = si.sq - iw;  // valid rows from the warp's first
+  const int rows = out_rows;  // valid rows from the warp's first
   float lse_r[kRows];
 #pragma unroll
   for (int t = 0; t < kTilesM; ++t) {
@@ -176,14 +191,14 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
       const int r = 2 * t + half;
       const float l = quad_sum(row_l[r]);
       // l == 0: the row saw no key (out 0, lse -inf). A NaN l (NaN scores) stays NaN in both.
-      inv_l[half] = l == 0.0f ? 0.0f : 1.0f / l;
+      inv_l[half] = l == 0.0f ? 0.0f : __fdividef(1.0f, l);  // l in [1, keys]: no range issue
       lse_r[r] = l == 0.0f ? -INFINITY : (row_m[r] * mul + log2f(l)) * softmax::kLn2;
     }
-    T* o = q_row(static_cast<T*>(p.o), p.lo, si, iw + t * 16, h);
+    T* o = o_warp + t * 16 * p.lo.seq;
     store_acc<T, kD>(acc_o[t], inv_l, o, p.lo.seq, rows - t * 16, d);
   }
   if (threadIdx.x % 4 == 0) {
-    float* lse = p.lse + lse_index(p, si, iw, h);
+    float* lse = lse_warp;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t row = (r / 2) * 16 + acc_row(2 * (r % 2));
@@ -192,13 +207,11 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
   }
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSoftcap>
 void launch_fwd(const Params& p, cudaStream_t stream) {
-  launch_varlen_fail<T>(p, false, stream);  // varlen: NaN and error bits for the sequences fwd_kernel skips
-  if (p.seqlen_q == 0) return;               // no query rows (the offsets are still checked above)
-  using Cfg = FwdConfig<kD>;
+  using Cfg = FwdConfig<kD, kSoftcap>;
   constexpr int smem = Cfg::kSmemBytes;
-  auto kernel = fwd_kernel<T, kD>;
+  auto kernel = fwd_kernel<T, kD, kSoftcap>;
   static DynamicSmemOptIn opt_in;  // the attribute is set once per device
   opt_in.ensure(kernel, smem, p.device, "flash_attention fwd_kernel");
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Cfg::kBlockM)), static_cast<unsigned>(p.heads_q),
@@ -210,7 +223,14 @@ struct LaunchFwd {
   const Params& p;
   cudaStream_t stream;
   template <typename T, int kD>
-  void operator()() const { launch_fwd<T, kD>(p, stream); }
+  void operator()() const {
+    launch_varlen_fail<T>(p, false, stream);  // varlen: NaN and error bits for the sequences fwd_kernel skips
+    if (p.seqlen_q == 0) return;               // no query rows (the offsets are still checked above)
+    if (p.softcap > 0.0f)
+      launch_fwd<T, kD, true>(p, stream);
+    else
+      launch_fwd<T, kD, false>(p, stream);
+  }
 };
 
 }  // namespace

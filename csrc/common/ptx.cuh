@@ -11,6 +11,8 @@
 //   cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   prmt(a, b, sel)                 prmt.b32 (byte permute, default mode)
 //   fmax_nan(a, b)                  max.NaN.f32 (NaN if either operand is NaN; fmaxf drops a NaN)
+//   ex2_approx(x)                   ex2.approx.ftz.f32 (one MUFU.EX2; exp2f without fast math adds 3 instructions)
+//   lg2_approx(x)                   lg2.approx.ftz.f32 (one MUFU.LG2)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -127,6 +129,32 @@ __device__ __forceinline__ float fmax_nan(float a, float b) {
   float d;
   asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
   return d;
+#endif
+}
+
+// ex2.approx.ftz.f32: 2^x in one MUFU.EX2, max relative error 2^-22 (PTX ISA), subnormal results flushed to 0;
+// 2^-inf = 0, NaN stays NaN. Without --use_fast_math exp2f compiles to the same MUFU plus a range fix-up for
+// subnormal results (FSETP and two predicated FMUL), which softmax probabilities below 2^-126 do not need.
+// Emulated: exp2f (the hardware's last-bit error is not modelled, as for mma; docs/emulator.md).
+__device__ __forceinline__ float ex2_approx(float x) {
+#if defined(PYLLMOPS_EMU)
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// lg2.approx.ftz.f32: log2 x in one MUFU.LG2, max absolute error 2^-22 on [0.5, 2], relative elsewhere
+// (PTX ISA); log2 0 = -inf, NaN stays NaN. Emulated: log2f.
+__device__ __forceinline__ float lg2_approx(float x) {
+#if defined(PYLLMOPS_EMU)
+  return log2f(x);
+#else
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 #endif
 }
 
