@@ -608,26 +608,11 @@ def test_reference_matches_naive():
 
 
 # ---- logit softcap (issue 10) -------------------------------------------------------------------
-def _softcap_or_skip(device):
-    """The CUDA kernels refuse softcap until helper attn_gpu's kernels implement it (_C's ValueError "... do not
-    implement it yet"): these tests then skip on CUDA and run unchanged once the refusal is gone."""
-    if not on_cuda(device):
-        return
-    q = torch.randn(1, 8, 1, 64, device=device).to(torch.bfloat16)
-    try:
-        pyllmops.flash_attention(q, q, q, softcap=5.0)
-    except ValueError as e:
-        if "do not implement it yet" in str(e):
-            pytest.skip("the CUDA attention kernels do not implement softcap yet")
-        raise
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("causal,window,group", [(False, (-1, -1), 1), (True, (-1, -1), 2), (False, (20, 5), 4),
                                                  (True, (7, 0), 1)])
 def test_softcap(device, causal, window, group):
     """s -> softcap * tanh(s / softcap) before mask and softmax; out, lse, and the gradients through tanh."""
-    _softcap_or_skip(device)
     for dtype in _dtypes(device):
         q, k, v = _inputs(2, 90, 77, 4, 4 // group, 64, dtype, device)
         # scale 0.5 makes |s| ~ 4 sigma comparable to the cap: tanh is far from linear there
@@ -636,7 +621,6 @@ def test_softcap(device, causal, window, group):
 
 @pytest.mark.parametrize("device", devices())
 def test_softcap_varlen_and_sdpa(device):
-    _softcap_or_skip(device)
     dtype = _dtypes(device)[0]
     tol = TOL[dtype]
     lens_q, lens_k = [5, 130, 0, 64], [9, 100, 3, 64]
@@ -709,9 +693,6 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
 def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
-    if on_cuda(device):  # strict: the marker must go when the CUDA kernels follow the policy
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA kernels (helper attn_gpu's rewrite) do not "
-                                              "follow the NaN policy yet: row maxima drop NaN, masked pairs spread it"))
     dtype = _dtypes(device)[0]
     cases = {
         "q_row": dict(poison=[("q", (0, 33, 1))], causal=False, window=(10, 10)),

@@ -193,18 +193,12 @@ int* error_flag_ptr(const OptView& flag, const TensorView& q) {
   return flag->ptr<int>();
 }
 
-// Until a kernel implements the logit softcap, it refuses it (one line per backend, removed with its kernel).
-void check_softcap_supported(const attn::Params& p, const TensorView& q) {
-  PYLLMOPS_CHECK(p.softcap == 0.f || !q.is_cuda(), "softcap: the CUDA attention kernels do not implement it yet");
-}
-
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView& lse, const OptView& cu_q, const OptView& cu_k, const OptView& error_flag,
                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap, int64_t left,
                        int64_t right, bool top_left, uintptr_t stream) {
   attn::Params p =
       make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, softcap, left, right, top_left);
-  check_softcap_supported(p, q);
   p.error_flag = error_flag_ptr(error_flag, q);
   PYLLMOPS_ON_DEVICE(q, "flash_attention", attn::forward_cpu(p, q.dtype), attn::forward_cuda(p, q.dtype, stream));
 }
@@ -217,7 +211,6 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                         bool deterministic, uintptr_t stream) {
   attn::Params p =
       make_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, softcap, left, right, top_left);
-  check_softcap_supported(p, q);
   p.error_flag = error_flag_ptr(error_flag, q);
   const bool varlen = p.varlen();
   check_tokens(dout, q, "dout", varlen);

@@ -1,26 +1,32 @@
 // Flash attention backward on sm80+ tensor cores: delta, dk/dv pass, dq pass (algorithm: attention.h).
 //
-// delta:  one thread per query row: delta = rowsum(dO * O) - dlse.
+// delta:  8 lanes per query row, 16-byte vector loads of O and dO: delta = rowsum(dO * O) - dlse.
 // dk/dv:  one CTA = 4 warps = kBlockN = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15.
-//         For each query head of the GQA group and each query tile (kBlockMq = 32 rows) the mask lets
-//         these keys be seen by (Mask::query_tiles), with the tile's lse / delta staged in shared memory:
-//           S^T = K Q^T (gemm_ss), P^T = exp2(S^T scale log2e - lse2) (0 where masked / for empty rows)
-//           dV += P^T dO          (gemm_rs, P^T rounded to fp16/bf16, dO read by ldmatrix.trans)
-//           dP^T = V dO^T (gemm_ss), dS^T = P^T (dP^T - delta), dK += dS^T Q (gemm_rs)
+//         Work items: (query head of the GQA group, query tile of kBlockMq = 32 rows the mask lets these keys
+//         be seen by, Mask::query_tiles); the next item's Q, dO (cp.async) and lse, delta are loaded into the
+//         other of two shared-memory stages while this item is computed (one stage at kD 256):
+//           S^T = K Q^T (gemm_abt), softcap, P^T = exp2(S^T mul - lse2) (0 where masked / for empty rows)
+//           dV += P^T dO          (gemm_ab, P^T rounded to fp16/bf16, dO read by ldmatrix.trans)
+//           dP^T = V dO^T (gemm_abt), dS^T = P^T (dP^T - delta) (1 - tanh^2 when capped), dK += dS^T Q (gemm_ab)
 //         dK and dV accumulate in fp32 registers over the whole group and are written once (dK * scale).
 //         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK and
 //         dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
-// dq:     one CTA = 4 warps = 64 query rows of one (batch, q head), walking the visited key tiles:
-//           S = Q K^T, dP = dO V^T (gemm_ss), dS = P (dP - delta), dQ += dS K (gemm_rs), fp32 accumulation
+// dq:     one CTA = 4 warps = 64 query rows of one (batch, q head), walking the visited key tiles (K, V of the
+//         next tile in flight by cp.async behind this tile's math, two stages; one at kD 256):
+//           S = Q K^T, dP = dO V^T (gemm_abt), dS = P (dP - delta), dQ += dS K (gemm_ab), fp32 accumulation
 //           in registers, written once (dQ * scale).
 // Every gradient element has exactly one writer and a fixed summation order: gradients are bitwise
-// reproducible run to run (no atomics), which is what `deterministic=True` asks for.
+// reproducible run to run (no atomics) whatever Params::deterministic says.
+//
+// NaN (docs/attention.md): a NaN lse (a NaN row in the forward) is not "empty": its P, hence its gradients, are
+// NaN; masked elements give dS exactly 0.
 //
 // Napkin math: 7 tile matmuls per visited (query tile, key tile) pair vs 2 in the forward, i.e. 3.5x the
-// forward FLOPs (FlashAttention's own count is 2.5x with atomic dq). At kD 128 the dk/dv CTA keeps
-// 2 x 64 fp32 accumulator registers per thread plus two 16 x 32 score tiles (ptxas: 252 registers, no spills).
+// forward FLOPs (FlashAttention-2's count is 2.5x with dQ accumulated by fp32 atomics, which needs an fp32 dQ
+// workspace from the op: not done, docs/attention.md "GPU").
 #include "attention/attention_cuda.cuh"
 #include "common/dtype.h"
+#include "common/warp_reduce.cuh"
 
 namespace pyllmops {
 namespace attention {
@@ -30,45 +36,64 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kDeltaRows = 64;
+constexpr int kDeltaLanes = 8;                       // lanes per row of delta_kernel
+constexpr int kDeltaRows = kThreads / kDeltaLanes;  // rows per delta_kernel CTA
 
 template <int kD>
 struct BwdConfig {
   static constexpr int kStride = kD + 8;
-  // dq pass: 64 query rows, key tiles of 64 (32 at kD 256)
+  // dq pass: 64 query rows; key tiles of 64 (kD 64) or 32 keys, in kDqStages shared-memory stages (2: the next
+  // tile's cp.async runs behind this tile's math; kD 256: 1, two stages would leave 1 CTA per SM on sm_80)
   static constexpr int kDqBlockM = 64;
-  static constexpr int kDqBlockN = kD <= 128 ? 64 : 32;
-  static constexpr int kDqSmemElems = (2 * kDqBlockM + 2 * kDqBlockN) * kStride;
-  // dk/dv pass: 64 keys, query tiles of 32
+  static constexpr int kDqBlockN = kD <= 64 ? 64 : 32;
+  static constexpr int kDqStages = kD <= 128 ? 2 : 1;
+  static constexpr int kDqSmemBytes = (2 * kDqBlockM + 2 * kDqStages * kDqBlockN) * kStride * 2;
+  // dk/dv pass: 64 keys; query tiles of 32 (with their lse and delta) in kKvStages stages
   static constexpr int kKvBlockN = 64;
   static constexpr int kKvBlockM = 32;
-  static constexpr int kKvSmemBytes = (2 * kKvBlockN + 2 * kKvBlockM) * kStride * 2 + 2 * kKvBlockM * 4;
+  static constexpr int kKvStages = kD <= 128 ? 2 : 1;
+  static constexpr int kKvSmemBytes = (2 * kKvBlockN + 2 * kKvStages * kKvBlockM) * kStride * 2 +
+                                      2 * kKvStages * kKvBlockM * 4;
 };
 
+// delta = rowsum(dO * O) - dlse: kDeltaLanes lanes per row, each reading 16-byte vectors of O and dO (a row of
+// d = 128 bf16 is one 256-byte coalesced segment per tensor per 8 lanes), summed over the lanes by shuffles.
 template <typename T>
-__global__ void delta_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads) delta_kernel(Params p) {
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
   if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaRows + threadIdx.x;
-  if (i >= si.sq) return;
-  const T* o = q_row(static_cast<const T*>(p.o), p.lo, si, i, h);
-  const T* g = q_row(static_cast<const T*>(p.dout), p.ldo, si, i, h);
+  const int sub = threadIdx.x % kDeltaLanes;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaRows + threadIdx.x / kDeltaLanes;
   float acc = 0.0f;
-  for (int64_t c = 0; c < p.head_dim; ++c) acc += to_float(o[c]) * to_float(g[c]);
-  const int64_t off = lse_index(p, si, i, h);
-  p.delta[off] = p.dlse ? acc - p.dlse[off] : acc;
+  if (i < si.sq) {
+    const T* o = q_row(static_cast<const T*>(p.o), p.lo, si, i, h);
+    const T* g = q_row(static_cast<const T*>(p.dout), p.ldo, si, i, h);
+    for (int64_t c = sub * 8; c < p.head_dim; c += kDeltaLanes * 8) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c), gv = *reinterpret_cast<const uint4*>(g + c);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* ge = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(ge[e]);
+    }
+  }
+  acc = group_sum<kDeltaLanes>(acc);
+  if (sub == 0 && i < si.sq) {
+    const int64_t off = lse_index(p, si, i, h);
+    p.delta[off] = p.dlse ? acc - p.dlse[off] : acc;
+  }
 }
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockM = Cfg::kDqBlockM, kBlockN = Cfg::kDqBlockN, kStride = Cfg::kStride;
+  constexpr int kStages = Cfg::kDqStages;
   PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockM * kStride;
-  T* sK = sdO + kBlockM * kStride;
-  T* sV = sK + kBlockN * kStride;
+  T* sK = sdO + kBlockM * kStride;      // kStages K tiles
+  T* sV = sK + kStages * kBlockN * kStride;  // kStages V tiles
 
   const int64_t mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
@@ -76,15 +101,24 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   const int64_t i0 = mt * kBlockM;
   if (i0 >= si.sq) return;
   const Mask mask = seq_mask(p, si);
-  const int64_t hk = h / (p.heads_q / p.heads_kv), d = p.head_dim;
+  const int64_t hk = kv_head(p, h), d = p.head_dim;
   const int warp = threadIdx.x / kWarpSize;
-  const float scale_log2 = p.scale * softmax::kLog2e;
+  const bool capped = p.softcap > 0.0f;
+  const float pre = capped ? softcap_pre(p) : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
 
   const T* k = k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk);
   const T* v = k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk);
-  load_tile<T, kBlockM, kD, kThreads>(sQ, q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq, si.sq - i0, d);
-  load_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
-                                      si.sq - i0, d);
+  cp_async_tile<T, kBlockM, kD, kThreads>(sQ, q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq,
+                                          si.sq - i0, d);
+  cp_async_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
+                                          si.sq - i0, d);
+  ptx::cp_async_commit();
+  const auto load_kv = [&](int64_t tile, int stage) {  // K and V of key tile `tile` into `stage`, one group
+    const int64_t j0 = tile * kBlockN;
+    cp_async_tile<T, kBlockN, kD, kThreads>(sK + stage * kBlockN * kStride, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
+    cp_async_tile<T, kBlockN, kD, kThreads>(sV + stage * kBlockN * kStride, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
+    ptx::cp_async_commit();
+  };
 
   // This lane's two rows: lse in base 2 (-inf for padding rows and rows that see no key) and delta.
   float lse2[2], dl[2];
@@ -96,54 +130,65 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
     dl[r] = i < si.sq ? p.delta[off] : 0.0f;
   }
 
-  float acc_dq[kD / 8][4];
+  float acc_dq[1][kD / 8][4];
   zero(acc_dq);
   int64_t nb, ne;
   mask.key_tiles(i0, i0 + kBlockM < si.sq ? i0 + kBlockM : si.sq, kBlockN, &nb, &ne);
+  if (nb < ne) load_kv(nb, 0);
   for (int64_t nt = nb; nt < ne; ++nt) {
     const int64_t j0 = nt * kBlockN;
+    const int st = kStages == 2 ? static_cast<int>((nt - nb) & 1) : 0;
+    if (kStages == 2 && nt + 1 < ne) {
+      load_kv(nt + 1, st ^ 1);  // that stage was consumed in the previous iteration (its closing barrier)
+      ptx::cp_async_wait<1>();  // everything but the newest group has landed: this tile's K and V
+    } else {
+      ptx::cp_async_wait<0>();
+    }
     __syncthreads();
-    load_tile<T, kBlockN, kD, kThreads>(sK, k + j0 * p.lk.seq, p.lk.seq, si.sk - j0, d);
-    load_tile<T, kBlockN, kD, kThreads>(sV, v + j0 * p.lv.seq, p.lv.seq, si.sk - j0, d);
-    __syncthreads();
-    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    const T* sKt = sK + st * kBlockN * kStride;
+    const T* sVt = sV + st * kBlockN * kStride;
+    float s[1][kBlockN / 8][4], dp[1][kBlockN / 8][4];
     zero(s);
     zero(dp);
-    gemm_ss<T, kBlockN, kD, kStride>(s, sQ + warp * 16 * kStride, sK);
-    gemm_ss<T, kBlockN, kD, kStride>(dp, sdO + warp * 16 * kStride, sV);
-    const bool full = mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
+    gemm_abt<T, 1, kBlockN, kD, kStride>(s, SmemA<T, kStride>{sQ + warp * 16 * kStride}, sKt);
+    gemm_abt<T, 1, kBlockN, kD, kStride>(dp, SmemA<T, kStride>{sdO + warp * 16 * kStride}, sVt);
+    int lo[2] = {0, 0}, hi[2] = {kBlockN - 1, kBlockN - 1};
+    if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN))
+#pragma unroll
+      for (int r = 0; r < 2; ++r) visible_cols<kBlockN>(mask, i0 + warp * 16 + acc_row(2 * r), j0, &lo[r], &hi[r]);
 #pragma unroll
     for (int n8 = 0; n8 < kBlockN / 8; ++n8)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        bool keep = lse2[e / 2] != -INFINITY;
-        if (!full) {
-          const int64_t i = i0 + warp * 16 + acc_row(e), j = j0 + acc_col(n8, e);
-          keep = keep && i < si.sq && j < si.sk && mask.visible(i, j);
-        }
-        const float pr = keep ? softmax::fast_exp2(s[n8][e] * scale_log2 - lse2[e / 2]) : 0.0f;
-        s[n8][e] = pr * (dp[n8][e] - dl[e / 2]);
+        const int r = e / 2, c = acc_col(n8, e);
+        const Score x = score(s[0][n8][e], capped, pre);
+        const bool keep = lse2[r] != -INFINITY && c >= lo[r] && c <= hi[r];
+        const float pr = ptx::ex2_approx(x.s * mul - lse2[r]);
+        s[0][n8][e] = keep ? pr * (dp[0][n8][e] - dl[r]) * x.dtanh : 0.0f;
       }
-    uint32_t a[kBlockN / 16][4];
-    acc_to_a<T, kBlockN>(s, a);
-    gemm_rs<T, kD, kBlockN, kStride>(acc_dq, a, sK);
+    uint32_t a[1][kBlockN / 16][4];
+    acc_to_a<T, 1, kBlockN>(s, a);
+    gemm_ab<T, 1, kD, kBlockN, kStride>(acc_dq, RegA<1, kBlockN>{a}, sKt);
+    __syncthreads();  // every warp is done with this stage
+    if (kStages == 1 && nt + 1 < ne) load_kv(nt + 1, 0);
   }
-  const float mul[2] = {p.scale, p.scale};
+  ptx::cp_async_wait<0>();  // no key tile visited: the Q / dO copies are still pending
+  const float scale2[2] = {p.scale, p.scale};
   T* dq = q_row(static_cast<T*>(p.dq), p.ldq, si, i0 + warp * 16, h);
-  store_acc<T, kD>(acc_dq, mul, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
+  store_acc<T, kD>(acc_dq[0], scale2, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
 }
 
 template <typename T, int kD, bool kDoDK, bool kDoDV>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockN = Cfg::kKvBlockN, kBlockM = Cfg::kKvBlockM, kStride = Cfg::kStride;
+  constexpr int kStages = Cfg::kKvStages;
   PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kStride;
-  T* sQ = sV + kBlockN * kStride;
-  T* sdO = sQ + kBlockM * kStride;
-  float* sL = reinterpret_cast<float*>(sdO + kBlockM * kStride);
-  float* sD = sL + kBlockM;
+  T* sQs = sV + kBlockN * kStride;              // kStages Q tiles
+  T* sdOs = sQs + kStages * kBlockM * kStride;  // kStages dO tiles
+  float* sLs = reinterpret_cast<float*>(sdOs + kStages * kBlockM * kStride);  // kStages x (lse2, delta)
 
   const int64_t nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
@@ -151,77 +196,124 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   const int64_t j0 = nt * kBlockN;
   if (j0 >= si.sk) return;
   const Mask mask = seq_mask(p, si);
-  const int64_t group = p.heads_q / p.heads_kv, d = p.head_dim;
+  const int64_t group = static_cast<int>(p.heads_q) / static_cast<int>(p.heads_kv), d = p.head_dim;
   const int warp = threadIdx.x / kWarpSize;
-  const float scale_log2 = p.scale * softmax::kLog2e;
+  const bool capped = p.softcap > 0.0f;
+  const float pre = capped ? softcap_pre(p) : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
+  const float inv_mul = __fdividef(1.0f, mul);
 
-  load_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq, si.sk - j0, d);
-  load_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq, si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq,
+                                          si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq,
+                                          si.sk - j0, d);
+  ptx::cp_async_commit();
 
-  float acc_dk[kDoDK ? kD / 8 : 1][4], acc_dv[kDoDV ? kD / 8 : 1][4];
+  float acc_dk[1][kDoDK ? kD / 8 : 1][4], acc_dv[1][kDoDV ? kD / 8 : 1][4];
   zero(acc_dk);
   zero(acc_dv);
+  // Work items: (query head g of the group, query tile mb + m) for m < tiles, in that order.
   int64_t mb, me;
   mask.query_tiles(j0, j0 + kBlockN < si.sk ? j0 + kBlockN : si.sk, kBlockM, &mb, &me);
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = hk * group + g;
-    const T* q = q_row(static_cast<const T*>(p.q), p.lq, si, 0, h);
-    const T* dout = q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h);
-    const float* lse = p.lse + lse_index(p, si, 0, h);
-    const float* delta = p.delta + lse_index(p, si, 0, h);
-    for (int64_t mt = mb; mt < me; ++mt) {
-      const int64_t i0 = mt * kBlockM;
-      __syncthreads();
-      load_tile<T, kBlockM, kD, kThreads>(sQ, q + i0 * p.lq.seq, p.lq.seq, si.sq - i0, d);
-      load_tile<T, kBlockM, kD, kThreads>(sdO, dout + i0 * p.ldo.seq, p.ldo.seq, si.sq - i0, d);
-      for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-        const bool in = i0 + r < si.sq;
-        sL[r] = in ? lse[i0 + r] * softmax::kLog2e : -INFINITY;
-        sD[r] = in ? delta[i0 + r] : 0.0f;
+  const int64_t tiles = me - mb, items = group * tiles;
+  // Q, dO (cp.async, one group) and lse2, delta (plain loads, visible after the next barrier) of the next item
+  // (query tile mb + ld_m of head hk * group + ld_g), then advances to the one after. Counters, not it / tiles:
+  // a 64-bit division is a called subroutine.
+  int64_t ld_g = 0, ld_m = 0, cur_m = 0;
+  const auto load_q = [&](int stage) {
+    const int64_t h = hk * group + ld_g, i0 = (mb + ld_m) * kBlockM;
+    if (++ld_m == tiles) {
+      ld_m = 0;
+      ++ld_g;
+    }
+    cp_async_tile<T, kBlockM, kD, kThreads>(sQs + stage * kBlockM * kStride,
+                                            q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq, si.sq - i0, d);
+    cp_async_tile<T, kBlockM, kD, kThreads>(sdOs + stage * kBlockM * kStride,
+                                            q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
+                                            si.sq - i0, d);
+    ptx::cp_async_commit();
+    float* sl = sLs + stage * 2 * kBlockM;
+    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+      const bool in = i0 + r < si.sq;
+      const int64_t off = lse_index(p, si, i0 + r, h);
+      sl[r] = in ? p.lse[off] * softmax::kLog2e : -INFINITY;
+      sl[kBlockM + r] = in ? p.delta[off] : 0.0f;
+    }
+  };
+  if (items > 0) load_q(0);
+  for (int64_t it = 0; it < items; ++it) {
+    const int st = kStages == 2 ? static_cast<int>(it & 1) : 0;
+    if (kStages == 2 && it + 1 < items) {
+      load_q(st ^ 1);           // that stage was consumed in the previous iteration (its closing barrier)
+      ptx::cp_async_wait<1>();  // everything but the newest group has landed: K, V and this item's Q, dO
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int64_t i0 = (mb + cur_m) * kBlockM;
+    if (++cur_m == tiles) cur_m = 0;
+    const T* sQ = sQs + st * kBlockM * kStride;
+    const T* sdO = sdOs + st * kBlockM * kStride;
+    const float* sL = sLs + st * 2 * kBlockM;
+    const float* sD = sL + kBlockM;
+    float s[1][kBlockM / 8][4];
+    zero(s);
+    gemm_abt<T, 1, kBlockM, kD, kStride>(s, SmemA<T, kStride>{sK + warp * 16 * kStride}, sQ);  // S^T
+    // Rows of S^T are keys, columns queries: query i0 + c sees key j iff c lies in the visible query columns
+    // of key j, i.e. lo_k[r] <= c <= hi_k[r] (Mask::query_tiles' bounds per key).
+    int lo[2] = {0, 0}, hi[2] = {kBlockM - 1, kBlockM - 1};
+    if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN))
+#pragma unroll
+      for (int r = 0; r < 2; ++r) visible_rows<kBlockM>(mask, j0 + warp * 16 + acc_row(2 * r), i0, &lo[r], &hi[r]);
+#pragma unroll
+    for (int n8 = 0; n8 < kBlockM / 8; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, c = acc_col(n8, e);
+        const Score x = score(s[0][n8][e], capped, pre);
+        const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];
+        s[0][n8][e] = keep ? ptx::ex2_approx(x.s * mul - sL[c]) : 0.0f;
       }
-      __syncthreads();
-      float s[kBlockM / 8][4];
-      zero(s);
-      gemm_ss<T, kBlockM, kD, kStride>(s, sK + warp * 16 * kStride, sQ);  // S^T: rows keys, cols queries
-      const bool full = mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
+    uint32_t a[1][kBlockM / 16][4];
+    if constexpr (kDoDV) {
+      acc_to_a<T, 1, kBlockM>(s, a);
+      gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dv, RegA<1, kBlockM>{a}, sdO);
+    }
+    if constexpr (kDoDK) {
+      float dp[1][kBlockM / 8][4];
+      zero(dp);
+      gemm_abt<T, 1, kBlockM, kD, kStride>(dp, SmemA<T, kStride>{sV + warp * 16 * kStride}, sdO);  // dP^T
 #pragma unroll
       for (int n8 = 0; n8 < kBlockM / 8; ++n8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = acc_col(n8, e);
-          bool keep = sL[col] != -INFINITY;
-          if (!full) {
-            const int64_t j = j0 + warp * 16 + acc_row(e), i = i0 + col;
-            keep = keep && i < si.sq && j < si.sk && mask.visible(i, j);
+          const int r = e / 2, c = acc_col(n8, e);
+          const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];  // dS exactly 0 where masked
+          const float pr = s[0][n8][e];
+          // Softcap: the capped score t is recovered from P = exp2(t mul - lse2) instead of being kept in 16
+          // more registers (which spilled at kD 128): t = (log2 P + lse2) / mul, accurate to ~1e-7 absolute.
+          float dt = 1.0f;
+          if (capped && pr > 0.0f) {
+            const float t = (ptx::lg2_approx(pr) + sL[c]) * inv_mul;
+            dt = 1.0f - t * t;
           }
-          s[n8][e] = keep ? softmax::fast_exp2(s[n8][e] * scale_log2 - sL[col]) : 0.0f;
+          s[0][n8][e] = keep ? pr * (dp[0][n8][e] - sD[c]) * dt : 0.0f;
         }
-      uint32_t a[kBlockM / 16][4];
-      if constexpr (kDoDV) {
-        acc_to_a<T, kBlockM>(s, a);
-        gemm_rs<T, kD, kBlockM, kStride>(acc_dv, a, sdO);
-      }
-      if constexpr (kDoDK) {
-        float dp[kBlockM / 8][4];
-        zero(dp);
-        gemm_ss<T, kBlockM, kD, kStride>(dp, sV + warp * 16 * kStride, sdO);  // dP^T
-#pragma unroll
-        for (int n8 = 0; n8 < kBlockM / 8; ++n8)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n8][e] *= dp[n8][e] - sD[acc_col(n8, e)];
-        acc_to_a<T, kBlockM>(s, a);
-        gemm_rs<T, kD, kBlockM, kStride>(acc_dk, a, sQ);
-      }
+      acc_to_a<T, 1, kBlockM>(s, a);
+      gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dk, RegA<1, kBlockM>{a}, sQ);
     }
+    __syncthreads();  // every warp is done with this stage
+    if (kStages == 1 && it + 1 < items) load_q(0);
   }
+  ptx::cp_async_wait<0>();  // no query tile visited: the K / V copies are still pending
   const int64_t rows = si.sk - j0 - warp * 16;
   if constexpr (kDoDK) {
-    const float mul[2] = {p.scale, p.scale};
-    store_acc<T, kD>(acc_dk, mul, k_row(static_cast<T*>(p.dk), p.ldk, si, j0 + warp * 16, hk), p.ldk.seq, rows, d);
+    const float scale2[2] = {p.scale, p.scale};
+    store_acc<T, kD>(acc_dk[0], scale2, k_row(static_cast<T*>(p.dk), p.ldk, si, j0 + warp * 16, hk), p.ldk.seq,
+                     rows, d);
   }
   if constexpr (kDoDV) {
     const float one[2] = {1.0f, 1.0f};
-    store_acc<T, kD>(acc_dv, one, k_row(static_cast<T*>(p.dv), p.ldv, si, j0 + warp * 16, hk), p.ldv.seq, rows, d);
+    store_acc<T, kD>(acc_dv[0], one, k_row(static_cast<T*>(p.dv), p.ldv, si, j0 + warp * 16, hk), p.ldv.seq, rows, d);
   }
 }
 
@@ -233,7 +325,7 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
                  batch = static_cast<unsigned>(p.batch);
   if (p.seqlen_q > 0) {
     launch("flash_attention delta_kernel", delta_kernel<T>,
-           dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch), kDeltaRows, 0, stream, p);
+           dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch), kThreads, 0, stream, p);
   }
 
   if (p.seqlen_k > 0) {  // runs even when no query exists: dK = dV = 0 must still be written
@@ -241,22 +333,25 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
     const dim3 kv_grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kKvBlockN)), hkv, batch);
     if constexpr (kD <= 128) {
       auto kernel = dkdv_kernel<T, kD, true, true>;
-      set_max_dynamic_smem(kernel, kv_smem, "flash_attention dkdv_kernel");
+      static DynamicSmemOptIn opt_in;  // set once per device
+      opt_in.ensure(kernel, kv_smem, p.device, "flash_attention dkdv_kernel");
       launch("flash_attention dkdv_kernel", kernel, kv_grid, kThreads, kv_smem, stream, p);
     } else {
       auto kernel_dk = dkdv_kernel<T, kD, true, false>;
       auto kernel_dv = dkdv_kernel<T, kD, false, true>;
-      set_max_dynamic_smem(kernel_dk, kv_smem, "flash_attention dkdv_kernel (dk)");
-      set_max_dynamic_smem(kernel_dv, kv_smem, "flash_attention dkdv_kernel (dv)");
+      static DynamicSmemOptIn opt_in_dk, opt_in_dv;
+      opt_in_dk.ensure(kernel_dk, kv_smem, p.device, "flash_attention dkdv_kernel (dk)");
+      opt_in_dv.ensure(kernel_dv, kv_smem, p.device, "flash_attention dkdv_kernel (dv)");
       launch("flash_attention dkdv_kernel (dk)", kernel_dk, kv_grid, kThreads, kv_smem, stream, p);
       launch("flash_attention dkdv_kernel (dv)", kernel_dv, kv_grid, kThreads, kv_smem, stream, p);
     }
   }
 
   if (p.seqlen_q == 0) return;
-  constexpr int dq_smem = Cfg::kDqSmemElems * sizeof(T);
+  constexpr int dq_smem = Cfg::kDqSmemBytes;
   auto kernel = dq_kernel<T, kD>;
-  set_max_dynamic_smem(kernel, dq_smem, "flash_attention dq_kernel");
+  static DynamicSmemOptIn opt_in;
+  opt_in.ensure(kernel, dq_smem, p.device, "flash_attention dq_kernel");
   launch("flash_attention dq_kernel", kernel,
          dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, Cfg::kDqBlockM)), hq, batch),
          kThreads, dq_smem, stream, p);

@@ -8,9 +8,11 @@
 //   PYLLMOPS_SHARED(float[16], s_code);           // __shared__ float s_code[16] (16-byte aligned)
 //   PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem);  // the launch's dynamic shared memory, as T*
 //   set_max_dynamic_smem(kernel, bytes);           // opt-in above 48 KB, once per kernel and device
+//   static DynamicSmemOptIn opt; opt.ensure(kernel, bytes, device, name);  // the same, one atomic load per launch
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <mutex>
 #include <tuple>
@@ -88,6 +90,25 @@ void set_max_dynamic_smem(Kernel kernel, int bytes, const char* name) {
   PYLLMOPS_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   if (n_done < 64) done[n_done++] = Key{k, dev, bytes};
 }
+
+// The opt-in of one kernel (keep it as a function-local static in the kernel's launcher), remembered per device:
+// after the first launch on a device, a launch costs one atomic load instead of set_max_dynamic_smem's
+// cudaGetDevice, mutex and lookup. `device` is the tensors' device (current under the caller's device guard).
+class DynamicSmemOptIn {
+ public:
+  template <typename Kernel>
+  void ensure(Kernel kernel, int bytes, int device, const char* name) {
+    if (bytes <= 48 * 1024) return;
+    const bool known = device >= 0 && device < kMaxDevices;
+    if (known && done_[device].load(std::memory_order_acquire)) return;
+    set_max_dynamic_smem(kernel, bytes, name);
+    if (known) done_[device].store(true, std::memory_order_release);
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  std::atomic<bool> done_[kMaxDevices] = {};
+};
 
 }  // namespace pyllmops
 

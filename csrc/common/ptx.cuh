@@ -10,6 +10,9 @@
 //   cp_async_{ca,cg}<N>(dst, src, src_bytes)  cp.async.{ca,cg}.shared.global [dst], [src], N, src_bytes
 //   cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   prmt(a, b, sel)                 prmt.b32 (byte permute, default mode)
+//   fmax_nan(a, b)                  max.NaN.f32 (NaN if either operand is NaN; fmaxf drops a NaN)
+//   ex2_approx(x)                   ex2.approx.ftz.f32 (one MUFU.EX2; exp2f without fast math adds 3 instructions)
+//   lg2_approx(x)                   lg2.approx.ftz.f32 (one MUFU.LG2)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,6 +116,45 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
+#endif
+}
+
+// max.NaN.f32 (sm_80+): the larger of a and b, or NaN when either is NaN (PTX ISA, "Floating Point
+// Instructions: max"). Row maxima of attention scores use it so that a NaN score is never dropped
+// (fmaxf returns the other operand) and the row then reads as NaN instead of as fully masked.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(PYLLMOPS_EMU)
+  return (a != a || b != b) ? NAN : (a > b ? a : b);
+#else
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#endif
+}
+
+// ex2.approx.ftz.f32: 2^x in one MUFU.EX2, max relative error 2^-22 (PTX ISA), subnormal results flushed to 0;
+// 2^-inf = 0, NaN stays NaN. Without --use_fast_math exp2f compiles to the same MUFU plus a range fix-up for
+// subnormal results (FSETP and two predicated FMUL), which softmax probabilities below 2^-126 do not need.
+// Emulated: exp2f (the hardware's last-bit error is not modelled, as for mma; docs/emulator.md).
+__device__ __forceinline__ float ex2_approx(float x) {
+#if defined(PYLLMOPS_EMU)
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// lg2.approx.ftz.f32: log2 x in one MUFU.LG2, max absolute error 2^-22 on [0.5, 2], relative elsewhere
+// (PTX ISA); log2 0 = -inf, NaN stays NaN. Emulated: log2f.
+__device__ __forceinline__ float lg2_approx(float x) {
+#if defined(PYLLMOPS_EMU)
+  return log2f(x);
+#else
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 #endif
 }
 

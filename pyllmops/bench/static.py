@@ -58,8 +58,8 @@ SPILL_ALLOWED: dict[str, str] = {}
 # with a probe appended (host pass only, ~1 s); if an expression no longer compiles (a rename), the
 # kernel's dynamic shared memory is reported as 'dynamic' and its occupancy counts static memory only.
 DYNAMIC_SMEM = {
-    "attention/fwd_kernel": "FwdConfig<{1}>::kSmemElems * sizeof({0})",
-    "attention/dq_kernel": "BwdConfig<{1}>::kDqSmemElems * sizeof({0})",
+    "attention/fwd_kernel": "FwdConfig<{1}, {2}>::kSmemBytes",
+    "attention/dq_kernel": "BwdConfig<{1}>::kDqSmemBytes",
     "attention/dkdv_kernel": "BwdConfig<{1}>::kKvSmemBytes",
 }
 

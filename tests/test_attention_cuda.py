@@ -1,0 +1,175 @@
+"""CUDA attention kernels (csrc/attention/attention_{fwd,bwd}.cu): logit softcap and the NaN policy, against
+float64 references. Calls the custom ops torch.ops.pyllmops.flash_attn_fwd / flash_attn_bwd directly (the kernels'
+own contract; the public wrappers are tested in test_attention.py). On an emulated build these run the CUDA
+kernels on CPU tensors (docs/emulator.md)."""
+import math
+
+import pytest
+import torch
+
+from pyllmops.reference import attention as ref
+from tests.conftest import CUDA, CUDA_MARKS, assert_close
+
+pytestmark = CUDA_MARKS
+
+# Relative Frobenius error against float64, as test_attention.py's TOL (a few times what a correct kernel shows).
+TOL = {torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5},
+       torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 1e-5}}
+
+
+def _ref_attention(q, k, v, softcap=0.0, causal=False, window=(-1, -1), scale=None):
+    """Float64 oracle with the logit softcap (Gemma 2: c * tanh(s / c) on the scaled score s, before mask and
+    softmax). Rows that see no key: out 0, lse -inf, zero gradients (as pyllmops.reference.attention)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kh = k.repeat_interleave(hq // hkv, dim=2)
+    vh = v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kh) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    ok = ref.visible_mask(sq, sk, window, causal, device=q.device)
+    empty_row = ~ok.any(dim=1)
+    s_for_lse = torch.where(ok, s, torch.where(empty_row.view(-1, 1), torch.zeros_like(s), -math.inf))
+    lse = torch.logsumexp(s_for_lse, dim=-1)
+    lse = torch.where(empty_row, torch.full_like(lse, -math.inf), lse)
+    lse_safe = torch.where(empty_row, torch.zeros_like(lse), lse)
+    p = torch.where(ok, torch.exp(torch.where(ok, s - lse_safe.unsqueeze(-1), -math.inf)), torch.zeros_like(s))
+    return torch.einsum("bhij,bjhd->bihd", p, vh), lse
+
+
+def _fwd(q, k, v, softcap=0.0, causal=False, window=(-1, -1), scale=None):
+    left, right = window
+    if causal:
+        right = 0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.pyllmops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, softcap, left, right,
+                                             False, False)
+
+
+def _inputs(b, sq, sk, hq, hkv, d, dtype, mul=1.0):
+    q = (torch.randn(b, sq, hq, d, device=CUDA) * mul).to(dtype)
+    k = (torch.randn(b, sk, hkv, d, device=CUDA) * mul).to(dtype)
+    v = torch.randn(b, sk, hkv, d, device=CUDA).to(dtype)
+    return q, k, v
+
+
+def _check_fwd_bwd(q, k, v, softcap, causal=False, window=(-1, -1)):
+    tol = TOL[q.dtype]
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = _fwd(qs, ks, vs, softcap, causal, window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = _ref_attention(q64, k64, v64, softcap, causal, window)
+    assert_close(out, ro, tol["out"], "out")
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "lse: -inf rows differ from the reference"
+    assert_close(lse[fin], rl[fin], tol["lse"], "lse")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ro.backward(g.double())
+    for name, a, r in (("dq", qs.grad, q64.grad), ("dk", ks.grad, k64.grad), ("dv", vs.grad, v64.grad)):
+        assert_close(a, r, tol["grad"], name)
+
+
+# ---- logit softcap ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (20, 5))])
+def test_softcap_fwd_bwd(dtype, causal, window):
+    """Scores of std ~9 against a cap of 5: tanh saturates, so a kernel without the cap (or without the tanh
+    derivative in the backward) is far outside the tolerance."""
+    q, k, v = _inputs(2, 77, 140, 4, 2, 64, dtype, mul=3.0)
+    _check_fwd_bwd(q, k, v, 5.0, causal, window)
+
+
+@pytest.mark.parametrize("d", [128, 40, 256])
+def test_softcap_head_dims(d):
+    q, k, v = _inputs(1, 45, 70, 2, 1, d, torch.bfloat16, mul=3.0)
+    _check_fwd_bwd(q, k, v, 8.0, causal=True)
+
+
+def test_softcap_changes_the_result():
+    """The cap is applied (not ignored): capped and uncapped outputs differ by far more than rounding."""
+    q, k, v = _inputs(1, 33, 33, 2, 2, 64, torch.float16, mul=3.0)
+    capped, _ = _fwd(q, k, v, 2.0)
+    plain, _ = _fwd(q, k, v, 0.0)
+    assert (capped.float() - plain.float()).norm() > 0.1 * plain.float().norm()
+
+
+def test_softcap_varlen():
+    lens = [5, 70, 33]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=CUDA)
+    total, h, d = sum(lens), 2, 64
+    q, k, v = ((torch.randn(total, h, d, device=CUDA) * (3.0 if i < 2 else 1.0)).to(torch.bfloat16)
+               for i in range(3))
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(d)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(qs, ks, vs, cu, cu, max(lens), max(lens), scale, 6.0, -1, 0,
+                                                 False, False)
+    g = torch.randn_like(out)
+    out.backward(g)
+    c = cu.tolist()
+    for b in range(len(lens)):
+        sl = slice(c[b], c[b + 1])
+        q64, k64, v64 = (t[sl].detach().double().unsqueeze(0).requires_grad_() for t in (q, k, v))
+        ro, rl = _ref_attention(q64, k64, v64, 6.0, causal=True)
+        ro.backward(g[sl].double().unsqueeze(0))
+        assert_close(out[sl], ro[0], TOL[torch.bfloat16]["out"], f"out of sequence {b}")
+        assert_close(lse[:, sl], rl[0], TOL[torch.bfloat16]["lse"], f"lse of sequence {b}")
+        for name, a, r in (("dq", qs.grad, q64.grad), ("dk", ks.grad, k64.grad), ("dv", vs.grad, v64.grad)):
+            assert_close(a[sl], r[0], TOL[torch.bfloat16]["grad"], f"{name} of sequence {b}")
+
+
+# ---- NaN policy (docs/attention.md) ----------------------------------------------------------------------------
+def _same_nan_and_close(a, r, tol, what):
+    """NaN exactly where the float64 reference has NaN; everything else close to it."""
+    assert torch.equal(torch.isnan(a), torch.isnan(r)), (
+        f"{what}: NaN at {torch.isnan(a).sum().item()} places, reference at {torch.isnan(r).sum().item()}")
+    fin = ~torch.isnan(r)
+    assert_close(a[fin], r[fin], tol, what)
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_forward_reaches_what_it_touches(where):
+    """A NaN query row gives NaN out and lse for that row only (not a "fully masked" 0 / -inf row). A NaN key
+    (key 64, window (5, 0)) makes NaN exactly the rows whose window holds it (queries 64..69); queries 70.. do
+    not see it although it lies in a key tile their CTA visits, and stay finite."""
+    q, k, v = _inputs(1, 150, 150, 2, 2, 64, torch.float16)
+    if where == "q":
+        q[0, 70, 1, 5] = float("nan")
+    else:
+        k[0, 64, 0, 3] = float("nan")
+    out, lse = _fwd(q, k, v, 0.0, False, (5, 0))
+    ro, rl = _ref_attention(q.double(), k.double(), v.double(), 0.0, False, (5, 0))
+    _same_nan_and_close(out, ro, TOL[torch.float16]["out"], "out")
+    _same_nan_and_close(lse, rl, TOL[torch.float16]["lse"], "lse")
+    assert torch.isnan(out).any(), "the NaN input must reach some output"
+    assert not torch.isnan(out[0, :60]).any() and not torch.isnan(out[0, 71:]).any()
+
+
+def test_nan_backward_reaches_what_it_touches():
+    """No mask: a NaN query row makes its dq row NaN (only it) and every dk, dv row NaN (each key is seen by
+    that query), exactly as the float64 reference's gradients."""
+    q, k, v = _inputs(1, 100, 90, 2, 1, 64, torch.bfloat16)
+    q[0, 33, 1, 0] = float("nan")
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, _ = _fwd(qs, ks, vs)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, _ = _ref_attention(q64, k64, v64)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ro.backward(g.double())
+    tol = TOL[torch.bfloat16]
+    _same_nan_and_close(out, ro, tol["out"], "out")
+    _same_nan_and_close(qs.grad, q64.grad, tol["grad"], "dq")
+    assert torch.isnan(qs.grad[0, 33, 1]).all() and not torch.isnan(qs.grad[0, :33]).any()
+    assert torch.isnan(ks.grad).all() and torch.isnan(vs.grad).all()
+
+
+def test_fully_masked_rows_stay_zero_with_nan_elsewhere():
+    """Rows that see no key (sq > sk, bottom-right causal) give out 0 and lse -inf even when another row is NaN."""
+    q, k, v = _inputs(1, 40, 16, 1, 1, 64, torch.float16)
+    q[0, 39, 0, 0] = float("nan")
+    out, lse = _fwd(q, k, v, 0.0, True)
+    assert (out[0, :24] == 0).all() and torch.isinf(lse[0, 0, :24]).all() and (lse[0, 0, :24] < 0).all()
+    assert torch.isnan(out[0, 39]).all() and torch.isnan(lse[0, 0, 39])
+    assert not torch.isnan(out[0, :39]).any()
