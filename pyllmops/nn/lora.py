@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from pyllmops.nn.nf4 import NF4Linear
+from pyllmops.nn.nf4 import ByteStorage, NF4Linear
 from pyllmops.ops.lora import (INT_BITS, INT_GROUP_SIZES, _check_scaling, int_linear, lora_linear, qalora_linear,
                                qlora_linear, quantize_int)
 
@@ -153,9 +153,11 @@ class LoRALinear(_AdapterMixin, nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
 
 
-class IntLinear(nn.Module):
+class IntLinear(ByteStorage, nn.Module):
     """y = x.W^T + bias with W in group-wise INT (quantize_int's format), decoded tile by tile in the
-    kernel; no dense copy of W exists. Buffers: qweight (int32), scales, zeros (fp32); bias parameter."""
+    kernel; no dense copy of W exists. Buffers: qweight (int32), scales, zeros (fp32); bias parameter.
+    FSDP: to_byte_storage(("qweight", "scales", "zeros")) (ByteStorage, pyllmops.train.fsdp.prepare_storage)
+    moves the three into one uint8 parameter that FSDP2 shards; the names and state dict stay."""
 
     def __init__(self, qweight, scales, zeros, bits, group_size, bias=None):
         super().__init__()
