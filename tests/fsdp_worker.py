@@ -5,8 +5,12 @@ OUT/<name>-rank<r>.pt with the job's history, its adapters (whole) and this rank
   train:<quantize>[,bf16][,ckpt][,offload]  SFT 3 steps then DPO 2 steps with fsdp=True
   save:<dir>                                 SFT 4 steps, checkpoints at steps 2 and 4 in <dir>
   resume:<dir>                               the same 4-step SFT resumed from checkpoint <dir>
+  load:<dir>[,fsdp]                           models.from_pretrained(<dir>, "nf4") (sharded per layer with
+                                             fsdp); records the peak RSS it added (ru_maxrss minus the RSS
+                                             before; run it first in a fresh process) and logits of a fixed input
 """
 import os
+import resource
 import sys
 
 import torch
@@ -45,6 +49,17 @@ def run_job(job):
         model = build(None if opts[0] == "none" else opts[0])
         kw = dict(bf16="bf16" in opts, activation_checkpointing="ckpt" in opts, fsdp_offload="offload" in opts)
         history = _sft(model, 3, **kw) + _dpo(model, 2, **kw)
+    elif kind == "load":
+        from pyllmops.models.loading import from_pretrained
+
+        with open("/proc/self/statm") as f:
+            before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        model = from_pretrained(opts[0], "nf4", lora=dict(r=4, alpha=8, target_modules=TARGETS),
+                                fsdp="fsdp" in opts)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        with torch.no_grad():
+            logits = model(torch.arange(24).reshape(2, 12) % model.config.vocab_size)
+        return {"peak_added": peak - before, "logits": logits, "shard": fsdp.shard_bytes(model)}
     elif kind == "save":
         model = build()
         history = _sft(model, 4, checkpoint_dir=arg, checkpoint_every=2)

@@ -41,10 +41,10 @@ def one_rank():
         torch.set_num_threads(old)
 
 
-def torchrun(out, jobs, nproc=2, extra=()):
+def torchrun(out, jobs, nproc=2, extra=(), env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", *(extra or ("--standalone",)), "--nproc_per_node",
            str(nproc), os.path.join(HERE, "fsdp_worker.py"), str(out), *jobs]
-    res = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env={**worker_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return [[torch.load(os.path.join(out, f"job{i}-rank{r}.pt")) for r in range(nproc)] for i in range(len(jobs))]
 

@@ -305,8 +305,8 @@ def _int_bits(quantize):
 
 
 def _is_linear(mod):
-    """A layer apply_lora can adapt: nn.Linear (bitsandbytes' Linear4bit is one), or NF4Linear."""
-    return isinstance(mod, (nn.Linear, NF4Linear))
+    """A layer apply_lora can adapt: nn.Linear (bitsandbytes' Linear4bit is one), NF4Linear, or IntLinear."""
+    return isinstance(mod, (nn.Linear, NF4Linear, IntLinear))
 
 
 def _output_layer_names(model):
@@ -374,7 +374,9 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     (no requantization). quantize: None (LoRA on the base as it is), "nf4" (QLoRA: an nn.Linear is
     quantized to an NF4Linear with blocksize / double_quant), or "int4" / "int3" / "int2" (QA-LoRA with
     group_size, nn.Linear only). Every target is checked and every replacement built before the model
-    changes: on any error the model is left untouched. Returns the model.
+    changes: on any error the model is left untouched. A targeted IntLinear (e.g. from
+    pyllmops.models.from_pretrained(quantize="int4")) keeps its INT base and gets a QALoRALinear adapter.
+    Returns the model.
 
     Example:
         >>> apply_lora(model, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], quantize="nf4")
@@ -396,6 +398,8 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     for name, mod in matches:
         if isinstance(mod, _ADAPTERS):
             raise ValueError(f"{name} already has an adapter")
+        if isinstance(mod, IntLinear):  # an INT base already: QA-LoRA on it, whatever quantize says
+            continue
         if bits is not None:
             if not isinstance(mod, nn.Linear) or type(mod).__module__.startswith("bitsandbytes"):
                 raise TypeError(f"{name}: quantize={quantize!r} needs a dense nn.Linear, got {type(mod).__name__}")
@@ -412,7 +416,10 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     # 2. build every replacement (may still fail: still nothing changed)
     new_modules = []
     for name, mod in matches:
-        if bits is not None:
+        if isinstance(mod, IntLinear):
+            new = QALoRALinear(mod.qweight, mod.scales, mod.zeros, mod.bits, mod.group_size, mod.bias, r, alpha,
+                               dropout)
+        elif bits is not None:
             new = QALoRALinear.from_linear(mod, bits, group_size, r, alpha, dropout)
         else:
             new = LoRALinear(_lora_base(name, mod, quantize, blocksize, double_quant), r, alpha, dropout, use_rslora)

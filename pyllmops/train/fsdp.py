@@ -74,7 +74,8 @@ def shard_model(model, *, mesh=None, param_dtype=None, reduce_dtype=torch.float3
               mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
               offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy())
     for layer in model.layers:
-        fully_shard(layer, **kw)
+        if not is_sharded(layer):  # from_pretrained(fsdp=True) shards layers as it builds them
+            fully_shard(layer, **kw)
     if not model.config.tie_word_embeddings:
         fully_shard(model.embed_tokens, **kw)
     fully_shard(model, **kw)
