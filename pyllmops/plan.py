@@ -124,12 +124,14 @@ def _layer_saved(cfg, s):
 
 
 def _layer_backward_temp(cfg, s):
-    """The largest transient of a layer's backward: the down_proj LoRA backward holds its input in fp32
-    (T x I), dy in fp32 (T x H) and dx (T x I), beside the incoming gradient; then the SwiGLU product's
-    two gradients (T x I each)."""
+    """The largest transient of a layer's backward, beside its saved tensors: the down_proj LoRA backward
+    makes fp32 copies of its input (T x I) and of dy (T x H) when activations are not fp32 already, and
+    returns dx (T x I) while dy is alive; then the SwiGLU product's two gradients and the incoming one
+    (3 x T x I) exist, the down_proj input being freed by then (net 2 x T x I), beside dy."""
     t, a = s.batch * s.seq_len, s.act_bytes
     h, i = cfg.hidden_size, cfg.intermediate_size
-    return max(4 * t * i + 4 * t * h + a * t * i + a * t * h, 3 * a * t * i + a * t * h)
+    fp32_copies = 0 if a == 4 else 4 * t * (i + h)
+    return max(fp32_copies + a * t * i + a * t * h, 2 * a * t * i + a * t * h)
 
 
 def _head_temp(cfg, s):

@@ -5,6 +5,8 @@ OUT/<name>-rank<r>.pt with the job's history, its adapters (whole) and this rank
   train:<quantize>[,bf16][,ckpt][,offload]  SFT 3 steps then DPO 2 steps with fsdp=True
   save:<dir>                                 SFT 4 steps, checkpoints at steps 2 and 4 in <dir>
   resume:<dir>                               the same 4-step SFT resumed from checkpoint <dir>
+  measure:<json>                              pyllmops.plan.measure on real CPU tensors, FSDP over this group
+                                             (json: {"config": DecoderConfig kwargs, "setup": plan.Setup kwargs})
   load:<dir>[,fsdp]                           models.from_pretrained(<dir>, "nf4") (sharded per layer with
                                              fsdp); records the peak RSS it added (ru_maxrss minus the RSS
                                              before; run it first in a fresh process) and logits of a fixed input
@@ -49,6 +51,14 @@ def run_job(job):
         model = build(None if opts[0] == "none" else opts[0])
         kw = dict(bf16="bf16" in opts, activation_checkpointing="ckpt" in opts, fsdp_offload="offload" in opts)
         history = _sft(model, 3, **kw) + _dpo(model, 2, **kw)
+    elif kind == "measure":
+        import json
+
+        from pyllmops import plan
+
+        spec = json.loads(arg)
+        setup = plan.Setup(**spec["setup"])
+        return {"peak": plan.measure(DecoderConfig(**spec["config"]), setup, fake=False)}
     elif kind == "load":
         from pyllmops.models.loading import from_pretrained
 
