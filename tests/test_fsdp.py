@@ -128,3 +128,22 @@ def test_dcp_resume_across_world_sizes(runs):
                    for k in sd)
         for k, v in sd.items():
             torch.testing.assert_close(v, (unbroken1 if d == d1 else unbroken2)["adapters"][k])
+
+
+def test_two_nodes_run_the_same_loop(runs, tmp_path):
+    """torchrun --nnodes=2: two launchers ("nodes", here on one machine with a static rendezvous at
+    127.0.0.1), one process each, run the same FSDP loop as one launcher with 2 processes."""
+    _, two, _, _ = runs
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc_per_node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               os.path.join(HERE, "fsdp_worker.py"), str(tmp_path), "train:nf4"]
+        procs.append(subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    for rank in (0, 1):
+        res = torch.load(os.path.join(tmp_path, f"job0-rank{rank}.pt"))
+        assert_same_run(res, two["train:nf4"][rank], rtol=1e-6, atol=0)
