@@ -247,6 +247,17 @@ def report(model, setup, gpu_mem):
 
 
 def main(args):
+    for name in ("gpus", "seq_len", "batch", "lora_r"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        parse_bytes(args.gpu_mem)
+    except ValueError:
+        raise SystemExit(f"--gpu-mem must be a size such as 24GiB, 80GB or 512MiB, got {args.gpu_mem!r}") from None
+    try:
+        model_config(args.model)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(str(e)) from None
     setup = Setup(gpus=args.gpus, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r, quantize=args.quantize,
                   checkpointing=args.checkpointing, offload=args.offload, device=args.device)
     text, parts, fits = report(args.model, setup, args.gpu_mem)

@@ -46,6 +46,10 @@ def test_cli_lines_config_json_and_advice(tmp_path):
     # more memory per part with a longer sequence; the CPU estimate has no CUDA context
     assert run_cli("--model", "llama-7b", "--seq-len", "4096")[1] > run_cli("--model", "llama-7b")[1]
     assert "CUDA context" not in run_cli("--model", "llama-7b", "--device", "cpu")[0]
+    for bad, match in ((["--model", "llama-8b"], "llama-7b"), (["--model", "llama-7b", "--gpus", "0"], "--gpus"),
+                       (["--model", "llama-7b", "--gpu-mem", "lots"], "--gpu-mem")):
+        with pytest.raises(SystemExit, match=match):
+            main(["plan", *bad])
 
 
 def test_quantized_bytes_match_the_formats():
