@@ -77,7 +77,8 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the model is tiny)")
     d.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    d.add_argument("--fsdp", action="store_true", help="a 2-process FSDP2 QLoRA run on the CPU (torchrun, gloo) instead")
+    d.add_argument("--fsdp", action="store_true",
+                   help="a 2-process FSDP2 QLoRA run on the CPU (torchrun, gloo) instead")
     d.set_defaults(fn=cmd_demo)
     pl = sub.add_parser("plan", help="per-rank peak memory of a (Q)LoRA fine-tuning step, and whether it fits")
     from pyllmops.plan import add_arguments as add_plan_arguments

@@ -1,21 +1,19 @@
 """`python -m pyllmops plan`: per-rank peak memory of a (Q)LoRA fine-tuning step, before you rent anything.
 
-The estimate is derived from the model config and what our code keeps alive (docs/train.md, "Memory
+The estimate is derived from the model config and what our code keeps alive (docs/train.md, "The
 planner"), for the setup our loops run: every projection of every layer adapted (LoRA rank r, adapters
 fp32 with AdamW), the quantized bases frozen, embeddings / norms / lm_head dense in the activation dtype
-(bf16 on GPU, fp32 on CPU); with --gpus > 1, FSDP2 as pyllmops.train.fsdp.shard_model builds it.
+(bf16 on GPU, fp32 on CPU); with --gpus > 1 (or --offload), FSDP2 as pyllmops.train.fsdp.shard_model
+builds it.
 
 Parts, per rank (T = batch * seq_len tokens, a = activation bytes, W = world size):
-  weights    the quantized projections (format's exact bytes) and dense norms, / W
-  dense      embeddings + lm_head, / W
-  gathered   FSDP only: in a layer's backward, that layer whole and the root unit (final norm + lm_head:
-             its all-gather buffer and its copy; frozen, it is resharded when the whole backward ends)
-  adapters   fp32 adapters / W; their gradients fp32 / W; AdamW moments 2 x fp32 / W
-  activations what autograd saves per layer (enumerated in _layer_saved) x layers; with checkpointing
-             the layer inputs (T x hidden) x layers plus one layer's saved tensors during its recompute
-  temporary  the largest transient: at the loss, fp32 logits, log-softmax and their gradients (4 x T x
-             vocab x 4 bytes) and the bf16 logits' gradient; or a layer's backward (fp32 copies of a
-             projection's input and output gradient, made by the LoRA backward, and the MLP's gradients)
+  weights      the quantized projections (the format's exact bytes) and the norms, / W
+  dense        embeddings + lm_head, / W
+  adapters     fp32 adapters / W; their gradients fp32 / W; AdamW moments 2 x fp32 / W
+and, in whichever of three phases is largest (estimate() explains them):
+  gathered     FSDP: whole units gathered at that moment
+  activations  what autograd has saved (enumerated in _layer_saved)
+  temporary    the phase's transients (_head_temp, _layer_backward_temp)
 --offload (FSDP2 CPUOffloadPolicy) moves the sharded weights, adapters, gradients and AdamW state to the
 host: the device keeps the gathered units, activations and temporaries.
 
@@ -198,10 +196,11 @@ def advice(model, setup, budget):
     if estimate(model, cur)["total"] <= budget:
         return []
     for change, label in ((dict(checkpointing=True), "--checkpointing (activation checkpointing)"),
-                          (dict(offload=True), "--offload (FSDP2 CPU offload of weights, adapters, AdamW; sft/dpo(fsdp=True, fsdp_offload=True))"),
+                          (dict(offload=True), "--offload (FSDP2 CPU offload of weights, adapters, AdamW; "
+                                               "sft/dpo(fsdp=True, fsdp_offload=True))"),
                           (dict(quantize="int2"), "--quantize int2 (QA-LoRA 2-bit base)")):
         key, val = next(iter(change.items()))
-        if getattr(cur, key) == val:
+        if getattr(cur, key) == val or (key == "offload" and cur.device == "cpu"):
             continue
         cur = replace(cur, **change)
         steps.append(label)

@@ -83,8 +83,8 @@ class ByteStorage:
             else:
                 state_dict = dict(state_dict)
                 parts = [state_dict.pop(k) for k in keys]
-                bad = [f"{k}: {tuple(p.shape)} {p.dtype}, expected {s} {d}" for k, p, (_, d, s) in zip(keys, parts, layout)
-                       if tuple(p.shape) != s or p.dtype != d]
+                bad = [f"{k}: {tuple(p.shape)} {p.dtype}, expected {s} {d}"
+                       for k, p, (_, d, s) in zip(keys, parts, layout) if tuple(p.shape) != s or p.dtype != d]
                 if bad:
                     error_msgs.append("size or dtype mismatch: " + "; ".join(bad))
                     return
