@@ -15,9 +15,11 @@ from pyllmops.models.decoder import DecoderConfig
 from pyllmops.models.loading import config_to_hf
 
 from test_fsdp import torchrun
+from train_fixtures import one_thread  # noqa: F401  (autouse: the CPU kernels at 1 thread, as the workers)
 
 SMALL = dict(vocab_size=259, hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2)
-MEDIUM = dict(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=4)
+MEDIUM = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2)
+CPU = dict(seq_len=128, batch=2, lora_r=8, device="cpu")  # 256 tokens, fp32
 
 
 def run_cli(*argv):
@@ -73,18 +75,18 @@ def _close(estimate, measured):
 @pytest.mark.parametrize("config", [SMALL, MEDIUM], ids=["small", "medium"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_vs_real_cpu_step_one_process(config, checkpointing):
-    setup = plan.Setup(gpus=1, seq_len=256, batch=2, lora_r=8, checkpointing=checkpointing, device="cpu")
+    setup = plan.Setup(gpus=1, checkpointing=checkpointing, **CPU)
     cfg = DecoderConfig(**config)
     _close(plan.estimate(cfg, setup)["total"], plan.measure(cfg, setup, fake=False))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_estimate_vs_real_cpu_step_fsdp_two_processes(tmp_path):
-    specs = [{"config": c, "setup": dict(gpus=2, seq_len=256, batch=2, lora_r=8, checkpointing=ck, device="cpu")}
-             for c in (SMALL, MEDIUM) for ck in (False, True)]
+    specs = [{"config": c, "setup": dict(gpus=2, checkpointing=ck, **CPU)} for c, ck in ((SMALL, False), (MEDIUM, True))]
     results = torchrun(tmp_path, [f"measure:{json.dumps(s)}" for s in specs])
     for spec, ranks in zip(specs, results):
         est = plan.estimate(DecoderConfig(**spec["config"]), plan.Setup(**spec["setup"]))["total"]
+        print("FSDP 2 ranks", spec, "estimate MiB", est / 2**20, "measured MiB", [r["peak"] / 2**20 for r in ranks])
         for r in ranks:
             _close(est, r["peak"])
 
