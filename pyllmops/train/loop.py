@@ -157,6 +157,9 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
     settings = dict(settings, weight_decay=weight_decay, betas=list(betas), warmup_steps=warmup_steps,
                     min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, bf16=use_bf16, world_size=world)
     start = 0
+    if fsdp and resume_from == "latest":
+        raise ValueError("resume_from='latest' is not supported with fsdp=True yet (FSDP checkpoints have no "
+                         "manifest): pass a step-N checkpoint directory")
     resume_path = _resume_path(resume_from, checkpoint_dir)
     if resume_path is not None and fsdp:  # any world size; the other settings must match
         start, saved = fsdp_mod.load_checkpoint(resume_path, model, optimizer)
