@@ -147,3 +147,13 @@ def test_two_nodes_run_the_same_loop(runs, tmp_path):
     for rank in (0, 1):
         res = torch.load(os.path.join(tmp_path, f"job0-rank{rank}.pt"))
         assert_same_run(res, two["train:nf4"][rank], rtol=1e-6, atol=0)
+
+
+def test_resume_latest_is_refused_under_fsdp(tmp_path):
+    import fsdp_worker
+    from pyllmops import train
+
+    with one_rank():
+        with pytest.raises(ValueError, match="resume_from='latest' is not supported with fsdp=True"):
+            train.sft(fsdp_worker.build(), train.instruction_data()[:8], steps=1, fsdp=True, progress=False,
+                      resume_from="latest", checkpoint_dir=str(tmp_path))
