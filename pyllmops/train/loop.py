@@ -165,8 +165,8 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
         start, saved = fsdp_mod.load_checkpoint(resume_path, model, optimizer)
         if start > steps:
             raise ValueError(f"checkpoint {resume_path!r} is at step {start}, beyond steps={steps}")
-        changed = sorted(k for k in set(saved) | set(settings) if k != "world_size"
-                         and json.dumps(saved.get(k), default=str) != json.dumps(settings.get(k), default=str))
+        changed = sorted(k for k, (a, b) in _world_free(saved, settings).items()
+                         if json.dumps(a, default=str) != json.dumps(b, default=str))
         if changed and not allow_settings_change:
             raise ValueError(f"checkpoint {resume_path!r} was written with other settings: {changed} "
                              f"(allow_settings_change=True to resume anyway)")
@@ -237,6 +237,18 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
         bar.close()
         ckpt.__exit__(None, None, None)
     return history
+
+
+def _world_free(saved, settings):
+    """{setting: (saved, current)} with the world size and per-process grad_accum replaced by their
+    product (micro-batches per step): an FSDP run resumes at another world size with grad_accum scaled."""
+    out = {}
+    for name, d in (("saved", saved), ("current", settings)):
+        d = dict(d)
+        d["micro_batches_per_step"] = d.pop("grad_accum", 1) * d.pop("world_size", 1)
+        for k, v in d.items():
+            out.setdefault(k, [None, None])[0 if name == "saved" else 1] = v
+    return out
 
 
 def _resume_path(resume_from, checkpoint_dir):
