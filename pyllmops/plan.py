@@ -332,8 +332,8 @@ def build_model(model, setup):
 def measure(model, setup, fake=True):
     """Peak bytes of one training step (the second: AdamW's state exists) as torch's MemTracker sees it
     (FSDPMemTracker over a fake process group of setup.gpus ranks when > 1, this process being rank 0).
-    fake=True: under FakeTensorMode, no real memory (the attention's CPU-side offset check, which reads
-    values, is skipped there). fake=False: real tensors on the CPU (a process group must exist when
+    fake=True: under FakeTensorMode, no real memory (the checks that read values, the attention's offsets
+    and the decoder's token ids, are skipped there). fake=False: real tensors on the CPU (a process group must exist when
     setup.gpus > 1: the caller's, e.g. gloo under torchrun). Returns the tracker's peak total in bytes."""
     import contextlib
 
@@ -353,9 +353,12 @@ def measure(model, setup, fake=True):
             from torch.testing._internal.distributed.fake_pg import FakeStore
 
             dynamic_code()  # cached before fake mode: the code book is computed from values
-            check = attention_ops._check_cu_seqlens
-            attention_ops._check_cu_seqlens = lambda *a, **k: None
-            stack.callback(setattr, attention_ops, "_check_cu_seqlens", check)
+            from pyllmops.models.decoder import Decoder
+
+            # checks that read values (offsets, token ids) cannot run on fake tensors: skipped while tracing
+            for owner, name in ((attention_ops, "_check_cu_seqlens"), (Decoder, "_check_ids")):
+                stack.callback(setattr, owner, name, getattr(owner, name))
+                setattr(owner, name, lambda *a, **k: None)
             if fsdp:
                 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.gpus)
                 stack.callback(dist.destroy_process_group)

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from pyllmops.ops._common import check_int
 from pyllmops.ops.nf4 import NF4State, dequantize_nf4, nf4_linear, quantize_nf4
 
 
@@ -121,6 +122,8 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, *, blocksize=64, double_quant=True, dtype=None,
                  device=None):
         super().__init__()
+        check_int("in_features", in_features, min_value=1)
+        check_int("out_features", out_features, min_value=1)
         self.in_features, self.out_features = in_features, out_features
         # Initialized like nn.Linear, then quantized, so the layer is usable before loading weights.
         w = torch.empty(out_features, in_features, dtype=dtype or torch.float32, device=device)
