@@ -88,9 +88,9 @@ def test_from_pretrained_errors(tmp_path):
         from_pretrained(tmp_path, "nf4")
 
 
-# A model big enough that its layers dominate the process' noise: 6 layers of 7.1 M parameters (14 MB in
+# A model big enough that its layers dominate the process' noise: 8 layers of 7.1 M parameters (14 MB in
 # bf16 each), one shard per layer.
-BIG = DecoderConfig(vocab_size=512, hidden_size=768, intermediate_size=2048, num_layers=6, num_heads=8,
+BIG = DecoderConfig(vocab_size=512, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=8,
                     num_kv_heads=8)
 
 
@@ -134,9 +134,10 @@ def test_loader_peak_memory_single_and_fsdp(tmp_path):
     report = []
     for res in (single, fsdp0, fsdp1):
         local = res["shard"]["local"]
-        # one layer in bf16 + the matrix being quantized in fp32 + this rank's 4-bit bytes + the dense
-        # embeddings / lm_head / norms (+ adapters, < 1 MB) ...
-        expected = sizes["layer"] + sizes["matrix_fp32"] + local + sizes["dense"]
+        # one layer in bf16 + the matrix being quantized in fp32 and the quantizer's own temporaries (up to
+        # one more fp32 matrix) + this rank's 4-bit bytes + the dense embeddings / lm_head / norms
+        # (+ adapters, < 1 MB) ...
+        expected = sizes["layer"] + 2 * sizes["matrix_fp32"] + local + sizes["dense"]
         report.append((res["peak_added"] / 2**20, expected / 2**20, local / 2**20))
         # ... within 25% + 16 MB of allocator and runtime slack; far below the whole model in bf16
         assert res["peak_added"] <= 1.25 * expected + 16 * 2**20, report
