@@ -332,8 +332,8 @@ def build_model(model, setup):
 def measure(model, setup, fake=True):
     """Peak bytes of one training step (the second: AdamW's state exists) as torch's MemTracker sees it
     (FSDPMemTracker over a fake process group of setup.gpus ranks when > 1, this process being rank 0).
-    fake=True: under FakeTensorMode, no real memory (the checks that read values, the attention's offsets
-    and the decoder's token ids, are skipped there). fake=False: real tensors on the CPU (a process group must exist when
+    fake=True: under FakeTensorMode, no real memory (the checks that read values, the attention's offsets,
+    the decoder's token ids and the quantizers' finiteness, are skipped there). fake=False: real tensors on the CPU (a process group must exist when
     setup.gpus > 1: the caller's, e.g. gloo under torchrun). Returns the tracker's peak total in bytes."""
     import contextlib
 
@@ -356,7 +356,12 @@ def measure(model, setup, fake=True):
             from pyllmops.models.decoder import Decoder
 
             # checks that read values (offsets, token ids) cannot run on fake tensors: skipped while tracing
-            for owner, name in ((attention_ops, "_check_cu_seqlens"), (Decoder, "_check_ids")):
+            import pyllmops.ops.lora as lora_ops
+            import pyllmops.ops.nf4 as nf4_ops
+
+            checks = [(attention_ops, "_check_cu_seqlens"), (Decoder, "_check_ids")]
+            checks += [(mod, "_check_finite") for mod in (nf4_ops, lora_ops) if hasattr(mod, "_check_finite")]
+            for owner, name in checks:
                 stack.callback(setattr, owner, name, getattr(owner, name))
                 setattr(owner, name, lambda *a, **k: None)
             if fsdp:
