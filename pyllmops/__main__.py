@@ -1,4 +1,4 @@
-"""python -m pyllmops {demo, info, bench FAMILY}"""
+"""python -m pyllmops {demo, info, bench FAMILY, plan}"""
 import argparse
 import importlib
 import sys
@@ -61,6 +61,12 @@ def cmd_demo(args):
     demo.main(args)
 
 
+def cmd_plan(args):
+    from pyllmops import plan
+
+    plan.main(args)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pyllmops")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -71,7 +77,14 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the model is tiny)")
     d.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    d.add_argument("--fsdp", action="store_true",
+                   help="a 2-process FSDP2 QLoRA run on the CPU (torchrun, gloo) instead")
     d.set_defaults(fn=cmd_demo)
+    pl = sub.add_parser("plan", help="per-rank peak memory of a (Q)LoRA fine-tuning step, and whether it fits")
+    from pyllmops.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
     sub.add_parser("info", help="version, compiled backends, CUDA archs, visible GPUs").set_defaults(fn=cmd_info)
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("family", help="op family (e.g. nf4), 'all', or 'static' (ptxas/SASS report, no GPU)")

@@ -143,6 +143,73 @@ def run(device=None, sft_steps=200, dpo_steps=60, seed=0, threads=None, progress
     return report
 
 
+def run_fsdp(sft_steps=40, dpo_steps=10, seed=0, out=print):
+    """One rank of `demo --fsdp` (under torchrun, gloo): the demo's model written in the Hugging Face
+    layout (rank 0), loaded with models.from_pretrained(quantize="nf4", fsdp=True) (each rank keeps its
+    shard of every layer), then QLoRA SFT and DPO with fsdp=True and a checkpoint; rank 0 reports."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from pyllmops.models.loading import from_pretrained, save_pretrained
+    from pyllmops.train import fsdp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    say = out if rank == 0 else (lambda *a: None)
+    torch.manual_seed(seed)
+    tok = ByteTokenizer()
+    cfg = DecoderConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
+                        num_kv_heads=2, sliding_window=64, initializer_range=0.1)
+    box = [tempfile.mkdtemp(prefix="pyllmops-fsdp-demo-") if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    path = box[0]
+    if rank == 0:
+        save_pretrained(Decoder(cfg), f"{path}/base", max_shard_bytes=200_000)
+    dist.barrier()
+    model = from_pretrained(f"{path}/base", "nf4", lora=dict(r=16, alpha=32, target_modules=TARGETS), fsdp=True)
+    share = fsdp.shard_bytes(model)
+    shares = [None] * world
+    dist.all_gather_object(shares, share["local"])
+    say(f"pyllmops {pyllmops.__version__} FSDP2 QLoRA demo: {world} CPU processes (gloo)")
+    say(f"model: written in the Hugging Face layout ({len(os.listdir(f'{path}/base')) - 2} safetensors shards), "
+        f"loaded on the meta device and quantized to NF4 layer by layer, each layer sharded as it arrived")
+    say(f"4-bit bytes (codes + statistics) per rank: {', '.join(f'{b:,}' for b in shares)} of {share['total']:,}")
+    sft_data, pref_data = instruction_data(), preference_data()
+    hs = sft(model, sft_data[64:], steps=sft_steps, batch_tokens=512, lr=5e-3, warmup_steps=5, seed=seed,
+             progress=False, fsdp=True, checkpoint_dir=f"{path}/run")
+    say(f"QLoRA SFT {sft_steps} steps: train loss {_mean(hs, 'loss', 'first'):.3f} -> {_mean(hs, 'loss', 'last'):.3f}")
+    hd = dpo(model, pref_data[48:], steps=dpo_steps, batch_pairs=8, beta=0.1, lr=2e-3, warmup_steps=2, seed=seed,
+             progress=False, fsdp=True)
+    say(f"DPO {dpo_steps} steps (reference = adapters off): reward margin {_mean(hd, 'rewards/margins', 'first'):.3f}"
+        f" -> {_mean(hd, 'rewards/margins', 'last'):.3f}")
+    say(f"checkpoint {path}/run/step-{sft_steps}: {sorted(os.listdir(f'{path}/run/step-{sft_steps}'))} (adapters in "
+        f"peft format written once by rank 0; AdamW state in torch.distributed.checkpoint, loads at any world size)")
+    dist.destroy_process_group()
+    return {"sft": hs, "dpo": hd, "shares": shares, "total": share["total"]}
+
+
+def main_fsdp(args):
+    """Launches run_fsdp on 2 CPU processes with torchrun and waits."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "pyllmops.demo", "--fsdp-worker", str(args.seed)]
+    sys.exit(subprocess.call(cmd, env=env))
+
+
 def main(args):
+    if getattr(args, "fsdp", False):
+        return main_fsdp(args)
     run(device=args.device, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, seed=args.seed, threads=args.threads,
         progress=not args.no_progress and os.environ.get("PYLLMOPS_DEMO_NO_PROGRESS") is None)
+
+
+if __name__ == "__main__":  # a rank of `python -m pyllmops demo --fsdp`
+    import sys
+
+    if sys.argv[1:2] == ["--fsdp-worker"]:
+        run_fsdp(seed=int(sys.argv[2]))

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from pyllmops.nn.nf4 import NF4Linear
+from pyllmops.nn.nf4 import ByteStorage, NF4Linear
 from pyllmops.ops.lora import (INT_BITS, INT_GROUP_SIZES, _check_scaling, int_linear, lora_linear, qalora_linear,
                                qlora_linear, quantize_int)
 
@@ -153,9 +153,11 @@ class LoRALinear(_AdapterMixin, nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
 
 
-class IntLinear(nn.Module):
+class IntLinear(ByteStorage, nn.Module):
     """y = x.W^T + bias with W in group-wise INT (quantize_int's format), decoded tile by tile in the
-    kernel; no dense copy of W exists. Buffers: qweight (int32), scales, zeros (fp32); bias parameter."""
+    kernel; no dense copy of W exists. Buffers: qweight (int32), scales, zeros (fp32); bias parameter.
+    FSDP: to_byte_storage(("qweight", "scales", "zeros")) (ByteStorage, pyllmops.train.fsdp.prepare_storage)
+    moves the three into one uint8 parameter that FSDP2 shards; the names and state dict stay."""
 
     def __init__(self, qweight, scales, zeros, bits, group_size, bias=None):
         super().__init__()
@@ -303,8 +305,8 @@ def _int_bits(quantize):
 
 
 def _is_linear(mod):
-    """A layer apply_lora can adapt: nn.Linear (bitsandbytes' Linear4bit is one), or NF4Linear."""
-    return isinstance(mod, (nn.Linear, NF4Linear))
+    """A layer apply_lora can adapt: nn.Linear (bitsandbytes' Linear4bit is one), NF4Linear, or IntLinear."""
+    return isinstance(mod, (nn.Linear, NF4Linear, IntLinear))
 
 
 def _output_layer_names(model):
@@ -372,7 +374,9 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     (no requantization). quantize: None (LoRA on the base as it is), "nf4" (QLoRA: an nn.Linear is
     quantized to an NF4Linear with blocksize / double_quant), or "int4" / "int3" / "int2" (QA-LoRA with
     group_size, nn.Linear only). Every target is checked and every replacement built before the model
-    changes: on any error the model is left untouched. Returns the model.
+    changes: on any error the model is left untouched. A targeted IntLinear (e.g. from
+    pyllmops.models.from_pretrained(quantize="int4")) keeps its INT base and gets a QALoRALinear adapter.
+    Returns the model.
 
     Example:
         >>> apply_lora(model, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], quantize="nf4")
@@ -394,6 +398,8 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     for name, mod in matches:
         if isinstance(mod, _ADAPTERS):
             raise ValueError(f"{name} already has an adapter")
+        if isinstance(mod, IntLinear):  # an INT base already: QA-LoRA on it, whatever quantize says
+            continue
         if bits is not None:
             if not isinstance(mod, nn.Linear) or type(mod).__module__.startswith("bitsandbytes"):
                 raise TypeError(f"{name}: quantize={quantize!r} needs a dense nn.Linear, got {type(mod).__name__}")
@@ -410,7 +416,10 @@ def apply_lora(model, r=8, alpha=8, target_modules=("q_proj", "v_proj"), quantiz
     # 2. build every replacement (may still fail: still nothing changed)
     new_modules = []
     for name, mod in matches:
-        if bits is not None:
+        if isinstance(mod, IntLinear):
+            new = QALoRALinear(mod.qweight, mod.scales, mod.zeros, mod.bits, mod.group_size, mod.bias, r, alpha,
+                               dropout)
+        elif bits is not None:
             new = QALoRALinear.from_linear(mod, bits, group_size, r, alpha, dropout)
         else:
             new = LoRALinear(_lora_base(name, mod, quantize, blocksize, double_quant), r, alpha, dropout, use_rslora)

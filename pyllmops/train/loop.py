@@ -6,9 +6,12 @@ parameters only, at a learning rate warmed up linearly then decayed along a cosi
 (torch.distributed initialized, gloo on CPU, nccl on GPU) the model is wrapped in
 DistributedDataParallel, rank r takes micro-batches r, r + world, ... of the shared plan, and
 gradients are averaged: N processes with grad_accum=k compute the same update as one process with
-grad_accum=N*k.
+grad_accum=N*k. With fsdp=True the model is sharded with FSDP2 instead (pyllmops.train.fsdp: each
+decoder layer and the embeddings one unit; bf16 runs gather parameters in bf16 and reduce in fp32),
+with the same micro-batch plan and the same update.
 """
 import contextlib
+import json
 import math
 import os
 import resource
@@ -20,8 +23,10 @@ from tqdm.auto import tqdm
 
 from pyllmops.models.decoder import Decoder
 from pyllmops.nn.lora import disable_adapters
+from pyllmops.nn.nf4 import _full
 from pyllmops.ops._common import check_bool, check_int
 from pyllmops.train.batches import Batch, LazyBatches, encode_pair, plan
+from pyllmops.train import fsdp as fsdp_mod
 from pyllmops.train.checkpoint import (has_adapters, latest_checkpoint, load_checkpoint, read_manifest,
                                        save_checkpoint)
 from pyllmops.train.datasets import DPO_KEYS, SFT_KEYS, load_examples
@@ -130,12 +135,19 @@ def _activation_checkpointing(model, on):
 
 def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight_decay, betas, warmup_steps,
            min_lr_ratio, max_grad_norm, bf16, activation_checkpointing, checkpoint_dir, checkpoint_every,
-           resume_from, progress, callback, settings, allow_settings_change=False):
+           resume_from, progress, callback, settings, allow_settings_change=False, fsdp=False, fsdp_offload=False):
     """The loop shared by sft and dpo. micro_batches: the whole plan (steps * grad_accum * world);
     step_fn(module, raw_model, batch) -> (loss, {metric: float}, tokens)."""
     _check_model(model)
+    check_bool("fsdp", fsdp)
+    check_bool("fsdp_offload", fsdp_offload)
+    if fsdp and not isinstance(model, Decoder):
+        raise TypeError(f"fsdp=True shards a pyllmops.models.Decoder; got {type(model).__name__}")
     device = model.device
     rank, world = _dist()
+    if fsdp:
+        fsdp_mod.shard_model(model, param_dtype=torch.bfloat16 if (device.type == "cuda" if bf16 is None else bf16)
+                             else None, offload=fsdp_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (apply_lora(model, ...) first, or unfreeze some)")
@@ -145,8 +157,20 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
     settings = dict(settings, weight_decay=weight_decay, betas=list(betas), warmup_steps=warmup_steps,
                     min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, bf16=use_bf16, world_size=world)
     start = 0
+    if fsdp and resume_from == "latest":
+        raise ValueError("resume_from='latest' is not supported with fsdp=True yet (FSDP checkpoints have no "
+                         "manifest): pass a step-N checkpoint directory")
     resume_path = _resume_path(resume_from, checkpoint_dir)
-    if resume_path is not None:
+    if resume_path is not None and fsdp:  # any world size; the other settings must match
+        start, saved = fsdp_mod.load_checkpoint(resume_path, model, optimizer)
+        if start > steps:
+            raise ValueError(f"checkpoint {resume_path!r} is at step {start}, beyond steps={steps}")
+        changed = sorted(k for k, (a, b) in _world_free(saved, settings).items()
+                         if json.dumps(a, default=str) != json.dumps(b, default=str))
+        if changed and not allow_settings_change:
+            raise ValueError(f"checkpoint {resume_path!r} was written with other settings: {changed} "
+                             f"(allow_settings_change=True to resume anyway)")
+    elif resume_path is not None:
         saved_step = read_manifest(resume_path)["step"]
         if saved_step > steps:  # checked before load_checkpoint writes anything
             raise ValueError(f"checkpoint {resume_path!r} is at step {saved_step}, beyond steps={steps}")
@@ -155,7 +179,7 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
     ckpt = _activation_checkpointing(model, activation_checkpointing)
     ckpt.__enter__()
     module = model
-    if world > 1:
+    if world > 1 and not fsdp:
         module = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                                            device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
@@ -172,7 +196,8 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
             sums, tokens = {}, 0
             for j in range(grad_accum):
                 batch = micro_batches[(step * grad_accum + j) * world + rank].to(device)
-                sync = contextlib.nullcontext() if (world == 1 or j == grad_accum - 1) else module.no_sync()
+                sync = contextlib.nullcontext() if (world == 1 or fsdp or j == grad_accum - 1) else module.no_sync()
+                fsdp_mod.set_gradient_sync(model, j == grad_accum - 1)  # FSDP's no_sync
                 with sync:
                     with (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()):
                         loss, metrics, n_tok = step_fn(module, model, batch)
@@ -191,7 +216,7 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            rec = {"step": step + 1, **sums, "lr": cur_lr, "grad_norm": float(grad_norm), "tokens": tokens,
+            rec = {"step": step + 1, **sums, "lr": cur_lr, "grad_norm": float(_full(grad_norm)), "tokens": tokens,
                    "tokens_per_s": tokens / dt, "peak_mem_mb": _peak_memory_mb(device), "time_s": dt}
             history.append(rec)
             bar.update(1)
@@ -200,15 +225,30 @@ def _train(model, micro_batches, step_fn, *, kind, steps, grad_accum, lr, weight
             if callback is not None:
                 callback(rec)
             done = step + 1
-            if checkpoint_dir is not None and rank == 0 and (
+            if checkpoint_dir is not None and (
                     (checkpoint_every and done % checkpoint_every == 0) or done == steps):
-                save_checkpoint(f"{checkpoint_dir}/step-{done}", model, optimizer, done, settings)
+                if fsdp:  # every rank: gathers and DCP are collectives
+                    fsdp_mod.save_checkpoint(f"{checkpoint_dir}/step-{done}", model, optimizer, done, settings)
+                elif rank == 0:
+                    save_checkpoint(f"{checkpoint_dir}/step-{done}", model, optimizer, done, settings)
             if world > 1 and checkpoint_dir is not None:
                 dist.barrier()
     finally:
         bar.close()
         ckpt.__exit__(None, None, None)
     return history
+
+
+def _world_free(saved, settings):
+    """{setting: (saved, current)} with the world size and per-process grad_accum replaced by their
+    product (micro-batches per step): an FSDP run resumes at another world size with grad_accum scaled."""
+    out = {}
+    for name, d in (("saved", saved), ("current", settings)):
+        d = dict(d)
+        d["micro_batches_per_step"] = d.pop("grad_accum", 1) * d.pop("world_size", 1)
+        for k, v in d.items():
+            out.setdefault(k, [None, None])[0 if name == "saved" else 1] = v
+    return out
 
 
 def _resume_path(resume_from, checkpoint_dir):
@@ -248,7 +288,7 @@ def _common_checks(steps, grad_accum, lr, weight_decay, warmup_steps, min_lr_rat
 def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_accum=1, lr=2e-4, weight_decay=0.0,
         betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0, max_seq_len=512, seed=0,
         bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0, resume_from=None,
-        progress=True, callback=None, allow_settings_change=False):
+        progress=True, callback=None, allow_settings_change=False, fsdp=False, fsdp_offload=False):
     """Supervised fine-tuning on prompt/completion examples; the loss counts completion tokens only.
 
     Each example becomes [bos] prompt completion [eos] (tokenizer: ByteTokenizer by default; a Hugging
@@ -274,6 +314,9 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
             verified (checksums) and its loop settings must equal this call's (ValueError naming the changes)
             unless allow_settings_change=True.
         progress: tqdm bar; callback(metrics) after every step.
+        fsdp: shard the model with FSDP2 (pyllmops.train.fsdp.shard_model; needs torch.distributed, e.g.
+            torchrun); checkpoints then hold the optimizer in torch.distributed.checkpoint and resume at any
+            world size (resume_from: a step-N directory). fsdp_offload: FSDP2's CPUOffloadPolicy.
 
     Returns:
         history: one dict per step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_mb
@@ -301,7 +344,8 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
                   weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                   max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
-                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change)
+                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change,
+                  fsdp=fsdp, fsdp_offload=fsdp_offload)
 
 
 def encode_preferences(tok, rows, max_seq_len):
@@ -325,7 +369,7 @@ def pair_logps(model, batch, average, raw=None):
 def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps=100, batch_pairs=8, grad_accum=1,
         lr=5e-5, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0,
         max_seq_len=512, seed=0, bf16=None, activation_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
-        resume_from=None, progress=True, callback=None, allow_settings_change=False):
+        resume_from=None, progress=True, callback=None, allow_settings_change=False, fsdp=False, fsdp_offload=False):
     """Direct Preference Optimization on prompt/chosen/rejected examples (see dpo_loss for the formulas).
 
     The reference log-probabilities come from the same model with its adapters disabled
@@ -374,7 +418,8 @@ def dpo(model, examples, *, tokenizer=None, beta=0.1, loss_type="sigmoid", steps
                   weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                   max_grad_norm=max_grad_norm, bf16=bf16, activation_checkpointing=activation_checkpointing,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
-                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change)
+                  progress=progress, callback=callback, settings=settings, allow_settings_change=allow_settings_change,
+                  fsdp=fsdp, fsdp_offload=fsdp_offload)
 
 
 @torch.no_grad()
