@@ -1,4 +1,4 @@
-"""Every python snippet of README.md and docs/integrations.md runs as shown (CPU-only here: the snippets
+"""Every python snippet of README.md, docs/integrations.md, docs/attention.md and docs/paged.md runs as shown (CPU-only here: the snippets
 choose their device at run time), each in a fresh namespace; a snippet whose libraries are missing is
 skipped with the reason."""
 import importlib.util
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/integrations.md"]
+DOCS = ["README.md", "docs/integrations.md", "docs/attention.md", "docs/paged.md"]
 
 
 def snippets():
