@@ -361,6 +361,7 @@ def measure(model, setup, fake=True):
 
             checks = [(attention_ops, "_check_cu_seqlens"), (Decoder, "_check_ids")]
             checks += [(mod, "_check_finite") for mod in (nf4_ops, lora_ops) if hasattr(mod, "_check_finite")]
+            checks += [(nf4_ops, "_check_nested_finite"), (lora_ops, "check_finite_weight")]
             for owner, name in checks:
                 stack.callback(setattr, owner, name, getattr(owner, name))
                 setattr(owner, name, lambda *a, **k: None)

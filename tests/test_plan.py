@@ -93,8 +93,6 @@ def test_estimate_vs_real_cpu_step_fsdp_two_processes(tmp_path):
 
 # 7B / 13B / 70B layer shapes (full hidden, intermediate, heads, vocab; 2 layers: the estimate is linear in
 # the layer count), seq_len 2048, bf16 activations as on a GPU, under FakeTensorMode.
-@pytest.mark.skip(reason="main's quantize_nf4 (double_quant) now reads values (isfinite(absmax.mean())), which "
-                         "FakeTensorMode cannot: the fake trace stops in apply_lora; passed before that change (docs)")
 @pytest.mark.parametrize("model,gpus,quantize,checkpointing", [
     ("llama-7b", 1, "nf4", False), ("llama-13b", 2, "int2", True), ("llama-70b", 2, "nf4", True)])
 def test_estimate_vs_fake_tracker_at_big_shapes(model, gpus, quantize, checkpointing):

@@ -468,14 +468,19 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
-        if not torch.isfinite(offset) or not torch.isfinite(absmax - offset).all():
-            raise ValueError(f"w: double_quant needs the mean of the block absmax ({offset.item()}) and the "
-                             "centred absmax to be finite in float32; the weights are too large "
-                             f"(max |w| = {absmax.max().item()}); use double_quant=False")
+        _check_nested_finite(absmax, offset)
         code = dynamic_code(w.device)
         qabsmax, absmax2 = torch.ops.pyllmops.nf4_quantize_sorted_code(absmax - offset, code, NESTED_BLOCKSIZE)
         state = replace(state, absmax=qabsmax, nested_absmax=absmax2, nested_code=code, nested_offset=offset)
     return packed, state
+
+
+def _check_nested_finite(absmax, offset):
+    """double_quant centres the block absmax on their mean: both must stay finite in float32."""
+    if not torch.isfinite(offset) or not torch.isfinite(absmax - offset).all():
+        raise ValueError(f"w: double_quant needs the mean of the block absmax ({offset.item()}) and the "
+                         "centred absmax to be finite in float32; the weights are too large "
+                         f"(max |w| = {absmax.max().item()}); use double_quant=False")
 
 
 def _check_finite(name, t):
