@@ -693,6 +693,10 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
 def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
+    if on_cuda(device):  # strict: the marker must go when the CUDA kernels give the exact pattern
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA kernels propagate NaN (never 0 / -inf) but "
+                                              "over-approximate: 0 * NaN inside a visited tile reaches rows of that "
+                                              "tile that do not see the NaN (test_attention_cuda.py checks no laundering)"))
     dtype = _dtypes(device)[0]
     cases = {
         "q_row": dict(poison=[("q", (0, 33, 1))], causal=False, window=(10, 10)),
@@ -727,7 +731,7 @@ def test_large_softmax_scale(request, device, cpu_path, scale, window):
     dk are scale times a cancellation, conditioned like the scale itself: only finite is asserted)."""
     if on_cuda(device) and scale >= 1e5:  # strict: the marker must go when the CUDA backward is fixed
         request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA backward rebuilds P from the float32 lse "
-                                              "(dv error 0.04 at 1e5, NaN beyond; helper attn_gpu's rewrite)"))
+                                              "(dv error 0.04 at 1e5, NaN beyond; not fixed yet)"))
     dtype = _dtypes(device)[0]
     tol = 1e-4 if dtype == torch.float32 else TOL[dtype]["out"]  # at 1e3 fp32's score rounding alone gives 8e-6
     q, k, v = _inputs(2, 60, 70, 2, 2, 32, dtype, device)
