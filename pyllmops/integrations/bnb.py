@@ -59,13 +59,13 @@ def nf4_from_linear4bit(layer, name="layer"):
 
 
 def nf4linear_from_linear4bit(layer, name="layer"):
-    """An NF4Linear on a bnb Linear4bit's bytes and quant state (shared, not copied); bias shared too."""
+    """An NF4Linear on a bnb Linear4bit's bytes (shared, not copied; the small statistics are copied into the
+    layer's `weight_stats`); bias shared too."""
     packed, state = nf4_from_linear4bit(layer, name)
     out = NF4Linear.__new__(NF4Linear)
     nn.Module.__init__(out)
     out.in_features, out.out_features = layer.in_features, layer.out_features
-    out.register_buffer("weight", packed.view(-1, 1) if packed.dim() != 2 else packed)
-    out.quant_state = state
+    out._set_quantized(packed.reshape(-1, 1), state)
     if layer.bias is not None:
         out.bias = layer.bias
     else:
