@@ -58,6 +58,12 @@ class MultiHeadAttention(torch.nn.Module):
         return left, right
 
     def forward(self, x, position_ids=None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (batch, seqlen, hidden_size), got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape (batch, seqlen, hidden_size={self.hidden_size}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)

@@ -52,5 +52,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if b < 1 or L < 1 or key.shape[2] < 1:
         raise ValueError(f"batch, L and S must be >= 1, got query {tuple(query.shape)}, key {tuple(key.shape)}")
     window = _window(False, (-1, -1) if window_size is None else window_size, L, key.shape[2])
-    s = _softmax_scale(scale, d)
+    s = _softmax_scale(scale, d, name="scale")
     return _sdpa(query, key, value, is_causal=is_causal, scale=s, window_size=window, softcap=_softcap(softcap))

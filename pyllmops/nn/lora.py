@@ -48,18 +48,26 @@ class _AdapterMixin:
         """{prefix + 'lora_A.weight': A, prefix + 'lora_B.weight': B} (peft's adapter_model keys)."""
         return {prefix + "lora_A.weight": self.lora_A.detach(), prefix + "lora_B.weight": self.lora_B.detach()}
 
-    def load_adapter_state_dict(self, state_dict, prefix=""):
-        """Copies lora_A / lora_B from peft-format keys (shapes checked, dtype and device converted)."""
+    def check_adapter_state_dict(self, state_dict, prefix=""):
+        """Raises (KeyError / ValueError naming the key) unless lora_A / lora_B are present with this layer's
+        shapes; writes nothing."""
         for name in ("lora_A", "lora_B"):
             key = prefix + name + ".weight"
             if key not in state_dict:
                 raise KeyError(f"adapter state dict has no {key!r}; keys: {sorted(state_dict)[:8]}")
             value, param = state_dict[key], getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{key} must be a tensor, got {type(value).__name__}")
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)} "
                                  f"(r={self.r}; a rank mismatch means the adapter was trained with another r)")
+
+    def load_adapter_state_dict(self, state_dict, prefix=""):
+        """Copies lora_A / lora_B from peft-format keys (shapes checked first, dtype and device converted)."""
+        self.check_adapter_state_dict(state_dict, prefix)
+        for name in ("lora_A", "lora_B"):
             with torch.no_grad():
-                param.copy_(value.to(param.dtype))
+                getattr(self, name).copy_(state_dict[prefix + name + ".weight"].to(getattr(self, name).dtype))
 
 
 class LoRALinear(_AdapterMixin, nn.Module):
@@ -289,15 +297,18 @@ def load_adapter_state_dict(model, state_dict, prefix=PEFT_PREFIX):
     for k, v in state_dict.items():
         key = k[len(prefix):] if k.startswith(prefix) else k
         norm[key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = v
-    used = set()
-    for name, mod in model.named_modules():
+    used, targets = set(), []
+    for name, mod in model.named_modules():  # validate every adapter and key first: all or nothing
         if isinstance(mod, _ADAPTERS):
             p = f"{name}." if name else ""
-            mod.load_adapter_state_dict(norm, p)
+            mod.check_adapter_state_dict(norm, p)
+            targets.append((mod, p))
             used.update({p + "lora_A.weight", p + "lora_B.weight"})
     unexpected = sorted(set(norm) - used)
     if unexpected:
         raise KeyError(f"adapter state dict has keys that match no adapter of the model: {unexpected[:8]}")
+    for mod, p in targets:
+        mod.load_adapter_state_dict(norm, p)
 
 
 def _int_bits(quantize):

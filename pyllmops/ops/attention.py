@@ -316,6 +316,11 @@ def _check_qkv(q, k, v, varlen):
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hkv}) (GQA/MQA), got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    for name, t in (("q", q), ("k", k)):  # int32 positions, as FlashAttention: 2**31 rows would run for days anyway
+        rows = t.shape[0] if varlen else t.shape[1]
+        if rows > MAX_ROWS:
+            raise ValueError(f"{name} has {rows} {'rows' if varlen else 'positions (seqlen)'}, more than the "
+                             f"{MAX_ROWS} (2**31 - 1) a sequence axis may hold, got {name}.shape = {tuple(t.shape)}")
     if not varlen:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
@@ -341,18 +346,20 @@ def _window(causal, window_size, seqlen_q, seqlen_k):
 
 # float32 max / log2(e): the kernels use softmax_scale * log2(e) in float32 (csrc/attention/attention_bindings.cpp).
 MAX_SOFTMAX_SCALE = 2.3589112e38
+MAX_ROWS = 2**31 - 1  # seqlen (dense) or total rows (varlen) of q and k
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _softmax_scale(softmax_scale, head_dim):
-    """1 / sqrt(head_dim) when None; else a number > 0 that stays positive and finite in float32, also times log2(e)."""
+def _softmax_scale(softmax_scale, head_dim, name="softmax_scale"):
+    """1 / sqrt(head_dim) when None; else a number > 0 that stays positive and finite in float32, also times log2(e).
+    `name` is the caller's argument name (the SDPA drop-in calls it `scale`)."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__} {softmax_scale!r}")
+        raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__} {softmax_scale!r}")
     scale = float(softmax_scale)
     if not (math.isfinite(scale) and 0 < scale <= MAX_SOFTMAX_SCALE) or torch.tensor(scale).item() == 0:
-        raise ValueError(f"softmax_scale must be > 0 and at most {MAX_SOFTMAX_SCALE:.5g} (positive and finite in "
+        raise ValueError(f"{name} must be > 0 and at most {MAX_SOFTMAX_SCALE:.5g} (positive and finite in "
                          f"float32, also after the kernels multiply it by log2(e)), got {softmax_scale!r}")
     return scale
 
