@@ -202,8 +202,9 @@ def test_dequantize_int_empty_dims(device, out_f, groups):
 
 
 # ---- QA-LoRA ------------------------------------------------------------------------------------
-QALORA_CASES = [(96, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8),
-                (64, 20, (3, 50), 32, 4)]  # the last: 150 rows, more than one 64-row CUDA tile
+QALORA_CASES = [(192, 42, (5,), 32, 1), (192, 123, (2, 3), 64, 8), (384, 6, (4,), 128, 64), (256, 431, (3,), 64, 8),
+                (64, 20, (3, 50), 32, 4)]  # the last: 150 rows, more than one 64-row CUDA tile; the first: r = 1 over
+# 6 pooled groups (with 3, dA has 3 elements and its norm is sometimes small enough to fail bf16's bound by chance)
 
 
 @pytest.mark.parametrize("device", devices())
