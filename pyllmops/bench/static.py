@@ -50,8 +50,11 @@ DEFAULT_ARCHS = ("80", "90a")
 NOT_NVCC_DIRS = {"emu"}
 
 # Hot kernels may not spill (--check). A kernel listed here may, with the reason; keys are
-# "<family>/<kernel name without template arguments>". Empty: nothing spills today.
-SPILL_ALLOWED: dict[str, str] = {}
+# "<family>/<kernel name without template arguments>".
+SPILL_ALLOWED: dict[str, str] = {
+    "attention/dkdv_kernel": "sm_80, head_dim 128, dK and dV in one CTA: one 4-byte word spills at the 255-register "
+                             "cap (sm_90a does not spill); the 5-matmul backward restructure is the fix",
+}
 
 # Dynamic shared memory, which only the launch knows: for each kernel the launcher's expression, with
 # {0}, {1}, ... standing for the kernel's template arguments. It is evaluated by compiling the .cu
