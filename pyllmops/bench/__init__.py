@@ -6,4 +6,5 @@ FAMILIES = {
     "attention": "pyllmops.bench.attention",
     "paged": "pyllmops.bench.paged",
     "lora": "pyllmops.bench.lora",
+    "model": "pyllmops.bench.model",  # the model-level row alone (bench lora ends with it too)
 }

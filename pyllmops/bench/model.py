@@ -42,9 +42,8 @@ def _ours(cfg, r, dev):
     pyllmops.apply_lora(model, r=r, alpha=2 * r, target_modules=TARGETS, quantize="nf4", blocksize=64,
                         double_quant=True)
 
-    def loss_fn(ids):
-        logits = model(ids)
-        return pyllmops.train.losses.sft_loss(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    def loss_fn(ids):  # the same loss as the peer's model(input_ids=ids, labels=ids).loss
+        return model.loss(ids, labels=ids)
 
     return model, loss_fn
 

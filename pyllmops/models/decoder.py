@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pyllmops.nn import fused
 from pyllmops.nn.attention import MultiHeadAttention
-from pyllmops.nn.rotary import apply_rotary
 from pyllmops.ops._common import check_int, check_tensor
 from pyllmops.ops.attention import flash_attention_varlen
 from pyllmops.ops.paged import paged_attention
@@ -88,9 +88,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(_activation_dtype(x))
+        return fused.rms_norm(x, self.weight, self.eps, _activation_dtype(x))
 
 
 class Packed:
@@ -102,6 +100,15 @@ class Packed:
         self.positions, self.cu_seqlens, self.max_seqlen = positions, cu_seqlens, max_seqlen
         self.cache, self.slots, self.block_tables, self.seq_lens, self.decode = (cache, slots, block_tables,
                                                                                  seq_lens, decode)
+        self._rotary = {}
+
+    def rotary_tables(self, head_dim, base):
+        """(cos, sin) half-width tables of these positions (pyllmops.nn.fused.rotary_tables), built once per
+        forward pass and shared by every layer."""
+        key = (head_dim, base)
+        if key not in self._rotary:
+            self._rotary[key] = fused.rotary_tables(self.positions, head_dim, base)
+        return self._rotary[key]
 
 
 def _compute_dtype(t):
@@ -124,8 +131,8 @@ class DecoderAttention(MultiHeadAttention):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = self.rotary(ctx.positions)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = ctx.rotary_tables(self.head_dim, self.rotary.base)
+        q, k = fused.rotary(q, cos, sin), fused.rotary(k, cos, sin)
         out_dtype, dt = q.dtype, _compute_dtype(q)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if ctx.cache is None:
@@ -151,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -222,15 +229,19 @@ class Decoder(nn.Module):
     def device(self):
         return self.embed_tokens.weight.device
 
-    def run(self, input_ids, ctx):
-        """Logits of packed tokens input_ids (total,) laid out as ctx says."""
+    def hidden(self, input_ids, ctx):
+        """The final normed hidden states (total, hidden) of packed tokens input_ids (total,) laid out as ctx says."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
+
+    def run(self, input_ids, ctx):
+        """Logits of packed tokens input_ids (total,) laid out as ctx says."""
+        return self.lm_head(self.hidden(input_ids, ctx)).float()
 
     def _check_ids(self, input_ids):
         """Token ids in [0, vocab_size): the embedding would raise a bare IndexError (on CUDA, a device assert)."""
@@ -243,7 +254,8 @@ class Decoder(nn.Module):
                 raise IndexError(f"input_ids holds token id {bad} at index {pos}, outside the vocabulary "
                                  f"[0, {vocab}) (vocab_size={vocab})")
 
-    def forward(self, input_ids, cu_seqlens=None):
+    def _layout(self, input_ids, cu_seqlens):
+        """-> (packed int64 ids (total,), Packed ctx, output shape prefix) after checking the arguments."""
         check_tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32))
         self._check_ids(input_ids)
         if input_ids.dim() == 2:
@@ -256,7 +268,7 @@ class Decoder(nn.Module):
             lengths = [s] * b
             ctx = Packed(positions_from_lengths(lengths, input_ids.device), cu_seqlens_from_lengths(lengths,
                          input_ids.device), s)
-            return self.run(input_ids.reshape(-1).long(), ctx).view(b, s, -1)
+            return input_ids.reshape(-1).long(), ctx, (b, s)
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be (batch, seqlen) or packed (total,), got {tuple(input_ids.shape)}")
         if cu_seqlens is None:
@@ -267,7 +279,39 @@ class Decoder(nn.Module):
             raise ValueError(f"cu_seqlens must rise from 0 to input_ids' {input_ids.shape[0]} tokens, got "
                              f"{cu_seqlens.tolist()[:8]}")
         ctx = Packed(positions_from_lengths(lengths, input_ids.device), cu_seqlens, max(lengths, default=1) or 1)
-        return self.run(input_ids.long(), ctx)
+        return input_ids.long(), ctx, (input_ids.shape[0],)
+
+    def forward(self, input_ids, cu_seqlens=None):
+        ids, ctx, prefix = self._layout(input_ids, cu_seqlens)
+        return self.run(ids, ctx).view(*prefix, -1)
+
+    def loss(self, input_ids, labels=None, cu_seqlens=None):
+        """Causal-LM loss, as transformers' model(input_ids, labels=labels).loss: token t of each sequence
+        predicts labels[t + 1] of that sequence (the last token of a sequence predicts nothing); targets equal
+        to -100 do not count; the mean over the counted tokens (0 with zero gradients if none counts).
+        labels: input_ids' shape, default input_ids. Computed with pyllmops.nn.fused.linear_cross_entropy:
+        only the counted tokens' hidden states reach the lm_head, and the (tokens, vocab) logits are never
+        materialized (float32 loss, as forward's float32 logits would give)."""
+        ids, ctx, _ = self._layout(input_ids, cu_seqlens)
+        if labels is None:
+            labels = input_ids
+        check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=input_ids.device)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        lab = labels.reshape(-1).long()
+        targets = torch.full_like(lab, fused.IGNORE)
+        targets[:-1] = lab[1:]
+        targets[ctx.cu_seqlens[1:].long() - 1] = fused.IGNORE  # each sequence's last token: no next token
+        counted = (targets != fused.IGNORE).nonzero().squeeze(1)
+        h = self.hidden(ids, ctx)
+        if counted.numel() < h.shape[0]:
+            h, targets = h.index_select(0, counted), targets.index_select(0, counted)
+        if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:  # e.g. an adapted lm_head
+            from pyllmops.train.losses import sft_loss
+
+            return sft_loss(self.lm_head(h).float(), targets)
+        w = self.lm_head.weight
+        return fused.linear_cross_entropy(h.to(w.dtype), w, targets)
 
     def num_parameters(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
