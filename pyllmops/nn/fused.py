@@ -19,7 +19,7 @@ References in float64 and the tests: tests/test_fused.py.
 """
 import torch
 
-from pyllmops.ops._common import check_tensor
+from pyllmops.ops._common import check_tensor, empty
 
 IGNORE = -100
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -108,7 +108,7 @@ def _rotate(x, cos, sin, sign):
     """out[:h] = x1 cos - sign x2 sin, out[h:] = x2 cos + sign x1 sin (sign -1: the inverse rotation)."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    out = empty(x.shape, torch.promote_types(x.dtype, cos.dtype), x.device)  # every element written below
     o1, o2 = out[..., :h], out[..., h:]
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
@@ -166,7 +166,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         counted = targets != ignore_index
         n = counted.sum().clamp(min=1)
         total = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.empty_like(h) if need_dh else None
+        dh = empty(h.shape, h.dtype, h.device) if need_dh else None  # every row written below
         dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_dw else None
         for i in range(0, n_tok, chunk_rows):
             hc, tc, mc = h[i:i + chunk_rows], targets[i:i + chunk_rows], counted[i:i + chunk_rows]

@@ -1,0 +1,251 @@
+"""pyllmops.nn.fused (the decoder's fused norm / activation / rotary / linear+cross-entropy) against float64
+formulas: outputs and every gradient, fresh random inputs, outputs poisoned (conftest), bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyllmops
+from pyllmops.nn import fused
+from pyllmops.nn.rotary import RotaryEmbedding, apply_rotary
+
+from conftest import assert_close
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}
+
+
+def _leaf(shape, dtype, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+# ---- rms_norm ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8), (37, 96), (3, 5, 130)])
+def test_rms_norm(dtype, shape):
+    x, w = _leaf(shape, dtype, 3.0), _leaf(shape[-1:], dtype)
+    eps = 1e-5
+    y = fused.rms_norm(x, w, eps)
+    assert y.dtype == dtype
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    dy = torch.randn(shape, dtype=torch.float64)
+    assert_close(y, ref, TOL[dtype])
+    dx, dw = _grads(y, (x, w), dy.to(dtype))
+    rdx, rdw = _grads(ref, (x64, w64), dy)
+    assert_close(dx, rdx, TOL[dtype] * 4, "dx")
+    assert_close(dw, rdw, TOL[dtype] * 4, "dweight")
+
+
+def test_rms_norm_out_dtype_frozen_weight_and_nan():
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16)
+    y = fused.rms_norm(x, w, 1e-6, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    (dx,) = torch.autograd.grad(y.float().sum(), (x,))
+    assert dx.dtype == torch.float32 and torch.isfinite(dx).all()
+    xn = x.detach().clone()
+    xn[2, 3] = float("nan")
+    yn = fused.rms_norm(xn, w)
+    assert torch.isnan(yn[2]).all() and torch.isfinite(yn[[0, 1, 3]]).all()
+
+
+def test_rms_norm_bad_inputs():
+    x, w = torch.randn(3, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="weight has 7 elements, expected x's last dim 8"):
+        fused.rms_norm(x, torch.randn(7))
+    with pytest.raises(ValueError, match="eps must be a positive number, got 0"):
+        fused.rms_norm(x, w, 0)
+    with pytest.raises(ValueError, match="x must have dtype"):
+        fused.rms_norm(x.long(), w)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fused.rms_norm([1.0], w)
+
+
+# ---- swiglu --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_swiglu(dtype):
+    g, u = _leaf((33, 70), dtype, 4.0), _leaf((33, 70), dtype)
+    h = fused.swiglu(g, u)
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    ref = g64 / (1 + torch.exp(-g64)) * u64
+    assert_close(h, ref, TOL[dtype])
+    dh = torch.randn(33, 70, dtype=torch.float64)
+    dg, du = _grads(h, (g, u), dh.to(dtype))
+    rdg, rdu = _grads(ref, (g64, u64), dh)
+    assert_close(dg, rdg, TOL[dtype] * 4, "dgate")
+    assert_close(du, rdu, TOL[dtype] * 4, "dup")
+
+
+def test_swiglu_bad_inputs():
+    with pytest.raises(ValueError, match="gate and up must have the same shape and dtype"):
+        fused.swiglu(torch.randn(2, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="gate and up must have the same shape and dtype"):
+        fused.swiglu(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64))
+
+
+# ---- rotary --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 64, 130])
+def test_rotary(dtype, head_dim):
+    tokens, heads, base = 29, 3, 10000.0
+    pos = torch.randint(0, 5000, (tokens,))
+    x = _leaf((tokens, heads, head_dim), dtype)
+    cos, sin = fused.rotary_tables(pos, head_dim, base)
+    y = fused.rotary(x, cos, sin)
+    assert y.dtype == dtype
+    # float64 formula: pairs (i, i + d/2) rotated by angle pos * base^(-2i/d)
+    x64 = x.detach().double().requires_grad_()
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = (pos.double()[:, None] * inv)[:, None, :]
+    x1, x2 = x64[..., :head_dim // 2], x64[..., head_dim // 2:]
+    ref = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    # positions up to 5000: float32 angles carry ~2.5e-4 rad of rounding, as RotaryEmbedding's do
+    tol = max(TOL[dtype], 1e-4)
+    assert_close(y, ref, tol)
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    (dx,) = _grads(y, (x,), dy.to(dtype))
+    (rdx,) = _grads(ref, (x64,), dy)
+    assert_close(dx, rdx, tol * 2, "dx")
+    if dtype == torch.float32:  # the same numbers as the module it replaces in the decoder
+        c, s = RotaryEmbedding(head_dim, base)(pos)
+        assert_close(y, apply_rotary(x.detach(), c, s), 1e-6, "vs nn.rotary.apply_rotary")
+
+
+def test_rotary_bad_inputs():
+    pos = torch.arange(4)
+    cos, sin = fused.rotary_tables(pos, 8)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        fused.rotary(torch.randn(4, 2, 16), cos, sin)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        fused.rotary(torch.randn(4, 8), cos, sin)
+    with pytest.raises(ValueError, match="head_dim must be an even int >= 2, got 7"):
+        fused.rotary_tables(pos, 7)
+    with pytest.raises(ValueError, match="positions must have dtype"):
+        fused.rotary_tables(pos.float(), 8)
+
+
+# ---- linear_cross_entropy ------------------------------------------------------------------------------
+
+def _ref_lce(h, w, t):
+    n = (t != -100).sum().clamp(min=1)
+    return F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction="sum") / n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("tokens,hidden,vocab,chunk", [(1, 8, 5, None), (37, 24, 300, 8), (64, 32, 1000, 7),
+                                                      (50, 16, 77, 64)])
+def test_linear_cross_entropy(dtype, tokens, hidden, vocab, chunk):
+    h, w = _leaf((tokens, hidden), dtype), _leaf((vocab, hidden), dtype, 0.5)
+    t = torch.randint(0, vocab, (tokens,))
+    t[torch.rand(tokens) < 0.3] = -100
+    loss = fused.linear_cross_entropy(h, w, t, chunk_rows=chunk)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and loss.shape == ()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _ref_lce(h64, w64, t)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    assert_close(loss, ref, tol)
+    scale = torch.tensor(1.7, dtype=torch.float64)  # the incoming gradient scales the stored ones
+    dh, dw = _grads(loss, (h, w), scale.to(loss.dtype))
+    rdh, rdw = _grads(ref, (h64, w64), scale)
+    assert_close(dh, rdh, tol, "dh")
+    assert_close(dw, rdw, tol, "dweight")
+
+
+def test_linear_cross_entropy_only_h_grad_all_ignored_and_nan():
+    h, w = _leaf((10, 8), torch.float32), torch.randn(20, 8)
+    t = torch.randint(0, 20, (10,))
+    loss = fused.linear_cross_entropy(h, w, t, chunk_rows=3)
+    (dh,) = torch.autograd.grad(loss, (h,))
+    h64 = h.detach().double().requires_grad_()
+    (rdh,) = torch.autograd.grad(_ref_lce(h64, w.double(), t), (h64,))
+    assert_close(dh, rdh, 1e-5, "dh")
+    none = torch.full((10,), -100)  # nothing counts: 0 with zero gradients, as sft_loss
+    loss0 = fused.linear_cross_entropy(h, w, none)
+    (dh0,) = torch.autograd.grad(loss0, (h,))
+    assert loss0.item() == 0 and torch.equal(dh0, torch.zeros_like(dh0))
+    hn = h.detach().clone()
+    hn[4, 1] = float("nan")
+    assert torch.isnan(fused.linear_cross_entropy(hn, w, t))
+    with torch.no_grad():  # no gradient buffers without grad
+        assert_close(fused.linear_cross_entropy(h, w, t), _ref_lce(h.double(), w.double(), t), 1e-5)
+
+
+def test_linear_cross_entropy_bad_inputs():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"targets\[2\] = 10 is outside the vocabulary \[0, 10\)"):
+        fused.linear_cross_entropy(h, w, torch.tensor([1, 2, 10, -100]))
+    with pytest.raises(ValueError, match=r"targets\[0\] = -5 is outside"):
+        fused.linear_cross_entropy(h, w, torch.tensor([-5, 2, 1, 1]))
+    with pytest.raises(ValueError, match="weight must be \\(vocab, hidden=8\\)"):
+        fused.linear_cross_entropy(h, torch.randn(10, 9), t)
+    with pytest.raises(ValueError, match="targets has 3 entries, expected one per row of h \\(4\\)"):
+        fused.linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(ValueError, match="targets must have dtype"):
+        fused.linear_cross_entropy(h, w, t.int())
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int, got 0"):
+        fused.linear_cross_entropy(h, w, t, chunk_rows=0)
+
+
+# ---- the decoder's loss --------------------------------------------------------------------------------
+
+def _tiny():
+    model = pyllmops.models.Decoder(pyllmops.models.DecoderConfig(hidden_size=64, intermediate_size=96, num_layers=2,
+                                                                  num_heads=4, num_kv_heads=2, initializer_range=0.2))
+    pyllmops.apply_lora(model, r=4, alpha=8, target_modules=list(pyllmops.models.PROJECTIONS))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _adapter_grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, params)
+
+
+def test_decoder_loss_matches_logits_path():
+    """Decoder.loss == cross-entropy on forward()'s logits, shifted per sequence, with -100 labels (transformers'
+    labels convention); the same adapter gradients. Batched and packed layouts."""
+    from pyllmops.train.losses import sft_loss
+
+    model = _tiny()
+    ids = torch.randint(0, 259, (3, 20))
+    labels = ids.clone()
+    labels[0, :7] = -100  # a prompt
+    loss, grads = _adapter_grads(model, model.loss(ids, labels))
+    logits = model(ids)
+    ref, rgrads = _adapter_grads(model, sft_loss(logits[:, :-1].reshape(-1, 259), labels[:, 1:].reshape(-1)))
+    assert_close(loss, ref, 1e-6)
+    for g, rg in zip(grads, rgrads):
+        assert_close(g, rg, 1e-5, "adapter grad")
+    # packed: sequences of 5, 1 and 14 tokens; a 1-token sequence predicts nothing
+    lengths = [5, 1, 14]
+    flat = torch.randint(0, 259, (20,))
+    cu = torch.tensor([0, 5, 6, 20], dtype=torch.int32)
+    loss_p = model.loss(flat, cu_seqlens=cu)
+    lg = model(flat, cu_seqlens=cu)
+    parts, tg, start = [], [], 0
+    for n in lengths:
+        parts.append(lg[start:start + n - 1])
+        tg.append(flat[start + 1:start + n])
+        start += n
+    assert_close(loss_p, sft_loss(torch.cat(parts), torch.cat(tg)), 1e-6, "packed loss")
+
+
+def test_decoder_loss_bad_labels():
+    model = _tiny()
+    ids = torch.randint(0, 259, (2, 6))
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        model.loss(ids, ids[:, :5])
+    bad = ids.clone()
+    bad[1, 3] = 400
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.loss(ids, bad)
