@@ -106,17 +106,18 @@ class Setup:
 
 
 def _layer_saved(cfg, s):
-    """Bytes autograd saves for one decoder layer's backward (pyllmops.models.decoder, LoRA kernels):
-    each RMSNorm its fp32 input copy and rsqrt; the projections' shared inputs (the normed x twice, the
-    attention output, silu(gate) * up) and each adapter's x.A^T (T x r fp32) and compute-dtype A and B;
-    flash attention q, k, v after rotary, out and lse; rotary cos/sin; gate, silu(gate), up."""
+    """Bytes autograd saves for one decoder layer's backward (pyllmops.models.decoder, its fused ops in
+    pyllmops.nn.fused, LoRA kernels): each RMSNorm its input and rstd (T fp32); the projections' shared
+    inputs (the normed x twice, the attention output, silu(gate) * up) and each adapter's x.A^T (T x r
+    fp32) and compute-dtype A and B; flash attention q, k, v after rotary, out and lse; gate and up
+    (SwiGLU recomputes silu in its backward). The rotary tables are shared by all layers (estimate())."""
     t, a, r = s.batch * s.seq_len, s.act_bytes, s.lora_r
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    norms = 2 * (4 * t * h + 4 * t)
+    norms = 2 * (a * t * h + 4 * t)
     proj_inputs = a * t * (2 * h + i)            # normed x (q/k/v and gate/up share it), silu(gate)*up
-    attention = a * t * (2 * q + 2 * kv) + 4 * t * cfg.num_heads + 2 * 4 * t * cfg.head_dim
-    mlp = a * t * 3 * i                          # gate, silu(gate), up
+    attention = a * t * (2 * q + 2 * kv) + 4 * t * cfg.num_heads
+    mlp = a * t * 2 * i                          # gate, up
     adapters = sum(4 * t * r + a * r * (o + n) for _, o, n in projections(cfg))
     return norms + proj_inputs + attention + mlp + adapters
 
@@ -168,7 +169,7 @@ def estimate(model, setup):
     #                 with FSDPMemTracker). With checkpointing a layer's saved tensors exist only while it is
     #                 recomputed (its backward), beside the layer inputs kept for every layer.
     saved, inputs = _layer_saved(cfg, s), a * t * cfg.hidden_size
-    kept = cfg.num_layers * (inputs if s.checkpointing else saved)
+    kept = cfg.num_layers * (inputs if s.checkpointing else saved) + 4 * t * cfg.head_dim  # + rotary cos/sin
     root = embed + cfg.hidden_size * a
     layer_full = layer_q + layer_norms + a * layer_adapters
     sharded = w > 1 or s.offload  # offload needs FSDP, also on one GPU

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from pyllmops.nn import fused
 from pyllmops.nn.attention import MultiHeadAttention
 from pyllmops.ops._common import check_int, check_tensor
-from pyllmops.ops.attention import flash_attention_varlen
+from pyllmops.ops.attention import flash_attention, flash_attention_varlen
 from pyllmops.ops.paged import paged_attention
 
 
@@ -96,8 +96,12 @@ class Packed:
     sequences in a PagedKVCache (paged_attention). Built by Decoder / generate, shared by all layers."""
 
     def __init__(self, positions, cu_seqlens, max_seqlen, cache=None, slots=None, block_tables=None, seq_lens=None,
-                 decode=False):
+                 decode=False, batch=None):
         self.positions, self.cu_seqlens, self.max_seqlen = positions, cu_seqlens, max_seqlen
+        # batch: None, or the number of sequences when all of them are max_seqlen long (a (batch, seqlen) input):
+        # attention then takes (batch, seqlen, heads, head_dim) views of the packed tokens (flash_attention, one
+        # call, no per-sequence split) instead of the varlen layout.
+        self.batch = batch
         self.cache, self.slots, self.block_tables, self.seq_lens, self.decode = (cache, slots, block_tables,
                                                                                  seq_lens, decode)
         self._rotary = {}
@@ -135,7 +139,11 @@ class DecoderAttention(MultiHeadAttention):
         q, k = fused.rotary(q, cos, sin), fused.rotary(k, cos, sin)
         out_dtype, dt = q.dtype, _compute_dtype(q)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if ctx.cache is None:
+        if ctx.cache is None and ctx.batch is not None:
+            b, s = ctx.batch, ctx.max_seqlen
+            out = flash_attention(q.view(b, s, *q.shape[1:]), k.view(b, s, *k.shape[1:]), v.view(b, s, *v.shape[1:]),
+                                  causal=True, window_size=self.window_size())
+        elif ctx.cache is None:
             out = flash_attention_varlen(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
                                          causal=True, window_size=self.window_size())
         else:
@@ -267,7 +275,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"input_ids must be (batch >= 1, seqlen >= 1), got {tuple(input_ids.shape)}")
             lengths = [s] * b
             ctx = Packed(positions_from_lengths(lengths, input_ids.device), cu_seqlens_from_lengths(lengths,
-                         input_ids.device), s)
+                         input_ids.device), s, batch=b)
             return input_ids.reshape(-1).long(), ctx, (b, s)
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be (batch, seqlen) or packed (total,), got {tuple(input_ids.shape)}")
@@ -283,7 +291,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, cu_seqlens=None):
         ids, ctx, prefix = self._layout(input_ids, cu_seqlens)
-        return self.run(ids, ctx).view(*prefix, -1)
+        logits = self.run(ids, ctx)
+        return logits.view(*prefix, -1) if len(prefix) == 2 else logits
 
     def loss(self, input_ids, labels=None, cu_seqlens=None):
         """Causal-LM loss, as transformers' model(input_ids, labels=labels).loss: token t of each sequence
