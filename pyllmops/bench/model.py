@@ -147,3 +147,77 @@ def run(bench):
             peak = row["peak_step_mib"]
             print(f"qlora sft step, {row['provider']}: {row['median_ms']:.1f} ms, step peak "
                   f"{'n/a' if peak is None else f'{peak:.1f} MiB'} above rest, {row['trainable_params']} trainable")
+
+
+# ---- where a step's time goes: `python -m pyllmops.bench.model [--quick] [--steps N]` ---------------------
+# Inclusive profiler time of each part's autograd nodes / ops, averaged over N profiled steps of each provider
+# (the providers alternate, as in run()). Parts overlap nothing: a LoRA layer's total includes its NF4
+# dequantize and GEMMs, attention's includes torch's SDPA kernel where ours routes to it.
+PARTS = {
+    "LoRA/QLoRA layers, forward (NF4 decode + GEMMs)": ("_Eager", "MatMul4Bit", "aten::linear"),
+    "LoRA/QLoRA layers, backward": ("_EagerBackward", "MatMul4BitBackward", "MmBackward0", "AddmmBackward0"),
+    "attention, forward": ("pyllmops::flash_attn_fwd", "aten::scaled_dot_product_attention"),
+    "attention, backward": ("pyllmops::flash_attn_bwd", "ScaledDotProductFlashAttentionForCpuBackward0"),
+    "lm_head + loss, forward and backward": ("_LinearCrossEntropy", "_LinearCrossEntropyBackward",
+                                             "aten::cross_entropy", "LogSoftmaxBackward0", "NllLossBackward0"),
+    "RMSNorm, forward and backward": ("_RMSNorm", "_RMSNormBackward"),
+    "rotary, forward and backward": ("_Rotary", "_RotaryBackward"),
+    "SwiGLU, forward and backward": ("_SwiGLU", "_SwiGLUBackward", "aten::silu", "SiluBackward0"),
+    "AdamW step + zero_grad": ("Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"),
+}
+
+
+def breakdown(quick=False, steps=3):
+    """-> {provider: {"step_ms": median wall time of the profiled steps, part: ms}} (see PARTS); the rest of a
+    step (residual adds, embedding, autograd and Python) is "other"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    class _Cpu:
+        device, quick = torch.device("cpu"), False
+
+    _Cpu.quick = quick
+    cfg, batch, seqlen, r = sizes(_Cpu)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, build in (("peer", _peer), ("pyllmops", _ours)):
+        torch.manual_seed(0)
+        model, loss_fn = build(cfg, r, torch.device("cpu"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(loss_fn=loss_fn, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(ids).backward()
+            opt.step()
+
+        step()
+        runs[name] = (step, {k: 0.0 for k in PARTS}, [])
+    for _ in range(steps):
+        for step, parts, walls in runs.values():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                step()
+                walls.append((time.perf_counter() - t0) * 1e3)
+            totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+            for part, keys in PARTS.items():
+                parts[part] += sum(totals.get(k, 0.0) for k in keys) / steps
+    out = {}
+    for name, (_, parts, walls) in runs.items():
+        walls.sort()
+        res = {"step_ms": walls[len(walls) // 2]}
+        res.update({k: v for k, v in parts.items() if v > 0})
+        res["other"] = max(0.0, sum(walls) / len(walls) - sum(parts.values()))
+        out[name] = res
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pyllmops.bench.model", description=breakdown.__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    for provider, res in breakdown(a.quick, a.steps).items():
+        print(f"{provider}: step {res.pop('step_ms'):.0f} ms (profiled)")
+        for part, ms in res.items():
+            print(f"  {part:48s} {ms:8.1f} ms")

@@ -1,9 +1,10 @@
 """A small Llama / Mistral-style decoder on pyllmops' kernels.
 
-Pre-norm blocks: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)); rotary positions (pyllmops.nn.rotary);
-GQA self-attention through flash_attention_varlen (training, scoring: every batch is a packed set of
-sequences, so SFT packing needs no padding) or through the paged KV cache (generation, see
-pyllmops.models.generate); SwiGLU MLP down(silu(gate(x)) * up(x)); optional sliding window.
+Pre-norm blocks: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)); rotary positions; GQA self-attention
+through flash_attention_varlen (packed sequences: SFT packing needs no padding), one batched flash_attention
+call (a (batch, seqlen) input) or the paged KV cache (generation, see pyllmops.models.generate); SwiGLU MLP
+down(silu(gate(x)) * up(x)); optional sliding window. RMSNorm, rotary, SwiGLU and the loss (Decoder.loss:
+lm_head + cross-entropy without full logits) are the fused autograd ops of pyllmops.nn.fused.
 
 Module and parameter names are Llama's (embed_tokens, layers.N.self_attn.{q,k,v,o}_proj,
 layers.N.mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, norm, lm_head), so
@@ -313,7 +314,7 @@ class Decoder(nn.Module):
         targets[ctx.cu_seqlens[1:].long() - 1] = fused.IGNORE  # each sequence's last token: no next token
         counted = (targets != fused.IGNORE).nonzero().squeeze(1)
         h = self.hidden(ids, ctx)
-        if counted.numel() < h.shape[0]:
+        if counted.numel() < 0.9 * h.shape[0]:  # many uncounted rows (prompts): they skip the lm_head GEMMs
             h, targets = h.index_select(0, counted), targets.index_select(0, counted)
         if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:  # e.g. an adapted lm_head
             from pyllmops.train.losses import sft_loss

@@ -39,7 +39,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
         xf = _wide(x)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        # sum of squares without an x^2 temporary: ||x||^2 / dim
+        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         y = xf * rstd
         y.mul_(weight.to(y.dtype))
         ctx.save_for_backward(x, weight, rstd)
@@ -50,14 +51,14 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         xhat = _wide(x) * rstd
-        g = _wide(dy) * weight.to(xhat.dtype)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of xhat = x * rstd:  rstd * (g - xhat * mean(g * xhat))
-            dot = (g * xhat).mean(-1, keepdim=True)
-            dx = g.sub_(xhat * dot).mul_(rstd).to(ctx.in_dtype)
         if ctx.needs_input_grad[1]:
             dw = (_wide(dy) * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dx of xhat = x * rstd:  rstd * (g - xhat * mean(g * xhat)),  g = dy * weight
+            g = _wide(dy) * weight.to(xhat.dtype)
+            dot = torch.linalg.vecdot(g, xhat).unsqueeze(-1).div_(x.shape[-1])
+            dx = g.sub_(xhat.mul_(dot)).mul_(rstd).to(ctx.in_dtype)
         return dx, dw, None, None
 
 
@@ -178,10 +179,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_dh or need_dw:
                 grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(-1, safe_t, torch.full_like(picked, -1.0).unsqueeze(-1))
-                grad.mul_(mc.unsqueeze(-1).to(acc) / n)  # ignored rows: 0; counted rows: / n
+                row_scale = mc.unsqueeze(-1).to(acc) / n  # ignored rows: 0; counted rows: 1 / n
+                scale_dh = not need_dw and h.dtype == acc  # then scale the (rows, hidden) dh, not the softmax
+                if not scale_dh:
+                    grad.mul_(row_scale)
                 grad = grad.to(h.dtype)
                 if need_dh:
-                    torch.mm(grad, weight, out=dh[i:i + chunk_rows])
+                    dhc = torch.mm(grad, weight, out=dh[i:i + chunk_rows])
+                    if scale_dh:
+                        dhc.mul_(row_scale)
                 if need_dw:
                     dw.addmm_(grad.t().to(acc), hc.to(acc))
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
