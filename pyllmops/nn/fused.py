@@ -172,12 +172,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, n_tok, chunk_rows):
             hc, tc, mc = h[i:i + chunk_rows], targets[i:i + chunk_rows], counted[i:i + chunk_rows]
             logits = (hc @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, -1)
             safe_t = torch.where(mc, tc, 0).unsqueeze(-1)
             picked = logits.gather(-1, safe_t).squeeze(-1)
+            # log-sum-exp and softmax in place of the logits (no (rows, vocab) temporaries)
+            row_max = logits.amax(-1, keepdim=True)
+            e = logits.sub_(row_max).exp_()
+            sum_e = e.sum(-1, keepdim=True)
+            lse = sum_e.log().add_(row_max).squeeze(-1)
             total += torch.where(mc, lse - picked, 0).sum()
             if need_dh or need_dw:
-                grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+                grad = e.div_(sum_e)  # softmax
                 grad.scatter_add_(-1, safe_t, torch.full_like(picked, -1.0).unsqueeze(-1))
                 row_scale = mc.unsqueeze(-1).to(acc) / n  # ignored rows: 0; counted rows: 1 / n
                 scale_dh = not need_dw and h.dtype == acc  # then scale the (rows, hidden) dh, not the softmax
