@@ -3,17 +3,21 @@ small Llama-shaped decoder, ours against the usual stack, side by side in one ru
 
   peer (baseline): transformers' LlamaForCausalLM (SDPA attention) whose seven projections per block
                    are bitsandbytes Linear4bit (NF4, blocksize 64, double quant), with peft LoRA on them
-  pyllmops:        pyllmops.models.Decoder (flash_attention_varlen) with apply_lora(quantize="nf4")
+  pyllmops:        pyllmops.models.Decoder (flash_attention, the fused ops of pyllmops.nn.fused) with
+                   apply_lora(quantize="nf4"); its loss is Decoder.loss (the peer's labels= loss, computed
+                   by the chunked linear + cross-entropy)
 
-Same sizes, rank, targets, tokens and optimizer; fp32 activations on the CPU. Reported per provider:
+Same sizes, rank, targets, tokens, loss and optimizer; fp32 activations on the CPU. Reported per provider:
 the step's median time, and its peak memory above the resting footprint (CUDA: max_memory_allocated;
 CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs before the step after
-malloc_trim has returned freed heap pages, minus the RSS before it). `python -m pyllmops bench lora`
-ends with it (one row per provider).
+malloc_trim has returned freed heap pages, minus the RSS before it). `python -m pyllmops bench model` runs
+it alone, `python -m pyllmops bench lora` ends with it (one row per provider); `python -m pyllmops.bench.model`
+prints where our step's time goes (breakdown()).
 """
 import ctypes
 import ctypes.util
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -149,65 +153,54 @@ def run(bench):
                   f"{'n/a' if peak is None else f'{peak:.1f} MiB'} above rest, {row['trainable_params']} trainable")
 
 
-# ---- where a step's time goes: `python -m pyllmops.bench.model [--quick] [--steps N]` ---------------------
-# Inclusive profiler time of each part's autograd nodes / ops, averaged over N profiled steps of each provider
-# (the providers alternate, as in run()). Parts overlap nothing: a LoRA layer's total includes its NF4
-# dequantize and GEMMs, attention's includes torch's SDPA kernel where ours routes to it.
+# ---- where our step's time goes: `python -m pyllmops.bench.model [--quick] [--steps N]` ------------------
+# Inclusive profiler time of each part's autograd nodes / ops, averaged over N profiled steps. The parts do not
+# nest: a LoRA layer's time includes its NF4 dequantize and GEMMs, attention's includes torch's SDPA kernel
+# where ours routes to it, the loss's includes the lm_head GEMMs. (The peer's modules nest their ops
+# differently, e.g. bitsandbytes' MatMul4Bit calls aten::linear, so only its step time compares.)
 PARTS = {
-    "LoRA/QLoRA layers, forward (NF4 decode + GEMMs)": ("_Eager", "MatMul4Bit", "aten::linear"),
-    "LoRA/QLoRA layers, backward": ("_EagerBackward", "MatMul4BitBackward", "MmBackward0", "AddmmBackward0"),
-    "attention, forward": ("pyllmops::flash_attn_fwd", "aten::scaled_dot_product_attention"),
-    "attention, backward": ("pyllmops::flash_attn_bwd", "ScaledDotProductFlashAttentionForCpuBackward0"),
-    "lm_head + loss, forward and backward": ("_LinearCrossEntropy", "_LinearCrossEntropyBackward",
-                                             "aten::cross_entropy", "LogSoftmaxBackward0", "NllLossBackward0"),
+    "LoRA/QLoRA layers, forward (NF4 decode + GEMMs)": ("_Eager",),
+    "LoRA/QLoRA layers, backward (NF4 decode + GEMMs)": ("_EagerBackward",),
+    "attention, forward": ("pyllmops::flash_attn_fwd",),
+    "attention, backward": ("pyllmops::flash_attn_bwd",),
+    "lm_head + cross-entropy (fused), forward and backward": ("_LinearCrossEntropy", "_LinearCrossEntropyBackward"),
     "RMSNorm, forward and backward": ("_RMSNorm", "_RMSNormBackward"),
     "rotary, forward and backward": ("_Rotary", "_RotaryBackward"),
-    "SwiGLU, forward and backward": ("_SwiGLU", "_SwiGLUBackward", "aten::silu", "SiluBackward0"),
+    "SwiGLU, forward and backward": ("_SwiGLU", "_SwiGLUBackward"),
     "AdamW step + zero_grad": ("Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"),
 }
 
 
 def breakdown(quick=False, steps=3):
-    """-> {provider: {"step_ms": median wall time of the profiled steps, part: ms}} (see PARTS); the rest of a
-    step (residual adds, embedding, autograd and Python) is "other"."""
+    """-> {"step_ms": median wall time of our profiled steps, part: mean ms (see PARTS), "other": the rest
+    (embedding, residual adds, autograd and Python)}."""
     from torch.profiler import ProfilerActivity, profile
 
-    class _Cpu:
-        device, quick = torch.device("cpu"), False
-
-    _Cpu.quick = quick
-    cfg, batch, seqlen, r = sizes(_Cpu)
+    cfg, batch, seqlen, r = sizes(types.SimpleNamespace(device=torch.device("cpu"), quick=quick))
     ids = torch.randint(0, cfg["vocab_size"], (batch, seqlen), generator=torch.Generator().manual_seed(0))
-    runs = {}
-    for name, build in (("peer", _peer), ("pyllmops", _ours)):
-        torch.manual_seed(0)
-        model, loss_fn = build(cfg, r, torch.device("cpu"))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    model, loss_fn = _ours(cfg, r, torch.device("cpu"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step(loss_fn=loss_fn, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(ids).backward()
-            opt.step()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ids).backward()
+        opt.step()
 
-        step()
-        runs[name] = (step, {k: 0.0 for k in PARTS}, [])
+    step()
+    parts, walls = {k: 0.0 for k in PARTS}, []
     for _ in range(steps):
-        for step, parts, walls in runs.values():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
-                step()
-                walls.append((time.perf_counter() - t0) * 1e3)
-            totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
-            for part, keys in PARTS.items():
-                parts[part] += sum(totals.get(k, 0.0) for k in keys) / steps
-    out = {}
-    for name, (_, parts, walls) in runs.items():
-        walls.sort()
-        res = {"step_ms": walls[len(walls) // 2]}
-        res.update({k: v for k, v in parts.items() if v > 0})
-        res["other"] = max(0.0, sum(walls) / len(walls) - sum(parts.values()))
-        out[name] = res
-    return out
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+        for part, keys in PARTS.items():
+            parts[part] += sum(totals.get(k, 0.0) for k in keys) / steps
+    res = {"step_ms": sorted(walls)[len(walls) // 2]}
+    res.update(parts)
+    res["other"] = max(0.0, sum(walls) / len(walls) - sum(parts.values()))
+    return res
 
 
 if __name__ == "__main__":
@@ -217,7 +210,8 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
-    for provider, res in breakdown(a.quick, a.steps).items():
-        print(f"{provider}: step {res.pop('step_ms'):.0f} ms (profiled)")
-        for part, ms in res.items():
-            print(f"  {part:48s} {ms:8.1f} ms")
+    res = breakdown(a.quick, a.steps)
+    step_ms = res.pop("step_ms")
+    print(f"pyllmops QLoRA SFT step: {step_ms:.0f} ms (median of {a.steps} profiled steps)")
+    for part, ms in res.items():
+        print(f"  {part:56s} {ms:8.1f} ms  {100 * ms / step_ms:5.1f}%")
