@@ -249,3 +249,26 @@ def test_decoder_loss_bad_labels():
     bad[1, 3] = 400
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.loss(ids, bad)
+
+
+# ---- the model-level benchmark (quick configuration) ---------------------------------------------------
+
+def test_bench_model_breakdown_and_row():
+    """The per-part breakdown names where the step's time goes (every part measured, the parts within the
+    step); the bench row records both providers or the peer's import error, and ours always."""
+    from pyllmops.bench import model as bench_model
+    from pyllmops.bench.harness import Bench
+
+    res = bench_model.breakdown(quick=True, steps=1)
+    step_ms = res.pop("step_ms")
+    assert step_ms > 0 and set(res) == set(bench_model.PARTS) | {"other"}
+    for part in ("LoRA/QLoRA layers, forward (NF4 decode + GEMMs)", "attention, backward",
+                 "lm_head + cross-entropy (fused), forward and backward", "RMSNorm, forward and backward"):
+        assert res[part] > 0, part
+    assert sum(res.values()) <= 1.5 * step_ms  # profiler overhead aside, the parts do not nest
+    bench = Bench("model", "cpu", quick=True, progress=False)
+    bench_model.run(bench)
+    rows = {r["provider"]: r for r in bench.rows}
+    assert rows["pyllmops"]["median_ms"] > 0 and rows["pyllmops"]["trainable_params"] > 0
+    peer = rows["transformers + peft + bitsandbytes + SDPA"]
+    assert "error" in peer or peer["trainable_params"] == rows["pyllmops"]["trainable_params"]
