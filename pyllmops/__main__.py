@@ -43,7 +43,8 @@ def cmd_bench(args):
     from pyllmops.bench.harness import DEFAULT_OUT, Bench, device_slug
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    families = list(FAMILIES) if args.family == "all" else [args.family]
+    # "all": the model row runs once, at the end of lora's (the "model" family is that row alone)
+    families = [f for f in FAMILIES if f != "model"] if args.family == "all" else [args.family]
     for family in families:
         if family not in FAMILIES:
             sys.exit(f"unknown benchmark family {family!r}; choose from {sorted(FAMILIES)} or 'all'")
