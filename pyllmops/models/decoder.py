@@ -312,6 +312,19 @@ class Decoder(nn.Module):
         targets = torch.full_like(lab, fused.IGNORE)
         targets[:-1] = lab[1:]
         targets[ctx.cu_seqlens[1:].long() - 1] = fused.IGNORE  # each sequence's last token: no next token
+        return self._target_loss(ids, ctx, targets)
+
+    def target_loss(self, input_ids, targets, cu_seqlens=None):
+        """Mean cross-entropy of packed tokens input_ids (total,) against targets (total,) that are already
+        aligned (targets[t] is what token t predicts, -100 where nothing counts), as
+        sft_loss(self(input_ids, cu_seqlens), targets) computes it, through the chunked loss of `loss`."""
+        ids, ctx, _ = self._layout(input_ids, cu_seqlens)
+        check_tensor("targets", targets, dtypes=(torch.int64,), dim=1, device=input_ids.device)
+        if targets.shape[0] != ids.shape[0]:
+            raise ValueError(f"targets has {targets.shape[0]} entries, expected one per token ({ids.shape[0]})")
+        return self._target_loss(ids, ctx, targets)
+
+    def _target_loss(self, ids, ctx, targets):
         counted = (targets != fused.IGNORE).nonzero().squeeze(1)
         h = self.hidden(ids, ctx)
         if counted.numel() < 0.9 * h.shape[0]:  # many uncounted rows (prompts): they skip the lm_head GEMMs

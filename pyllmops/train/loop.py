@@ -103,6 +103,16 @@ def _logits(module, batch, raw=None):
     return out.logits[0]
 
 
+def _sft_loss(module, raw, batch):
+    """sft_loss of the batch's logits. An unwrapped Decoder takes the chunked loss (Decoder.target_loss: the
+    (tokens, vocab) logits are never materialized); a DDP / FSDP wrapper or a transformers model runs its
+    forward and sft_loss (a wrapper's hooks run on forward only)."""
+    raw = module if raw is None else raw
+    if isinstance(raw, Decoder) and module is raw and not fsdp_mod.is_sharded(raw):
+        return raw.target_loss(batch.tokens, batch.targets, batch.cu_seqlens)
+    return sft_loss(_logits(module, batch, raw), batch.targets)
+
+
 def _adapters_off(model):
     """The frozen base model inside the block: peft's disable_adapter() for a PeftModel, else ours."""
     if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
@@ -337,7 +347,7 @@ def sft(model, examples, *, tokenizer=None, steps=100, batch_tokens=1024, grad_a
     micro = LazyBatches(order, encoded, Batch)
 
     def step_fn(module, raw, batch):
-        return sft_loss(_logits(module, batch, raw), batch.targets), {}, batch.num_tokens
+        return _sft_loss(module, raw, batch), {}, batch.num_tokens
 
     settings = dict(kind="sft", steps=steps, batch_tokens=batch_tokens, grad_accum=grad_accum, lr=lr, seed=seed)
     return _train(model, micro, step_fn, kind="sft", steps=steps, grad_accum=grad_accum, lr=lr,
@@ -432,7 +442,7 @@ def evaluate_sft(model, examples, *, tokenizer=None, max_seq_len=512):
     was = model.training
     model.eval()
     try:
-        return sft_loss(_logits(model, batch), batch.targets).item()
+        return _sft_loss(model, None, batch).item()
     finally:
         model.train(was)
 
