@@ -880,3 +880,26 @@ def test_cpu_isa_fallbacks(isa):
     name, err = res.stdout.split()
     assert name in ("baseline", isa)  # a CPU without AVX2 runs the baseline
     assert float(err) < 3e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_max_abs_pass(dtype):
+    """_C.attention_max_abs (the route's finiteness / |lse| check): max |x| in every layout (dense in any dimension
+    order: one flat pass; strided: row by row), NaN wherever one sits, inf for +-inf."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    x = torch.randn(2, 3, 37, 24, dtype=dtype) * 5
+    layouts = (x, x.transpose(1, 2), x.permute(3, 0, 2, 1), x[:, :, ::2], x[..., :8], x[0, 1, 5, :1], x[:, :, :0])
+    for t in layouts:
+        want = t.abs().max().item() if t.numel() else 0.0
+        assert lib().attention_max_abs(view(t)) == want
+    for pos in ((0, 0, 0, 0), (1, 2, 36, 23), (1, 0, 17, 5)):
+        for bad, want in ((float("nan"), None), (float("-inf"), math.inf), (float("inf"), math.inf)):
+            y = x.clone()
+            y[pos] = bad
+            padded = torch.zeros(2, 3, 37, 32, dtype=dtype)
+            padded[..., :24] = y
+            for t in (y, y.transpose(1, 2), padded[..., :24]):  # dense, dense permuted, strided rows
+                got = lib().attention_max_abs(view(t))
+                assert (math.isnan(got) if want is None else got == want), (pos, bad, got)

@@ -2,7 +2,10 @@
 // (dtype, rank, shapes, head_dim contiguity, devices, cu_seqlens) before a kernel runs.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "attention/attention.h"
 #include "bindings.h"
@@ -243,18 +246,41 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 // max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap single-threaded
 // pass ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a
 // zero lse gradient). A torch reduction would start a parallel region, which costs more than the pass itself.
+// Contiguous rows: the maximum of the bits without the sign, an integer reduction the compiler vectorizes (a float
+// max is not: its NaN rules make it a serial maxss chain, 4 cycles an element). For non-NaN values the unsigned
+// order of those bits is the order of |x|, and every NaN lies above infinity's bits.
+float max_abs_contiguous(const float* p, int64_t n) {
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, 4);
+    u &= 0x7fffffffu;
+    mx = u > mx ? u : mx;
+  }
+  float r;
+  std::memcpy(&r, &mx, 4);
+  return mx > 0x7f800000u ? NAN : r;
+}
+template <typename T>  // bf16_t / f16_t
+float max_abs_contiguous(const T* p, int64_t n) {
+  uint16_t mx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t u = p[i].bits & 0x7fff;
+    mx = u > mx ? u : mx;
+  }
+  const float r = pyllmops::to_float(T{mx});
+  return r != r ? NAN : r;
+}
+
 template <typename T>
 float max_abs_rec(const char* base, const TensorView& t, int64_t dim, float m) {
   const int64_t n = t.shape[dim], st = t.strides[dim] * static_cast<int64_t>(sizeof(T));
   if (dim + 1 == t.dim()) {
     bool nan = false;
-    if (st == static_cast<int64_t>(sizeof(T))) {  // contiguous rows: a loop without exits, vectorized
-      const T* p = reinterpret_cast<const T*>(base);
-      for (int64_t i = 0; i < n; ++i) {
-        const float x = std::fabs(pyllmops::to_float(p[i]));
-        nan |= x != x;
-        m = x > m ? x : m;
-      }
+    if (st == static_cast<int64_t>(sizeof(T))) {
+      const float x = max_abs_contiguous(reinterpret_cast<const T*>(base), n);
+      nan = x != x;
+      m = x > m ? x : m;
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const float x = std::fabs(pyllmops::to_float(*reinterpret_cast<const T*>(base + i * st)));
@@ -276,7 +302,19 @@ float max_abs(const TensorView& t) {
     return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t,
                                          [&] { return std::fabs(pyllmops::to_float(*static_cast<scalar_t*>(t.data))); });
   }
+  // A dense tensor in any dimension order (a BHSD tensor seen as BSHD, say) is one flat run of numel elements.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.shape[d] > 1) dims.emplace_back(t.strides[d], t.shape[d]);
+  std::sort(dims.begin(), dims.end());
+  int64_t expect = 1;
+  bool dense = true;
+  for (const auto& [stride, size] : dims) {
+    dense = dense && stride == expect;
+    expect *= size;
+  }
   return PYLLMOPS_DISPATCH_FLOAT_TYPES(t.dtype, "tensor", pyllmops::f16_t, pyllmops::bf16_t, [&] {
+    if (dense) return max_abs_contiguous(static_cast<const scalar_t*>(t.data), t.numel());
     return max_abs_rec<scalar_t>(static_cast<const char*>(t.data), t, 0, 0.0f);
   });
 }

@@ -14,10 +14,12 @@
 // cap, 1 - tanh^2.
 //
 // Backward statistics. The backward does not rebuild P from the saved float32 LSE: at a large softmax_scale the
-// LSE's rounding (|lse| * 6e-8) is a large error in the exponent (issue 15: dv error 0.06 at scale 1e5). The dq
-// pass first recomputes each row's max m and sum l over its key tiles (one more QK^T per tile pair), exactly as
-// the forward does, and P = exp2(s - m) / l uses the same floats s in both passes; the dk/dv pass reads (m, l) from
-// a workspace. 8 tile GEMMs per visited tile pair in all (dq pass: S twice, dP, dQ; dk/dv pass: S, dP, dV, dK).
+// LSE's rounding (|lse| * 6e-8) is a large error in the exponent (issue 15: dv error 0.06 at scale 1e5). For a query
+// tile with a row |lse| > 16 (or a non-finite one) the dq pass first recomputes each row's max m and sum l over its
+// key tiles (one more QK^T per tile pair), exactly as the forward does, and P = exp2(s - m) / l uses the same floats
+// s in both passes; otherwise (m, l) = (lse log2 e, 1), whose rounding is below 2e-6 in the exponent. The dk/dv pass
+// reads (m, l) from a workspace. 7 tile GEMMs per visited tile pair in all (dq pass: S, dP, dQ, and S once more to
+// recompute the statistics when needed; dk/dv pass: S, dP, dV, dK).
 //
 // NaN policy (docs/attention.md): a non-finite input reaches exactly the outputs and gradients that the float64
 // reference computes from it. Row maxima propagate NaN (std::max would drop it and make the row look empty);
@@ -31,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -84,11 +87,13 @@ using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_
                         int64_t, bool);
 using Exp2Fn = float (*)(const float*, float, float*, int64_t);
 using MaxFn = float (*)(const float*, int64_t);
+using TanhFn = void (*)(float*, int64_t, float, float);
 
 struct Isa {
   GemmFn gemm;
   Exp2Fn exp2_shifted;
   MaxFn row_max;
+  TanhFn tanh_scale;
   const char* name;
 };
 
@@ -100,11 +105,12 @@ const Isa& isa() {
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (cap.empty() || cap == "avx512")) return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, isa_avx512::row_max, "avx512"};
+    if (avx512 && (cap.empty() || cap == "avx512"))
+      return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, isa_avx512::row_max, isa_avx512::tanh_scale, "avx512"};
     if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2"))
-      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, isa_avx2::row_max, "avx2"};
+      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, isa_avx2::row_max, isa_avx2::tanh_scale, "avx2"};
 #endif
-    return Isa{isa_base::gemm, isa_base::exp2_shifted, isa_base::row_max, "baseline"};
+    return Isa{isa_base::gemm, isa_base::exp2_shifted, isa_base::row_max, isa_base::tanh_scale, "baseline"};
   }();
   return chosen;
 }
@@ -113,6 +119,10 @@ constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// The backward takes a query tile's softmax statistics from the saved lse when every |lse| of the tile is at most this
+// (P = exp2(s - lse log2 e): the lse's float32 rounding is then < 2e-6 in the exponent, as torch's CPU kernel, which
+// rebuilds P from the lse at any size); else it recomputes them (see "Backward statistics").
+constexpr float kStatsFromLseMax = 16.0f;
 
 int64_t num_tiles(int64_t n, int block) { return (n + block - 1) / block; }
 
@@ -213,7 +223,7 @@ void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j
     for (int c = 0; c < a; ++c) sr[c] = -INFINITY;
     for (int c = b; c < kBlockN; ++c) sr[c] = -INFINITY;
     if (cx.softcap > 0.0f) {
-      for (int c = a; c < b; ++c) sr[c] = cx.softcap_log2 * std::tanh(sr[c] * cx.scale * cx.inv_softcap);
+      isa().tanh_scale(sr + a, b - a, cx.scale * cx.inv_softcap, cx.softcap_log2);
     } else {
       for (int c = a; c < b; ++c) sr[c] *= cx.scale_log2;
     }
@@ -285,6 +295,79 @@ struct QueryTile {
   }
 };
 
+// Key / value tiles of one (sequence, kv head) as the tile products read them, kept per thread across the query
+// tiles that read them: a thread's tasks are consecutive query tiles of one head (and the heads of a GQA group are
+// consecutive), so each key tile is converted, checked and transposed once per thread and head instead of once per
+// query tile. Direct-mapped: tile nt lives in slot nt % slots, at most kCacheFloats floats per thread, so a sequence
+// longer than the cache (8192 keys at d = 64, 2048 at d = 256) reloads tiles as before.
+struct KvTiles {
+  const float *kf = nullptr, *kt = nullptr, *vf = nullptr, *vt = nullptr;  // K, K^T, V, V^T
+  bool k_fin = true, v_fin = true;
+};
+
+class TileCache {
+ public:
+  enum : int { kK = 1, kKT = 2, kV = 4, kVT = 8 };
+  explicit TileCache(const Ctx& cx, int64_t seqlen_k)
+      : tile_(kBlockN * cx.dp), slots_(std::max<int64_t>(1, std::min(num_tiles(seqlen_k, kBlockN),
+                                                                          kCacheFloats / (4 * tile_)))),
+        data_(new float[static_cast<size_t>(slots_ * 4 * tile_)]), tag_(slots_, -1), have_(slots_, 0), fin_(slots_, 0) {}
+
+  // Tiles of key tile nt (keys [j0, j0 + cols)) of kv head hk of sequence b; `need` is a mask of kK, kKT, kV, kVT.
+  template <typename T>
+  KvTiles get(const Params& p, const Ctx& cx, const SeqInfo& si, int64_t b, int64_t hk, int64_t nt, int64_t j0,
+              int64_t cols, int need) {
+    if (b != b_ || hk != hk_) {
+      std::fill(tag_.begin(), tag_.end(), -1);
+      b_ = b;
+      hk_ = hk;
+    }
+    const int64_t slot = nt % slots_;
+    if (tag_[slot] != nt) {
+      tag_[slot] = nt;
+      have_[slot] = 0;
+      fin_[slot] = 0;
+    }
+    float* base = data_.get() + slot * 4 * tile_;
+    float *kf = base, *kt = base + tile_, *vf = base + 2 * tile_, *vt = base + 3 * tile_;
+    uint8_t& have = have_[slot];
+    if ((need & (kK | kKT)) && !(have & kK)) {
+      fin_[slot] |= load_tile(k_row(static_cast<const T*>(p.k), p.lk, si, 0, hk), p.lk.seq, j0, cols, cx, kBlockN, kf)
+                        ? kK : 0;
+      have |= kK;
+    }
+    if ((need & kKT) && !(have & kKT)) {
+      transpose(kf, kBlockN, cx.dp, kt);
+      have |= kKT;
+    }
+    if ((need & (kV | kVT)) && !(have & kV)) {
+      fin_[slot] |= load_tile(k_row(static_cast<const T*>(p.v), p.lv, si, 0, hk), p.lv.seq, j0, cols, cx, kBlockN, vf)
+                        ? kV : 0;
+      have |= kV;
+    }
+    if ((need & kVT) && !(have & kVT)) {
+      transpose(vf, kBlockN, cx.dp, vt);
+      have |= kVT;
+    }
+    KvTiles t;
+    t.kf = kf;
+    t.kt = kt;
+    t.vf = vf;
+    t.vt = vt;
+    t.k_fin = (fin_[slot] & kK) != 0;
+    t.v_fin = (fin_[slot] & kV) != 0;
+    return t;
+  }
+
+ private:
+  static constexpr int64_t kCacheFloats = int64_t(1) << 21;
+  int64_t tile_, slots_;
+  std::unique_ptr<float[]> data_;  // uninitialized: a slot is written before it is read
+  std::vector<int64_t> tag_;
+  std::vector<uint8_t> have_, fin_;
+  int64_t b_ = -1, hk_ = -1;
+};
+
 // Per-thread tiles.
 struct Buffers {
   std::vector<float> qf, gf, kf, kt, vf, vt, s, pb, ds, acc, acc2;
@@ -320,6 +403,7 @@ void forward_impl(const Params& p) {
   const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
   parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffers bf(cx);
+    TileCache cache(cx, p.seqlen_k);
     QueryTile t;
     for (int64_t task = t0; task < t1; ++task) {
       if (!t.decode(p, task, m_tiles)) continue;
@@ -332,15 +416,14 @@ void forward_impl(const Params& p) {
       t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
       for (int64_t nt = nb; nt < ne; ++nt) {
         const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
-        const bool v_fin = load_values<T>(p, cx, t.si, t.hk, j0, cols, bf, false);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
         online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
         for (int r = 0; r < t.rows; ++r)
           if (bf.factor[r] != 1.0f)
             for (int64_t c = 0; c < dp; ++c) bf.acc[r * dp + c] *= bf.factor[r];
-        tile_gemm(v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.pb.data(), kBlockN,
-                  1, bf.vf.data(), dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
+        tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.pb.data(),
+                  kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
       }
       T* ob = q_row(static_cast<T*>(p.o), p.lo, t.si, 0, t.h);
       float* lse = p.lse + lse_index(p, t.si, 0, t.h);
@@ -407,6 +490,7 @@ void dq_impl(const Params& p, float* ws_m, float* ws_l) {
   const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
   parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffers bf(cx);
+    TileCache cache(cx, p.seqlen_k);
     QueryTile t;
     for (int64_t task = t0; task < t1; ++task) {
       if (!t.decode(p, task, m_tiles)) continue;
@@ -420,10 +504,18 @@ void dq_impl(const Params& p, float* ws_m, float* ws_l) {
       std::fill(bf.l, bf.l + kBlockM, 0.0f);
       int64_t nb, ne;
       t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
-      for (int64_t nt = nb; nt < ne; ++nt) {  // statistics
+      bool from_lse = true;  // every row's saved lse finite and small: (m, l) = (lse log2 e, 1)
+      for (int64_t r = 0; r < t.rows && from_lse; ++r) from_lse = std::fabs(p.lse[off + r]) <= kStatsFromLseMax;
+      if (from_lse) {
+        for (int64_t r = 0; r < t.rows; ++r) {
+          bf.m[r] = static_cast<float>(static_cast<double>(p.lse[off + r]) * 1.4426950408889634);
+          bf.l[r] = 1.0f;
+        }
+      }
+      for (int64_t nt = nb; nt < ne && !from_lse; ++nt) {  // statistics
         const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
         online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
       }
       for (int64_t r = 0; r < t.rows; ++r) {
@@ -433,14 +525,14 @@ void dq_impl(const Params& p, float* ws_m, float* ws_l) {
       std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
       for (int64_t nt = nb; nt < ne; ++nt) {  // dq
         const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        const bool k_fin = load_keys<T>(p, cx, t.si, t.hk, j0, cols, bf);
-        load_values<T>(p, cx, t.si, t.hk, j0, cols, bf, true);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols,
+                                        TileCache::kK | TileCache::kKT | TileCache::kVT);
+        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
         probs(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data());
-        isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, bf.vt.data(), kBlockN, bf.ds.data(), kBlockN, false);
+        isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, kv.vt, kBlockN, bf.ds.data(), kBlockN, false);
         grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, t.rows, delta, bf.ds.data());
-        tile_gemm(k_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.ds.data(), kBlockN,
-                  1, bf.kf.data(), dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
+        tile_gemm(kv.k_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.ds.data(),
+                  kBlockN, 1, kv.kf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
       }
       store_rows(bf.acc.data(), p.scale, t.rows, cx, q_row(static_cast<T*>(p.dq), p.ldq, t.si, 0, t.h), p.ldq.seq,
                  t.i0);

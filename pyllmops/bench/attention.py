@@ -11,8 +11,9 @@ Shapes (CUDA): FlashAttention's benchmark convention, batch * seqlen = 16k token
 full causal at the same shape.
 Shapes (CPU, float32, the dtype of CPU training; head_dim 64): b1 h4 seqlen 512 .. 2048 causal and not; GQA 8:2 at
 1024; sliding window 128 at 4096 (SDPA given the equivalent boolean mask); varlen (4 sequences of 128 .. 1024 tokens,
-SDPA on the zero-padded batch with a key-padding mask, the usual alternative without varlen); softcap (no SDPA peer:
-the row is there to show its cost against our own full attention). On CPU the peers of one case are timed
+SDPA on the zero-padded batch with a key-padding mask, the usual alternative without varlen); softcap (SDPA has none:
+the peer is the eager math Gemma 2's reference attention runs, matmul, softcap * tanh(s / softcap), mask, softmax,
+matmul). On CPU the peers of one case are timed
 interleaved (A, B, A, B, ...) and each gets the median of its own samples, so load from other processes on a shared
 machine hits both alike; ratios are vs_baseline = SDPA median / ours.
 """
@@ -247,11 +248,15 @@ def _cpu_dense(bench, kernel, b, hq, hkv, s, d, causal, window, softcap=0.0):
                                         window_size=window, softcap=softcap)
 
     F = torch.nn.functional
-    if softcap:
-        def full(q, k, v):
-            return pyllmops.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
-        _cpu_modes(bench, kernel, x, {"pyllmops": ours, "pyllmops without softcap": full}, (q, k, v), flops,
-                   baseline_name="pyllmops without softcap")
+    if softcap:  # SDPA has no softcap: the peer is the eager math torch users run for it (Gemma 2's eager attention)
+        scale, mask = d ** -0.5, _band_mask(s, s, causal, window, dev)
+
+        def eager(q, k, v):
+            k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+            w = torch.tanh(q @ k.transpose(-1, -2) * (scale / softcap)) * softcap
+            return torch.softmax(w.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        _cpu_modes(bench, kernel, x, {"pyllmops": ours, "torch eager softcap": eager}, (q, k, v), flops,
+                   baseline_name="torch eager softcap")
         return
     if window == (-1, -1):
         def sdpa(q, k, v):
