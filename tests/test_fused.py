@@ -240,6 +240,27 @@ def test_decoder_loss_matches_logits_path():
     assert_close(loss_p, sft_loss(torch.cat(parts), torch.cat(tg)), 1e-6, "packed loss")
 
 
+def test_decoder_target_loss_matches_sft_loss():
+    """Decoder.target_loss (what train.sft runs on an unwrapped Decoder) == sft_loss on forward()'s logits with
+    the same pre-aligned targets, loss and adapter gradients; bad targets are refused by name."""
+    from pyllmops.train.losses import sft_loss
+
+    model = _tiny()
+    flat = torch.randint(0, 259, (20,))
+    cu = torch.tensor([0, 5, 6, 20], dtype=torch.int32)
+    targets = torch.randint(0, 259, (20,))
+    targets[torch.tensor([0, 1, 4, 5, 19])] = -100
+    loss, grads = _adapter_grads(model, model.target_loss(flat, targets, cu))
+    ref, rgrads = _adapter_grads(model, sft_loss(model(flat, cu_seqlens=cu), targets))
+    assert_close(loss, ref, 1e-6)
+    for g, rg in zip(grads, rgrads):
+        assert_close(g, rg, 1e-5, "adapter grad")
+    with pytest.raises(ValueError, match="targets has 19 entries"):
+        model.target_loss(flat, targets[:19], cu)
+    with pytest.raises(ValueError, match="targets must have dtype in"):
+        model.target_loss(flat, targets.int(), cu)
+
+
 def test_decoder_loss_bad_labels():
     model = _tiny()
     ids = torch.randint(0, 259, (2, 6))
