@@ -9,14 +9,21 @@
 //   streaming: no shared memory beyond the 16-entry code, no reuse to exploit.
 //   Misaligned views or a partial last chunk take the scalar path (same math, one element at a time).
 //
-// skinny matmul (decode, m <= 8 rows of x): one warp per output row; lane j walks 32-element chunks
-//   j, j+32, ... of the row: 16-byte load of W, decode its 32 codes 8 at a time (one 32-bit word) from
-//   the shared code table, dot with the m rows of x (read through the read-only cache; x is at most
-//   8*k elements and stays in L1/L2), scale once per chunk, then a warp reduction per row of y. Block
-//   indices are shifts (blocksizes are powers of two): no 64-bit division in the loop. W is read exactly once and never
-//   written: 4096x4096 reads 8 MiB + 1 MiB absmax vs 32 MiB for a bf16 GEMV, so the bound is ~3.5x
-//   below the bf16 GEMV at equal bandwidth. Needs k % 32 == 0 and 16-byte aligned packed/x; the
-//   Python layer checks and otherwise dequantizes + matmuls.
+// skinny matmul, fp16 / bf16 x (decode, m <= 16 rows of x): skinny_mma_kernel, on tensor cores. A warp owns 16 rows
+//   of W (the mma's A, m16) and multiplies them with x^T (B: tokens padded to one or two n8 tiles) over its CTA's
+//   k range. W is decoded straight into A fragments in registers: 4 packed bytes -> 4 registers of two 16-bit
+//   codes by byte-permute (prmt) lookups in a register codebook (two byte planes x 4 words), 22 instructions per
+//   8 weights; the block scale multiplies the fp32 mma sum of each 32/64/128-k load (codes are rounded to the
+//   16-bit type once; code * scale is never rounded). x is staged once per CTA in shared memory, permuted so that
+//   every B fragment is one conflict-free 16-byte load shared by two mmas. CTA = 4 warps x 16 rows; the k axis is
+//   split so that ~4 CTAs per SM exist (fp32 partial sums, then skinny_reduce_kernel adds them in split order).
+//   W is read once: 0.53 byte per weight at blocksize 64 nested, vs 2 for a bf16 GEMV. SASS at sm_90a (no GPU):
+//   472 / 524 / 688 instructions per 2 KB of W for 128 / 64 / 32-k loads, 78% of them prmt / LOP3 / shifts on
+//   the half-rate integer pipe, which bounds the kernel at ~2.8 TB/s at 1.98 GHz (docs/nf4.md has the derivation).
+//   Needs k % 32 == 0 and 16-byte aligned packed / x (Python checks, else dequantize + matmul).
+// skinny matmul, fp32 x (m <= 8): skinny_kernel, SIMT: one warp per output row, lanes walk 32-element chunks
+//   (a 16-byte load of W), decode from a shared table and dot with the m rows of x; warp reduction per row.
+// Block and segment indices are shifts (blocksizes are powers of two): no integer division in any kernel.
 //
 // quantize: one warp per quantization block (max |x| by shuffle reduction, then each lane encodes
 //   pairs of elements into bytes). Runs once per weight; it is not on a hot path.
