@@ -11,7 +11,7 @@ from pyllmops._ext import lib
 from pyllmops.nn import NF4Linear
 from pyllmops.ops import nf4 as nf4_ops
 from pyllmops.ops._common import on_cuda, view
-from conftest import assert_close, devices
+from conftest import EMULATED, GPU, assert_close, devices
 
 try:
     import bitsandbytes as bnb
@@ -294,6 +294,101 @@ def test_nf4_linear_forward(device, dtype, lead, in_out, double_quant):
         assert_close(y.cpu(), ref, LINEAR_TOL[dtype])
 
 
+# The CUDA tensor-core skinny kernel (fp16 / bf16 x, 1..16 rows): shapes chosen for its paths. (k, n, blocksize,
+# double_quant): 1152 = 9 segments of 128 k -> 2 split-k CTAs (5 and 4 segments: the unrolled step's tail), n = 67 ->
+# two CTAs of 64 rows, the second with 3; 96 with blocksize 32 -> 32-k loads (3 of a segment's 4 live), 33 rows.
+SKINNY_SHAPES = [(1152, 67, 128, True), (96, 33, 32, False)]
+
+
+def _skinny_case(device, dtype, m, k, n, blocksize, double_quant, bias=True):
+    w = _weights((n, k), torch.float32, device, scale=k ** -0.5)
+    packed, state = pyllmops.quantize_nf4(w, blocksize, double_quant)
+    x = _weights((m, k), dtype, device)
+    b = _weights((n,), dtype, device) if bias else None
+    y = pyllmops.nf4_linear(x, packed, state, b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = R.nf4.nf4_linear(x.cpu(), packed.cpu(), state.to("cpu"), None if b is None else b.cpu())
+    assert_close(y.cpu(), ref, LINEAR_TOL[dtype])
+    return x, packed, state, y
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("m", range(1, 17))
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}bs{s[2]}{'nested' if s[3] else ''}")
+def test_skinny_every_row_count(device, dtype, m, shape):
+    """Every row count of the fused kernel (1..16: one and two n8 tiles of tokens) against float64."""
+    assert nf4_ops.fused_max_rows(dtype, on_cuda(device)) >= 8
+    _skinny_case(device, dtype, m, *shape, bias=m % 2 == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("m", [3, 11])
+def test_skinny_every_blocksize(device, blocksize, double_quant, m):
+    """Blocksizes 64..4096 (64: 64-k loads; larger blocks span rows at k = 1024, 4096 spans 4 rows), plain
+    and nested, 2 split-k CTAs; fp16 for one row count, bf16 for the other."""
+    _skinny_case(device, torch.float16 if m == 3 else torch.bfloat16, m, 1024, 40, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_skinny_nan_in_x_reaches_its_row_only(device, dtype):
+    """NaN in a row of x makes that row of y NaN (as the float64 reference does) and leaves the others exact;
+    rows of x padded inside an n8 tile never reach y."""
+    k, n, m = 640, 70, 5
+    w = _weights((n, k), torch.float32, device, scale=k ** -0.5)
+    packed, state = pyllmops.quantize_nf4(w, 64, True)
+    x = _weights((m, k), dtype, device)
+    x[2, 17] = float("nan")
+    y = pyllmops.nf4_linear(x, packed, state).cpu()
+    assert torch.isnan(y[2]).all()
+    keep = [0, 1, 3, 4]
+    ref = R.nf4.nf4_linear(x.cpu()[keep], packed.cpu(), state.to("cpu"))
+    assert_close(y[keep], ref, LINEAR_TOL[dtype])
+
+
+def test_skinny_code_planes_are_the_rounded_codebook():
+    """The register codebook of the CUDA kernel (code_planes in nf4_cuda.cu: byte planes of the 16 codes in
+    fp16 / bf16) is NF4_CODE rounded to each dtype; the kernel tests would fail too, this names the cause."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).resolve().parents[1] / "csrc/nf4/nf4_cuda.cu").read_text()
+    body = src[src.index("CodePlanes code_planes()"):]
+    body = body[:body.index("\n}\n")]
+    words = [int(v, 16) for v in re.findall(r"0x([0-9a-f]{8})u", body)]
+    assert len(words) == 16
+    for dtype, want in zip((torch.float16, torch.bfloat16), (words[0:8], words[8:16])):
+        bits = nf4_ops.nf4_code().to(dtype).view(torch.int16).int() & 0xFFFF
+        planes = [sum(((int(bits[4 * j + e]) >> sh) & 0xFF) << (8 * e) for e in range(4)) for sh in (0, 8)
+                  for j in range(4)]  # the low-byte plane (4 words), then the high-byte plane
+        assert planes == want, (dtype, [hex(v) for v in planes])
+
+
+@pytest.mark.cuda
+def test_skinny_cuda_direct_call_checks():
+    """The C++ layer re-checks what the CUDA kernel relies on: rows per dtype and the split-k workspace."""
+    if not (EMULATED or GPU):
+        pytest.skip("needs the CUDA kernels (a GPU or the emulated build)")
+    dev = "cpu" if EMULATED else "cuda"
+    k, n = 2048, 8
+    packed, state = pyllmops.quantize_nf4(_weights((n, k), torch.float32, dev), 64)
+    scales = nf4_ops._scale_views(*state.kernel_args()[:4])
+    x = _weights((17, k), torch.bfloat16, dev)
+    with pytest.raises(ValueError, match="x must have 1..16 rows on cuda"):
+        lib().nf4_skinny_matmul(view(x), view(packed), *scales, 64, 256, None,
+                                view(torch.empty(17, n, dtype=torch.bfloat16, device=dev)), None, 0)
+    x = x[:4].contiguous()
+    y = torch.empty(4, n, dtype=torch.bfloat16, device=dev)
+    with pytest.raises(ValueError, match="needs a float32 workspace"):
+        lib().nf4_skinny_matmul(view(x), view(packed), *scales, 64, 256, None, view(y), None, 0)
+    with pytest.raises(ValueError, match="needs a float32 workspace"):
+        lib().nf4_skinny_matmul(view(x), view(packed), *scales, 64, 256, None, view(y),
+                                view(torch.empty(1, 4, n, device=dev)), 0)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(2,), (4, 3)])
@@ -325,11 +420,11 @@ def test_cpu_fused_kernel_many_rows(rows, k):
     bias = _weights((n,), torch.float32, "cpu")
     y = torch.full((rows, n), float("nan"))
     lib().nf4_skinny_matmul(view(x), view(packed), *nf4_ops._scale_views(*state.kernel_args()[:4]), 64, 256,
-                            view(bias), view(y), 0)
+                            view(bias), view(y), None, 0)
     assert_close(y, R.nf4.nf4_linear(x, packed, state, bias), LINEAR_TOL[torch.float32])
     with pytest.raises(ValueError, match="x must have 1..64 rows on cpu, got 65"):
         lib().nf4_skinny_matmul(view(torch.randn(65, k)), view(packed), *nf4_ops._scale_views(*state.kernel_args()[:4]),
-                                64, 256, None, view(torch.empty(65, n)), 0)
+                                64, 256, None, view(torch.empty(65, n)), None, 0)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
@@ -485,7 +580,7 @@ def test_bad_inputs_cpp_layer():
         C.nf4_dequantize(view(packed), view(absmax), view(absmax), None, None, 64, 256, view(out), 0)
     with pytest.raises(ValueError, match="x must have 1..64 rows on cpu, got 65"):
         C.nf4_skinny_matmul(view(torch.randn(65, 10)), view(packed), view(absmax), None, None, None, 64, 256, None,
-                            view(torch.empty(65, 10)), 0)
+                            view(torch.empty(65, 10)), None, 0)
     with pytest.raises(TypeError):
         C.nf4_dequantize("not a view", view(absmax), None, None, None, 64, 256, view(out), 0)
 

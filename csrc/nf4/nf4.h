@@ -35,7 +35,10 @@ namespace nf4 {
 constexpr int kMinBlocksize = 32;  // >= 32 lets a CUDA thread own 16 packed bytes of one block
 constexpr int kMaxBlocksize = 4096;
 constexpr int kNestedCodeSize = 256;
-constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit on CUDA (decode batches)
+constexpr int kMaxSkinnyRows = 8;  // the fused matmul's row limit on CUDA for fp32 x (SIMT kernel)
+constexpr int kMaxSkinnyRowsCuda = 16;  // ... for fp16 / bf16 x (tensor-core kernel: two n8 tiles)
+constexpr int64_t kMaxSkinnyK = int64_t{1} << 25;  // the tensor-core kernel's in_features limit (32-bit k math)
+constexpr int64_t kSkinnySpanK = 128;  // k per segment of a row in the tensor-core kernel
 constexpr int kMaxSkinnyRowsCpu = 64;  // on the CPU (groups of 8 rows share each decoded row of W)
 
 // Reciprocal used to scale a block; bnb clamps absmax at 1e-38 so an all-zero block encodes 0.
@@ -145,12 +148,14 @@ void dequantize_cpu(const TensorView& packed, const Scales& scales, int64_t bloc
 void dequantize_cuda(const TensorView& packed, const Scales& scales, int64_t blocksize, const TensorView& out,
                      uintptr_t stream);
 
-// y[m, n] = x[m, k] . W[n, k]^T (+ bias[n]) with W in NF4 (flattened row-major, n*k elements),
-// m <= kMaxSkinnyRows; W is decoded in registers and never written out.
+// y[m, n] = x[m, k] . W[n, k]^T (+ bias[n]) with W in NF4 (flattened row-major, n*k elements); W is decoded
+// in registers and never written out. Rows of x: CPU <= kMaxSkinnyRowsCpu; CUDA <= kMaxSkinnyRows (fp32 x) or
+// kMaxSkinnyRowsCuda (fp16 / bf16 x), which also needs an fp32 workspace of ceil(k / 512) * m * n elements
+// when k > 512 (split-k partial sums; `workspace` may be null otherwise).
 void skinny_matmul_cpu(const TensorView& x, const TensorView& packed, const Scales& scales, int64_t blocksize,
                        const TensorView* bias, const TensorView& y);
 void skinny_matmul_cuda(const TensorView& x, const TensorView& packed, const Scales& scales, int64_t blocksize,
-                        const TensorView* bias, const TensorView& y, uintptr_t stream);
+                        const TensorView* bias, const TensorView& y, const TensorView* workspace, uintptr_t stream);
 
 }  // namespace nf4
 }  // namespace pyllmops

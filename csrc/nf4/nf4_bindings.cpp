@@ -117,7 +117,7 @@ void nf4_dequantize(const TensorView& packed, const TensorView& absmax, const Op
 void nf4_skinny_matmul(const TensorView& x, const TensorView& packed, const TensorView& absmax,
                        const OptView& nested_absmax, const OptView& nested_code, const OptView& nested_offset,
                        int64_t blocksize, int64_t nested_blocksize, const OptView& bias, const TensorView& y,
-                       uintptr_t stream) {
+                       const OptView& workspace, uintptr_t stream) {
   check_blocksize(blocksize, "blocksize");
   check_float_dtype(x, "x");
   check_input(x, y, "x", "y");
@@ -125,7 +125,9 @@ void nf4_skinny_matmul(const TensorView& x, const TensorView& packed, const Tens
   check_input(packed, y, "packed", "y");
   PYLLMOPS_CHECK(x.dim() == 2 && y.dim() == 2, "x and y must be 2-D, got ", x.dim(), "-D and ", y.dim(), "-D");
   PYLLMOPS_CHECK(x.size(0) == y.size(0), "x has ", x.size(0), " rows but y has ", y.size(0));
-  const int64_t max_rows = y.is_cuda() ? pyllmops::nf4::kMaxSkinnyRows : pyllmops::nf4::kMaxSkinnyRowsCpu;
+  const int64_t max_rows = !y.is_cuda() ? pyllmops::nf4::kMaxSkinnyRowsCpu
+                           : x.dtype == DType::f32 ? pyllmops::nf4::kMaxSkinnyRows
+                                                   : pyllmops::nf4::kMaxSkinnyRowsCuda;
   PYLLMOPS_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "x must have 1..", max_rows, " rows on ",
                  y.device_str(), ", got ", x.size(0));
   PYLLMOPS_CHECK(y.dtype == x.dtype, "y must have x's dtype ", pyllmops::dtype_name(x.dtype), ", got ",
@@ -141,10 +143,12 @@ void nf4_skinny_matmul(const TensorView& x, const TensorView& packed, const Tens
   }
   const auto scales = make_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize,
                                   pyllmops::ceil_div(n_weights, blocksize), y, "y");
+  if (workspace) check_input(*workspace, y, "workspace", "y");
   const TensorView* b = bias ? &*bias : nullptr;
+  const TensorView* ws = workspace ? &*workspace : nullptr;
   namespace nf4 = pyllmops::nf4;
   PYLLMOPS_ON_DEVICE(y, "nf4_linear", nf4::skinny_matmul_cpu(x, packed, scales, blocksize, b, y),
-                     nf4::skinny_matmul_cuda(x, packed, scales, blocksize, b, y, stream));
+                     nf4::skinny_matmul_cuda(x, packed, scales, blocksize, b, y, ws, stream));
 }
 
 }  // namespace

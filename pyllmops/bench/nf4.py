@@ -30,7 +30,7 @@ def run(bench):
     esize = torch.empty(0, dtype=dtype).element_size()
     if dev.type == "cuda":
         shapes = [(4096, 4096), (14336, 4096), (4096, 14336)] if not bench.quick else [(4096, 4096), (14336, 4096)]
-        rows_list = [1, 4, 8]
+        rows_list = [1, 4, 8, 16]  # up to the tensor-core kernel's limit (ops/nf4.py FUSED_MAX_ROWS_CUDA)
     else:
         shapes = [(1024, 4096)] if bench.quick else [(1024, 4096), (4096, 4096)]
         rows_list = [1, 8]
@@ -61,7 +61,7 @@ def run(bench):
                       bytes=2 * n * esize)
 
         # decode matmul: y[m, n_out] = x[m, n_in] W^T, through the public op (fused up to the crossover,
-        # ops/nf4.py FUSED_MAX_ROWS_CPU). Each case twice, in the same run: against bitsandbytes (mode fwd)
+        # ops/nf4.py FUSED_MAX_ROWS_CPU / _CUDA). Each case twice, in the same run: against bitsandbytes (mode fwd)
         # and against the dense matmul of the unquantized weight (mode "fwd vs dense"), so both ratios
         # appear in the vs-baseline column.
         for m in rows_list:

@@ -23,7 +23,9 @@ from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_bool, check_in
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-MAX_SKINNY_ROWS = 8  # csrc/nf4/nf4.h kMaxSkinnyRows
+MAX_SKINNY_ROWS = 8  # csrc/nf4/nf4.h kMaxSkinnyRows: the CUDA fused kernel's limit for float32 x
+MAX_SKINNY_ROWS_CUDA = 16  # kMaxSkinnyRowsCuda: the CUDA tensor-core kernel's limit (float16 / bfloat16 x)
+MAX_SKINNY_K_CUDA = 2 ** 25  # kMaxSkinnyK: its in_features limit
 
 # The 16 NF4 values (QLoRA appendix E), fp32 as bitsandbytes stores them in `quant_map`.
 NF4_CODE = (
@@ -354,13 +356,18 @@ def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nest
 # calls torch's matmul (compute-bound there, the dequantize amortized over the rows). CPU values measured
 # side by side (docs/nf4.md "Fused or dequantize + matmul"): float32 at 1024x4096, one core, fused vs
 # dequantize+matmul: M=16 4.8 vs 5.6 ms, M=32 9.3 vs 6.9 ms; bfloat16 matmuls run on the CPU's bf16
-# units, which moves the crossover down to 8. CUDA: the fused kernel's own limit (kMaxSkinnyRows).
+# units, which moves the crossover down to 8. CUDA (a prediction, no GPU measurement yet): float16 /
+# bfloat16 fuse up to the tensor-core kernel's limit of 16 rows, because the fused kernel reads 0.53 byte
+# per weight where dequantize + matmul moves 4.5 (write and re-read 2-byte W), and its decode cost does not
+# grow with the rows (docs/nf4.md); float32 fuses up to the SIMT kernel's 8 rows.
 FUSED_MAX_ROWS_CPU = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 8}
+FUSED_MAX_ROWS_CUDA = {torch.float32: MAX_SKINNY_ROWS, torch.float16: MAX_SKINNY_ROWS_CUDA,
+                       torch.bfloat16: MAX_SKINNY_ROWS_CUDA}
 
 
 def fused_max_rows(dtype, cuda):
     """The crossover: nf4_linear fuses up to this many rows of x (of `dtype`, on CUDA or the CPU)."""
-    return MAX_SKINNY_ROWS if cuda else FUSED_MAX_ROWS_CPU[dtype]
+    return (FUSED_MAX_ROWS_CUDA if cuda else FUSED_MAX_ROWS_CPU)[dtype]
 
 
 def _skinny_applies(x2, packed):
@@ -370,8 +377,18 @@ def _skinny_applies(x2, packed):
     if not 1 <= m <= fused_max_rows(x2.dtype, cuda):
         return False
     if cuda:
-        return k % 32 == 0 and x2.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
+        return (k % 32 == 0 and x2.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
+                and (x2.dtype == torch.float32 or k <= MAX_SKINNY_K_CUDA))
     return True
+
+
+def _skinny_workspace(x2, out_features):
+    """The CUDA tensor-core kernel's split-k partial sums: ceil(k / 512) x m x n fp32 bounds what its plan
+    (csrc/nf4/nf4_cuda.cu plan_skinny) uses; none for one split (k <= 512), the CPU or float32 x."""
+    m, k = x2.shape
+    if not on_cuda(x2) or x2.dtype == torch.float32 or k <= 512:
+        return None
+    return empty((-(-k // 512), m, out_features), torch.float32, x2.device)
 
 
 def _nf4_linear_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
@@ -384,7 +401,8 @@ def _nf4_linear_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
         y = empty((x2.shape[0], out_features), x.dtype, x.device)
         lib().nf4_skinny_matmul(view(x2), view(packed.contiguous()),
                                 *_scale_views(absmax, nested_absmax, nested_code, nested_offset), blocksize,
-                                nested_blocksize, opt_view(_contiguous(bias)), view(y), stream(x))
+                                nested_blocksize, opt_view(_contiguous(bias)), view(y),
+                                opt_view(_skinny_workspace(x2, out_features)), stream(x))
     else:
         # Many rows: the matmul is compute-bound and the dequantized weight (read once from L2 /
         # memory per GEMM) is amortized over the rows, as in bitsandbytes.
@@ -528,8 +546,9 @@ def check_linear_weight(packed, state):
 def nf4_linear(x, packed, state, bias=None):
     """y = x @ W.T + bias with W (out_features, in_features) stored in NF4; differentiable in x and bias.
 
-    With few rows of x (decode; up to fused_max_rows(x.dtype, on_cuda): 8 on CUDA, 16 / 8 for float32 /
-    bfloat16 on the CPU, a measured crossover) a fused kernel decodes W in registers and reads it once;
+    With few rows of x (decode; up to fused_max_rows(x.dtype, on_cuda): on CUDA 16 for float16 / bfloat16
+    (tensor cores) and 8 for float32, on the CPU 16 / 8 for float32 / bfloat16, a measured crossover) a fused
+    kernel decodes W in registers and reads it once;
     with more rows W is dequantized to x's dtype and multiplied with torch's matmul. On CUDA the fused
     kernel also needs in_features % 32 == 0 (otherwise the dequantize path runs). Without autograd and
     outside torch.compile the call skips the torch.library dispatcher (same function, less overhead).
