@@ -64,6 +64,8 @@ DYNAMIC_SMEM = {
     "attention/fwd_kernel": "FwdConfig<{1}, {2}>::kSmemBytes",
     "attention/dq_kernel": "BwdConfig<{1}>::kDqSmemBytes",
     "attention/dkdv_kernel": "BwdConfig<{1}>::kKvSmemBytes",
+    # the largest x tile plan_skinny picks (k_chunk 2048 for one n8 tile, 1024 for two): 32 KB
+    "nf4/skinny_mma_kernel": "({1} > 1 ? 1024 : 2048) / kSegK * {1} * kTileSmem",
 }
 
 
