@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
                                   on_cuda, opt_view, stream, view)
-from pyllmops.ops.nf4 import MAX_SKINNY_ROWS, check_linear_weight
+from pyllmops.ops.nf4 import _nf4_dequantize_impl, _nf4_linear_impl, check_linear_weight, fused_max_rows
 
 INT_BITS = (2, 3, 4)
 INT_GROUP_SIZES = (32, 64, 128)
@@ -124,12 +124,14 @@ def _decode(kind, w, dtype):
     caller drops it when its GEMM is done, and the backward decodes again."""
     if kind == "dense":
         return w[0] if w[0].dtype == dtype else w[0].to(dtype)
+    # The op bodies are called directly: this runs inside our own op (or its eager twin), and a second
+    # trip through the dispatcher costs ~50 us, as much as a 1-row 1024 x 1024 GEMM.
     if kind == "nf4":
         packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, n, k = w
-        return torch.ops.pyllmops.nf4_dequantize(packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                 blocksize, nested_blocksize, n * k, dtype).view(n, k)
+        return _nf4_dequantize_impl(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                    nested_blocksize, n * k, dtype).view(n, k)
     qweight, scales, zeros, bits, group_size = w
-    return torch.ops.pyllmops.int_dequantize(qweight, scales, zeros, bits, group_size, dtype)
+    return _int_dequantize_impl(qweight, scales, zeros, bits, group_size, dtype)
 
 
 def _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool):
@@ -141,12 +143,13 @@ def _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_
       backward: dx = dy.W;  t = dy.B;  dx += scaling * mask * expand(t.A)   (dW is never formed)
     t comes back in fp32 (the backward's dA / dB use it)."""
     m, r = inp.shape[0], lora_a.shape[0]
-    scaling = struct.unpack("f", struct.pack("f", scaling))[0]  # the kernels' float32 value (addmm_ checks it)
+    scaling = _float32(scaling)  # the kernels' float32 value
     mask = None if dropout_scale is None else _flat(dropout_scale)
-    if not transposed and kind == "nf4" and 1 <= m <= MAX_SKINNY_ROWS and not on_cuda(inp):
+    if not transposed and kind == "nf4" and not on_cuda(inp) and 1 <= m <= fused_max_rows(inp.dtype, False):
         # CPU decode shapes: ops.nf4's skinny kernel reads the 4-bit codes once and writes no workspace
-        # (measured 4096x1024, m = 1: 2.9 ms against 5.0 ms for dequantize + matmul, bitsandbytes 3.0 ms)
-        out = torch.ops.pyllmops.nf4_linear(inp, *w[:5], bias, w[5], w[6], w[7])
+        # (measured 4096x1024, m = 1: 2.9 ms against 5.0 ms for dequantize + matmul, bitsandbytes 3.0 ms),
+        # up to ops.nf4's measured crossover (16 rows in fp32 / fp16, 8 in bf16)
+        out = _nf4_linear_impl(inp, *w[:5], bias, w[5], w[6], w[7])
     else:
         weight = _decode(kind, w, inp.dtype)
         if transposed:
@@ -406,6 +409,25 @@ class _Eager(torch.autograd.Function):
         return None, dx, dw, None, dbias, da, db, None, None, None, None
 
 
+def _dense_autograd(x, weight, bias, lora_a, lora_b, scaling, mask):
+    """Eager dense LoRA on the workspace path as plain differentiable torch ops, so that the backward runs
+    on torch's C++ autograd nodes with no Python in it: y = x.W^T + bias (one GEMM), t = (x * mask).A^T,
+    y += scaling * t.B^T in place (addmm_: no separate scale or add pass over y, which peft's layer pays in
+    the forward and again in the backward). The same GEMMs as _workspace; measured 1024 x 1024, r = 8,
+    1 row, fp32, one thread: forward+backward 0.87 -> 0.7x ms (the Python autograd.Function's backward
+    cost ~100 us a call, as much as the 1-row GEMV)."""
+    x2 = _flat(x)
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    xd = x2 if mask is None else x2 * _flat(mask)
+    y.addmm_(torch.mm(xd, lora_a.t()), lora_b.t(), alpha=_float32(scaling))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _float32(v):
+    """v rounded to float32, as the kernels see it (addmm_ would otherwise use the double)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _eager():
     """Plain eager execution: no torch.compile tracing and no TorchDispatchMode (fake tensors, op
     recorders, flop counters), all of which must see the registered ops."""
@@ -431,13 +453,16 @@ def _(w, bits, group_size):
             w.new_empty((n, k // group_size), dtype=torch.float32))
 
 
-@torch.library.custom_op("pyllmops::int_dequantize", mutates_args=(), device_types=("cpu", "cuda"))
-def _int_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def _int_dequantize_impl(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                         group_size: int, dtype: torch.dtype) -> torch.Tensor:
     out = empty((qweight.shape[0], scales.shape[1] * group_size), dtype, qweight.device)
     lib().int_dequantize(view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits,
                          group_size, view(out), stream(qweight))
     return out
+
+
+_int_dequantize = torch.library.custom_op("pyllmops::int_dequantize", mutates_args=(),
+                                          device_types=("cpu", "cuda"))(_int_dequantize_impl)
 
 
 @_int_dequantize.register_fake
@@ -516,6 +541,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, t
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     mask = dropout_mask(x, dropout, training)
     if _eager():
+        if kernel_path("dense", math.prod(x.shape[:-1]), x.device, lora_a.shape[0]) == "workspace":
+            return _dense_autograd(x, weight, bias, lora_a, lora_b, float(scaling), mask)
         return _Eager.apply("dense", x, weight, (), bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
     return torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling), mask)[0]
 
