@@ -165,6 +165,8 @@ void fused_cpu(WeightKind kind, DType dtype, const FusedArgs& args, const Weight
 void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device, uintptr_t stream,
                 bool tensor_cores);
 void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, uintptr_t stream);
+// Whether the tensor-core kernel's 32-bit indices cover the problem (lora_cuda_mma.cu).
+bool fits_32bit_indices(const FusedArgs& args, const Weight& w);
 
 // w [n, k] (f32/f16/bf16) -> qweight int32 [n, words_per_row], scales, zeros fp32 [n, k / group_size]
 void int_quantize_cpu(const TensorView& w, int bits, int64_t group_size, const TensorView& qweight,

@@ -197,7 +197,10 @@ void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weigh
                  args.r);
   if (args.m == 0 || args.n_cols == 0) return;
   CudaDeviceGuard guard(device);
-  if (tensor_cores && (dtype == DType::f16 || dtype == DType::bf16)) return fused_cuda_mma(kind, dtype, args, w, stream);
+  // The tensor-core kernel indexes in 32 bits; larger problems (W of 2^31 weights or more) take this
+  // file's SIMT kernel, which indexes in 64.
+  if (tensor_cores && (dtype == DType::f16 || dtype == DType::bf16) && fits_32bit_indices(args, w))
+    return fused_cuda_mma(kind, dtype, args, w, stream);
   const cudaStream_t s = as_stream(stream);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "x", __half, __nv_bfloat16, [&] {
     switch (kind) {

@@ -1,22 +1,31 @@
-// LoRA CUDA fused kernel, tensor-core main loop (fp16 / bf16 inputs). EXPERIMENTAL: compiled and
-// checked with ptxas, never run (no GPU was available); off unless PYLLMOPS_LORA_TENSOR_CORES=1.
+// LoRA CUDA fused kernel, tensor-core main loop (fp16 / bf16 inputs): the decode kernel (rows < 64 by
+// default; any rows with PYLLMOPS_LORA_PATH=fused). Checked on the emulated backend and with ptxas /
+// SASS; never run on a GPU (none was available).
 //
 // Same product and epilogue as lora_cuda.cu (see lora.h): per CTA a 64 x 64 tile of out, the
-// reduction in 32-wide steps. Shared memory holds the step's tiles in the input dtype, k contiguous:
-//   Xs [64][40] rows of `in`, Xd [64][40] the same times the dropout mask (or Xd = Xs),
-//   Ws [64][40] W decoded (dense / NF4 / INT) and rounded once to the input dtype, as a
-//               dequantize-then-matmul would, Ds [64][40] the down-projection, ranks >= r zero.
-// Rows are padded to 40 elements (80 bytes) so the 32-bit fragment loads of the 8 row groups hit
-// 32 distinct banks. 4 warps as 2 x 2; a warp owns 32 rows x 32 columns of out (2 x 4 mma tiles of
-// m16n8k16, 32 fp32 accumulators) and 32 rows x 32 ranks of t (the warp's rank half; 8-rank tiles
-// at or beyond r are skipped, warp-uniformly). Fragment coordinates come from lora.h (mma_a_row ...),
-// transcribed from the PTX ISA. The epilogue is the SIMT kernel's: t and U through shared memory
-// (fp32), then bias, the adapter term, and one store; column tile 0 writes t.
+// reduction in 32-wide steps. Shared memory holds the step's tiles in the input dtype, k contiguous,
+// rows padded to 40 elements (80 bytes, so ldmatrix's 8 row addresses per matrix hit distinct banks):
+//   x [64][40] rows of `in`, xd [64][40] the same times the dropout mask (scalar staging only),
+//   w [64][40] W decoded (dense / NF4 / INT) and rounded once to the input dtype, as a
+//             dequantize-then-matmul would, d [64][40] the down-projection, ranks >= r zero.
+// Two ways to fill them:
+//   async (forward, no dropout / pooling, in_features % 32 == 0, 16-byte aligned): two stages of 16-byte
+//     cp.async copies (x, A, and W or its raw 4-bit codes), step s + 1 in flight while step s multiplies;
+//     NF4 / INT4 codes are decoded from shared memory once per CTA and step (a CTA holds all rows of a
+//     decode-shaped x, so each weight is decoded once per call);
+//   scalar (everything else): one stage, element by element.
+// 4 warps as 2 x 2; a warp owns 32 rows x 32 columns of out (2 x 4 mma tiles of m16n8k16, 32 fp32
+// accumulators) and 32 rows x 32 ranks of t (8-rank tiles at or beyond r are skipped, warp-uniformly).
+// Fragments come from ldmatrix.x4 (PTX ISA fragment layouts; lora.h has them for the epilogue). All
+// index math is 32-bit, with shifts for the power-of-two blocksize / group size / pool; the host checks
+// the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel. The epilogue is the SIMT
+// kernel's: t and U through shared memory (fp32), then bias, the adapter term, and one store; column
+// tile 0 writes t.
 //
-// Napkin math (H100, bf16): 2 x 4 mma per warp per 16-wide k step against 3 x 2048 elements staged
-// per 32-wide CTA step by scalar loads: the main loop is load-bound, not MMA-bound; cp.async double
-// buffering and vector loads are the next steps. Expected well above the SIMT kernel (~60 TFLOP/s
-// fp32 peak), far below cuBLAS (~700 TFLOP/s); no number here is measured.
+// Napkin math (H200, bf16, decode m = 1, 4096 x 4096 NF4): 8.4 MB of codes and scales, 2.1 us at 4 TB/s.
+// This kernel launches n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA: ~64 KB in flight
+// against the ~3 MB that Little's law asks of HBM (4 TB/s x ~0.7 us), so it is latency-bound, a few % of
+// HBM bandwidth (docs/lora.md, "GPU predictions"); a split-K grid with deeper pipelines is the next step.
 //
 // Arch floor: sm_80 (mma.sync m16n8k16 with bf16 inputs). A build for an older arch stops here instead of
 // compiling the mma to nothing (which would return wrong results with no error); CMakeLists.txt refuses
@@ -43,43 +52,192 @@ __constant__ float c_nf4_code_mma[16] = {PYLLMOPS_NF4_CODE_VALUES};
 
 constexpr int kBM = 64, kBN = 64, kBK = 32, kLD = kBK + 8, kThreads = 128, kRT = kMaxRankCuda;
 constexpr int kTileElems = 64 * kLD;
+constexpr int kPackedRow = 16;  // bytes of 4-bit codes per W row and 32-wide step (NF4, INT4)
 constexpr int kEpiFloats = kBM * (kRT + 1) + kBN * (kRT + 1);
 
-// Two consecutive elements (the pair a fragment register holds) of a k-contiguous tile.
-template <typename T>
-__device__ __forceinline__ uint32_t pair(const T* tile, int row, int col) {
-  return *reinterpret_cast<const uint32_t*>(tile + row * kLD + col);
+// The problem's sizes and the format's constants as 32-bit values: the host (launch_mma) has checked
+// that every index below stays under 2^31, so no 64-bit multiply or division is needed in the loops;
+// blocksize, group_size and pool are powers of two, so "/" is a shift.
+struct Dims {
+  int m, n_cols, n_red, r, k_in;
+  int bs_lg, gs_lg, pool_lg;  // log2 of the NF4 blocksize, INT group_size, QA-LoRA pool
+  int groups, wpr, cpw, bits;  // INT: groups per row, words per row, codes per word, bits
+  int cpw_lg;                  // log2(cpw) for 2- and 4-bit (16 and 8 codes per word); 3-bit has 10
+  uint32_t code_mask;
+  float pool_inv;              // 1 / pool, exact (a power of two built from its exponent: no division)
+};
+
+// k / cpw for a 32-bit k: a shift for 2- and 4-bit, a division by the constant 10 for 3-bit (a multiply-high,
+// no division routine).
+__device__ __forceinline__ uint32_t word_of(const Dims& d, uint32_t k) {
+  return d.bits == 3 ? k / 10u : k >> d.cpw_lg;
 }
 
-// A fragment (16 rows from r0, 16 k from k0) and B fragment (8 rows of a [n][k] tile from n0).
+__device__ __forceinline__ int ilog2(int64_t v) { return 31 - __clz(static_cast<int>(v)); }
+
+__device__ __forceinline__ Dims make_dims(const FusedArgs& a, const Weight& w) {
+  Dims d;
+  d.m = static_cast<int>(a.m), d.n_cols = static_cast<int>(a.n_cols), d.n_red = static_cast<int>(a.n_red);
+  d.r = static_cast<int>(a.r), d.k_in = static_cast<int>(w.k_in);
+  d.bs_lg = ilog2(w.blocksize), d.gs_lg = ilog2(w.group_size), d.pool_lg = ilog2(a.pool);
+  d.bits = w.bits, d.cpw = codes_per_word(w.bits), d.code_mask = static_cast<uint32_t>(max_code(w.bits));
+  d.cpw_lg = d.bits == 2 ? 4 : 3;
+  d.groups = d.k_in >> d.gs_lg, d.wpr = static_cast<int>(word_of(d, static_cast<uint32_t>(d.k_in + d.cpw - 1)));
+  d.pool_inv = __int_as_float((127 - d.pool_lg) << 23);
+  return d;
+}
+
+// W[n, k] as fp32 (load_weight's values, 32-bit index math).
+template <WeightKind K, typename T>
+__device__ __forceinline__ float weight_at(const Weight& w, const Dims& d, int n, int k, const float* code) {
+  if constexpr (K == WeightKind::dense) {
+    return to_float(static_cast<const T*>(w.dense)[n * d.k_in + k]);
+  } else if constexpr (K == WeightKind::nf4) {
+    const uint32_t flat = static_cast<uint32_t>(n * d.k_in + k);
+    const uint32_t byte = w.packed[flat >> 1];
+    return PYLLMOPS_MUL_RN(code[(flat & 1) ? (byte & 15u) : (byte >> 4)], w.nf4_scales(flat >> d.bs_lg));
+  } else {
+    const uint32_t ku = static_cast<uint32_t>(k), wi = word_of(d, ku);
+    const uint32_t word = static_cast<uint32_t>(w.qweight[n * d.wpr + static_cast<int>(wi)]);
+    const uint32_t q = (word >> ((ku - wi * static_cast<uint32_t>(d.cpw)) * d.bits)) & d.code_mask;
+    const int g = n * d.groups + (k >> d.gs_lg);
+    return int_decode(q, w.scales[g], w.zeros[g]);
+  }
+}
+
+// One element of each staged tile (0 outside): in / in * in_scale, Wop(j, red), D(q, red).
 template <typename T>
-__device__ __forceinline__ void load_a(const T* tile, int r0, int k0, int lane, uint32_t (&a)[4]) {
-#pragma unroll
-  for (int reg = 0; reg < 4; ++reg)
-    a[reg] = pair(tile, r0 + mma_a_row(lane, 2 * reg), k0 + mma_a_col(lane, 2 * reg));
+__device__ __forceinline__ void in_at(const FusedArgs& a, const Dims& d, int row, int red, float* v, float* vd) {
+  *v = *vd = 0.0f;
+  if (row < d.m && red < d.n_red) {
+    const int idx = row * d.n_red + red;
+    *v = to_float(static_cast<const T*>(a.in)[idx]);
+    *vd = a.in_scale ? *v * to_float(static_cast<const T*>(a.in_scale)[idx]) : *v;
+  }
+}
+template <WeightKind K, typename T>
+__device__ __forceinline__ float wop_at(const FusedArgs& a, const Weight& w, const Dims& d, int j, int red,
+                                        const float* code) {
+  if (j >= d.n_cols || red >= d.n_red) return 0.0f;
+  return a.transposed ? weight_at<K, T>(w, d, red, j, code) : weight_at<K, T>(w, d, j, red, code);
 }
 template <typename T>
-__device__ __forceinline__ void load_b(const T* tile, int n0, int k0, int lane, uint32_t (&b)[2]) {
+__device__ __forceinline__ float d_at(const FusedArgs& a, const Dims& d, int q, int red) {
+  if (q >= d.r || red >= d.n_red) return 0.0f;
+  if (a.transposed) return to_float(static_cast<const T*>(a.lora_b)[red * d.r + q]);  // B^T
+  const float v = to_float(static_cast<const T*>(a.lora_a)[q * (d.n_red >> d.pool_lg) + (red >> d.pool_lg)]);
+  return d.pool_lg == 0 ? v : PYLLMOPS_MUL_RN(v, d.pool_inv);
+}
+
+// A fragment (16 rows from r0, 16 k from k0) of a [row][k] tile, and B fragments of two 8-row n tiles
+// (n0 and n0 + 8, 16 k from k0) of an [n][k] tile, with ldmatrix (lane l passes one 16-byte row; see
+// ptx.cuh). Rows are 80 bytes apart, so the 8 rows of each 8 x 8 matrix fall in distinct bank groups.
+template <typename T>
+__device__ __forceinline__ void frag_a(const T* tile, int r0, int k0, int lane, uint32_t (&a)[4]) {
+  ptx::ldmatrix_x4(a, tile + (r0 + (lane & 15)) * kLD + k0 + (lane >> 4) * 8);
+}
+template <typename T>
+__device__ __forceinline__ void frag_b2(const T* tile, int n0, int k0, int lane, uint32_t (&b)[4]) {
+  ptx::ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * kLD + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// Shared memory of the main loop: two stages of the in, W and D tiles (input dtype, k contiguous), the
+// dropout-scaled in tile (scalar staging only), and two stages of raw 4-bit codes (NF4 / INT4, async path).
+template <typename T>
+struct Stages {
+  T x[2][kTileElems];
+  T w[2][kTileElems];
+  T d[2][kTileElems];
+  T xd[kTileElems];
+  alignas(16) uint8_t packed[2][kBN * kPackedRow];
+};
+
+// Async staging (the forward of decode shapes, `vec`): 16-byte cp.async of the step's rows of x, of A and
+// of W (dense) or its 4-bit codes (NF4 / INT4, decoded from shared memory by decode_packed); rows past
+// m, r or n_cols are zero-filled (src_bytes 0). The host guarantees n_red % 32 == 0 and 16-byte aligned
+// bases, so every 16-byte chunk is whole and aligned.
+template <WeightKind K, typename T>
+__device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w, const Dims& d, Stages<T>& sm,
+                                            int st, int j0, int red0, int tid) {
+  for (int c = tid; c < 64 * 4; c += kThreads) {  // 64 rows x 4 chunks of 8 elements
+    const int row = c >> 2, ch = (c & 3) * 8;
+    const T* in = static_cast<const T*>(a.in);
+    const bool in_ok = row < d.m;
+    ptx::cp_async_cg<16>(&sm.x[st][row * kLD + ch], in_ok ? in + row * d.n_red + red0 + ch : in, in_ok ? 16 : 0);
+    const T* A = static_cast<const T*>(a.lora_a);
+    const bool a_ok = row < d.r;
+    ptx::cp_async_cg<16>(&sm.d[st][row * kLD + ch], a_ok ? A + row * d.n_red + red0 + ch : A, a_ok ? 16 : 0);
+    if constexpr (K == WeightKind::dense) {
+      const T* W = static_cast<const T*>(w.dense);
+      const bool w_ok = j0 + row < d.n_cols;
+      ptx::cp_async_cg<16>(&sm.w[st][row * kLD + ch], w_ok ? W + (j0 + row) * d.k_in + red0 + ch : W, w_ok ? 16 : 0);
+    }
+  }
+  if constexpr (K != WeightKind::dense) {
+    if (tid < kBN) {
+      const int j = j0 + tid;
+      const bool ok = j < d.n_cols;
+      const uint8_t* base = K == WeightKind::nf4 ? w.packed : reinterpret_cast<const uint8_t*>(w.qweight);
+      const uint8_t* src = K == WeightKind::nf4 ? base + (static_cast<uint32_t>(j * d.k_in + red0) >> 1)
+                                                : base + 4 * (j * d.wpr + (red0 >> 3));
+      ptx::cp_async_cg<16>(&sm.packed[st][tid * kPackedRow], ok ? src : base, ok ? 16 : 0);
+    }
+  }
+}
+
+// 4-bit codes of stage st -> W tile (input dtype): thread tid decodes 16 weights of row tid / 2 with one
+// scale lookup (a 16-weight run never crosses an NF4 block or an INT group: both are >= 32 and aligned).
+template <WeightKind K, typename T>
+__device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, Stages<T>& sm, int st, int j0,
+                                              int red0, int tid, const float* code) {
+  const int row = tid >> 1, half = tid & 1, j = j0 + row;
+  T* dst = &sm.w[st][row * kLD + half * 16];
+  const uint8_t* p = &sm.packed[st][row * kPackedRow + half * 8];
+  if (j >= d.n_cols) {
 #pragma unroll
-  for (int reg = 0; reg < 2; ++reg) b[reg] = pair(tile, n0 + mma_b_n(lane), k0 + mma_b_k(lane, 2 * reg));
+    for (int e = 0; e < 16; ++e) dst[e] = from_float<T>(0.0f);
+    return;
+  }
+  const int k0 = red0 + half * 16;
+  if constexpr (K == WeightKind::nf4) {
+    const float scale = w.nf4_scales(static_cast<uint32_t>(j * d.k_in + k0) >> d.bs_lg);
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const uint32_t byte = p[b];
+      dst[2 * b] = from_float<T>(PYLLMOPS_MUL_RN(code[byte >> 4], scale));
+      dst[2 * b + 1] = from_float<T>(PYLLMOPS_MUL_RN(code[byte & 15u], scale));
+    }
+  } else {  // INT4: 8 codes per word, low bits first
+    const int g = j * d.groups + (k0 >> d.gs_lg);
+    const float scale = w.scales[g], zero = w.zeros[g];
+#pragma unroll
+    for (int wd = 0; wd < 2; ++wd) {
+      const uint32_t word = reinterpret_cast<const uint32_t*>(p)[wd];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[wd * 8 + e] = from_float<T>(int_decode((word >> (4 * e)) & 15u, scale, zero));
+    }
+  }
 }
 
 template <WeightKind K, typename T>
-__global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w) {
-  constexpr int kLoopBytes = 4 * kTileElems * static_cast<int>(sizeof(T));
+__global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w, bool vec) {
+  constexpr int kLoopBytes = static_cast<int>(sizeof(Stages<T>));
   constexpr int kEpiBytes = kEpiFloats * 4;
   constexpr int kSmemBytes = kLoopBytes > kEpiBytes ? kLoopBytes : kEpiBytes;
   PYLLMOPS_SHARED(unsigned char[kSmemBytes], smem_raw);
   PYLLMOPS_SHARED(float[16], s_code);
   if (threadIdx.x < 16) s_code[threadIdx.x] = c_nf4_code_mma[threadIdx.x];
-  T* Xs = reinterpret_cast<T*>(smem_raw);
-  T* Xd = a.in_scale ? Xs + kTileElems : Xs;
-  T* Ws = Xs + 2 * kTileElems;
-  T* Ds = Xs + 3 * kTileElems;
+  Stages<T>& sm = *reinterpret_cast<Stages<T>*>(smem_raw);
+  Dims d = make_dims(a, w);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, j0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int r = static_cast<int>(a.r);
+  const int m0 = static_cast<int>(blockIdx.y) * kBM, j0 = static_cast<int>(blockIdx.x) * kBN;
+  // This CTA's rows of `in` (the row tile's offset folded into the base pointers, so the loaders index
+  // from 0 and stay 32-bit).
+  a.in = static_cast<const T*>(a.in) + static_cast<int64_t>(m0) * d.n_red;
+  if (a.in_scale) a.in_scale = static_cast<const T*>(a.in_scale) + static_cast<int64_t>(m0) * d.n_red;
+  d.m -= m0;
+  const bool masked = !vec && a.in_scale != nullptr;
 
   float acc[2][4][4], tacc[2][4][4];
 #pragma unroll
@@ -89,49 +247,90 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = tacc[mi][ni][e] = 0.0f;
 
-  for (int64_t red0 = 0; red0 < a.n_red; red0 += kBK) {
-    __syncthreads();
-    for (int e = tid; e < 64 * kBK; e += kThreads) {
-      {  // in rows: consecutive threads walk the reduction
-        const int i = e / kBK, kk = e % kBK;
-        float v, vd;
-        load_in<T>(a, m0 + i, red0 + kk, &v, &vd);
-        Xs[i * kLD + kk] = from_float<T>(v);
-        if (a.in_scale) Xd[i * kLD + kk] = from_float<T>(vd);
+  const int steps = (d.n_red + kBK - 1) / kBK;
+  __syncthreads();  // s_code
+  if (vec) {
+    issue_async<K, T>(a, w, d, sm, 0, j0, 0, tid);
+    ptx::cp_async_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    const int red0 = s * kBK, st = vec ? (s & 1) : 0;
+    if (vec) {  // double buffer: step s + 1's copies fly while step s multiplies
+      if (s + 1 < steps) {
+        issue_async<K, T>(a, w, d, sm, st ^ 1, j0, red0 + kBK, tid);
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<1>();
+      } else {
+        ptx::cp_async_wait<0>();
       }
-      {  // W: forward walks W's rows along the reduction, backward along the output columns
-        const int jj = a.transposed ? e % kBN : e / kBK, kk = a.transposed ? e / kBN : e % kBK;
-        Ws[jj * kLD + kk] = from_float<T>(load_w<K, T>(a, w, j0 + jj, red0 + kk, s_code));
+      __syncthreads();
+      if constexpr (K != WeightKind::dense) {
+        decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
+        __syncthreads();
       }
-      {  // D: ranks as rows
-        const int q = e / kBK, kk = e % kBK;
-        Ds[q * kLD + kk] = from_float<T>(load_d<T>(a, q, red0 + kk));
+    } else {  // scalar staging: any shape, stride pattern, mask, pool or transposition
+      for (int e = tid; e < 64 * kBK; e += kThreads) {
+        {  // in rows: consecutive threads walk the reduction
+          const int i = e / kBK, kk = e % kBK;
+          float v, vd;
+          in_at<T>(a, d, i, red0 + kk, &v, &vd);
+          sm.x[0][i * kLD + kk] = from_float<T>(v);
+          if (masked) sm.xd[i * kLD + kk] = from_float<T>(vd);
+        }
+        {  // W: forward walks W's rows along the reduction, backward along the output columns
+          const int jj = a.transposed ? e % kBN : e / kBK, kk = a.transposed ? e / kBN : e % kBK;
+          sm.w[0][jj * kLD + kk] = from_float<T>(wop_at<K, T>(a, w, d, j0 + jj, red0 + kk, s_code));
+        }
+        {  // D: ranks as rows
+          const int q = e / kBK, kk = e % kBK;
+          sm.d[0][q * kLD + kk] = from_float<T>(d_at<T>(a, d, q, red0 + kk));
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
+    const T* Xs = sm.x[st];
+    const T* Xd = masked ? sm.xd : Xs;
+    const T* Ws = sm.w[st];
+    const T* Ds = sm.d[st];
 #pragma unroll
     for (int k0 = 0; k0 < kBK; k0 += 16) {
       uint32_t af[2][4], adf[2][4];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
-        load_a(Xs, wm * 32 + mi * 16, k0, lane, af[mi]);
-        load_a(Xd, wm * 32 + mi * 16, k0, lane, adf[mi]);
+        frag_a(Xs, wm * 32 + mi * 16, k0, lane, af[mi]);
+        if (masked) {
+          frag_a(Xd, wm * 32 + mi * 16, k0, lane, adf[mi]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) adf[mi][e] = af[mi][e];
+        }
       }
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        uint32_t bf[2];
-        load_b(Ws, wn * 32 + ni * 8, k0, lane, bf);
+      for (int np = 0; np < 2; ++np) {
+        uint32_t bf[4];
+        frag_b2(Ws, wn * 32 + np * 16, k0, lane, bf);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ptx::mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[0], bf[1]);
-        if (wn * 32 + ni * 8 < r) {  // warp-uniform: skip rank tiles past r
-          uint32_t df[2];
-          load_b(Ds, wn * 32 + ni * 8, k0, lane, df);
+        for (int mi = 0; mi < 2; ++mi) {
+          ptx::mma_m16n8k16<T>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
+          ptx::mma_m16n8k16<T>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
+        }
+        const int q0 = wn * 32 + np * 16;
+        if (q0 < d.r) {  // warp-uniform: skip rank tiles past r (D is zero there)
+          uint32_t df[4];
+          frag_b2(Ds, q0, k0, lane, df);
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) ptx::mma_m16n8k16<T>(tacc[mi][ni], adf[mi], df[0], df[1]);
+          for (int mi = 0; mi < 2; ++mi) {
+            ptx::mma_m16n8k16<T>(tacc[mi][2 * np], adf[mi], df[0], df[1]);
+            if (q0 + 8 < d.r) ptx::mma_m16n8k16<T>(tacc[mi][2 * np + 1], adf[mi], df[2], df[3]);
+          }
         }
       }
     }
+    __syncthreads();  // the stage is re-filled two steps later (vec) or at the next step (scalar)
   }
+  // the epilogue indexes `in`'s rows from the original base again
+  a.in = static_cast<const T*>(a.in) - static_cast<int64_t>(m0) * d.n_red;
+  if (a.in_scale) a.in_scale = static_cast<const T*>(a.in_scale) - static_cast<int64_t>(m0) * d.n_red;
 
   // ---- epilogue (as lora_cuda.cu): out = acc + bias + scaling * mask * t.U^T -------------------
   __syncthreads();
@@ -145,7 +344,19 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
       for (int e = 0; e < 4; ++e)
         Ts[(wm * 32 + mi * 16 + mma_c_row(lane, e)) * (kRT + 1) + wn * 32 + ni * 8 + mma_c_col(lane, e)] =
             tacc[mi][ni][e];
-  load_up<T>(a, j0, kBN, kRT, Us);
+  for (int e = tid; e < kBN * kRT; e += kThreads) {  // U(j0 + jj, q), zero past r and n_cols (32-bit, shifts)
+    const int jj = e / kRT, q = e % kRT, j = j0 + jj;
+    float u = 0.0f;
+    if (q < d.r && j < d.n_cols) {
+      if (a.transposed) {  // A_exp^T: A[q, j / pool] / pool
+        u = to_float(static_cast<const T*>(a.lora_a)[q * (d.n_cols >> d.pool_lg) + (j >> d.pool_lg)]);
+        if (d.pool_lg) u = PYLLMOPS_MUL_RN(u, d.pool_inv);
+      } else {
+        u = to_float(static_cast<const T*>(a.lora_b)[j * d.r + q]);
+      }
+    }
+    Us[jj * (kRT + 1) + q] = u;
+  }
   __syncthreads();
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
@@ -157,31 +368,56 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
         store_out<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], &Ts[il * (kRT + 1)], &Us[jl * (kRT + 1)]);
       }
   if (blockIdx.x == 0) {  // t straight from shared memory: every rank column was written above
-    for (int e = tid; e < kBM * r; e += kThreads) {
-      const int il = e / r, q = e % r;
-      if (m0 + il < a.m) a.t[(m0 + il) * a.r + q] = Ts[il * (kRT + 1) + q];
-    }
+    for (int il = warp; il < kBM; il += kThreads / 32)  // a warp per row, lanes over ranks: no division
+      for (int q = lane; q < d.r; q += 32)
+        if (m0 + il < a.m) a.t[(m0 + il) * a.r + q] = Ts[il * (kRT + 1) + q];
   }
 }
 
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The async (cp.async, double-buffered) staging applies to the forward without dropout or pooling
+// (decode: the shape that matters), with whole 16-byte chunks: n_red % 32 == 0, 16-byte aligned bases,
+// NF4 blocks or 4-bit INT groups of >= 32 weights. Everything else stages with scalar loads.
+bool async_staging(WeightKind kind, const FusedArgs& a, const Weight& w) {
+  if (a.transposed || a.in_scale != nullptr || a.pool != 1 || a.n_red == 0 || a.n_red % 32 != 0) return false;
+  if (!aligned16(a.in) || !aligned16(a.lora_a)) return false;
+  switch (kind) {
+    case WeightKind::dense: return aligned16(w.dense);
+    case WeightKind::nf4: return aligned16(w.packed) && w.blocksize >= 32;
+    case WeightKind::int_q: return w.bits == 4 && w.group_size >= 32 && aligned16(w.qweight);
+  }
+  return false;
+}
+
 template <WeightKind K, typename T>
-void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream) {
+void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream, bool vec) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
   launch("fused_mma_kernel", fused_mma_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-         kThreads, 0, stream, a, w);
+         kThreads, 0, stream, a, w, vec);
 }
 
 }  // namespace
 
+bool fits_32bit_indices(const FusedArgs& a, const Weight& w) {
+  constexpr int64_t kLim = 2147483647;
+  return w.n_out * w.k_in <= kLim && 64 * a.n_red <= kLim && 64 * a.n_cols <= kLim;
+}
+
 void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, uintptr_t stream) {
+  // The kernel indexes in 32 bits (no 64-bit multiply or division call in its loops); fused_cuda routes
+  // larger problems to the SIMT kernel, and this re-check keeps the kernel safe from any other caller.
+  PYLLMOPS_CHECK(fits_32bit_indices(args, w), "the tensor-core LoRA kernel indexes in 32 bits: W (", w.n_out, " x ",
+                 w.k_in, ") and 64 x max(n_red, n_cols) (", args.n_red, ", ", args.n_cols, ") must stay below 2^31");
   const cudaStream_t s = as_stream(stream);
+  const bool vec = async_staging(kind, args, w);
   auto go = [&](auto tag) {
     using T = decltype(tag);
     switch (kind) {
-      case WeightKind::dense: return launch_mma<WeightKind::dense, T>(args, w, s);
-      case WeightKind::nf4: return launch_mma<WeightKind::nf4, T>(args, w, s);
-      case WeightKind::int_q: return launch_mma<WeightKind::int_q, T>(args, w, s);
+      case WeightKind::dense: return launch_mma<WeightKind::dense, T>(args, w, s, vec);
+      case WeightKind::nf4: return launch_mma<WeightKind::nf4, T>(args, w, s, vec);
+      case WeightKind::int_q: return launch_mma<WeightKind::int_q, T>(args, w, s, vec);
     }
   };
   if (dtype == DType::bf16) {

@@ -419,7 +419,10 @@ def _dense_autograd(x, weight, bias, lora_a, lora_b, scaling, mask):
     x2 = _flat(x)
     y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
     xd = x2 if mask is None else x2 * _flat(mask)
-    y.addmm_(torch.mm(xd, lora_a.t()), lora_b.t(), alpha=_float32(scaling))
+    # scaling multiplies the (rows x r) t, not through addmm_'s alpha: alpha would make the backward scale
+    # both GEMM results, B's gradient (out x r) included, an extra pass that costs more than the 1-row GEMM
+    # it scales (measured 1024 x 1024, r = 64, 1 row: 0.85x -> see docs/lora.md)
+    y.addmm_(torch.mm(xd, lora_a.t()).mul_(_float32(scaling)), lora_b.t())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
