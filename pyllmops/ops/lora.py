@@ -416,14 +416,14 @@ def _dense_autograd(x, weight, bias, lora_a, lora_b, scaling, mask):
     the forward and again in the backward). The same GEMMs as _workspace; measured 1024 x 1024, r = 8,
     1 row, fp32, one thread: forward+backward 0.87 -> 0.7x ms (the Python autograd.Function's backward
     cost ~100 us a call, as much as the 1-row GEMV)."""
-    x2 = _flat(x)
+    flat = x.dim() != 2  # a 2-D x needs no reshape (no view nodes for the backward to walk)
+    x2 = _flat(x) if flat else x
     y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-    xd = x2 if mask is None else x2 * _flat(mask)
-    # scaling multiplies the (rows x r) t, not through addmm_'s alpha: alpha would make the backward scale
-    # both GEMM results, B's gradient (out x r) included, an extra pass that costs more than the 1-row GEMM
-    # it scales (measured 1024 x 1024, r = 64, 1 row: 0.85x -> see docs/lora.md)
-    y.addmm_(torch.mm(xd, lora_a.t()).mul_(_float32(scaling)), lora_b.t())
-    return y.view(*x.shape[:-1], weight.shape[0])
+    xd = x2 if mask is None else x2 * mask.view(x2.shape)
+    # scaling through addmm_'s alpha, applied to the product (t * scaling first would overflow for a
+    # scaling near FLT_MAX and turn B = 0 into NaN)
+    y.addmm_(torch.mm(xd, lora_a.t()), lora_b.t(), alpha=_float32(scaling))
+    return y.view(*x.shape[:-1], weight.shape[0]) if flat else y
 
 
 def _float32(v):
