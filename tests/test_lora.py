@@ -32,9 +32,10 @@ def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def _check_fwd_bwd(fn, ref_fn, x, params, dtype, what):
-    """fn(x, *params) vs ref_fn(x64, *params64): output and gradients of x and every param."""
-    xs = _leaf(x)
+def _check_fwd_bwd(fn, ref_fn, x, params, dtype, what, keep_x_storage=False):
+    """fn(x, *params) vs ref_fn(x64, *params64): output and gradients of x and every param. keep_x_storage:
+    x itself (its storage and offset, e.g. a misaligned view) becomes the leaf, not a clone."""
+    xs = x.detach().requires_grad_() if keep_x_storage else _leaf(x)
     ps = [_leaf(p) for p in params]
     y = fn(xs, *ps)
     x64 = _leaf(x.double())
@@ -469,6 +470,43 @@ def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev, tensor_cores):
         fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
         ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
     _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} tensor cores")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_decode_kernel_staging_cuda(dtype, kind, dev, aligned):
+    """The decode kernel's two ways of filling shared memory (lora_cuda_mma.cu): 16-byte cp.async copies of
+    x, A and W / its 4-bit codes (a 16-byte aligned x, in_features % 32 == 0, no dropout), and the scalar
+    staging that a misaligned x (a view one element into its storage) falls back to. Decode shape (5 rows:
+    the fused path by default), a partial column tile (72 outputs) and r = 40 (the last rank tile of the
+    second warp column skipped). Both against the references, forward and backward."""
+    in_f, out_f, r, m = 256, 72, 40, 5
+    store = torch.randn(m * in_f + 8, device=dev).to(dtype)
+    x = store[:m * in_f].view(m, in_f) if aligned else store[1:1 + m * in_f].view(m, in_f)
+    assert (x.data_ptr() % 16 == 0) == aligned
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    if kind == "qalora":
+        q, s, z = pyllmops.quantize_int(w, 4, 32)
+        a, b = _adapter(r, in_f // 32, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=32,  # noqa: E731
+                                                          bias=bias)
+        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 32, bias)  # noqa: E731
+    elif kind == "qlora":
+        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+    else:
+        wd = w.to(dtype)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    from pyllmops.ops import lora as L
+    assert L.kernel_path(kind, m, x.device, r) == "fused"
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} decode staging (aligned={aligned})", keep_x_storage=True)
 
 
 # ---- opcheck ------------------------------------------------------------------------------------

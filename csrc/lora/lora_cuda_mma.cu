@@ -9,8 +9,9 @@
 //   w [64][40] W decoded (dense / NF4 / INT) and rounded once to the input dtype, as a
 //             dequantize-then-matmul would, d [64][40] the down-projection, ranks >= r zero.
 // Two ways to fill them:
-//   async (forward, no dropout / pooling, in_features % 32 == 0, 16-byte aligned): two stages of 16-byte
-//     cp.async copies (x, A, and W or its raw 4-bit codes), step s + 1 in flight while step s multiplies;
+//   async (forward, no dropout, in_features % 32 == 0, 16-byte aligned): two stages of 16-byte cp.async
+//     copies (x, A (QA-LoRA's pooled A element by element), and W or its raw 4-bit codes), step s + 1 in
+//     flight while step s multiplies;
 //     NF4 / INT4 codes are decoded from shared memory once per CTA and step (a CTA holds all rows of a
 //     decode-shaped x, so each weight is decoded once per call);
 //   scalar (everything else): one stage, element by element.
@@ -164,9 +165,11 @@ __device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w,
     const T* in = static_cast<const T*>(a.in);
     const bool in_ok = row < d.m;
     ptx::cp_async_cg<16>(&sm.x[st][row * kLD + ch], in_ok ? in + row * d.n_red + red0 + ch : in, in_ok ? 16 : 0);
-    const T* A = static_cast<const T*>(a.lora_a);
-    const bool a_ok = row < d.r;
-    ptx::cp_async_cg<16>(&sm.d[st][row * kLD + ch], a_ok ? A + row * d.n_red + red0 + ch : A, a_ok ? 16 : 0);
+    if (d.pool_lg == 0) {  // QA-LoRA's pooled A (A_exp) is staged element by element (fill_pooled_d)
+      const T* A = static_cast<const T*>(a.lora_a);
+      const bool a_ok = row < d.r;
+      ptx::cp_async_cg<16>(&sm.d[st][row * kLD + ch], a_ok ? A + row * d.n_red + red0 + ch : A, a_ok ? 16 : 0);
+    }
     if constexpr (K == WeightKind::dense) {
       const T* W = static_cast<const T*>(w.dense);
       const bool w_ok = j0 + row < d.n_cols;
@@ -264,10 +267,14 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
         ptx::cp_async_wait<0>();
       }
       __syncthreads();
-      if constexpr (K != WeightKind::dense) {
-        decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
-        __syncthreads();
+      if constexpr (K != WeightKind::dense) decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
+      if (d.pool_lg != 0) {  // QA-LoRA: D = A_exp, one A value per pooled group, from global memory
+        for (int e = tid; e < 64 * kBK; e += kThreads) {
+          const int q = e / kBK, kk = e % kBK;
+          sm.d[st][q * kLD + kk] = from_float<T>(d_at<T>(a, d, q, red0 + kk));
+        }
       }
+      if (K != WeightKind::dense || d.pool_lg != 0) __syncthreads();
     } else {  // scalar staging: any shape, stride pattern, mask, pool or transposition
       for (int e = tid; e < 64 * kBK; e += kThreads) {
         {  // in rows: consecutive threads walk the reduction
@@ -376,11 +383,12 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// The async (cp.async, double-buffered) staging applies to the forward without dropout or pooling
-// (decode: the shape that matters), with whole 16-byte chunks: n_red % 32 == 0, 16-byte aligned bases,
-// NF4 blocks or 4-bit INT groups of >= 32 weights. Everything else stages with scalar loads.
+// The async (cp.async, double-buffered) staging applies to the forward without dropout (decode: the shape
+// that matters), with whole 16-byte chunks: n_red % 32 == 0, 16-byte aligned bases, NF4 blocks or 4-bit
+// INT groups of >= 32 weights (QA-LoRA's pooled A is then staged element by element). Everything else
+// stages with scalar loads.
 bool async_staging(WeightKind kind, const FusedArgs& a, const Weight& w) {
-  if (a.transposed || a.in_scale != nullptr || a.pool != 1 || a.n_red == 0 || a.n_red % 32 != 0) return false;
+  if (a.transposed || a.in_scale != nullptr || a.n_red == 0 || a.n_red % 32 != 0) return false;
   if (!aligned16(a.in) || !aligned16(a.lora_a)) return false;
   switch (kind) {
     case WeightKind::dense: return aligned16(w.dense);
