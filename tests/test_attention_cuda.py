@@ -174,3 +174,98 @@ def test_fully_masked_rows_stay_zero_with_nan_elsewhere():
     assert (out[0, :24] == 0).all() and torch.isinf(lse[0, 0, :24]).all() and (lse[0, 0, :24] < 0).all()
     assert torch.isnan(out[0, 39]).all() and torch.isnan(lse[0, 0, 39])
     assert not torch.isnan(out[0, :39]).any()
+
+
+# ---- backward modes: atomic dQ (default) and deterministic ------------------------------------------------------
+def _bwd(q, k, v, out, lse, g, causal, window, deterministic, cu=None, max_q=None, max_k=None):
+    left, right = window
+    if causal:
+        right = 0
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    max_q = q.shape[1] if max_q is None else max_q
+    max_k = k.shape[1] if max_k is None else max_k
+    return torch.ops.pyllmops.flash_attn_bwd(g, q, k, v, out, lse, None, cu, cu, max_q, max_k, scale, 0.0, left,
+                                             right, False, deterministic)
+
+
+# (batch, sq, sk, hq, hkv, d, causal, window): MQA over 4 key tiles (every dQ element summed from several CTAs),
+# a window, a single query row with a padded head dim (40 -> 64), and head dim 256 (dK and dV in two launches).
+BWD_CASES = {
+    "mqa_causal": (2, 129, 200, 4, 1, 64, True, (-1, -1)),
+    "window_d128": (1, 47, 300, 2, 2, 128, False, (60, 10)),
+    "one_row_d40": (1, 1, 150, 2, 2, 40, False, (-1, -1)),
+    "gqa_d256": (1, 70, 90, 4, 2, 256, True, (-1, -1)),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", sorted(BWD_CASES))
+def test_backward_modes_match_reference(case, deterministic):
+    """Both backward modes against the float64 gradients: atomic mode sums dQ in an fp32 workspace from every key
+    tile's CTA (zeroed by the delta kernel; the emulated allocator fills it with NaN first), deterministic mode
+    runs the separate dq pass."""
+    b, sq, sk, hq, hkv, d, causal, window = BWD_CASES[case]
+    dtype = torch.bfloat16
+    q, k, v = _inputs(b, sq, sk, hq, hkv, d, dtype)
+    out, lse = _fwd(q, k, v, 0.0, causal, window)
+    g = torch.randn_like(out)
+    dq, dk, dv = _bwd(q, k, v, out, lse, g, causal, window, deterministic)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, _ = _ref_attention(q64, k64, v64, 0.0, causal, window)
+    ro.backward(g.double())
+    for name, a, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(a, r, TOL[dtype]["grad"], name)
+
+
+def test_backward_modes_varlen_gqa():
+    """Varlen with GQA, both modes: a 1-query sequence, one over 3 key tiles, one without keys (zero gradients). dQ
+    rows of one sequence never receive another's atomics (a query tile's padding rows are the next sequence's)."""
+    lens_q, lens_k = [1, 130, 40], [64, 150, 0]
+    cq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=CUDA)
+    ck = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=CUDA)
+    hq, hkv, d = 4, 2, 64
+    q = torch.randn(sum(lens_q), hq, d, device=CUDA).to(torch.float16)
+    k = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.float16)
+    v = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.float16)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, 0.0, -1, -1,
+                                                 False, False)
+    g = torch.randn_like(out)
+    grads = {det: torch.ops.pyllmops.flash_attn_bwd(g, q, k, v, out, lse, None, cq, ck, max(lens_q), max(lens_k),
+                                                    scale, 0.0, -1, -1, False, det) for det in (False, True)}
+    c_q, c_k = cq.tolist(), ck.tolist()
+    for s in range(len(lens_q)):
+        sq_, sk_ = slice(c_q[s], c_q[s + 1]), slice(c_k[s], c_k[s + 1])
+        q64, k64, v64 = (t.detach().double().unsqueeze(0).requires_grad_() for t in (q[sq_], k[sk_], v[sk_]))
+        ro, _ = _ref_attention(q64, k64, v64)
+        ro.backward(g[sq_].double().unsqueeze(0))
+        for det, (dq, dk, dv) in grads.items():
+            for name, a, r in (("dq", dq[sq_], q64.grad[0]), ("dk", dk[sk_], k64.grad[0]),
+                               ("dv", dv[sk_], v64.grad[0])):
+                if r.numel() and r.norm() > 0:
+                    assert_close(a, r, TOL[torch.float16]["grad"], f"{name} of sequence {s} (deterministic={det})")
+                else:
+                    assert (a == 0).all(), f"{name} of sequence {s} must be 0 (deterministic={det})"
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    """deterministic=True: two runs give the same bits. On the emulated build the second run uses a random thread
+    and block order (the order the atomic mode's fp32 sums depend on)."""
+    from conftest import EMULATED
+    q, k, v = _inputs(1, 150, 260, 4, 1, 64, torch.bfloat16)  # MQA: every dQ element gets 5 key tiles x 4 heads
+    out, lse = _fwd(q, k, v)
+    g = torch.randn_like(out)
+    runs = []
+    for seed in (None, 7):
+        if EMULATED and seed is not None:
+            from pyllmops._ext import lib
+            before = dict(lib().emu_config())
+            lib().emu_set_config("random", seed, list(before["breaks"]), before["arch"])
+            try:
+                runs.append(_bwd(q, k, v, out, lse, g, False, (-1, -1), True))
+            finally:
+                lib().emu_set_config(before["schedule"], before["seed"], list(before["breaks"]), before["arch"])
+        else:
+            runs.append(_bwd(q, k, v, out, lse, g, False, (-1, -1), True))
+    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"

@@ -1,6 +1,9 @@
-// Flash attention backward on sm80+ tensor cores: delta, dk/dv pass, dq pass (algorithm: attention.h).
+// Flash attention backward on sm80+ tensor cores (algorithm: attention.h): FlashAttention-2's 5-matmul structure,
+// with a deterministic two-pass variant.
 //
-// delta:  8 lanes per query row, 16-byte vector loads of O and dO: delta = rowsum(dO * O) - dlse.
+// delta:  8 lanes per query row, 16-byte vector loads of O and dO: delta = rowsum(dO * O) - dlse. The same threads
+//         zero the row's fp32 dQ accumulator (atomic mode): one launch fewer than a memset, and stream order makes
+//         the zeros land before any atomic.
 // dk/dv:  one CTA = 4 warps = kBlockN = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15.
 //         Work items: (query head of the GQA group, query tile of kBlockMq = 32 rows the mask lets these keys
 //         be seen by, Mask::query_tiles); the next item's Q, dO (cp.async) and lse, delta are loaded into the
@@ -8,25 +11,43 @@
 //           S^T = K Q^T (gemm_abt), softcap, P^T = exp2(S^T mul - lse2) (0 where masked / for empty rows)
 //           dV += P^T dO          (gemm_ab, P^T rounded to fp16/bf16, dO read by ldmatrix.trans)
 //           dP^T = V dO^T (gemm_abt), dS^T = P^T (dP^T - delta) (1 - tanh^2 when capped), dK += dS^T Q (gemm_ab)
+//           atomic mode (kDoDQ): dS^T goes to shared memory (sdS, keys x queries) and, after a barrier, warp w
+//           computes columns [w kD / 4, (w + 1) kD / 4) of dQ(32 x kD) += dS K (gemm_ab, dS read as the A operand
+//           by ldmatrix.trans, K from the CTA's own tile) and adds them to the fp32 workspace with atomicAdd
+//           (RED.E.ADD.F32: the result is unused), in chunks of kDqChunk columns to bound the live registers.
 //         dK and dV accumulate in fp32 registers over the whole group and are written once (dK * scale).
-//         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK and
-//         dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
-// dq:     one CTA = 4 warps = 64 query rows of one (batch, q head), walking the visited key tiles (K, V of the
-//         next tile in flight by cp.async behind this tile's math, two stages; one at kD 256):
+//         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK (+ dQ)
+//         and dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
+// dq_convert (atomic mode): dq = dtype(workspace * scale), 8 lanes per row, 16-byte stores.
+// dq (deterministic mode): one CTA = 4 warps = 64 query rows of one (batch, q head), walking the visited key
+//         tiles (K, V of the next tile in flight by cp.async behind this tile's math, two stages; one at kD 256):
 //           S = Q K^T, dP = dO V^T (gemm_abt), dS = P (dP - delta), dQ += dS K (gemm_ab), fp32 accumulation
 //           in registers, written once (dQ * scale).
-// Every gradient element has exactly one writer and a fixed summation order: gradients are bitwise
-// reproducible run to run (no atomics) whatever Params::deterministic says.
+//
+// Modes (Params::deterministic). Atomic (default, FlashAttention-2): 5 tile matmuls per visited (query tile, key
+// tile) pair, dQ summed in an fp32 workspace (seqlen_q x heads_q x head_dim x 4 bytes, allocated by the launcher
+// with cudaMallocAsync on the caller's stream and freed the same way) in whatever order the CTAs reach it: the
+// fp32 sum, hence the last bits of dQ, varies run to run (dK and dV never do). Deterministic: the dk/dv kernel
+// without dQ, then the dq kernel: every gradient element has one writer and a fixed summation order, bitwise
+// reproducible, for 7 tile matmuls per pair (+40% backward FLOPs).
+//
+// Race freedom of the atomic mode, by construction: the workspace is zeroed by delta_kernel, only added to by
+// atomics in dkdv_kernel and read by dq_convert_kernel: three launches ordered by the stream. Inside dkdv_kernel
+// sdS is written between the stage barrier and the sdS barrier and read between the sdS barrier and the closing
+// barrier; only rows < seqlen_q and columns < head_dim are added (padding rows of a tile would be the next
+// sequence's rows in varlen).
 //
 // NaN (docs/attention.md): a NaN lse (a NaN row in the forward) is not "empty": its P, hence its gradients, are
 // NaN; masked elements give dS exactly 0.
 //
-// Napkin math: 7 tile matmuls per visited (query tile, key tile) pair vs 2 in the forward, i.e. 3.5x the
-// forward FLOPs (FlashAttention-2's count is 2.5x with dQ accumulated by fp32 atomics, which needs an fp32 dQ
-// workspace from the op: not done, docs/attention.md "GPU").
+// Napkin math (bf16, d = 128, per visited 32 x 64 pair and CTA): 5 matmuls of 32 x 64 x 128 = 640 HMMA.m16n8k16,
+// 160 per warp; the atomics add 32 x 128 fp32 = 32 RED per thread. FlashAttention's FLOP count for the backward,
+// 2.5x the forward's, is exactly these 5 matmuls (the deterministic mode does 3.5x).
 #include "attention/attention_cuda.cuh"
 #include "common/dtype.h"
 #include "common/warp_reduce.cuh"
+
+#include <memory>
 
 namespace pyllmops {
 namespace attention {
@@ -54,12 +75,23 @@ struct BwdConfig {
   static constexpr int kKvStages = kD <= 128 ? 2 : 1;
   static constexpr int kKvSmemBytes = (2 * kKvBlockN + 2 * kKvStages * kKvBlockM) * kStride * 2 +
                                       2 * kKvStages * kKvBlockM * 4;
+  // atomic dQ: dS^T of one item (kKvBlockN keys x kKvBlockM queries, padded rows: conflict-free ldmatrix and
+  // 32-bit stores), and the dQ columns each warp accumulates at a time (16 x kDqChunk x 2 tiles fp32 per warp)
+  static constexpr int kDsStride = kKvBlockM + 8;
+  static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
+  static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
 };
+
+// Row of the fp32 dQ workspace that holds query row i of sequence si (layout (rows, heads_q, head_dim), rows =
+// batch x seqlen_q, or total_q for varlen).
+__device__ __forceinline__ int64_t dq_ws_row(const Params& p, const SeqInfo& si, int64_t i) {
+  return si.q_batch * p.seqlen_q + si.q_row0 + i;
+}
 
 // delta = rowsum(dO * O) - dlse: kDeltaLanes lanes per row, each reading 16-byte vectors of O and dO (a row of
 // d = 128 bf16 is one 256-byte coalesced segment per tensor per 8 lanes), summed over the lanes by shuffles.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) delta_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads) delta_kernel(Params p, float* dq_ws) {
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
   if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
@@ -78,11 +110,52 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(Params p) {
     }
   }
   acc = group_sum<kDeltaLanes>(acc);
+  if (dq_ws != nullptr && i < si.sq) {  // atomic mode: this row's dQ accumulator starts at 0
+    float* w = dq_ws + (dq_ws_row(p, si, i) * p.heads_q + h) * p.head_dim;
+    for (int64_t c = sub * 8; c < p.head_dim; c += kDeltaLanes * 8) {
+      reinterpret_cast<float4*>(w + c)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      reinterpret_cast<float4*>(w + c)[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
   if (sub == 0 && i < si.sq) {
     const int64_t off = lse_index(p, si, i, h);
     p.delta[off] = p.dlse ? acc - p.dlse[off] : acc;
   }
 }
+
+// dq = dtype(workspace * scale), the delta kernel's layout of threads: 8 lanes per row, 8 elements per lane and step
+// (two 16-byte loads, one 16-byte store).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dq_convert_kernel(Params p, const float* dq_ws) {
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaRows + threadIdx.x / kDeltaLanes;
+  if (i >= si.sq) return;
+  const float* w = dq_ws + (dq_ws_row(p, si, i) * p.heads_q + h) * p.head_dim;
+  T* dq = q_row(static_cast<T*>(p.dq), p.ldq, si, i, h);
+  for (int64_t c = (threadIdx.x % kDeltaLanes) * 8; c < p.head_dim; c += kDeltaLanes * 8) {
+    const float4 x = reinterpret_cast<const float4*>(w + c)[0], y = reinterpret_cast<const float4*>(w + c)[1];
+    uint4 out;
+    out.x = pack2<T>(x.x * p.scale, x.y * p.scale);
+    out.y = pack2<T>(x.z * p.scale, x.w * p.scale);
+    out.z = pack2<T>(y.x * p.scale, y.y * p.scale);
+    out.w = pack2<T>(y.z * p.scale, y.w * p.scale);
+    *reinterpret_cast<uint4*>(dq + c) = out;
+  }
+}
+
+// The A operand dS (queries x keys) of dQ += dS K, read from sdS, which holds dS^T (keys x queries, row stride
+// kDsStride): ldmatrix.trans of the four 8 x 8 blocks (queries 0-7 / 8-15) x (keys 0-7 / 8-15), in the order of
+// the A fragment's registers.
+template <typename T, int kDsStride>
+struct SmemAT {
+  const T* s;
+  __device__ __forceinline__ void operator()(int mt, int ks, uint32_t (&a)[4]) const {
+    const int lane = threadIdx.x % kWarpSize;
+    ptx::ldmatrix_x4_trans(a, s + (ks * 16 + lane % 8 + (lane / 16) * 8) * kDsStride + mt * 16 + ((lane / 8) % 2) * 8);
+  }
+};
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
@@ -178,8 +251,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
   store_acc<T, kD>(acc_dq[0], scale2, dq, p.ldq.seq, si.sq - i0 - warp * 16, d);
 }
 
-template <typename T, int kD, bool kDoDK, bool kDoDV>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
+template <typename T, int kD, bool kDoDK, bool kDoDV, bool kDoDQ>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p, float* dq_ws) {
+  static_assert(!kDoDQ || kDoDK, "dkdv_kernel: dQ needs the dS of the dK computation");
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockN = Cfg::kKvBlockN, kBlockM = Cfg::kKvBlockM, kStride = Cfg::kStride;
   constexpr int kStages = Cfg::kKvStages;
@@ -189,6 +263,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   T* sQs = sV + kBlockN * kStride;              // kStages Q tiles
   T* sdOs = sQs + kStages * kBlockM * kStride;  // kStages dO tiles
   float* sLs = reinterpret_cast<float*>(sdOs + kStages * kBlockM * kStride);  // kStages x (lse2, delta)
+  T* sdS = reinterpret_cast<T*>(sLs + kStages * 2 * kBlockM);                 // kDoDQ: dS^T of the item
 
   const int64_t nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
@@ -209,6 +284,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   ptx::cp_async_commit();
 
   float acc_dk[1][kDoDK ? kD / 8 : 1][4], acc_dv[1][kDoDV ? kD / 8 : 1][4];
+  (void)sdS;
+  (void)dq_ws;
   zero(acc_dk);
   zero(acc_dv);
   // Work items: (query head g of the group, query tile mb + m) for m < tiles, in that order.
@@ -218,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   // Q, dO (cp.async, one group) and lse2, delta (plain loads, visible after the next barrier) of the next item
   // (query tile mb + ld_m of head hk * group + ld_g), then advances to the one after. Counters, not it / tiles:
   // a 64-bit division is a called subroutine.
-  int64_t ld_g = 0, ld_m = 0, cur_m = 0;
+  int64_t ld_g = 0, ld_m = 0, cur_m = 0, cur_g = 0;
   const auto load_q = [&](int stage) {
     const int64_t h = hk * group + ld_g, i0 = (mb + ld_m) * kBlockM;
     if (++ld_m == tiles) {
@@ -251,6 +328,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
     __syncthreads();
     const int64_t i0 = (mb + cur_m) * kBlockM;
     if (++cur_m == tiles) cur_m = 0;
+    const int64_t item_g = cur_g;
+    if (cur_m == 0) ++cur_g;
+    (void)item_g;
     const T* sQ = sQs + st * kBlockM * kStride;
     const T* sdO = sdOs + st * kBlockM * kStride;
     const float* sL = sLs + st * 2 * kBlockM;
@@ -299,9 +379,47 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
           s[0][n8][e] = keep ? pr * (dp[0][n8][e] - sD[c]) * dt : 0.0f;
         }
       acc_to_a<T, 1, kBlockM>(s, a);
+      if constexpr (kDoDQ) {  // dS^T rows of this warp's keys -> sdS (the A fragments hold adjacent query pairs)
+        const int lane = threadIdx.x % kWarpSize;
+        uint32_t* row_g = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 4) * Cfg::kDsStride + (lane % 4) * 2);
+#pragma unroll
+        for (int ks = 0; ks < kBlockM / 16; ++ks)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            row_g[((i & 1) * 8 * Cfg::kDsStride + ks * 16 + (i / 2) * 8) / 2] = a[0][ks][i];
+      }
       gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dk, RegA<1, kBlockM>{a}, sQ);
     }
-    __syncthreads();  // every warp is done with this stage
+    if constexpr (kDoDQ) {
+      __syncthreads();  // sdS holds every warp's keys
+      // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's kD / 4 columns, kDqChunk at a time.
+      constexpr int kCols = kD / kWarps, kChunk = Cfg::kDqChunk;
+      const int64_t h = hk * group + item_g;
+      const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+      for (int c0 = 0; c0 < kCols; c0 += kChunk) {
+        const int col0 = warp * kCols + c0;
+        if (col0 >= d) break;  // padded head dim: nothing to add (uniform across the warp)
+        float acc_dq[2][kChunk / 8][4];
+        zero(acc_dq);
+        gemm_ab<T, 2, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS}, sK + col0);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t i = i0 + mt * 16 + lane / 4 + 8 * half;
+            if (i >= si.sq) continue;
+            float* w = dq_ws + (dq_ws_row(p, si, i) * p.heads_q + h) * d + col0 + (lane % 4) * 2;
+#pragma unroll
+            for (int n8 = 0; n8 < kChunk / 8; ++n8) {
+              if (col0 + n8 * 8 + (lane % 4) * 2 >= d) continue;
+              atomicAdd(w + n8 * 8, acc_dq[mt][n8][2 * half]);
+              atomicAdd(w + n8 * 8 + 1, acc_dq[mt][n8][2 * half + 1]);
+            }
+          }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage (and with sdS)
     if (kStages == 1 && it + 1 < items) load_q(0);
   }
   ptx::cp_async_wait<0>();  // no query tile visited: the K / V copies are still pending
@@ -317,37 +435,74 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p) {
   }
 }
 
+// The fp32 dQ workspace of the atomic mode: stream-ordered allocation on the caller's stream (cudaMallocAsync: the
+// device's default memory pool caches it between calls; capturable in a CUDA graph), freed the same way when the
+// launches are queued, also when one of them throws.
+class DqWorkspace {
+ public:
+  DqWorkspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    void* ptr = nullptr;
+    PYLLMOPS_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
+    data_ = static_cast<float*>(ptr);
+  }
+  ~DqWorkspace() { cudaFreeAsync(data_, stream_); }
+  DqWorkspace(const DqWorkspace&) = delete;
+  DqWorkspace& operator=(const DqWorkspace&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+  cudaStream_t stream_;
+};
+
+template <typename T, int kD, bool kDoDK, bool kDoDV, bool kDoDQ>
+void launch_dkdv(const Params& p, float* dq_ws, const char* name, cudaStream_t stream) {
+  using Cfg = BwdConfig<kD>;
+  constexpr int smem = Cfg::kv_smem_bytes(kDoDQ);
+  auto kernel = dkdv_kernel<T, kD, kDoDK, kDoDV, kDoDQ>;
+  static DynamicSmemOptIn opt_in;  // set once per device
+  opt_in.ensure(kernel, smem, p.device, name);
+  launch(name, kernel, dim3(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kKvBlockN)),
+                            static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch)),
+         kThreads, smem, stream, p, dq_ws);
+}
+
 template <typename T, int kD>
 void launch_bwd(const Params& p, cudaStream_t stream) {
   launch_varlen_fail<T>(p, true, stream);  // varlen: NaN and error bits for the sequences the kernels skip
   using Cfg = BwdConfig<kD>;
-  const unsigned hq = static_cast<unsigned>(p.heads_q), hkv = static_cast<unsigned>(p.heads_kv),
-                 batch = static_cast<unsigned>(p.batch);
-  if (p.seqlen_q > 0) {
-    launch("flash_attention delta_kernel", delta_kernel<T>,
-           dim3(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch), kThreads, 0, stream, p);
-  }
+  const unsigned hq = static_cast<unsigned>(p.heads_q), batch = static_cast<unsigned>(p.batch);
+  const bool atomic_dq = !p.deterministic && p.seqlen_q > 0;
+  // rows x heads_q x head_dim fp32, rows = batch x seqlen_q (varlen: total_q); bounded by the dq tensor (x2 bytes)
+  const int64_t ws_rows = p.varlen() ? p.total_q : p.batch * p.seqlen_q;
+  std::unique_ptr<DqWorkspace> ws;
+  if (atomic_dq)
+    ws = std::make_unique<DqWorkspace>(static_cast<size_t>(ws_rows * p.heads_q * p.head_dim) * sizeof(float), stream);
+  float* dq_ws = ws ? ws->data() : nullptr;
+  const dim3 row_grid(static_cast<unsigned>(ceil_div(p.seqlen_q, kDeltaRows)), hq, batch);
+  if (p.seqlen_q > 0) launch("flash_attention delta_kernel", delta_kernel<T>, row_grid, kThreads, 0, stream, p, dq_ws);
 
   if (p.seqlen_k > 0) {  // runs even when no query exists: dK = dV = 0 must still be written
-    constexpr int kv_smem = Cfg::kKvSmemBytes;
-    const dim3 kv_grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kKvBlockN)), hkv, batch);
     if constexpr (kD <= 128) {
-      auto kernel = dkdv_kernel<T, kD, true, true>;
-      static DynamicSmemOptIn opt_in;  // set once per device
-      opt_in.ensure(kernel, kv_smem, p.device, "flash_attention dkdv_kernel");
-      launch("flash_attention dkdv_kernel", kernel, kv_grid, kThreads, kv_smem, stream, p);
+      if (atomic_dq)
+        launch_dkdv<T, kD, true, true, true>(p, dq_ws, "flash_attention dkdv_kernel (dq atomic)", stream);
+      else
+        launch_dkdv<T, kD, true, true, false>(p, nullptr, "flash_attention dkdv_kernel", stream);
     } else {
-      auto kernel_dk = dkdv_kernel<T, kD, true, false>;
-      auto kernel_dv = dkdv_kernel<T, kD, false, true>;
-      static DynamicSmemOptIn opt_in_dk, opt_in_dv;
-      opt_in_dk.ensure(kernel_dk, kv_smem, p.device, "flash_attention dkdv_kernel (dk)");
-      opt_in_dv.ensure(kernel_dv, kv_smem, p.device, "flash_attention dkdv_kernel (dv)");
-      launch("flash_attention dkdv_kernel (dk)", kernel_dk, kv_grid, kThreads, kv_smem, stream, p);
-      launch("flash_attention dkdv_kernel (dv)", kernel_dv, kv_grid, kThreads, kv_smem, stream, p);
+      if (atomic_dq)
+        launch_dkdv<T, kD, true, false, true>(p, dq_ws, "flash_attention dkdv_kernel (dk, dq atomic)", stream);
+      else
+        launch_dkdv<T, kD, true, false, false>(p, nullptr, "flash_attention dkdv_kernel (dk)", stream);
+      launch_dkdv<T, kD, false, true, false>(p, nullptr, "flash_attention dkdv_kernel (dv)", stream);
     }
   }
 
   if (p.seqlen_q == 0) return;
+  if (atomic_dq) {
+    launch("flash_attention dq_convert_kernel", dq_convert_kernel<T>, row_grid, kThreads, 0, stream, p,
+           static_cast<const float*>(dq_ws));
+    return;
+  }
   constexpr int dq_smem = Cfg::kDqSmemBytes;
   auto kernel = dq_kernel<T, kD>;
   static DynamicSmemOptIn opt_in;

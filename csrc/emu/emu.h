@@ -159,7 +159,8 @@ inline int __all_sync(unsigned mask, int pred, PYLLMOPS_EMU_SITE_ARG) {
 template <typename T>
 inline T atomicAdd(T* p, T v) {
   if constexpr (std::is_floating_point<T>::value) {
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);  // the generic form: __atomic_load_n takes integers and pointers only
     for (T sum = old + v; !__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
          sum = old + v) {
     }

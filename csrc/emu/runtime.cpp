@@ -913,6 +913,18 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
   }
   return cudaSuccess;
 }
+// Stream-ordered allocation (the attention backward's dQ workspace): a guarded buffer (an access past its end
+// faults), filled with 0xFF bytes (NaN) so that a read of a never-written element shows in the results.
+cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t) {
+  void* p = pyllmops::emu::guarded_alloc(size);
+  std::memset(p, 0xFF, size);
+  *ptr = p;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
+  pyllmops::emu::guarded_free(ptr);
+  return cudaSuccess;
+}
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return t_last_error = cudaErrorInvalidValue;
   if (value < 0 || static_cast<size_t>(value) > pyllmops::emu::max_shared_optin())
