@@ -13,8 +13,9 @@
 //           dP^T = V dO^T (gemm_abt), dS^T = P^T (dP^T - delta) (1 - tanh^2 when capped), dK += dS^T Q (gemm_ab)
 //           atomic mode (kDoDQ): dS^T goes to shared memory (sdS, keys x queries) and, after a barrier, warp w
 //           computes columns [w kD / 4, (w + 1) kD / 4) of dQ(32 x kD) += dS K (gemm_ab, dS read as the A operand
-//           by ldmatrix.trans, K from the CTA's own tile) and adds them to the fp32 workspace with atomicAdd
-//           (RED.E.ADD.F32: the result is unused), in chunks of kDqChunk columns to bound the live registers.
+//           by ldmatrix.trans, K from the CTA's own tile) and adds them to the fp32 workspace by reductions
+//           (ptx::red_add_f32x2: REDG.E.ADD.F32x2 on sm_90, 2 x RED.E.ADD.F32 on sm_80), in chunks of kDqChunk
+//           columns to bound the live registers.
 //         dK and dV accumulate in fp32 registers over the whole group and are written once (dK * scale).
 //         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK (+ dQ)
 //         and dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
@@ -394,8 +395,13 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p, float* dq_ws) 
       __syncthreads();  // sdS holds every warp's keys
       // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's kD / 4 columns, kDqChunk at a time.
       constexpr int kCols = kD / kWarps, kChunk = Cfg::kDqChunk;
-      const int64_t h = hk * group + item_g;
       const int lane = threadIdx.x % kWarpSize;
+      // This lane's workspace row (query i0 + lane / 4 of head hk * group + item_g) at column 2 (lane % 4); the
+      // rows of one query are heads_q * d floats apart. rows: the tile's valid rows after this lane's first.
+      const int64_t ws_stride = p.heads_q * d;
+      float* w0 = dq_ws + (dq_ws_row(p, si, i0) * p.heads_q + hk * group + item_g) * d + (lane / 4) * ws_stride +
+                  (lane % 4) * 2;
+      const int64_t rows = si.sq - i0 - lane / 4;
 #pragma unroll
       for (int c0 = 0; c0 < kCols; c0 += kChunk) {
         const int col0 = warp * kCols + c0;
@@ -404,19 +410,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p, float* dq_ws) 
         zero(acc_dq);
         gemm_ab<T, 2, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS}, sK + col0);
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int r = 0; r < 4; ++r) {  // accumulator rows 8 r (m16 tile r / 2, half r % 2)
+          if (8 * r >= rows) break;
+          float* w = w0 + 8 * r * ws_stride + col0;
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int64_t i = i0 + mt * 16 + lane / 4 + 8 * half;
-            if (i >= si.sq) continue;
-            float* w = dq_ws + (dq_ws_row(p, si, i) * p.heads_q + h) * d + col0 + (lane % 4) * 2;
-#pragma unroll
-            for (int n8 = 0; n8 < kChunk / 8; ++n8) {
-              if (col0 + n8 * 8 + (lane % 4) * 2 >= d) continue;
-              atomicAdd(w + n8 * 8, acc_dq[mt][n8][2 * half]);
-              atomicAdd(w + n8 * 8 + 1, acc_dq[mt][n8][2 * half + 1]);
-            }
-          }
+          for (int n8 = 0; n8 < kChunk / 8; ++n8)
+            if (col0 + n8 * 8 < d)  // d is a multiple of 8: an n8 block is valid or padding as a whole
+              ptx::red_add_f32x2(w + n8 * 8, acc_dq[r / 2][n8][2 * (r % 2)], acc_dq[r / 2][n8][2 * (r % 2) + 1]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage (and with sdS)

@@ -13,6 +13,7 @@
 //   fmax_nan(a, b)                  max.NaN.f32 (NaN if either operand is NaN; fmaxf drops a NaN)
 //   ex2_approx(x)                   ex2.approx.ftz.f32 (one MUFU.EX2; exp2f without fast math adds 3 instructions)
 //   lg2_approx(x)                   lg2.approx.ftz.f32 (one MUFU.LG2)
+//   red_add_f32x2(p, a, b)          red.global.add.v2.f32 (sm_90+; two atomicAdd, i.e. RED.ADD.F32, on sm_80)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -155,6 +156,19 @@ __device__ __forceinline__ float lg2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
+}
+
+// p[0] += a, p[1] += b in global memory, atomically per element, result unused (p 8-byte aligned). sm_90+: one
+// red.global.add.v2.f32 (PTX ISA 8.1, "Parallel Synchronization and Communication Instructions: red"; SASS
+// REDG.E.ADD.F32x2: half the reduction instructions); sm_80: two atomicAdd, which nvcc compiles to RED.E.ADD.F32
+// when the result is unused. Emulated: two atomicAdd (real atomics).
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(PYLLMOPS_EMU)
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
 #endif
 }
 
