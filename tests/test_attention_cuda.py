@@ -38,6 +38,36 @@ def _ref_attention(q, k, v, softcap=0.0, causal=False, window=(-1, -1), scale=No
     return torch.einsum("bhij,bjhd->bihd", p, vh), lse
 
 
+def _ref_backward_given_out(q, k, v, out, g, softcap=0.0, causal=False, window=(-1, -1)):
+    """Float64 gradients of the backward op for its actual inputs: delta = rowsum(dO * out) with the `out` the op is
+    given (the forward's 16-bit output), as the kernels compute it, instead of the exact output. For a nearly one-hot
+    row (a capped score far above the rest) dS = P (dP - delta) is a cancellation that the 16-bit rounding of out
+    dominates; this reference carries that rounding, so the comparison measures the kernels' own error."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d)
+    q, k, v, out, g = (t.double() for t in (q, k, v, out, g))
+    kh, vh = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kh) * scale
+    dt = torch.ones_like(s)
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s, dt = softcap * t, 1 - t * t
+    ok = ref.visible_mask(sq, k.shape[1], window, causal, device=q.device)
+    s = torch.where(ok, s, -math.inf)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.where(ok, torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)), 0.0)
+    dp = torch.einsum("bihd,bjhd->bhij", g, vh)
+    delta = (g * out).sum(-1).transpose(1, 2).unsqueeze(-1)
+    ds = p * (dp - delta) * dt
+    dq = torch.einsum("bhij,bjhd->bihd", ds, kh) * scale
+    dk = torch.einsum("bhij,bihd->bjhd", ds, q) * scale
+    dv = torch.einsum("bhij,bihd->bjhd", p, g)
+    fold = (lambda x: x.unflatten(2, (hkv, group)).sum(3))
+    return dq, fold(dk), fold(dv)
+
+
 def _fwd(q, k, v, softcap=0.0, causal=False, window=(-1, -1), scale=None):
     left, right = window
     if causal:
@@ -110,12 +140,14 @@ def test_softcap_varlen():
     c = cu.tolist()
     for b in range(len(lens)):
         sl = slice(c[b], c[b + 1])
-        q64, k64, v64 = (t[sl].detach().double().unsqueeze(0).requires_grad_() for t in (q, k, v))
-        ro, rl = _ref_attention(q64, k64, v64, 6.0, causal=True)
-        ro.backward(g[sl].double().unsqueeze(0))
+        ro, rl = _ref_attention(*(t[sl].double().unsqueeze(0) for t in (q, k, v)), 6.0, causal=True)
         assert_close(out[sl], ro[0], TOL[torch.bfloat16]["out"], f"out of sequence {b}")
         assert_close(lse[:, sl], rl[0], TOL[torch.bfloat16]["lse"], f"lse of sequence {b}")
-        for name, a, r in (("dq", qs.grad, q64.grad), ("dk", ks.grad, k64.grad), ("dv", vs.grad, v64.grad)):
+        # Gradients against the backward op's float64 result for its inputs (out included): a 5-row causal
+        # sequence with saturated scores is nearly one-hot; with PYLLMOPS_TEST_SEED=1491135941 its dq was 0.14
+        # (relative) from the exact-output gradient, in both the two-pass and the atomic-dQ backward.
+        refs = _ref_backward_given_out(*(t[sl].unsqueeze(0) for t in (q, k, v, out.detach(), g)), 6.0, causal=True)
+        for name, a, r in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), refs):
             # per sequence, some only a few rows long: 2 bf16 ulps (the whole-tensor bound is 8e-3)
             assert_close(a[sl], r[0], 1.6e-2, f"{name} of sequence {b}")
 
