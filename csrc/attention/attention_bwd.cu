@@ -79,6 +79,10 @@ struct BwdConfig {
   // atomic dQ: dS^T of one item (kKvBlockN keys x kKvBlockM queries, padded rows: conflict-free ldmatrix and
   // 32-bit stores), and the dQ columns each warp accumulates at a time (16 x kDqChunk x 2 tiles fp32 per warp)
   static constexpr int kDsStride = kKvBlockM + 8;
+  // CTAs per SM the register allocation must allow (__launch_bounds__): 3 for the atomic-dQ kernel at d 64
+  // (ptxas, sm_80: 202 registers, 2 CTAs, without the hint; 164 and no spill with it; the kernel without dQ
+  // already fits 3 and spills 8 bytes under the hint); 0: no hint (ptxas: a hint of 1 changes the allocation).
+  static constexpr int kv_min_blocks(bool dq) { return dq && kD <= 64 ? 3 : 0; }
   static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
   static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
 };
@@ -253,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
 }
 
 template <typename T, int kD, bool kDoDK, bool kDoDV, bool kDoDQ>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(Params p, float* dq_ws) {
+__global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ)) dkdv_kernel(Params p, float* dq_ws) {
   static_assert(!kDoDQ || kDoDK, "dkdv_kernel: dQ needs the dS of the dK computation");
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockN = Cfg::kKvBlockN, kBlockM = Cfg::kKvBlockM, kStride = Cfg::kStride;
