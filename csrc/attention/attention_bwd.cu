@@ -79,10 +79,11 @@ struct BwdConfig {
   // atomic dQ: dS^T of one item (kKvBlockN keys x kKvBlockM queries, padded rows: conflict-free ldmatrix and
   // 32-bit stores), and the dQ columns each warp accumulates at a time (16 x kDqChunk x 2 tiles fp32 per warp)
   static constexpr int kDsStride = kKvBlockM + 8;
-  // CTAs per SM the register allocation must allow (__launch_bounds__): 3 for the atomic-dQ kernel at d 64
-  // (ptxas, sm_80: 202 registers, 2 CTAs, without the hint; 164 and no spill with it; the kernel without dQ
-  // already fits 3 and spills 8 bytes under the hint); 0: no hint (ptxas: a hint of 1 changes the allocation).
-  static constexpr int kv_min_blocks(bool dq) { return dq && kD <= 64 ? 3 : 0; }
+  // CTAs per SM the register allocation must allow (__launch_bounds__' second argument; 0: none). ptxas, sm_80:
+  // the atomic-dQ kernel at d 64 takes 202 registers (2 CTAs) without a hint, 164 and no spill with 3; the d 128
+  // kernel without dQ (deterministic mode) spills 4 bytes at 255 registers without a hint and none with 2. The
+  // others keep none: a hint changes their allocation for the worse (d 64 without dQ: 168 -> 193 with a 1).
+  static constexpr int kv_min_blocks(bool dq) { return dq && kD <= 64 ? 3 : (!dq && kD == 128 ? 2 : 0); }
   static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
   static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
 };

@@ -51,11 +51,7 @@ NOT_NVCC_DIRS = {"emu"}
 
 # Hot kernels may not spill (--check). A kernel listed here may, with the reason; keys are
 # "<family>/<kernel name without template arguments>".
-SPILL_ALLOWED: dict[str, str] = {
-    "attention/dkdv_kernel": "sm_80, head_dim 128, deterministic mode only (dkdv_kernel without dQ, then dq_kernel): "
-                             "one 4-byte word spills at the 255-register cap; the default atomic-dQ kernel and "
-                             "sm_90a do not spill",
-}
+SPILL_ALLOWED: dict[str, str] = {}
 
 # Dynamic shared memory, which only the launch knows: for each kernel the launcher's expression, with
 # {0}, {1}, ... standing for the kernel's template arguments. It is evaluated by compiling the .cu
