@@ -476,13 +476,14 @@ def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev, tensor_cores):
 @pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_decode_kernel_staging_cuda(dtype, kind, dev, aligned):
+def test_decode_kernel_staging_cuda(dtype, kind, dev, aligned, monkeypatch):
     """The decode kernel's two ways of filling shared memory (lora_cuda_mma.cu): 16-byte cp.async copies of
     x, A and W / its 4-bit codes (a 16-byte aligned x, in_features % 32 == 0, no dropout), and the scalar
     staging that a misaligned x (a view one element into its storage) falls back to. Decode shape (5 rows:
     the fused path by default), a partial column tile (72 outputs) and r = 40 (the last rank tile of the
     second warp column skipped). Both against the references, forward and backward."""
     in_f, out_f, r, m = 256, 72, 40, 5
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")  # QLoRA's automatic decode forward takes ops.nf4's kernel
     store = torch.randn(m * in_f + 8, device=dev).to(dtype)
     x = store[:m * in_f].view(m, in_f) if aligned else store[1:1 + m * in_f].view(m, in_f)
     assert (x.data_ptr() % 16 == 0) == aligned
@@ -507,6 +508,28 @@ def test_decode_kernel_staging_cuda(dtype, kind, dev, aligned):
     from pyllmops.ops import lora as L
     assert L.kernel_path(kind, m, x.device, r) == "fused"
     _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} decode staging (aligned={aligned})", keep_x_storage=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_qlora_decode_skinny_base_cuda(dtype, dev, monkeypatch):
+    """The automatic CUDA QLoRA forward up to 16 rows: the base product in ops.nf4's skinny tensor-core kernel,
+    the adapter as two small GEMMs (ops/lora.py _skinny_base); 17 rows go back to the fused LoRA kernel.
+    Forward and backward against float64 on both sides of that limit."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    in_f, out_f, r = 512, 72, 8
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    for m in (1, 16, 17):
+        x = torch.randn(m, in_f, device=dev).to(dtype)
+        assert L._skinny_base("nf4", x, False) == (m <= 16)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        _check_fwd_bwd(lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias),
+                       lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias),
+                       x, [a, b, bias], dtype, f"qlora skinny base m={m}")
 
 
 # ---- opcheck ------------------------------------------------------------------------------------

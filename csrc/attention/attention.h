@@ -11,15 +11,15 @@
 //     the mask lets the tile see (tiles outside the band are never visited), S = Q K^T in the base-2
 //     domain (scores pre-multiplied by scale * log2 e), per-element masking only on tiles the band
 //     cuts, online softmax (common/online_softmax.h), O += P V; finally O /= l, lse = m + log2 l.
-//   backward, in two passes so that every gradient element has exactly one writer (gradients are
-//     bitwise reproducible with no atomics, `deterministic` is then free):
-//     pass dk/dv, per (batch, kv head, key tile): for each query head of the group and each visited
-//       query tile, P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q;
-//     pass dq, per (batch, q head, query tile): for each visited key tile, dQ += dS K (fp32).
-//     delta[i] = sum_d dO[i, d] O[i, d] is computed first (one pass over O and dO).
-//   The dq pass recomputes S and dP once more: 7 tile matmuls per visited tile instead of the 5 of an
-//   atomic-dq backward (+40% backward FLOPs), the price of determinism without atomics or a dq
-//   workspace of seqlen_q x heads x d fp32 per key-tile split.
+//   backward: delta[i] = sum_d dO[i, d] O[i, d] (minus the lse's gradient) first (one pass over O and dO).
+//     CUDA, deterministic = false (default): FlashAttention-2's 5 tile matmuls, per (batch, kv head, key
+//       tile): for each query head of the group and each visited query tile, P = exp2(S - lse2),
+//       dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q, and dQ += dS K added to an fp32
+//       workspace with atomics (converted to the output dtype by a last small kernel).
+//     CUDA, deterministic = true, and the CPU: two passes so that every gradient element has exactly one
+//       writer (bitwise reproducible, no atomics): the dk/dv pass above without dQ, then a dq pass per
+//       (batch, q head, query tile) that recomputes S and dP: 7 tile matmuls per visited tile pair
+//       (+40% backward FLOPs).
 //
 // Napkin math. Forward FLOPs over the visited area A (pairs (i, j) a query sees): 4 * A * d (two
 // matmuls); bytes: q, k, v read, o written once each ~ 2 * (2 sq + 2 sk) * d * h per batch (bf16),

@@ -427,11 +427,12 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scal
             (lse -inf) and gets zero gradients.
         softmax_scale: default 1 / sqrt(head_dim); at most 2.3589e38 (finite in float32 times log2(e)).
         softcap: logit softcap (Gemma 2): the scores s = softmax_scale * q.k become softcap * tanh(s / softcap)
-            before the mask and the softmax; 0.0 (default) is off. Not implemented by the CUDA kernels yet
-            (ValueError there).
-        deterministic: accepted for FlashAttention compatibility; the backward is always deterministic
-            (every gradient element has a single writer, no atomics), so gradients are bitwise
-            reproducible either way.
+            before the mask and the softmax; 0.0 (default) is off. CPU and CUDA.
+        deterministic: as FlashAttention's. On CUDA the default backward sums dQ with fp32 atomics (the
+            5-matmul FlashAttention-2 structure; the order of the additions varies between runs, so dq can
+            differ in the last bits); True runs the two-pass backward in which every gradient element has a
+            single writer (bitwise reproducible, ~1.4x the backward's tile matmuls). The CPU backward is
+            always deterministic.
         return_lse: also return the float32 log-sum-exp (batch, heads_q, seqlen_q) (natural log);
             it is differentiable too.
 

@@ -82,11 +82,25 @@ def _run(kind, inp_nd, w, transposed, bias, lora_a, lora_b, scaling, dropout_sca
     of the op family on `inp_nd` (..., n_red) -> (out (..., n_cols), t [m, r] fp32). `w` holds the
     weight's arguments in the op's order (see _decode)."""
     inp = _flat(inp_nd)
-    if kernel_path(kind, inp.shape[0], inp.device, lora_a.shape[0]) == "workspace":
+    path = kernel_path(kind, inp.shape[0], inp.device, lora_a.shape[0])
+    if path == "fused" and _skinny_base(kind, inp, transposed):
+        path = "workspace"
+    if path == "workspace":
         out, t = _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool)
     else:
         out, t = _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols)
     return out.view(*inp_nd.shape[:-1], n_cols), t
+
+
+def _skinny_base(kind, inp, transposed):
+    """A CUDA QLoRA forward at decode shapes (fp16 / bf16, up to ops.nf4's tensor-core limit of 16 rows, the
+    automatic path): the base product runs in ops.nf4's skinny tensor-core kernel (W read once, decoded in
+    registers; predicted ~75-80% of H100 HBM, docs/nf4.md) and the rank-r terms as two small GEMMs, rather
+    than in the fused LoRA kernel, whose decode loop is latency-bound at one row (predicted 2-3% of HBM,
+    docs/lora.md). PYLLMOPS_LORA_PATH=fused keeps the fused kernel."""
+    return (kind == "nf4" and not transposed and on_cuda(inp) and inp.dtype != torch.float32
+            and 1 <= inp.shape[0] <= fused_max_rows(inp.dtype, True)
+            and os.environ.get("PYLLMOPS_LORA_PATH", "auto") == "auto")
 
 
 def _flat(x):
@@ -145,10 +159,11 @@ def _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_
     m, r = inp.shape[0], lora_a.shape[0]
     scaling = _float32(scaling)  # the kernels' float32 value
     mask = None if dropout_scale is None else _flat(dropout_scale)
-    if not transposed and kind == "nf4" and not on_cuda(inp) and 1 <= m <= fused_max_rows(inp.dtype, False):
-        # CPU decode shapes: ops.nf4's skinny kernel reads the 4-bit codes once and writes no workspace
-        # (measured 4096x1024, m = 1: 2.9 ms against 5.0 ms for dequantize + matmul, bitsandbytes 3.0 ms),
-        # up to ops.nf4's measured crossover (16 rows in fp32 / fp16, 8 in bf16)
+    if not transposed and kind == "nf4" and 1 <= m <= fused_max_rows(inp.dtype, on_cuda(inp)):
+        # decode shapes: ops.nf4's skinny kernel reads the 4-bit codes once and writes no workspace, up to
+        # ops.nf4's crossover (CPU, measured: 16 rows in fp32 / fp16, 8 in bf16; 4096x1024, m = 1: 2.9 ms
+        # against 5.0 ms for dequantize + matmul, bitsandbytes 3.0 ms. CUDA, predicted: 16 rows fp16 / bf16,
+        # 8 fp32; see _skinny_base). It falls back to dequantize + matmul where its kernel does not apply.
         out = _nf4_linear_impl(inp, *w[:5], bias, w[5], w[6], w[7])
     else:
         weight = _decode(kind, w, inp.dtype)
