@@ -41,6 +41,7 @@
 #include "common/online_softmax.h"
 #include "common/warp_reduce.cuh"
 #include "paged/paged.h"
+#include "paged/paged_cuda.cuh"
 
 namespace pyllmops {
 namespace paged {
@@ -127,55 +128,29 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>()))
   PYLLMOPS_SHARED(int, s_bad);
 
   // Index math: lane decomposition by shifts and masks (kLanes is a power of two); the few divisions
-  // below run once per CTA or once per row, in 32 bits, outside every key loop.
+  // (work_item, out_row) run once per CTA or once per row, in 32 bits, outside every key loop.
   const int tid = threadIdx.x, g = tid / kLanes, li = tid % kLanes, warp = tid >> 5, lane = tid & 31;
-  const int64_t s = blockIdx.x / static_cast<uint32_t>(p.num_splits);
-  const int64_t split = blockIdx.x - s * p.num_splits;
-  const int64_t h = blockIdx.y, tile = blockIdx.z;
+  const WorkItem w = work_item(p);
+  if (w.n_rows == 0) return;  // block-uniform
+  const int64_t s = w.s, split = w.split, h = w.h, q_len = w.q_len, seq_len = w.seq_len, row_begin = w.row_begin;
+  const int64_t row_end = row_begin + w.n_rows;
   const int64_t G = p.group();
   const int lg = p.log2_block_size;
   const int64_t bmask = p.block_size - 1;
   const int D = static_cast<int>(p.head_dim);
   const float c = p.exp2_scale;
-  int64_t q_begin, q_len;
-  query_range(p, s, &q_begin, &q_len);
-  const int64_t seq_len = p.seq_lens[s];
-  const bool ok = seq_ok(p, seq_len, q_len) && q_len <= p.max_q_len && q_begin >= 0 && q_begin + q_len <= p.total_q;
-  const int64_t q_len_c = ok ? q_len : (q_len < 0 ? 0 : (q_len > p.max_q_len ? p.max_q_len : q_len));
-  const int64_t row_begin = tile * kRowTile;
-  const int64_t row_end = q_len_c * G < row_begin + kRowTile ? q_len_c * G : row_begin + kRowTile;
-  if (row_begin >= row_end) return;  // block-uniform
-  const int n_rows = static_cast<int>(row_end - row_begin);
+  const int n_rows = w.n_rows;
   if (n_rows > kRows) {  // the launcher's kRows is too small: a bug, never a silent partial result
     if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
     return;
   }
-  if (tid < n_rows) {
-    const uint32_t row = static_cast<uint32_t>(row_begin + tid), g32 = static_cast<uint32_t>(G);
-    const uint32_t qi = row / g32;
-    s_orow[tid] = (q_begin + qi) * p.heads_q + h * G + (row - qi * g32);
-  }
-  __syncthreads();
-  const int64_t rows_total = p.total_q * p.heads_q;
-
-  if (!ok) {  // never read the cache for bad metadata: NaN rows (where addressable) + error bit
-    if (tid == 0) atomicOr(p.error_flag, kErrSeqLen);
-    for (int r = 0; r < n_rows; ++r) {
-      const int64_t orow = s_orow[r];
-      if (orow < 0 || orow >= rows_total) continue;
-      for (int d = tid; d < D; d += kThreads) {
-        if (p.num_splits == 1)
-          static_cast<T*>(p.out)[orow * D + d] = from_float<T>(NAN);
-        else
-          p.partial_out[(split * rows_total + orow) * D + d] = NAN;
-      }
-      if (p.num_splits > 1 && tid == 0) {
-        p.partial_ml[2 * (split * rows_total + orow)] = NAN;
-        p.partial_ml[2 * (split * rows_total + orow) + 1] = NAN;
-      }
-    }
+  if (!w.ok) {  // never read the cache for bad metadata: NaN rows (where addressable) + error bit
+    write_nan_rows<T>(p, w);
     return;
   }
+  if (tid < n_rows) s_orow[tid] = out_row(p, w, tid);
+  __syncthreads();
+  const int64_t rows_total = p.total_q * p.heads_q;
 
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
@@ -381,7 +356,9 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.num_seqs * p.num_splits), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.row_tiles()));
   const int64_t rows = p.max_q_len * p.group();  // rows of the fullest tile, capped at kRowTile
-  if (rows <= 1)
+  if (launch_attention_tc<T>(p, grid, stream)) {
+    // GQA decode (and one-query tiles of multi-token queries): tensor cores, paged_tc.cu
+  } else if (rows <= 1)
     launch_rows<T, 1>(p, grid, stream);
   else if (rows <= 4)
     launch_rows<T, 4>(p, grid, stream);

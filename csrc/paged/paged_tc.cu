@@ -1,0 +1,281 @@
+// Paged attention on tensor cores (fp16 / bf16): GQA decode, and multi-token queries whose row tiles
+// each hold the heads of one query.
+//
+// Work item: paged.h's (sequence x split, kv head, row tile of kRowTile = 8 rows), the same grid,
+// split plan and merge as the CUDA-core kernel (paged_cuda.cu). The tile's rows are query heads of ONE
+// query (decode: q_len = 1 and GQA group >= 4; multi-token: group a multiple of 8), so every row sees the
+// same keys [sb, se) of the split: no key inside the loaded range is masked for one row and visible to
+// another, and P V may multiply a whole key tile by mma without a masked key's inf / NaN V row ever
+// reaching a row that does not see it (paged.h NaN policy).
+//
+// One m16 A tile = the 8 rows, padded with 8 zero rows. 4 warps split the head dim: warp w owns columns
+// [w kDw, (w + 1) kDw), kDw = kD / 4, of q, K, V and out. Per key tile of kKeys keys (pipeline stage):
+//   1. K and V rows are copied global -> shared by cp.async (16 bytes per thread and instruction; a key's
+//      row address comes from its block-table entry by shift and mask), kStages deep: while a tile is
+//      consumed the next kStages - 1 are in flight. The block-table entries a thread needs for a tile are
+//      loaded into registers one tile before its copies are issued, so the copies never wait on them.
+//      An entry outside [0, num_blocks) is never dereferenced (zero fill, rows NaN, kErrBlockIndex);
+//      keys past the split's end are zero-filled and masked.
+//   2. S_w = Q[:, cols_w] K[:, cols_w]^T (mma.sync m16n8k16, q fragments kept in registers): each warp's
+//      partial scores over its columns go to shared memory; after one barrier every warp sums the 4
+//      partials in the same order (so all warps hold identical scores, maxima and sums: no cross-warp
+//      merge of the output is needed), applies the softcap and the key mask, and updates the online
+//      softmax of its lanes' rows (common/online_softmax.h domain: unscaled scores, exp2 with exp2_scale;
+//      NaN-propagating maxima).
+//   3. O_w += P V[:, cols_w] (P rounded to T in registers as the A fragment, V read by ldmatrix.trans).
+//   Finally each warp writes its columns of the 8 rows: out (one split) or fp32 partials + (m, l).
+//
+// Shapes (kD = head dim rounded up to 64 / 128 / 256; columns >= head_dim are zero-filled):
+//   kD   kKeys kStages  shared memory                          per-warp registers of state
+//   64    32     3      3 x 2 x 32 x 72 x 2 B  = 27 KB + 4 KB   O 8, S 16, q 4
+//   128   16     3      3 x 2 x 16 x 136 x 2 B = 26 KB + 2 KB   O 16, S 8, q 8
+//   256   16     2      2 x 2 x 16 x 264 x 2 B = 34 KB + 2 KB   O 32, S 8, q 16
+// so __launch_bounds__(128, 4) holds with room: >= 4 CTAs (16 warps) per SM by registers and shared
+// memory, and 4 x (kStages - 1) x 8-17 KB of K/V in flight per SM (Little's law on an H100 / H200 asks
+// for ~25-35 KB: 3.35-4.8 TB/s over 132 SMs x ~1 us).
+//
+// Napkin math (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
+// 2 x 2 x 16 x 4096 x 128 = 33.5 MFLOP of mma (8 of the 16 rows are padding): 16 FLOP/byte, far below
+// the ~300 FLOP/byte of an H100's dense bf16 mma: bound by HBM bandwidth. Per 16-key tile and warp:
+// 4 + 4 HMMA, 4 LDSM, 2-4 LDGSTS per thread, ~40 other instructions (score sums, softmax): see docs/paged.md.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/attention_cuda.cuh"  // the warp tile primitives gemm_abt / gemm_ab / pack2
+#include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
+#include "common/online_softmax.h"
+#include "common/ptx.cuh"
+#include "paged/paged.h"
+#include "paged/paged_cuda.cuh"
+
+namespace pyllmops {
+namespace paged {
+
+namespace {
+
+using attention::cuda::gemm_ab;
+using attention::cuda::gemm_abt;
+using attention::cuda::pack2;
+using attention::cuda::RegA;
+
+constexpr int kTcThreads = 128;
+constexpr int kTcWarps = kTcThreads / 32;
+
+template <int kD>
+struct TcShape {
+  static constexpr int kKeys = kD == 64 ? 32 : 16;  // keys per pipeline stage (8-17 KB of K + V)
+  static constexpr int kStages = kD == 256 ? 2 : 3;  // 3 x 17 KB at kD = 256 would exceed 48 KB static
+  static constexpr int kStride = kD + 8;             // shared row stride: conflict-free ldmatrix
+  static constexpr int kDw = kD / kTcWarps;          // head-dim columns per warp
+  static constexpr int kChunks = kD / 8;             // 16-byte chunks per row
+  static constexpr int kRowStep = kTcThreads / kChunks;
+  static constexpr int kCopies = kKeys / kRowStep;   // K (and V) chunks per thread and stage
+  static_assert(kDw % 16 == 0 && kKeys % 16 == 0 && kKeys % kRowStep == 0, "tile shapes");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnParams p) {
+  using S = TcShape<kD>;
+  constexpr int kKeys = S::kKeys, kStages = S::kStages, kStride = S::kStride, kDw = S::kDw;
+  PYLLMOPS_SHARED(T[kStages][kKeys][kStride], s_k);
+  PYLLMOPS_SHARED(T[kStages][kKeys][kStride], s_v);
+  PYLLMOPS_SHARED(float[kTcWarps][kRowTile][kKeys], s_part);  // each warp's partial scores of rows 0..7
+  PYLLMOPS_SHARED(int, s_bad);
+
+  const WorkItem w = work_item(p);
+  if (w.n_rows == 0) return;  // block-uniform
+  if (!w.ok) {
+    write_nan_rows<T>(p, w);
+    return;
+  }
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;  // accumulator row g (rows g + 8 are padding), column pair 2 t4
+  const int D = static_cast<int>(p.head_dim);
+  const int lg = p.log2_block_size;
+  const int64_t bmask = p.block_size - 1;
+  const float c = p.exp2_scale;
+  const int col0 = warp * kDw;  // this warp's head-dim columns
+
+  // Keys of this split; the rows (one query) all see exactly [sb, se).
+  int64_t kb, ke, sb, se;
+  visible_keys(w.seq_len, w.q_len, p.group(), w.row_begin, w.row_begin + w.n_rows, p.window_left, &kb, &ke);
+  split_keys(kb, ke, lg, w.split, p.num_splits, &sb, &se);
+  const bool row_live = g < w.n_rows;
+  const int64_t orow = row_live ? out_row(p, w, g) : 0;
+
+  // q fragments of row g (registers for the whole key loop); rows 8..15 of the m16 tile are zero.
+  uint32_t qf[1][kDw / 16][4];
+  {
+    const T* qrow = static_cast<const T*>(p.q) + orow * D;
+#pragma unroll
+    for (int ks = 0; ks < kDw / 16; ++ks) {
+      const int c_lo = col0 + ks * 16 + 2 * t4, c_hi = c_lo + 8;
+      qf[0][ks][0] = row_live && c_lo < D ? *reinterpret_cast<const uint32_t*>(qrow + c_lo) : 0u;
+      qf[0][ks][2] = row_live && c_hi < D ? *reinterpret_cast<const uint32_t*>(qrow + c_hi) : 0u;
+      qf[0][ks][1] = 0u;
+      qf[0][ks][3] = 0u;
+    }
+  }
+
+  // cp.async work of this thread: chunk cc of rows r0 + i kRowStep (i < kCopies) of each stage.
+  const int cc = tid % S::kChunks, r0 = tid / S::kChunks;
+  const bool col_ok = cc * 8 < D;
+  const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
+  const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
+  const int32_t* __restrict__ table = p.block_tables + w.s * p.max_blocks;
+  int32_t blk[S::kCopies];  // block-table entries of the next stage to issue (prefetched one stage ahead)
+  auto fetch_table = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < S::kCopies; ++i) {
+      const int64_t j = k0 + r0 + i * S::kRowStep;
+      blk[i] = j < se ? table[j >> lg] : -1;
+    }
+  };
+  bool bad = false;
+  auto issue = [&](int stage, int64_t k0) {
+    if (k0 < se) {  // block-uniform
+#pragma unroll
+      for (int i = 0; i < S::kCopies; ++i) {
+        const int r = r0 + i * S::kRowStep;
+        const int64_t j = k0 + r;
+        const int64_t b = blk[i];
+        const bool in_range = b >= 0 && b < p.num_blocks;
+        bad |= j < se && !in_range;
+        const bool ok = j < se && in_range && col_ok;
+        const int64_t off = ok ? (((b << lg) + (j & bmask)) * p.heads_kv + w.h) * D + cc * 8 : 0;
+        ptx::cp_async_cg<16>(&s_k[stage][r][cc * 8], kc + off, ok ? 16 : 0);
+        ptx::cp_async_cg<16>(&s_v[stage][r][cc * 8], vc + off, ok ? 16 : 0);
+      }
+    }
+    ptx::cp_async_commit();  // one group per stage, empty or not: the wait counts stay uniform
+  };
+
+  if (tid == 0) s_bad = 0;
+  __syncthreads();
+  fetch_table(sb);
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    issue(st, sb + st * kKeys);
+    fetch_table(sb + (st + 1) * kKeys);
+  }
+
+  // Row g's online-softmax state (identical in the 4 lanes of a quad and in every warp).
+  float m = -INFINITY, l = 0.0f;
+  float o[1][kDw / 8][4];
+  attention::cuda::zero(o);
+  int cur = 0, nxt = kStages - 1;  // stage consumed / stage to fill (rotating counters, no modulo)
+  for (int64_t t0 = sb; t0 < se; t0 += kKeys) {
+    ptx::cp_async_wait<kStages - 2>();  // this thread's copies of stage `cur` have landed
+    __syncthreads();                    // everyone's have; everyone is done with stage `nxt` and s_part
+    issue(nxt, t0 + (kStages - 1) * kKeys);
+    fetch_table(t0 + kStages * kKeys);
+
+    // 2. partial scores over this warp's columns -> shared (rows 0..7 only)
+    float sc[1][kKeys / 8][4];
+    attention::cuda::zero(sc);
+    gemm_abt<T, 1, kKeys, kDw, kStride>(sc, RegA<1, kDw>{qf}, &s_k[cur][0][col0]);
+#pragma unroll
+    for (int nt = 0; nt < kKeys / 8; ++nt)
+      *reinterpret_cast<float2*>(&s_part[warp][g][nt * 8 + 2 * t4]) = make_float2(sc[0][nt][0], sc[0][nt][1]);
+    __syncthreads();
+
+    // Full scores of row g at the lane's A-fragment columns (ks * 16 + 2 t4 + {0, 1, 8, 9}), summed in warp
+    // order; mask, softcap, tile max.
+    float x[kKeys / 16][4];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int ks = 0; ks < kKeys / 16; ++ks)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = ks * 16 + 2 * t4 + (e & 1) + (e >> 1) * 8;
+        float v = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < kTcWarps; ++ww) v += s_part[ww][g][col];
+        const bool vis = row_live && t0 + col < se;
+        x[ks][e] = vis ? score_of(p, v) : -INFINITY;
+        mx = ptx::fmax_nan(mx, x[ks][e]);
+      }
+    mx = attention::cuda::quad_max(mx);
+    const float m_new = ptx::fmax_nan(m, mx);
+    const float fac = m == -INFINITY ? 0.0f : ptx::ex2_approx((m - m_new) * c);
+    uint32_t pf[1][kKeys / 16][4];
+    float sum = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pr[e] = m_new == -INFINITY ? 0.0f : ptx::ex2_approx((x[ks][e] - m_new) * c);
+        sum += pr[e];
+      }
+      pf[0][ks][0] = pack2<T>(pr[0], pr[1]);
+      pf[0][ks][1] = 0u;
+      pf[0][ks][2] = pack2<T>(pr[2], pr[3]);
+      pf[0][ks][3] = 0u;
+    }
+    l = l * fac + attention::cuda::quad_sum(sum);
+    m = m_new;
+#pragma unroll
+    for (int nt = 0; nt < kDw / 8; ++nt) {
+      o[0][nt][0] *= fac;
+      o[0][nt][1] *= fac;
+    }
+    // 3. O += P V over this warp's columns
+    gemm_ab<T, 1, kDw, kKeys, kStride>(o, RegA<1, kKeys>{pf}, &s_v[cur][0][col0]);
+    cur = cur + 1 == kStages ? 0 : cur + 1;
+    nxt = nxt + 1 == kStages ? 0 : nxt + 1;
+  }
+  ptx::cp_async_wait<0>();  // the zero-filled stages past the end: nothing may land after the CTA exits
+  if (bad) s_bad = 1;
+  __syncthreads();
+
+  // 4. write this warp's columns of the live rows
+  const bool any_bad = s_bad != 0;
+  if (any_bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
+  if (!row_live) return;
+  const bool saw = se > sb;  // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN
+  const float inv = any_bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+  const int64_t rows_total = p.total_q * p.heads_q;
+#pragma unroll
+  for (int nt = 0; nt < kDw / 8; ++nt) {
+    const int col = col0 + nt * 8 + 2 * t4;
+    if (col >= D) continue;
+    const float v0 = o[0][nt][0] * inv, v1 = o[0][nt][1] * inv;
+    if (p.num_splits == 1)
+      *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + orow * D + col) = pack2<T>(v0, v1);
+    else
+      *reinterpret_cast<float2*>(p.partial_out + (w.split * rows_total + orow) * D + col) = make_float2(v0, v1);
+  }
+  if (p.num_splits > 1 && warp == 0 && t4 == 0) {
+    p.partial_ml[2 * (w.split * rows_total + orow)] = any_bad ? NAN : m;
+    p.partial_ml[2 * (w.split * rows_total + orow) + 1] = any_bad ? NAN : l;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+bool launch_attention_tc(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
+  const int64_t G = p.group();
+  const bool one_query_per_tile = p.max_q_len == 1 ? G >= 4 : G % kRowTile == 0;
+  const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
+                       is_aligned(p.out, 16) && (p.num_splits == 1 || is_aligned(p.partial_out, 16));
+  if (!one_query_per_tile || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || !aligned) return false;
+  if (p.head_dim <= 64)
+    launch("attention_tc_kernel", attention_tc_kernel<T, 64>, grid, kTcThreads, 0, stream, p);
+  else if (p.head_dim <= 128)
+    launch("attention_tc_kernel", attention_tc_kernel<T, 128>, grid, kTcThreads, 0, stream, p);
+  else
+    launch("attention_tc_kernel", attention_tc_kernel<T, 256>, grid, kTcThreads, 0, stream, p);
+  return true;
+}
+
+template bool launch_attention_tc<__half>(const AttnParams&, const dim3&, cudaStream_t);
+template bool launch_attention_tc<__nv_bfloat16>(const AttnParams&, const dim3&, cudaStream_t);
+
+}  // namespace paged
+}  // namespace pyllmops
