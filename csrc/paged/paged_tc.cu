@@ -67,8 +67,8 @@ constexpr int kTcWarps = kTcThreads / 32;
 
 template <int kD>
 struct TcShape {
-  static constexpr int kKeys = kD == 64 ? 32 : 16;  // keys per pipeline stage (8-17 KB of K + V)
-  static constexpr int kStages = kD == 256 ? 2 : 3;  // 3 x 17 KB at kD = 256 would exceed 48 KB static
+  static constexpr int kKeys = 4096 / kD;            // keys per pipeline stage: 16 KB of K + V (+ padding)
+  static constexpr int kStages = 2;                  // 3 would need > 48 KB: dynamic smem, 3 CTAs per SM
   static constexpr int kStride = kD + 8;             // shared row stride: conflict-free ldmatrix
   static constexpr int kDw = kD / kTcWarps;          // head-dim columns per warp
   static constexpr int kChunks = kD / 8;             // 16-byte chunks per row
@@ -121,34 +121,41 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
     }
   }
 
-  // cp.async work of this thread: chunk cc of rows r0 + i kRowStep (i < kCopies) of each stage.
+  // cp.async work of this thread: chunk cc of rows r0 + i kRowStep (i < kCopies) of each stage. Key
+  // positions are < 2^31 (int32 seq_lens) and a block's elements < 2^32 (the launcher checks), so the
+  // index math is 32-bit but for one 32 x 32 -> 64-bit multiply-add per row: key j of block entry b is
+  // b * block_elems + (j & bmask) * row_elems elements past this thread's base.
   const int cc = tid % S::kChunks, r0 = tid / S::kChunks;
   const bool col_ok = cc * 8 < D;
-  const T* __restrict__ kc = static_cast<const T*>(p.k_cache);
-  const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
+  const uint32_t row_elems = static_cast<uint32_t>(p.heads_kv * D);
+  const uint32_t block_elems = static_cast<uint32_t>(p.block_size) * row_elems;
+  const T* __restrict__ kbase = static_cast<const T*>(p.k_cache) + w.h * D + cc * 8;
+  const T* __restrict__ vbase = static_cast<const T*>(p.v_cache) + w.h * D + cc * 8;
+  const uint32_t num_blocks = p.num_blocks < INT32_MAX ? static_cast<uint32_t>(p.num_blocks) : INT32_MAX;
+  const uint32_t bmask32 = static_cast<uint32_t>(bmask);
+  const uint32_t sb32 = static_cast<uint32_t>(sb), se32 = static_cast<uint32_t>(se);
   const int32_t* __restrict__ table = p.block_tables + w.s * p.max_blocks;
   int32_t blk[S::kCopies];  // block-table entries of the next stage to issue (prefetched one stage ahead)
-  auto fetch_table = [&](int64_t k0) {
+  auto fetch_table = [&](uint32_t k0) {
 #pragma unroll
     for (int i = 0; i < S::kCopies; ++i) {
-      const int64_t j = k0 + r0 + i * S::kRowStep;
-      blk[i] = j < se ? table[j >> lg] : -1;
+      const uint32_t j = k0 + r0 + i * S::kRowStep;
+      blk[i] = j < se32 ? table[j >> lg] : -1;
     }
   };
   bool bad = false;
-  auto issue = [&](int stage, int64_t k0) {
-    if (k0 < se) {  // block-uniform
+  auto issue = [&](int stage, uint32_t k0) {
+    if (k0 < se32) {  // block-uniform
 #pragma unroll
       for (int i = 0; i < S::kCopies; ++i) {
         const int r = r0 + i * S::kRowStep;
-        const int64_t j = k0 + r;
-        const int64_t b = blk[i];
-        const bool in_range = b >= 0 && b < p.num_blocks;
-        bad |= j < se && !in_range;
-        const bool ok = j < se && in_range && col_ok;
-        const int64_t off = ok ? (((b << lg) + (j & bmask)) * p.heads_kv + w.h) * D + cc * 8 : 0;
-        ptx::cp_async_cg<16>(&s_k[stage][r][cc * 8], kc + off, ok ? 16 : 0);
-        ptx::cp_async_cg<16>(&s_v[stage][r][cc * 8], vc + off, ok ? 16 : 0);
+        const uint32_t j = k0 + r, b = static_cast<uint32_t>(blk[i]);
+        const bool in_range = b < num_blocks;  // a negative entry wraps: out of range
+        bad |= j < se32 && !in_range;
+        const bool ok = in_range && col_ok;  // in_range implies j < se (fetch_table's -1 past the end)
+        const uint64_t off = ok ? static_cast<uint64_t>(b) * block_elems + (j & bmask32) * row_elems : 0;
+        ptx::cp_async_cg<16>(&s_k[stage][r][cc * 8], kbase + off, ok ? 16 : 0);
+        ptx::cp_async_cg<16>(&s_v[stage][r][cc * 8], vbase + off, ok ? 16 : 0);
       }
     }
     ptx::cp_async_commit();  // one group per stage, empty or not: the wait counts stay uniform
@@ -156,11 +163,11 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
 
   if (tid == 0) s_bad = 0;
   __syncthreads();
-  fetch_table(sb);
+  fetch_table(sb32);
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    issue(st, sb + st * kKeys);
-    fetch_table(sb + (st + 1) * kKeys);
+    issue(st, sb32 + st * kKeys);
+    fetch_table(sb32 + (st + 1) * kKeys);
   }
 
   // Row g's online-softmax state (identical in the 4 lanes of a quad and in every warp).
@@ -168,7 +175,7 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
   float o[1][kDw / 8][4];
   attention::cuda::zero(o);
   int cur = 0, nxt = kStages - 1;  // stage consumed / stage to fill (rotating counters, no modulo)
-  for (int64_t t0 = sb; t0 < se; t0 += kKeys) {
+  for (uint32_t t0 = sb32; t0 < se32; t0 += kKeys) {
     ptx::cp_async_wait<kStages - 2>();  // this thread's copies of stage `cur` have landed
     __syncthreads();                    // everyone's have; everyone is done with stage `nxt` and s_part
     issue(nxt, t0 + (kStages - 1) * kKeys);
@@ -195,7 +202,7 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
         float v = 0.0f;
 #pragma unroll
         for (int ww = 0; ww < kTcWarps; ++ww) v += s_part[ww][g][col];
-        const bool vis = row_live && t0 + col < se;
+        const bool vis = row_live && t0 + col < se32;
         x[ks][e] = vis ? score_of(p, v) : -INFINITY;
         mx = ptx::fmax_nan(mx, x[ks][e]);
       }
@@ -264,7 +271,9 @@ bool launch_attention_tc(const AttnParams& p, const dim3& grid, cudaStream_t str
   const bool one_query_per_tile = p.max_q_len == 1 ? G >= 4 : G % kRowTile == 0;
   const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.out, 16) && (p.num_splits == 1 || is_aligned(p.partial_out, 16));
-  if (!one_query_per_tile || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || !aligned) return false;
+  const bool small_blocks = p.block_size * p.heads_kv * p.head_dim <= UINT32_MAX;  // 32-bit in-block offsets
+  if (!one_query_per_tile || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || !aligned || !small_blocks)
+    return false;
   if (p.head_dim <= 64)
     launch("attention_tc_kernel", attention_tc_kernel<T, 64>, grid, kTcThreads, 0, stream, p);
   else if (p.head_dim <= 128)
