@@ -498,14 +498,15 @@ def test_zero_query_heads(device):
 
 # ---------------------------------------------------------------- CUDA only: in-kernel checks, graph capture
 @pytest.mark.parametrize("device", [pytest.param(CUDA, marks=CUDA_MARKS)])
-def test_cuda_bad_metadata_is_flagged_not_read(device):
+@pytest.mark.parametrize("group", [2, 4])
+def test_cuda_bad_metadata_is_flagged_not_read(device, group):
     """CUDA checks device-resident metadata in the kernel (no host sync): out-of-range entries are
     never dereferenced, the affected rows are NaN, and check_kernel_errors raises."""
     P.check_kernel_errors(device)  # start clean
     kc, vc = random_cache(8, 16, 2, 64, torch.bfloat16, device)
     bt = torch.tensor([[0, 10 ** 6], [2, 3]], dtype=torch.int32, device=device)
     sl = torch.tensor([20, 20], dtype=torch.int32, device=device)
-    q = torch.randn(2, 4, 64, device=device).bfloat16()
+    q = torch.randn(2, 2 * group, 64, device=device).bfloat16()  # group 2: CUDA cores, 4: tensor cores
     for splits in (1, 3):
         out = pyllmops.paged_attention(q, kc, vc, bt, sl, num_splits=splits)
         sync()
@@ -727,6 +728,89 @@ def test_non_finite_reaches_what_it_touches(device, num_splits, poison):
         P.check_kernel_errors(device)
     want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window)
     assert (~torch.isfinite(want)).any() or poison == "k_nan_masked"
+    assert_nonfinite_like(out, want, TOL[dtype])
+
+
+# ---------------------------------------------------------------- CUDA tensor-core path
+# fp16 / bf16 decode with GQA group >= 4, and multi-token queries with group a multiple of 8, run the
+# tensor-core kernel (csrc/paged/paged_tc.cu: mma.sync, cp.async pipeline); head dims are padded to 64 / 128 /
+# 256 there. These cases cover its shapes: every block size class, padded head dims, 2 row tiles per kv head
+# (group 16), partial last blocks (lengths not multiples of the block size or of a 16 KB stage), split-KV,
+# softcap, windows. (PYLLMOPS_EMU_BREAK=mma or =ldmatrix makes them fail: they do run the tensor-core path.)
+TC_ONLY = [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)]
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+@pytest.mark.parametrize("group,head_dim,block_size", [(4, 64, 8), (8, 128, 16), (4, 256, 32), (8, 64, 256),
+                                                       (16, 128, 64), (4, 96, 16), (8, 40, 8), (8, 256, 128)])
+def test_tc_decode(device, group, head_dim, block_size):
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [1, 17, 130, 333], heads_kv=2 if group < 16 else 1, group=group,
+                 head_dim=head_dim, block_size=block_size, num_splits=1)
+    run_case(device, torch.bfloat16, [70, 333], heads_kv=1, group=group, head_dim=head_dim,
+             block_size=block_size, num_splits=3)
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_tc_decode_softcap_window_splits(device, num_splits):
+    run_case(device, torch.float16, [40, 301, 1000], heads_kv=2, group=8, head_dim=128, block_size=16,
+             softcap=3.0, scale=0.2, num_splits=num_splits)
+    run_case(device, torch.bfloat16, [40, 301, 1000], heads_kv=1, group=4, head_dim=64, block_size=32,
+             window=77, num_splits=num_splits)
+    run_case(device, torch.bfloat16, [9, 500], heads_kv=2, group=4, head_dim=256, block_size=8, window=200,
+             softcap=1.5, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+def test_tc_multi_token(device):
+    """Multi-token queries with group 8 / 16: each row tile is one query's heads, so they take tensor cores."""
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], heads_kv=1, group=8,
+                 head_dim=128, block_size=16)
+    run_case(device, torch.bfloat16, [90, 300], q_lens=[6, 11], heads_kv=1, group=16, head_dim=64, block_size=32,
+             window=30, softcap=2.0, num_splits=2)
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("group", [4, 8])
+@pytest.mark.parametrize("poison", ["q_nan", "q_inf", "k_nan", "k_inf", "v_inf", "v_nan", "masked",
+                                    "all_scores_neg_inf"])
+def test_tc_non_finite_reaches_what_it_touches(device, num_splits, group, poison):
+    """The NaN policy on the tensor-core path (decode, window 100): a poisoned visible key reaches every head
+    of its kv head; keys outside the window (never loaded) and zero-filled stage padding never leak."""
+    dtype = torch.bfloat16
+    seq_lens, heads_kv, d, bs, window = [70, 300], 2, 128, 16, 100
+    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
+    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    q = torch.randn(2, heads_kv * group, d, device=device).to(dtype)
+
+    def cache_slot(s, pos):
+        return bt[s, pos // bs].item(), pos % bs
+
+    if poison == "q_nan":
+        q[1, group + 1, 7] = float("nan")
+    elif poison == "q_inf":
+        q[0, 0, 2] = float("inf")
+    elif poison in ("k_nan", "k_inf", "v_inf", "v_nan"):
+        b, o = cache_slot(1, 250)  # visible to sequence 1 (window 100 from position 299)
+        cache = kc if poison[0] == "k" else vc
+        cache[b, o, 1, 5] = float("nan") if poison.endswith("nan") else float("inf")
+    elif poison == "masked":
+        b, o = cache_slot(1, 150)  # outside sequence 1's window
+        kc[b, o, 0, :] = float("nan")
+        vc[b, o, 1, :] = float("inf")
+    elif poison == "all_scores_neg_inf":
+        kc[..., 0] = float("-inf")
+        q[..., 0] = q[..., 0].abs() + 0.5
+        q[1, 1, 0] = 0.0  # 0 * -inf = NaN row
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, window_left=window, num_splits=num_splits)
+    P.check_kernel_errors(device)
+    want = ref.paged_attention(q, kc, vc, bt, sl, window_left=window)
+    assert (~torch.isfinite(want)).any() or poison == "masked"
     assert_nonfinite_like(out, want, TOL[dtype])
 
 
