@@ -1,6 +1,8 @@
 // Paged attention, reshape_and_cache and copy_blocks on CUDA (fp16 / bf16).
 //
-// attention_kernel: one CTA (128 threads, 4 warps) per (sequence x split, kv head, row tile of
+// attention_kernel (CUDA cores; every case the tensor-core kernel in paged_tc.cu does not take: GQA group
+//   < 4, multi-token tiles holding several queries, head dims not a multiple of 8, unaligned tensors):
+//   one CTA (128 threads, 4 warps) per (sequence x split, kv head, row tile of
 //   kRowTile = 8 query rows); the decomposition, masks and split ranges are paged.h's, shared with
 //   paged_cpu.cpp. Inside a CTA, keys are handled by "key groups" of kLanes lanes: each lane owns
 //   kElems = 8 elements of a K/V row (one 16-byte load when head_dim == kLanes * 8: head_dim 64 ->

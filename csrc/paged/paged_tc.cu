@@ -25,19 +25,22 @@
 //   3. O_w += P V[:, cols_w] (P rounded to T in registers as the A fragment, V read by ldmatrix.trans).
 //   Finally each warp writes its columns of the 8 rows: out (one split) or fp32 partials + (m, l).
 //
-// Shapes (kD = head dim rounded up to 64 / 128 / 256; columns >= head_dim are zero-filled):
-//   kD   kKeys kStages  shared memory                          per-warp registers of state
-//   64    32     3      3 x 2 x 32 x 72 x 2 B  = 27 KB + 4 KB   O 8, S 16, q 4
-//   128   16     3      3 x 2 x 16 x 136 x 2 B = 26 KB + 2 KB   O 16, S 8, q 8
-//   256   16     2      2 x 2 x 16 x 264 x 2 B = 34 KB + 2 KB   O 32, S 8, q 16
-// so __launch_bounds__(128, 4) holds with room: >= 4 CTAs (16 warps) per SM by registers and shared
-// memory, and 4 x (kStages - 1) x 8-17 KB of K/V in flight per SM (Little's law on an H100 / H200 asks
-// for ~25-35 KB: 3.35-4.8 TB/s over 132 SMs x ~1 us).
+// Shapes (kD = head dim rounded up to 64 / 128 / 256; columns >= head_dim are zero-filled): stages of
+// 4096 / kD keys = 16 KB of K + V, double-buffered (a third stage would pass 48 KB of static shared memory
+// and cost a resident CTA):
+//   kD   kKeys  shared memory (2 stages x K, V + partial scores)   state per thread: O, S, q registers
+//   64    64    2 x 2 x 64 x 72 x 2 B  = 36 KB + 8 KB                8, 32, 4
+//   128   32    2 x 2 x 32 x 136 x 2 B = 34 KB + 4 KB               16, 16, 8
+//   256   16    2 x 2 x 16 x 264 x 2 B = 33 KB + 2 KB               32,  8, 16
+// so __launch_bounds__(128, 4) holds: sm_90a 127 / 96 / 111 registers, 4 / 5 / 4 resident CTAs per SM
+// (docs/paged.md), i.e. 4-5 x 16 KB of K/V in flight per SM, 2-3x what Little's law asks on an H100 /
+// H200 (3.35-4.8 TB/s over 132 SMs x ~1 us of loaded latency: 22-31 KB).
 //
 // Napkin math (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
 // 2 x 2 x 16 x 4096 x 128 = 33.5 MFLOP of mma (8 of the 16 rows are padding): 16 FLOP/byte, far below
-// the ~300 FLOP/byte of an H100's dense bf16 mma: bound by HBM bandwidth. Per 16-key tile and warp:
-// 4 + 4 HMMA, 4 LDSM, 2-4 LDGSTS per thread, ~40 other instructions (score sums, softmax): see docs/paged.md.
+// the ~300 FLOP/byte of an H100's dense bf16 mma: bound by HBM bandwidth if the issue slots keep up. Per
+// 16 KB stage and warp (SASS, kD = 128): 16 HMMA, 8 LDSM, 8 LDGSTS, ~425 instructions executed, i.e.
+// ~9.6 bytes per warp instruction: docs/paged.md derives the predicted share of HBM from that.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
