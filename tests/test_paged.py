@@ -799,6 +799,8 @@ def test_tc_non_finite_reaches_what_it_touches(device, num_splits, group, poison
         b, o = cache_slot(1, 250)  # visible to sequence 1 (window 100 from position 299)
         cache = kc if poison[0] == "k" else vc
         cache[b, o, 1, 5] = float("nan") if poison.endswith("nan") else float("inf")
+        if poison == "k_inf":  # one head of kv head 1 scores it +inf (a NaN row); with all q[.., 5] < 0 all see -inf
+            q[1, group, 5] = q[1, group, 5].abs() + 0.5
     elif poison == "masked":
         b, o = cache_slot(1, 150)  # outside sequence 1's window
         kc[b, o, 0, :] = float("nan")
