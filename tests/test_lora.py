@@ -440,6 +440,30 @@ def test_against_peft(use_rslora):
     assert rel_err(ours(x), y_base) > 1e-3  # and back on
 
 
+def _layer_case(kind, w, dtype, r, group):
+    """(ours, reference, A, B) for a lora / qlora (NF4, blocksize 64, nested) / qalora (4-bit, `group`) layer
+    on the float32 weight w, scaling 1.5; both called as f(x, a, b, bias)."""
+    out_f, in_f = w.shape
+    dev = w.device
+    if kind == "qalora":
+        q, s, z = pyllmops.quantize_int(w, 4, group)
+        a, b = _adapter(r, in_f // group, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=group,  # noqa: E731
+                                                          bias=bias)
+        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, group, bias)  # noqa: E731
+    elif kind == "qlora":
+        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
+    else:
+        wd = w.to(dtype)
+        a, b = _adapter(r, in_f, out_f, dtype, dev)
+        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    return fn, ref, a, b
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lora", "qlora", "qalora"])
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
@@ -453,22 +477,7 @@ def test_tensor_core_kernel_cuda(monkeypatch, dtype, kind, dev, tensor_cores):
     x = torch.randn(3, 45, in_f, device=dev).to(dtype)
     w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
     bias = torch.randn(out_f, device=dev).to(dtype)
-    if kind == "qalora":
-        q, s, z = pyllmops.quantize_int(w, 4, 64)
-        a, b = _adapter(r, in_f // 64, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=64,  # noqa: E731
-                                                          bias=bias)
-        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 64, bias)  # noqa: E731
-    elif kind == "qlora":
-        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
-        a, b = _adapter(r, in_f, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
-        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
-    else:
-        wd = w.to(dtype)
-        a, b = _adapter(r, in_f, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
-        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    fn, ref, a, b = _layer_case(kind, w, dtype, r, 64)
     _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} tensor cores")
 
 
@@ -489,22 +498,7 @@ def test_decode_kernel_staging_cuda(dtype, kind, dev, aligned, monkeypatch):
     assert (x.data_ptr() % 16 == 0) == aligned
     w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
     bias = torch.randn(out_f, device=dev).to(dtype)
-    if kind == "qalora":
-        q, s, z = pyllmops.quantize_int(w, 4, 32)
-        a, b = _adapter(r, in_f // 32, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.qalora_linear(x, q, s, z, a, b, 1.5, bits=4, group_size=32,  # noqa: E731
-                                                          bias=bias)
-        ref = lambda x, a, b, bias: R.qalora_linear(x, q, s, z, a, b, 1.5, 4, 32, bias)  # noqa: E731
-    elif kind == "qlora":
-        packed, st = pyllmops.quantize_nf4(w.to(dtype), 64, True)
-        a, b = _adapter(r, in_f, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
-        ref = lambda x, a, b, bias: R.qlora_linear(x, packed, st, a, b, 1.5, bias)  # noqa: E731
-    else:
-        wd = w.to(dtype)
-        a, b = _adapter(r, in_f, out_f, dtype, dev)
-        fn = lambda x, a, b, bias: pyllmops.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
-        ref = lambda x, a, b, bias: R.lora_linear(x, wd, a, b, 1.5, bias)  # noqa: E731
+    fn, ref, a, b = _layer_case(kind, w, dtype, r, 32)
     from pyllmops.ops import lora as L
     assert L.kernel_path(kind, m, x.device, r) == "fused"
     _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} decode staging (aligned={aligned})", keep_x_storage=True)
