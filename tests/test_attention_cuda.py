@@ -18,24 +18,9 @@ TOL = {torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 1e-5},
 
 
 def _ref_attention(q, k, v, softcap=0.0, causal=False, window=(-1, -1), scale=None):
-    """Float64 oracle with the logit softcap (Gemma 2: c * tanh(s / c) on the scaled score s, before mask and
-    softmax). Rows that see no key: out 0, lse -inf, zero gradients (as pyllmops.reference.attention)."""
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kh = k.repeat_interleave(hq // hkv, dim=2)
-    vh = v.repeat_interleave(hq // hkv, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q, kh) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    ok = ref.visible_mask(sq, sk, window, causal, device=q.device)
-    empty_row = ~ok.any(dim=1)
-    s_for_lse = torch.where(ok, s, torch.where(empty_row.view(-1, 1), torch.zeros_like(s), -math.inf))
-    lse = torch.logsumexp(s_for_lse, dim=-1)
-    lse = torch.where(empty_row, torch.full_like(lse, -math.inf), lse)
-    lse_safe = torch.where(empty_row, torch.zeros_like(lse), lse)
-    p = torch.where(ok, torch.exp(torch.where(ok, s - lse_safe.unsqueeze(-1), -math.inf)), torch.zeros_like(s))
-    return torch.einsum("bhij,bjhd->bihd", p, vh), lse
+    """The float64 reference (pyllmops.reference.attention: softcap, masks, rows that see no key give out 0, lse -inf
+    and zero gradients, the NaN policy) in this file's argument order."""
+    return ref.attention(q, k, v, causal, window, scale, softcap=softcap)
 
 
 def _ref_backward_given_out(q, k, v, out, g, softcap=0.0, causal=False, window=(-1, -1)):
