@@ -158,6 +158,16 @@ inline float dot_scalar(const uint8_t* packed, const float* table, int64_t i0, i
   return s;
 }
 
+// out[m] += sum over elements [i0, i1) of one block (its fp32 scale) of W[i] x[m, i - base], scalar: a whole
+// block on the portable path, the part of a segment the vector loops leave on the AVX paths.
+template <int M>
+inline void add_segment_dot(const uint8_t* packed, float scale, int64_t i0, int64_t i1, const float* xf, int64_t ldx,
+                            int64_t base, float* out) {
+  float table[16];
+  for (int j = 0; j < 16; ++j) table[j] = kCode[j] * scale;
+  for (int m = 0; m < M; ++m) out[m] += dot_scalar(packed, table, i0, i1, xf + m * ldx, base);
+}
+
 #if PYLLMOPS_NF4_X86
 #define PYLLMOPS_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define PYLLMOPS_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
@@ -325,9 +335,7 @@ PYLLMOPS_AVX2 void row_dot_avx2(const uint8_t* packed, const Scales& scales, int
       }
     }
     if (i < seg_end) {
-      float table[16];
-      for (int j = 0; j < 16; ++j) table[j] = kCode[j] * scale;
-      for (int m = 0; m < M; ++m) tail[m] += dot_scalar(packed, table, i, seg_end, xf + m * ldx, flat);
+      add_segment_dot<M>(packed, scale, i, seg_end, xf, ldx, flat, tail);
       i = seg_end;
     }
   }
@@ -369,9 +377,7 @@ PYLLMOPS_AVX512 void row_dot_avx512(const uint8_t* packed, const Scales& scales,
       }
     }
     if (i < seg_end) {
-      float table[16];
-      for (int j = 0; j < 16; ++j) table[j] = kCode[j] * scale;
-      for (int m = 0; m < M; ++m) tail[m] += dot_scalar(packed, table, i, seg_end, xf + m * ldx, flat);
+      add_segment_dot<M>(packed, scale, i, seg_end, xf, ldx, flat, tail);
       i = seg_end;
     }
   }
@@ -388,10 +394,7 @@ void row_dot_scalar(const uint8_t* packed, const Scales& scales, int blocksize_l
   while (i < row_end) {
     const int64_t block = i >> blocksize_log2;
     const int64_t seg_end = std::min(row_end, (block + 1) << blocksize_log2);
-    float table[16];
-    const float scale = scales(block);
-    for (int j = 0; j < 16; ++j) table[j] = kCode[j] * scale;
-    for (int m = 0; m < M; ++m) out[m] += dot_scalar(packed, table, i, seg_end, xf + m * ldx, flat);
+    add_segment_dot<M>(packed, scales(block), i, seg_end, xf, ldx, flat, out);
     i = seg_end;
   }
 }
