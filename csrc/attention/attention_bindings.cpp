@@ -1,6 +1,7 @@
 // Python bindings of the flash attention kernels (csrc/attention/attention.h). Every view is checked
 // (dtype, rank, shapes, head_dim contiguity, devices, cu_seqlens) before a kernel runs.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -10,6 +11,7 @@
 #include "attention/attention.h"
 #include "bindings.h"
 #include "common/dtype.h"
+#include "common/parallel.h"
 
 using pyllmops::DType;
 using pyllmops::TensorView;
@@ -243,32 +245,58 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                      attn::backward_cuda(p, q.dtype, stream));
 }
 
-// max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap single-threaded
-// pass ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a
-// zero lse gradient). A torch reduction would start a parallel region, which costs more than the pass itself.
-// Contiguous rows: the maximum of the bits without the sign, an integer reduction the compiler vectorizes (a float
-// max is not: its NaN rules make it a serial maxss chain, 4 cycles an element). For non-NaN values the unsigned
-// order of those bits is the order of |x|, and every NaN lies above infinity's bits.
-float max_abs_contiguous(const float* p, int64_t n) {
+// max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap pass
+// ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a zero
+// lse gradient). Contiguous runs: the maximum of the bits without the sign, an integer reduction that vectorizes
+// (a float max is not: its NaN rules make it a serial maxss chain, 4 cycles an element); an AVX2 clone where the
+// CPU has it (8 / 16 lanes a vpmaxud / vpmaxuw), split over parallel_for above kParallelBytes (the pool torch's
+// ops use: no thread start per call). For non-NaN values the unsigned order of those bits is the order of |x|,
+// and every NaN lies above infinity's bits.
+__attribute__((target_clones("avx2", "default"))) uint32_t max_bits(const uint32_t* p, int64_t n) {
   uint32_t mx = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, p + i, 4);
-    u &= 0x7fffffffu;
+    const uint32_t u = p[i] & 0x7fffffffu;
     mx = u > mx ? u : mx;
   }
+  return mx;
+}
+__attribute__((target_clones("avx2", "default"))) uint16_t max_bits(const uint16_t* p, int64_t n) {
+  uint16_t mx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t u = p[i] & 0x7fff;
+    mx = u > mx ? u : mx;
+  }
+  return mx;
+}
+
+constexpr int64_t kParallelBytes = int64_t{1} << 20;
+
+template <typename U>
+U max_bits_parallel(const U* p, int64_t n) {
+  const int64_t grain = kParallelBytes / static_cast<int64_t>(sizeof(U));
+  if (n <= grain) return max_bits(p, n);
+  std::atomic<U> mx{0};
+  pyllmops::parallel_for(n, grain, [&](int64_t b, int64_t e) {
+    const U m = max_bits(p + b, e - b);
+    U cur = mx.load();
+    while (m > cur && !mx.compare_exchange_weak(cur, m)) {
+    }
+  });
+  return mx.load();
+}
+
+float max_abs_contiguous(const float* p, int64_t n) {
+  const uint32_t mx = max_bits_parallel(reinterpret_cast<const uint32_t*>(p), n);
   float r;
   std::memcpy(&r, &mx, 4);
   return mx > 0x7f800000u ? NAN : r;
 }
-template <typename T>  // bf16_t / f16_t
+template <typename T>  // bf16_t / f16_t: a 16-bit `bits` member
 float max_abs_contiguous(const T* p, int64_t n) {
-  uint16_t mx = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t u = p[i].bits & 0x7fff;
-    mx = u > mx ? u : mx;
-  }
-  const float r = pyllmops::to_float(T{mx});
+  static_assert(sizeof(T) == 2, "16-bit float");
+  T m;
+  m.bits = max_bits_parallel(reinterpret_cast<const uint16_t*>(p), n);
+  const float r = pyllmops::to_float(m);
   return r != r ? NAN : r;
 }
 
