@@ -66,8 +66,9 @@ int grid_for(int64_t work_items, int per_block) {
 
 // ---- quantize ---------------------------------------------------------------------------------
 template <typename T>
-__global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int blocksize_log2, uint8_t* __restrict__ packed,
-                                float* __restrict__ absmax) {
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(const T* __restrict__ w, int64_t n, int blocksize_log2, uint8_t* __restrict__ packed,
+                    float* __restrict__ absmax) {
   const int64_t blocksize = int64_t{1} << blocksize_log2;
   PYLLMOPS_SHARED(float[15], s_mid);
   load_midpoints(s_mid);
@@ -89,9 +90,10 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int blocksiz
   }
 }
 
-__global__ void quantize_sorted_code_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ code,
-                                            int code_size, int blocksize_log2, uint8_t* __restrict__ q,
-                                            float* __restrict__ absmax) {
+__global__ void __launch_bounds__(kThreads)
+    quantize_sorted_code_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ code,
+                                int code_size, int blocksize_log2, uint8_t* __restrict__ q,
+                                float* __restrict__ absmax) {
   const int64_t blocksize = int64_t{1} << blocksize_log2;
   PYLLMOPS_SHARED(float[kNestedCodeSize], s_code);
   for (int i = threadIdx.x; i < code_size; i += blockDim.x) s_code[i] = code[i];
@@ -131,8 +133,9 @@ __device__ __forceinline__ void store_chunk32(T* dst, const float (&v)[32]) {
 }
 
 template <typename T, bool kVec>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, Scales scales, int blocksize_log2, int64_t n,
-                                  T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const uint8_t* __restrict__ packed, Scales scales, int blocksize_log2, int64_t n,
+                      T* __restrict__ out) {
   PYLLMOPS_SHARED(float[16], s_code);
   load_code(s_code);
   const int64_t chunks = (n + 31) >> 5;
@@ -345,9 +348,10 @@ __device__ __forceinline__ void load_w(const uint8_t* p, uint32_t (&w)[kL / 4]) 
 // grid = (ceil(n / 64), splits): CTA (x, z) owns rows [64 x, 64 x + 64) and k in [z k_chunk, (z + 1) k_chunk);
 // with splits > 1 it writes fp32 partial sums, summed in split order by skinny_reduce_kernel.
 template <typename T, int kNT, int kL>
-__global__ void skinny_mma_kernel(const T* __restrict__ x, int m, int k, const uint8_t* __restrict__ packed,
-                                  Scales scales, int blocksize_log2, const T* __restrict__ bias, int n, int k_chunk,
-                                  CodePlanes tab, T* __restrict__ y, float* __restrict__ partial) {
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    skinny_mma_kernel(const T* __restrict__ x, int m, int k, const uint8_t* __restrict__ packed,
+                      Scales scales, int blocksize_log2, const T* __restrict__ bias, int n, int k_chunk,
+                      CodePlanes tab, T* __restrict__ y, float* __restrict__ partial) {
   constexpr int kLoads = 16 / kL;    // loads of kL bytes per row and segment
   constexpr int kLoadsLog2 = kL == 16 ? 0 : kL == 8 ? 1 : 2;
   constexpr int kWords = kL / 4;     // 32-bit words per load
@@ -461,8 +465,9 @@ __global__ void skinny_mma_kernel(const T* __restrict__ x, int m, int k, const u
 
 // y[tok, row] = sum over splits (in split order) of partial[split, tok, row] + bias[row]; grid (rows / 256, m).
 template <typename T>
-__global__ void skinny_reduce_kernel(const float* __restrict__ partial, int splits, int m, int n,
-                                     const T* __restrict__ bias, T* __restrict__ y) {
+__global__ void __launch_bounds__(256)
+    skinny_reduce_kernel(const float* __restrict__ partial, int splits, int m, int n,
+                         const T* __restrict__ bias, T* __restrict__ y) {
   const int row = blockIdx.x * blockDim.x + threadIdx.x, tok = blockIdx.y;
   if (row >= n) return;
   const int64_t stride = static_cast<int64_t>(m) * n;
