@@ -383,6 +383,36 @@ PYLLMOPS_AVX512 void row_dot_avx512(const uint8_t* packed, const Scales& scales,
   }
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + tail[m];
 }
+
+// The same product with x in "split" order: per 32-weight step, the step's 16 even elements, then its 16 odd
+// ones (skinny_impl reorders x once per call when k % 32 == 0 and blocks hold >= 32 weights, so steps never
+// straddle a block or a row). Then one vpmovzxbd of the step's 16 bytes indexes both halves of the table:
+// lane b holds byte b, whose high nibble is element 2b and low nibble element 2b + 1, and vpermps reads only
+// the low 4 bits of an index, so the odd elements need no mask and the even ones one shift. 3 shuffles per 32
+// weights (they share port 5 with the second FMA unit) instead of row_dot_avx512's 6.
+template <int M>
+PYLLMOPS_AVX512 void row_dot_avx512_split(const uint8_t* packed, const Scales& scales, int blocksize_log2,
+                                          int64_t flat, int64_t k, const float* xs, int64_t ldx, float* out) {
+  __m512 acc0[M], acc1[M];
+  for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(kCode);
+  const int64_t row_end = flat + k;
+  for (int64_t i = flat; i < row_end;) {
+    const int64_t block = i >> blocksize_log2;
+    const int64_t seg_end = std::min(row_end, (block + 1) << blocksize_log2);
+    const __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(scales(block)));
+    for (; i < seg_end; i += 32) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
+      const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t), w_odd = _mm512_permutexvar_ps(b, t);
+      const float* x = xs + (i - flat);
+      for (int m = 0; m < M; ++m) {
+        acc0[m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(x + m * ldx), acc0[m]);
+        acc1[m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(x + m * ldx + 16), acc1[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+}
 #endif  // PYLLMOPS_NF4_X86
 
 template <int M>
@@ -432,6 +462,16 @@ using RowsDotFn = void (*)(Isa, const uint8_t*, const Scales&, int, int64_t, int
 constexpr RowsDotFn kRowsDot[8] = {rows_dot<1>, rows_dot<2>, rows_dot<3>, rows_dot<4>,
                                    rows_dot<5>, rows_dot<6>, rows_dot<7>, rows_dot<8>};
 
+#if PYLLMOPS_NF4_X86
+template <int M>
+void rows_dot_split(Isa, const uint8_t* packed, const Scales& scales, int blocksize_log2, int64_t flat, int64_t len,
+                    const float* xf, int64_t ldx, float* out) {
+  row_dot_avx512_split<M>(packed, scales, blocksize_log2, flat, len, xf, ldx, out);
+}
+constexpr RowsDotFn kRowsDotSplit[8] = {rows_dot_split<1>, rows_dot_split<2>, rows_dot_split<3>, rows_dot_split<4>,
+                                        rows_dot_split<5>, rows_dot_split<6>, rows_dot_split<7>, rows_dot_split<8>};
+#endif
+
 // Rows of x in groups of up to kGroup share each decoded weight. The columns are walked in chunks of kc
 // (a multiple of 32, fixed by the row count alone, so results do not depend on the thread count) so that
 // the chunk of x stays in L1 while a thread's rows of W stream past it: M=8 rows of 4096 would be 128 KiB,
@@ -441,10 +481,23 @@ constexpr int kGroup = 8;
 template <typename T>
 void skinny_impl(const T* x, int64_t m, int64_t k, const uint8_t* packed, const Scales& scales, int64_t blocksize,
                  const T* bias, int64_t n, T* y) {
-  std::vector<float> xf(static_cast<size_t>(m * k));
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_float(x[i]);
   const Isa isa = current_isa();
   const int lg = log2_pow2(blocksize);
+  const RowsDotFn* dots = kRowsDot;
+  std::vector<float> xf(static_cast<size_t>(m * k));
+#if PYLLMOPS_NF4_X86
+  if (isa == Isa::avx512 && k % 32 == 0 && blocksize >= 32) {  // row_dot_avx512_split's order of x
+    dots = kRowsDotSplit;
+    for (int64_t i = 0; i < m * k; i += 32)
+      for (int j = 0; j < 16; ++j) {
+        xf[i + j] = to_float(x[i + 2 * j]);
+        xf[i + 16 + j] = to_float(x[i + 2 * j + 1]);
+      }
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = to_float(x[i]);
+  }
   const int64_t group = std::min<int64_t>(m, kGroup);
   const int64_t kc = std::max<int64_t>(256, (8192 / group) & ~int64_t(31));  // <= 32 KiB of x per chunk
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(k * group, 1));
@@ -453,7 +506,7 @@ void skinny_impl(const T* x, int64_t m, int64_t k, const uint8_t* packed, const 
     float sums[kGroup];
     for (int64_t g = 0; g < m; g += kGroup) {
       const int rows = static_cast<int>(std::min<int64_t>(kGroup, m - g));
-      const RowsDotFn dot = kRowsDot[rows - 1];
+      const RowsDotFn dot = dots[rows - 1];
       for (int64_t j0 = 0; j0 < k; j0 += kc) {
         const int64_t len = std::min(kc, k - j0);
         const float* xs = xf.data() + g * k + j0;
