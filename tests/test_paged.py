@@ -95,6 +95,9 @@ def test_multi_token(device, block_size):
         run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=4, block_size=block_size)
         run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=1, block_size=block_size,
                  window=9, num_splits=3)
+        # head_dim % 8 != 0: on CUDA the CUDA-core kernel (8-row tiles of several queries), not tensor cores
+        run_case(device, dtype, [129, 40, 7], q_lens=[17, 40, 1], group=2, head_dim=20, block_size=block_size,
+                 window=9, num_splits=2)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -689,13 +692,14 @@ def assert_nonfinite_like(out, want, tol):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("d", [32, 20])  # CUDA: tensor cores (32), the CUDA-core kernel (20: not a multiple of 8)
 @pytest.mark.parametrize("poison", ["q_nan", "q_inf", "k_nan", "k_inf", "v_inf", "v_nan", "k_nan_masked",
                                     "all_scores_neg_inf"])
-def test_non_finite_reaches_what_it_touches(device, num_splits, poison):
+def test_non_finite_reaches_what_it_touches(device, num_splits, d, poison):
     """NaN / inf in q, K or V reaches exactly the outputs that see it, as in float64, with and without
     split-KV (the merge never turns a NaN partial into -inf or 0); masked keys never leak."""
     dtype = dtypes_for(device)[0]
-    seq_lens, q_lens, heads_kv, group, d, bs, window = [70, 300], [6, 9], 2, 4, 32, 16, 40
+    seq_lens, q_lens, heads_kv, group, bs, window = [70, 300], [6, 9], 2, 4, 16, 40
     n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
     kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
     bt = shuffled_tables(seq_lens, bs, n_blocks, device)

@@ -1,7 +1,7 @@
 // Paged attention, reshape_and_cache and copy_blocks on CUDA (fp16 / bf16).
 //
-// attention_kernel (CUDA cores; every case the tensor-core kernel in paged_tc.cu does not take: GQA group
-//   < 4, multi-token tiles holding several queries, head dims not a multiple of 8, unaligned tensors):
+// attention_kernel (CUDA cores; every case the tensor-core kernel in paged_tc.cu does not take: decode with
+//   GQA group < 4, head dims not a multiple of 8, unaligned tensors):
 //   one CTA (128 threads, 4 warps) per (sequence x split, kv head, row tile of
 //   kRowTile = 8 query rows); the decomposition, masks and split ranges are paged.h's, shared with
 //   paged_cpu.cpp. Inside a CTA, keys are handled by "key groups" of kLanes lanes: each lane owns
@@ -359,7 +359,7 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.row_tiles()));
   const int64_t rows = p.max_q_len * p.group();  // rows of the fullest tile, capped at kRowTile
   if (launch_attention_tc<T>(p, grid, stream)) {
-    // GQA decode (and one-query tiles of multi-token queries): tensor cores, paged_tc.cu
+    // GQA decode and multi-token queries: tensor cores, paged_tc.cu
   } else if (rows <= 1)
     launch_rows<T, 1>(p, grid, stream);
   else if (rows <= 4)

@@ -1,12 +1,26 @@
-// Paged attention on tensor cores (fp16 / bf16): GQA decode, and multi-token queries whose row tiles
-// each hold the heads of one query.
+// Paged attention on tensor cores (fp16 / bf16): GQA decode (group >= 4) and multi-token queries (chunked
+// prefill, speculative verification) with any GQA group.
 //
 // Work item: paged.h's (sequence x split, kv head, row tile of kRowTile = 8 rows), the same grid,
-// split plan and merge as the CUDA-core kernel (paged_cuda.cu). The tile's rows are query heads of ONE
-// query (decode: q_len = 1 and GQA group >= 4; multi-token: group a multiple of 8), so every row sees the
-// same keys [sb, se) of the split: no key inside the loaded range is masked for one row and visible to
-// another, and P V may multiply a whole key tile by mma without a masked key's inf / NaN V row ever
-// reaching a row that does not see it (paged.h NaN policy).
+// split plan and merge as the CUDA-core kernel (paged_cuda.cu). Rows are query-major (row r = query
+// r / group): in decode the 8 rows are heads of one query; in multi-token runs with a group that is not a
+// multiple of 8 they come from up to 8 consecutive queries (group 1: 8 queries, group 3: parts of 3-4).
+//
+// Key bounds per row. Row g sees its own keys [lo_g, hi_g) (paged.h row_key_bounds, once, outside the key
+// loop, intersected with the split [sb, se)); the tile loads the union [sb, se) and masks each score by
+// select, vis = lo_g <= j < hi_g (32-bit compares), so a non-finite K never reaches a row that does not see
+// its key. Bounds grow with the query, so every live row sees the common range [clo, chi) = [lo of the last
+// live row, hi of the first); the other keys of [sb, se) are "ragged": at most 7 at the causal end and 7 at
+// the window start (8 rows span at most 8 queries; all of the <= 15 keys when the window is < 7), in at most
+// 3 key tiles per work item. Decode has none (clo = sb, chi = se). A row that sees no key of the split
+// writes 0 with m = -inf.
+//
+// NaN policy (paged.h, docs/errors.md) on ragged keys: P V on the tensor core multiplies a ragged key's V
+// row by P = 0 in the rows that do not see it, and 0 * inf / NaN = NaN would reach them. So in a key tile
+// that holds ragged keys (block-uniform test), each warp votes per ragged key whether its V columns hold a
+// non-finite value; if so it adds that key's p_gj V[j] to the rows that see it on CUDA cores (fp32, p_gj
+// recomputed exactly as the main path does) and zeroes V[j] in its columns of shared memory before the mma
+// (ragged_nonfinite_v). Finite V (the common case) costs one vote per ragged key.
 //
 // One m16 A tile = the 8 rows, padded with 8 zero rows. 4 warps split the head dim: warp w owns columns
 // [w kDw, (w + 1) kDw), kDw = kD / 4, of q, K, V and out. Per key tile of kKeys keys (pipeline stage):
@@ -32,15 +46,19 @@
 //   64    64    2 x 2 x 64 x 72 x 2 B  = 36 KB + 8 KB                8, 32, 4
 //   128   32    2 x 2 x 32 x 136 x 2 B = 34 KB + 4 KB               16, 16, 8
 //   256   16    2 x 2 x 16 x 264 x 2 B = 33 KB + 2 KB               32,  8, 16
-// so __launch_bounds__(128, 4) holds: sm_90a 127 / 96 / 111 registers, 4 / 5 / 4 resident CTAs per SM
+// so __launch_bounds__(128, 4) holds: sm_90a 123 / 96 / 113 registers, 4 / 5 / 4 resident CTAs per SM
 // (docs/paged.md), i.e. 4-5 x 16 KB of K/V in flight per SM, 2-3x what Little's law asks on an H100 /
 // H200 (3.35-4.8 TB/s over 132 SMs x ~1 us of loaded latency: 22-31 KB).
 //
-// Napkin math (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
+// Napkin math, decode (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
 // 2 x 2 x 16 x 4096 x 128 = 33.5 MFLOP of mma (8 of the 16 rows are padding): 16 FLOP/byte, far below
 // the ~300 FLOP/byte of an H100's dense bf16 mma: bound by HBM bandwidth if the issue slots keep up. Per
 // 16 KB stage and warp (SASS, kD = 128): 16 HMMA, 8 LDSM, 8 LDGSTS, ~425 instructions executed, i.e.
 // ~9.6 bytes per warp instruction: docs/paged.md derives the predicted share of HBM from that.
+// Multi-token (e.g. chunked prefill, group 1): one m16 tile = 8 queries, K/V read once per 8 queries (mostly
+// from L2: the chunk's q_len / 8 tiles of a kv head stream the same context); issue-bound at ~53 warp
+// instructions per key and 8 rows (kD = 128), ~2.7x fewer than the fp32 CUDA-core kernel's 8-row loop
+// (docs/paged.md: a prediction, no GPU has run it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
