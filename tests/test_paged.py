@@ -735,6 +735,33 @@ def test_non_finite_reaches_what_it_touches(device, num_splits, d, poison):
     assert_nonfinite_like(out, want, TOL[dtype])
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("d,q_len", [(32, 6), (20, 6), (32, 1)])
+def test_split_of_neg_inf_scores_keeps_its_non_finite_v(device, num_splits, d, q_len):
+    """A split in which every score a row sees is -inf still multiplies its V by the weight 0: an inf there
+    is NaN in that column (0 * inf, as in float64), not dropped with the split. Keys 32..39 (the last block,
+    one split of 5) score -inf for every head (K[..., 0] = -inf, q[..., 0] > 0); V[35, head 0, 3] = inf."""
+    dtype = dtypes_for(device)[0]
+    heads_kv, group, bs, L = 2, 4, 8, 40
+    kc, vc = random_cache(L // bs + 3, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables([L], bs, L // bs + 3, device)
+    sl = torch.tensor([L], dtype=torch.int32, device=device)
+    q = torch.randn(q_len, heads_kv * group, d, device=device).to(dtype)
+    q[..., 0] = q[..., 0].abs() + 0.5
+    b = bt[0, 4].item()
+    kc[b, :, :, 0] = float("-inf")
+    vc[b, 35 % bs, 0, 3] = float("inf")
+    cu = torch.tensor([0, q_len], dtype=torch.int32, device=device) if q_len > 1 else None
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, max_seqlen_q=q_len if cu is not None else None,
+                                   num_splits=num_splits)
+    if device == CUDA:
+        P.check_kernel_errors(device)
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu)
+    assert (~torch.isfinite(want)).any() and torch.isfinite(want[..., 4:]).all()
+    assert_nonfinite_like(out, want, TOL[dtype])
+
+
 # ---------------------------------------------------------------- CUDA tensor-core path
 # fp16 / bf16 decode with GQA group >= 4, and multi-token queries with any group, run the tensor-core kernel
 # (csrc/paged/paged_tc.cu: mma.sync, cp.async pipeline) when head_dim % 8 == 0; head dims are padded to 64 / 128

@@ -301,9 +301,9 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>()))
   if (bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
   for (int r = 0; r < n_rows; ++r) {
     const float l = s_l[r];
-    // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN as in float64
-    const bool saw = s_hi[r] > s_lo[r];
-    const float inv = bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+    // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN as in float64 (paged.h finish_row)
+    float m_store;
+    const float inv = bad ? NAN : finish_row(s_m[r], l, s_hi[r] > s_lo[r], p.num_splits > 1, &m_store);
     const int64_t orow = s_orow[r];
     for (int d = tid; d < D; d += kThreads) {
       float v = 0.0f;
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>()))
         p.partial_out[(split * rows_total + orow) * D + d] = v;
     }
     if (p.num_splits > 1 && tid == 0) {
-      p.partial_ml[2 * (split * rows_total + orow)] = bad ? NAN : s_m[r];
+      p.partial_ml[2 * (split * rows_total + orow)] = bad ? NAN : m_store;
       p.partial_ml[2 * (split * rows_total + orow) + 1] = bad ? NAN : l;
     }
   }
@@ -327,14 +327,11 @@ __global__ void merge_kernel(const AttnParams p) {
   const int64_t row = blockIdx.x, rows = p.total_q * p.heads_q;
   float m, l;
   merge_stats(p.partial_ml + 2 * row, rows, p.num_splits, p.exp2_scale, &m, &l);
-  const bool empty = m == -INFINITY;  // every split empty: 0, or NaN where one saw only -inf scores
   for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
     float v = 0.0f;
     for (int64_t i = 0; i < p.num_splits; ++i) {
       const float* ml = p.partial_ml + 2 * (i * rows + row);
-      const float po = p.partial_out[(i * rows + row) * p.head_dim + d];
-      const float w = merge_weight(ml[0], ml[1], m, l, p.exp2_scale);
-      v += empty ? 0.0f * po : (w == 0.0f ? 0.0f : w * po);
+      v += merge_weight(ml[0], ml[1], m, l, p.exp2_scale) * p.partial_out[(i * rows + row) * p.head_dim + d];
     }
     static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(v);
   }

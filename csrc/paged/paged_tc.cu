@@ -337,8 +337,9 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
   const bool any_bad = s_bad != 0;
   if (any_bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
   if (!row_live) return;
-  const bool saw = hi_g > lo_g;  // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN
-  const float inv = any_bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+  // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN (paged.h finish_row)
+  float m_store;
+  const float inv = any_bad ? NAN : finish_row(m, l, hi_g > lo_g, p.num_splits > 1, &m_store);
   const int64_t rows_total = p.total_q * p.heads_q;
 #pragma unroll
   for (int nt = 0; nt < kDw / 8; ++nt) {
@@ -351,7 +352,7 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
       *reinterpret_cast<float2*>(p.partial_out + (w.split * rows_total + orow) * D + col) = make_float2(v0, v1);
   }
   if (p.num_splits > 1 && warp == 0 && t4 == 0) {
-    p.partial_ml[2 * (w.split * rows_total + orow)] = any_bad ? NAN : m;
+    p.partial_ml[2 * (w.split * rows_total + orow)] = any_bad ? NAN : m_store;
     p.partial_ml[2 * (w.split * rows_total + orow) + 1] = any_bad ? NAN : l;
   }
 }
