@@ -95,6 +95,9 @@ def test_multi_token(device, block_size):
         run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=4, block_size=block_size)
         run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], group=1, block_size=block_size,
                  window=9, num_splits=3)
+        # head_dim % 8 != 0: on CUDA the CUDA-core kernel (8-row tiles of several queries), not tensor cores
+        run_case(device, dtype, [129, 40, 7], q_lens=[17, 40, 1], group=2, head_dim=20, block_size=block_size,
+                 window=9, num_splits=2)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -689,13 +692,14 @@ def assert_nonfinite_like(out, want, tol):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("d", [32, 20])  # CUDA: tensor cores (32), the CUDA-core kernel (20: not a multiple of 8)
 @pytest.mark.parametrize("poison", ["q_nan", "q_inf", "k_nan", "k_inf", "v_inf", "v_nan", "k_nan_masked",
                                     "all_scores_neg_inf"])
-def test_non_finite_reaches_what_it_touches(device, num_splits, poison):
+def test_non_finite_reaches_what_it_touches(device, num_splits, d, poison):
     """NaN / inf in q, K or V reaches exactly the outputs that see it, as in float64, with and without
     split-KV (the merge never turns a NaN partial into -inf or 0); masked keys never leak."""
     dtype = dtypes_for(device)[0]
-    seq_lens, q_lens, heads_kv, group, d, bs, window = [70, 300], [6, 9], 2, 4, 32, 16, 40
+    seq_lens, q_lens, heads_kv, group, bs, window = [70, 300], [6, 9], 2, 4, 16, 40
     n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
     kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
     bt = shuffled_tables(seq_lens, bs, n_blocks, device)
@@ -731,12 +735,79 @@ def test_non_finite_reaches_what_it_touches(device, num_splits, poison):
     assert_nonfinite_like(out, want, TOL[dtype])
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("d,q_len", [(32, 6), (20, 6), (32, 1)])
+def test_split_of_neg_inf_scores_keeps_its_non_finite_v(device, num_splits, d, q_len):
+    """A split in which every score a row sees is -inf still multiplies its V by the weight 0: an inf there
+    is NaN in that column (0 * inf, as in float64), not dropped with the split. Keys 32..39 (the last block,
+    one split of 5) score -inf for every head (K[..., 0] = -inf, q[..., 0] > 0); V[35, head 0, 3] = inf."""
+    dtype = dtypes_for(device)[0]
+    heads_kv, group, bs, L = 2, 4, 8, 40
+    kc, vc = random_cache(L // bs + 3, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables([L], bs, L // bs + 3, device)
+    sl = torch.tensor([L], dtype=torch.int32, device=device)
+    q = torch.randn(q_len, heads_kv * group, d, device=device).to(dtype)
+    q[..., 0] = q[..., 0].abs() + 0.5
+    b = bt[0, 4].item()
+    kc[b, :, :, 0] = float("-inf")
+    vc[b, 35 % bs, 0, 3] = float("inf")
+    cu = torch.tensor([0, q_len], dtype=torch.int32, device=device) if q_len > 1 else None
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, max_seqlen_q=q_len if cu is not None else None,
+                                   num_splits=num_splits)
+    if device == CUDA:
+        P.check_kernel_errors(device)
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu)
+    assert (~torch.isfinite(want)).any() and torch.isfinite(want[..., 4:]).all()
+    assert_nonfinite_like(out, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_cases_with_poisons(device, seed):
+    """Random shapes (groups 1-12, head dims 8-256 incl. 20, block sizes 8-128, q_len 0-40 or decode, windows
+    0-100 or none, 1-7 splits, softcap) with NaN / +-inf placed in K and V near the queries, where a key is
+    often visible to some rows of a tile and not to others: non-finite exactly where float64 is."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        group, heads_kv = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 12]), rng.choice([1, 2])
+        d, bs = rng.choice([8, 20, 40, 64, 128, 256]), rng.choice([8, 16, 32, 128])
+        dtype = rng.choice(dtypes_for(device)[-2:])
+        seq_lens = [rng.randint(1, 300) for _ in range(rng.randint(1, 3))]
+        q_lens = [rng.randint(0, min(L, 40)) for L in seq_lens] if rng.random() < 0.7 else [1] * len(seq_lens)
+        window, splits = rng.choice([-1, 0, 3, 6, 7, 8, 20, 100]), rng.choice([1, 2, 3, 4, 7])
+        softcap = rng.choice([0.0, 0.0, 2.0])
+        n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
+        kc = torch.randn(n_blocks, bs, heads_kv, d, generator=gen).to(dtype)
+        vc = torch.randn(n_blocks, bs, heads_kv, d, generator=gen).to(dtype)
+        bt = shuffled_tables(seq_lens, bs, n_blocks, "cpu")
+        for _ in range(rng.randint(0, 3)):
+            s = rng.randrange(len(seq_lens))
+            pos = rng.randrange(max(0, seq_lens[s] - q_lens[s] - 10), seq_lens[s])
+            cache = kc if rng.random() < 0.25 else vc
+            cache[bt[s, pos // bs], pos % bs, rng.randrange(heads_kv), rng.randrange(d)] = rng.choice(
+                [float("nan"), float("inf"), float("-inf")])
+        q = torch.randn(sum(q_lens), heads_kv * group, d, generator=gen).to(dtype)
+        cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+        args = [t.to(device) for t in (q, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32))]
+        out = pyllmops.paged_attention(*args, cu_seqlens_q=cu.to(device), max_seqlen_q=max(max(q_lens), 1),
+                                       window_left=window, num_splits=splits, softcap=softcap)
+        if device == CUDA:
+            P.check_kernel_errors(device)
+        want = ref.paged_attention(*args, cu_seqlens_q=cu.to(device), window_left=window, softcap=softcap)
+        assert_nonfinite_like(out, want, TOL[dtype])
+
+
 # ---------------------------------------------------------------- CUDA tensor-core path
-# fp16 / bf16 decode with GQA group >= 4, and multi-token queries with group a multiple of 8, run the
-# tensor-core kernel (csrc/paged/paged_tc.cu: mma.sync, cp.async pipeline); head dims are padded to 64 / 128 /
-# 256 there. These cases cover its shapes: every block size class, padded head dims, 2 row tiles per kv head
-# (group 16), partial last blocks (lengths not multiples of the block size or of a 16 KB stage), split-KV,
-# softcap, windows. (PYLLMOPS_EMU_BREAK=mma or =ldmatrix makes them fail: they do run the tensor-core path.)
+# fp16 / bf16 decode with GQA group >= 4, and multi-token queries with any group, run the tensor-core kernel
+# (csrc/paged/paged_tc.cu: mma.sync, cp.async pipeline) when head_dim % 8 == 0; head dims are padded to 64 / 128
+# / 256 there. Multi-token row tiles hold 8 rows of one or several consecutive queries (group 1: 8 queries,
+# group 3: 2 2/3 queries, ...), each row with its own key bounds. These cases cover its shapes: every block size
+# class, padded head dims, 2 row tiles per kv head (group 16), groups that split a query across tiles (3, 6),
+# query chunks longer than a 16 KB stage's keys, q_len 0 and 1, partial last blocks (lengths not multiples of
+# the block size or of a stage), split-KV, softcap, windows, and the NaN policy on keys only some rows of a
+# tile see. (PYLLMOPS_EMU_BREAK=mma or =ldmatrix makes them fail: they do run the tensor-core path.)
 TC_ONLY = [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)]
 
 
@@ -763,13 +834,29 @@ def test_tc_decode_softcap_window_splits(device, num_splits):
 
 
 @pytest.mark.parametrize("device", TC_ONLY)
-def test_tc_multi_token(device):
-    """Multi-token queries with group 8 / 16: each row tile is one query's heads, so they take tensor cores."""
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 8), (2, 128, 16), (3, 40, 128), (4, 256, 16),
+                                                       (6, 64, 128), (8, 128, 8), (16, 64, 32), (1, 256, 128)])
+def test_tc_multi_token(device, group, head_dim, block_size):
+    """Multi-token queries on tensor cores for every group: chunked prefill (17 new of 129, and 70 new of 300:
+    longer than a 16 KB stage's 64 / 32 / 16 keys), a whole prefill (40 of 40), one query, no queries."""
+    heads_kv = 1 if group >= 8 else 2
     for dtype in dtypes_for(device):
-        run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 5], heads_kv=1, group=8,
-                 head_dim=128, block_size=16)
-    run_case(device, torch.bfloat16, [90, 300], q_lens=[6, 11], heads_kv=1, group=16, head_dim=64, block_size=32,
-             window=30, softcap=2.0, num_splits=2)
+        run_case(device, dtype, [129, 40, 7, 20, 300], q_lens=[17, 40, 1, 0, 70], heads_kv=heads_kv, group=group,
+                 head_dim=head_dim, block_size=block_size, num_splits=1)
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 16])
+def test_tc_multi_token_window_softcap_splits(device, group, num_splits):
+    """Windows cut each tile's keys at both ends (the first queries see keys the last do not), with softcap
+    and split-KV (splits whose range some rows of a tile do not reach at all)."""
+    run_case(device, torch.bfloat16, [90, 300, 33], q_lens=[6, 41, 33], heads_kv=1, group=group, head_dim=64,
+             block_size=16, window=30, softcap=2.0, num_splits=num_splits)
+    run_case(device, torch.float16, [150, 64], q_lens=[23, 9], heads_kv=2, group=group, head_dim=128,
+             block_size=8, window=5, scale=0.2, num_splits=num_splits)
+    run_case(device, torch.float16, [200], q_lens=[37], heads_kv=1, group=group, head_dim=256, block_size=128,
+             window=0 if group < 4 else 100, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("device", TC_ONLY)
@@ -813,6 +900,60 @@ def test_tc_non_finite_reaches_what_it_touches(device, num_splits, group, poison
     P.check_kernel_errors(device)
     want = ref.paged_attention(q, kc, vc, bt, sl, window_left=window)
     assert (~torch.isfinite(want)).any() or poison == "masked"
+    assert_nonfinite_like(out, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", TC_ONLY)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("poison", ["q_nan", "q_inf", "k_nan", "k_inf", "v_inf", "v_nan", "v_ninf_nan", "masked"])
+def test_tc_multi_token_ragged_non_finite(device, num_splits, group, poison):
+    """The NaN policy on multi-token tensor-core tiles whose rows see different keys. Sequence 1 has 9 queries
+    at positions 291..299 and window 40, so a row tile's first queries see keys 251.. its last do not (window
+    start) and its last queries see keys up to 298 its first do not (causal end). A poison on such a ragged
+    key reaches exactly the rows that see it (P V on the tensor core would give 0 * inf = NaN to the others);
+    keys outside every window never leak. kv head 0 holds the causal-end poison, kv head 1 the window-start."""
+    dtype = torch.float16
+    seq_lens, q_lens, heads_kv, d, bs, window = [70, 300], [6, 9], 2, 64, 16, 40
+    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
+    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32, device=device)
+    q = torch.randn(15, heads_kv * group, d, device=device).to(dtype)
+
+    def cache_slot(s, pos):
+        return bt[s, pos // bs].item(), pos % bs
+
+    late = [cache_slot(1, 292), cache_slot(1, 296)]  # seen from query 1 / 5 of sequence 1 on (causal end)
+    early = [cache_slot(1, 253), cache_slot(1, 257)]  # seen up to query 2 / 6 only (window start)
+    if poison == "q_nan":
+        q[6 + 3, 1, 7] = float("nan")
+    elif poison == "q_inf":
+        q[6 + 4, group, 2] = float("inf")
+    elif poison in ("k_nan", "k_inf", "v_inf", "v_nan"):
+        cache = kc if poison[0] == "k" else vc
+        val = float("nan") if poison.endswith("nan") else float("inf")
+        for (b, o), h in [(late[0], 0), (late[1], 0), (early[0], 1), (early[1], 1)]:
+            cache[b, o, h, 5 + o % 3] = val
+    elif poison == "v_ninf_nan":  # -inf and NaN in different warps' columns of one key, inf in another key
+        for (b, o), h in [(late[0], 0), (early[1], 1)]:
+            vc[b, o, h, 3] = float("-inf")
+            vc[b, o, h, d - 2] = float("nan")
+        b, o = late[1]
+        vc[b, o, 0, 40] = float("inf")
+    elif poison == "masked":  # outside every window of sequence 1, and past sequence 0's end
+        b, o = cache_slot(1, 240)
+        kc[b, o, 0, :] = float("nan")
+        vc[b, o, 1, :] = float("inf")
+        vc[bt[0, 4].item(), 6:, :, :] = float("nan")  # block 4 of sequence 0 holds keys 64..69: offsets 6.. unused
+    out = pyllmops.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, max_seqlen_q=9, window_left=window,
+                                   num_splits=num_splits)
+    P.check_kernel_errors(device)
+    want = ref.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu, window_left=window)
+    bad_rows = (~torch.isfinite(want)).any(-1)
+    if poison != "masked":  # a poisoned ragged key reaches some rows of a tile and not others
+        assert bad_rows.any() and not bad_rows[6:].all()
     assert_nonfinite_like(out, want, TOL[dtype])
 
 

@@ -163,8 +163,26 @@ PYLLMOPS_HD bool seq_ok(const AttnParams& p, int64_t seq_len, int64_t q_len) {
   return seq_len >= 0 && q_len >= 0 && q_len <= seq_len && seq_len <= p.max_blocks * p.block_size;
 }
 
+// End of a row's walk over one split's keys: returns the factor its accumulator is multiplied by and sets
+// *m_store, the m its split partial records (num_splits > 1). l > 0: 1 / l. NaN l: NaN. A row that saw no
+// key: 0, m = -inf (weighs nothing in the merge). A row that saw keys whose scores were all -inf (l = 0):
+// with one split 0/0 = NaN, as in float64; as a split partial the raw accumulator, 0 x V (0, or NaN where
+// a visible V is inf / NaN), with m = kAllNegInf, a finite stand-in for -inf that merge_weight gives
+// weight 0: those NaNs reach the row as 0 * inf does in float64 (dropping the split would drop them), and
+// a row whose every split saw only -inf scores or nothing (l_tot = 0, finite m_tot) is 0/0 = NaN.
+constexpr float kAllNegInf = -3.402823466e38f;  // -FLT_MAX
+PYLLMOPS_HD float finish_row(float m, float l, bool saw, bool split, float* m_store) {
+  *m_store = m;
+  if (l > 0.0f) return 1.0f / l;
+  if (l != l) return NAN;
+  if (!saw) return 0.0f;
+  if (!split) return NAN;
+  *m_store = kAllNegInf;
+  return 1.0f;
+}
+
 // Split-KV merge of n partials of one row (split i: statistics (m_i, l_i) at ml[2 * i * stride],
-// normalized output o_i). Sets *m_tot (NaN-propagating max of the m_i) and *l_tot; partial i then
+// normalized output o_i; see finish_row). Sets *m_tot (NaN-propagating max of the m_i) and *l_tot; partial i then
 // weighs merge_weight(...). NaN in any m_i or l_i (NaN input, or a split that met bad metadata on
 // CUDA) makes the row NaN, never a plausible number built from the other splits. Fixed order:
 // deterministic.
@@ -181,12 +199,14 @@ PYLLMOPS_HD void merge_stats(const float* ml, int64_t stride, int64_t n, float e
   *l_tot = l;
 }
 
-// Weight of partial (m_i, l_i) in a merge with totals (m, l): l_i * 2^((m_i - m) * s) / l. An empty
-// partial (m_i = -inf) weighs 0 unless the row is NaN; a row whose every split is empty gives
-// weight 0 (and an output 0 * o_i: 0, or NaN where a split saw keys whose scores were all -inf).
+// Weight of partial (m_i, l_i) in a merge with totals (m, l): l_i * 2^((m_i - m) * s) / l. The output
+// is sum_i weight_i * o_i over every split (a weight 0 times a NaN partial is NaN, as in float64). An
+// empty partial (m_i = -inf) weighs 0 unless the row is NaN; a row whose every split is empty weighs 0
+// (output 0); a row with l = 0 and a finite m saw only -inf scores (finish_row): NaN, 0/0.
 PYLLMOPS_HD float merge_weight(float mi, float li, float m, float l, float exp2_scale) {
   if (m != m || l != l) return NAN;
-  if (mi == -INFINITY || !(l > 0.0f)) return 0.0f;
+  if (!(l > 0.0f)) return m == -INFINITY ? 0.0f : NAN;
+  if (mi == -INFINITY) return 0.0f;
   return li * softmax::fast_exp2((mi - m) * exp2_scale) / l;
 }
 

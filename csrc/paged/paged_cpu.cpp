@@ -191,17 +191,10 @@ void merge_splits(const AttnParams& p) {
         const float* ml = p.partial_ml + 2 * (i * stride + row);
         w[i] = merge_weight(ml[0], ml[1], m, l, p.exp2_scale);
       }
-      const bool empty = m == -INFINITY;  // every split empty: 0, or NaN if one saw only -inf scores
       T* o = static_cast<T*>(p.out) + row * D;
       for (int64_t d = 0; d < D; ++d) {
         float v = 0.0f;
-        for (int64_t i = 0; i < p.num_splits; ++i) {
-          const float po = p.partial_out[(i * stride + row) * D + d];
-          if (empty)
-            v += 0.0f * po;
-          else if (w[i] != 0.0f)
-            v += w[i] * po;
-        }
+        for (int64_t i = 0; i < p.num_splits; ++i) v += w[i] * p.partial_out[(i * stride + row) * D + d];
         o[d] = from_float<T>(v);
       }
     }

@@ -1,7 +1,7 @@
 // Paged attention, reshape_and_cache and copy_blocks on CUDA (fp16 / bf16).
 //
-// attention_kernel (CUDA cores; every case the tensor-core kernel in paged_tc.cu does not take: GQA group
-//   < 4, multi-token tiles holding several queries, head dims not a multiple of 8, unaligned tensors):
+// attention_kernel (CUDA cores; every case the tensor-core kernel in paged_tc.cu does not take: decode with
+//   GQA group < 4, head dims not a multiple of 8, unaligned tensors):
 //   one CTA (128 threads, 4 warps) per (sequence x split, kv head, row tile of
 //   kRowTile = 8 query rows); the decomposition, masks and split ranges are paged.h's, shared with
 //   paged_cpu.cpp. Inside a CTA, keys are handled by "key groups" of kLanes lanes: each lane owns
@@ -301,9 +301,9 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>()))
   if (bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
   for (int r = 0; r < n_rows; ++r) {
     const float l = s_l[r];
-    // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN as in float64
-    const bool saw = s_hi[r] > s_lo[r];
-    const float inv = bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+    // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN as in float64 (paged.h finish_row)
+    float m_store;
+    const float inv = bad ? NAN : finish_row(s_m[r], l, s_hi[r] > s_lo[r], p.num_splits > 1, &m_store);
     const int64_t orow = s_orow[r];
     for (int d = tid; d < D; d += kThreads) {
       float v = 0.0f;
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kContig, kRows>()))
         p.partial_out[(split * rows_total + orow) * D + d] = v;
     }
     if (p.num_splits > 1 && tid == 0) {
-      p.partial_ml[2 * (split * rows_total + orow)] = bad ? NAN : s_m[r];
+      p.partial_ml[2 * (split * rows_total + orow)] = bad ? NAN : m_store;
       p.partial_ml[2 * (split * rows_total + orow) + 1] = bad ? NAN : l;
     }
   }
@@ -327,14 +327,11 @@ __global__ void merge_kernel(const AttnParams p) {
   const int64_t row = blockIdx.x, rows = p.total_q * p.heads_q;
   float m, l;
   merge_stats(p.partial_ml + 2 * row, rows, p.num_splits, p.exp2_scale, &m, &l);
-  const bool empty = m == -INFINITY;  // every split empty: 0, or NaN where one saw only -inf scores
   for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
     float v = 0.0f;
     for (int64_t i = 0; i < p.num_splits; ++i) {
       const float* ml = p.partial_ml + 2 * (i * rows + row);
-      const float po = p.partial_out[(i * rows + row) * p.head_dim + d];
-      const float w = merge_weight(ml[0], ml[1], m, l, p.exp2_scale);
-      v += empty ? 0.0f * po : (w == 0.0f ? 0.0f : w * po);
+      v += merge_weight(ml[0], ml[1], m, l, p.exp2_scale) * p.partial_out[(i * rows + row) * p.head_dim + d];
     }
     static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(v);
   }
@@ -359,7 +356,7 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.row_tiles()));
   const int64_t rows = p.max_q_len * p.group();  // rows of the fullest tile, capped at kRowTile
   if (launch_attention_tc<T>(p, grid, stream)) {
-    // GQA decode (and one-query tiles of multi-token queries): tensor cores, paged_tc.cu
+    // GQA decode and multi-token queries: tensor cores, paged_tc.cu
   } else if (rows <= 1)
     launch_rows<T, 1>(p, grid, stream);
   else if (rows <= 4)

@@ -1,5 +1,5 @@
 // Device helpers shared by the two paged-attention kernels (paged_cuda.cu: CUDA-core kernel for any
-// dtype pairing and head dim; paged_tc.cu: tensor-core kernel for GQA decode): the work item of a CTA
+// dtype pairing and head dim; paged_tc.cu: tensor-core kernel for GQA decode and multi-token queries): the work item of a CTA
 // (paged.h's decomposition), the output row of a tile row, and the NaN rows written for bad metadata.
 #pragma once
 #include <cuda_runtime.h>
@@ -66,8 +66,8 @@ __device__ void write_nan_rows(const AttnParams& p, const WorkItem& w) {
 }
 
 // Launches the tensor-core kernel (paged_tc.cu) when it serves p: float16 / bfloat16, head_dim % 8 == 0,
-// 16-byte aligned q / caches / out, and every row tile holding the heads of one query (decode with GQA
-// group >= 4; multi-token queries with group a multiple of kRowTile). Returns false otherwise.
+// 16-byte aligned q / caches / out, and decode with GQA group >= 4 or multi-token queries (any group; a row
+// tile then holds the rows of one or several consecutive queries). Returns false otherwise.
 template <typename T>
 bool launch_attention_tc(const AttnParams& p, const dim3& grid, cudaStream_t stream);
 

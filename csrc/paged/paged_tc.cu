@@ -1,12 +1,26 @@
-// Paged attention on tensor cores (fp16 / bf16): GQA decode, and multi-token queries whose row tiles
-// each hold the heads of one query.
+// Paged attention on tensor cores (fp16 / bf16): GQA decode (group >= 4) and multi-token queries (chunked
+// prefill, speculative verification) with any GQA group.
 //
 // Work item: paged.h's (sequence x split, kv head, row tile of kRowTile = 8 rows), the same grid,
-// split plan and merge as the CUDA-core kernel (paged_cuda.cu). The tile's rows are query heads of ONE
-// query (decode: q_len = 1 and GQA group >= 4; multi-token: group a multiple of 8), so every row sees the
-// same keys [sb, se) of the split: no key inside the loaded range is masked for one row and visible to
-// another, and P V may multiply a whole key tile by mma without a masked key's inf / NaN V row ever
-// reaching a row that does not see it (paged.h NaN policy).
+// split plan and merge as the CUDA-core kernel (paged_cuda.cu). Rows are query-major (row r = query
+// r / group): in decode the 8 rows are heads of one query; in multi-token runs with a group that is not a
+// multiple of 8 they come from up to 8 consecutive queries (group 1: 8 queries, group 3: parts of 3-4).
+//
+// Key bounds per row. Row g sees its own keys [lo_g, hi_g) (paged.h row_key_bounds, once, outside the key
+// loop, intersected with the split [sb, se)); the tile loads the union [sb, se) and masks each score by
+// select, vis = lo_g <= j < hi_g (32-bit compares), so a non-finite K never reaches a row that does not see
+// its key. Bounds grow with the query, so every live row sees the common range [clo, chi) = [lo of the last
+// live row, hi of the first); the other keys of [sb, se) are "ragged": at most 7 at the causal end and 7 at
+// the window start (8 rows span at most 8 queries; all of the <= 15 keys when the window is < 7), in at most
+// 3 key tiles per work item. Decode has none (clo = sb, chi = se). A row that sees no key of the split
+// writes 0 with m = -inf.
+//
+// NaN policy (paged.h, docs/errors.md) on ragged keys: P V on the tensor core multiplies a ragged key's V
+// row by P = 0 in the rows that do not see it, and 0 * inf / NaN = NaN would reach them. So in a key tile
+// that holds ragged keys (block-uniform test), each warp votes per ragged key whether its V columns hold a
+// non-finite value; if so it adds that key's p_gj V[j] to the rows that see it on CUDA cores (fp32, p_gj
+// recomputed exactly as the main path does) and zeroes V[j] in its columns of shared memory before the mma
+// (ragged_nonfinite_v). Finite V (the common case) costs one vote per ragged key.
 //
 // One m16 A tile = the 8 rows, padded with 8 zero rows. 4 warps split the head dim: warp w owns columns
 // [w kDw, (w + 1) kDw), kDw = kD / 4, of q, K, V and out. Per key tile of kKeys keys (pipeline stage):
@@ -32,15 +46,19 @@
 //   64    64    2 x 2 x 64 x 72 x 2 B  = 36 KB + 8 KB                8, 32, 4
 //   128   32    2 x 2 x 32 x 136 x 2 B = 34 KB + 4 KB               16, 16, 8
 //   256   16    2 x 2 x 16 x 264 x 2 B = 33 KB + 2 KB               32,  8, 16
-// so __launch_bounds__(128, 4) holds: sm_90a 127 / 96 / 111 registers, 4 / 5 / 4 resident CTAs per SM
+// so __launch_bounds__(128, 4) holds: sm_90a 123 / 96 / 113 registers, 4 / 5 / 4 resident CTAs per SM
 // (docs/paged.md), i.e. 4-5 x 16 KB of K/V in flight per SM, 2-3x what Little's law asks on an H100 /
 // H200 (3.35-4.8 TB/s over 132 SMs x ~1 us of loaded latency: 22-31 KB).
 //
-// Napkin math (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
+// Napkin math, decode (bf16, head_dim 128, GQA 8, context 4096): per (sequence, kv head) 2 MiB of K/V and
 // 2 x 2 x 16 x 4096 x 128 = 33.5 MFLOP of mma (8 of the 16 rows are padding): 16 FLOP/byte, far below
 // the ~300 FLOP/byte of an H100's dense bf16 mma: bound by HBM bandwidth if the issue slots keep up. Per
 // 16 KB stage and warp (SASS, kD = 128): 16 HMMA, 8 LDSM, 8 LDGSTS, ~425 instructions executed, i.e.
 // ~9.6 bytes per warp instruction: docs/paged.md derives the predicted share of HBM from that.
+// Multi-token (e.g. chunked prefill, group 1): one m16 tile = 8 queries, K/V read once per 8 queries (mostly
+// from L2: the chunk's q_len / 8 tiles of a kv head stream the same context); issue-bound at ~53 warp
+// instructions per key and 8 rows (kD = 128), ~2.7x fewer than the fp32 CUDA-core kernel's 8-row loop
+// (docs/paged.md: a prediction, no GPU has run it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -80,6 +98,59 @@ struct TcShape {
   static_assert(kDw % 16 == 0 && kKeys % 16 == 0 && kKeys % kRowStep == 0, "tile shapes");
 };
 
+// Whether a fp16 / bf16 value is inf or NaN (all exponent bits set).
+template <typename T>
+__device__ __forceinline__ bool non_finite(T x) {
+  return !(fabsf(to_float(x)) <= 3.402823466e38f);
+}
+
+// The rare path of a key tile with ragged keys (visible to some live rows of the tile, not to others):
+// P V on the tensor core would multiply such a key's V row by P = 0 in the rows that do not see it, and
+// 0 * inf / NaN = NaN would reach them. For each ragged key j of the tile whose V has a non-finite value in
+// this warp's columns (one vote per key), the warp instead (a) adds p_gj V[j] to the rows g that see j, in
+// fp32 on CUDA cores, with p_gj recomputed exactly as the main path computes it (partial scores summed in
+// warp order, softcap, mask; o is already rescaled to m_new), and (b) zeroes V[j] in its columns of shared
+// memory, so that the mma adds 0 for every row. Each warp only ever reads its own column slice of s_v, and
+// s_part is not rewritten before the next iteration's barrier.
+template <typename T, int kD>
+__device__ __forceinline__ void ragged_nonfinite_v(const AttnParams& p, float (&o)[1][TcShape<kD>::kDw / 8][4],
+                                                   T* s_v_stage, const float (*s_part)[kRowTile][TcShape<kD>::kKeys],
+                                                   uint32_t t0, uint32_t se32, uint32_t clo, uint32_t chi,
+                                                   uint32_t lo_g, uint32_t hi_g, float m_new) {
+  using S = TcShape<kD>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int col0 = (threadIdx.x >> 5) * S::kDw;
+#pragma unroll 1
+  for (int r = 0; r < S::kKeys; ++r) {
+    const uint32_t j = t0 + r;
+    if (j >= se32) break;                 // block-uniform
+    if (j >= clo && j < chi) continue;    // block-uniform: every live row sees j
+    T* vrow = s_v_stage + r * S::kStride + col0 + 2 * t4;
+    bool bad = false;
+#pragma unroll
+    for (int nt = 0; nt < S::kDw / 8; ++nt) bad |= non_finite(vrow[nt * 8]) || non_finite(vrow[nt * 8 + 1]);
+    if (!__any_sync(0xffffffffu, bad)) continue;  // warp-uniform
+    if (j >= lo_g && j < hi_g) {  // row g sees j
+      float v = 0.0f;
+#pragma unroll
+      for (int ww = 0; ww < kTcWarps; ++ww) v += s_part[ww][g][r];
+      const float x = score_of(p, v);
+      const float pr = m_new == -INFINITY ? 0.0f : ptx::ex2_approx((x - m_new) * p.exp2_scale);
+#pragma unroll
+      for (int nt = 0; nt < S::kDw / 8; ++nt) {
+        o[0][nt][0] += pr * to_float(vrow[nt * 8]);
+        o[0][nt][1] += pr * to_float(vrow[nt * 8 + 1]);
+      }
+    }
+    __syncwarp();  // every lane has read V[j] before it is zeroed
+    if (g == 0) {  // one quad covers the warp's kDw columns
+#pragma unroll
+      for (int nt = 0; nt < S::kDw / 8; ++nt) *reinterpret_cast<uint32_t*>(vrow + nt * 8) = 0u;
+    }
+    __syncwarp();  // the zeros are visible to the warp's ldmatrix
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnParams p) {
   using S = TcShape<kD>;
@@ -103,12 +174,28 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
   const float c = p.exp2_scale;
   const int col0 = warp * kDw;  // this warp's head-dim columns
 
-  // Keys of this split; the rows (one query) all see exactly [sb, se).
+  // Keys of this split: the tile's rows together see [sb, se) (loaded), row g sees [lo_g, hi_g) of them
+  // (empty for padding rows), every live row sees the common range [clo, chi) (see the header).
   int64_t kb, ke, sb, se;
-  visible_keys(w.seq_len, w.q_len, p.group(), w.row_begin, w.row_begin + w.n_rows, p.window_left, &kb, &ke);
+  const int64_t G = p.group();
+  visible_keys(w.seq_len, w.q_len, G, w.row_begin, w.row_begin + w.n_rows, p.window_left, &kb, &ke);
   split_keys(kb, ke, lg, w.split, p.num_splits, &sb, &se);
   const bool row_live = g < w.n_rows;
   const int64_t orow = row_live ? out_row(p, w, g) : 0;
+  const uint32_t sb32 = static_cast<uint32_t>(sb), se32 = static_cast<uint32_t>(se);
+  uint32_t lo_g = sb32, hi_g = sb32;
+  if (row_live) {
+    int64_t lo, hi;
+    row_key_bounds(w.seq_len, w.q_len, G, w.row_begin + g, p.window_left, &lo, &hi);
+    lo_g = lo > sb ? static_cast<uint32_t>(lo) : sb32;
+    hi_g = hi < se ? static_cast<uint32_t>(hi) : se32;
+    if (hi_g < lo_g) hi_g = lo_g;
+  }
+  // Bounds grow with the query and rows are query-major: the largest lo_g is the last live row's, the
+  // smallest hi_g the first row's. Keys of [sb, se) outside [clo, chi) are "ragged" (<= 7 per end).
+  const uint32_t clo = __shfl_sync(0xffffffffu, lo_g, (w.n_rows - 1) * 4);
+  const uint32_t chi = __shfl_sync(0xffffffffu, hi_g, 0);
+  const uint32_t ragged_from = chi < se32 ? chi : UINT32_MAX;  // a key tile reaching past it has ragged keys
 
   // q fragments of row g (registers for the whole key loop); rows 8..15 of the m16 tile are zero.
   uint32_t qf[1][kDw / 16][4];
@@ -136,7 +223,6 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
   const T* __restrict__ vbase = static_cast<const T*>(p.v_cache) + w.h * D + cc * 8;
   const uint32_t num_blocks = p.num_blocks < INT32_MAX ? static_cast<uint32_t>(p.num_blocks) : INT32_MAX;
   const uint32_t bmask32 = static_cast<uint32_t>(bmask);
-  const uint32_t sb32 = static_cast<uint32_t>(sb), se32 = static_cast<uint32_t>(se);
   const int32_t* __restrict__ table = p.block_tables + w.s * p.max_blocks;
   int32_t blk[S::kCopies];  // block-table entries of the next stage to issue (prefetched one stage ahead)
   auto fetch_table = [&](uint32_t k0) {
@@ -205,7 +291,8 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
         float v = 0.0f;
 #pragma unroll
         for (int ww = 0; ww < kTcWarps; ++ww) v += s_part[ww][g][col];
-        const bool vis = row_live && t0 + col < se32;
+        const uint32_t j = t0 + col;
+        const bool vis = j >= lo_g && j < hi_g;  // per row: select, so a non-finite K score never leaks
         x[ks][e] = vis ? score_of(p, v) : -INFINITY;
         mx = ptx::fmax_nan(mx, x[ks][e]);
       }
@@ -234,6 +321,9 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
       o[0][nt][0] *= fac;
       o[0][nt][1] *= fac;
     }
+    // Ragged keys (a rare, block-uniform tile): V values that are not finite go through CUDA cores.
+    if (t0 < clo || t0 + kKeys > ragged_from)
+      ragged_nonfinite_v<T, kD>(p, o, &s_v[cur][0][0], s_part, t0, se32, clo, chi, lo_g, hi_g, m_new);
     // 3. O += P V over this warp's columns
     gemm_ab<T, 1, kDw, kKeys, kStride>(o, RegA<1, kKeys>{pf}, &s_v[cur][0][col0]);
     cur = cur + 1 == kStages ? 0 : cur + 1;
@@ -247,8 +337,9 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
   const bool any_bad = s_bad != 0;
   if (any_bad && tid == 0) atomicOr(p.error_flag, kErrBlockIndex);
   if (!row_live) return;
-  const bool saw = se > sb;  // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN
-  const float inv = any_bad ? NAN : (l > 0.0f ? 1.0f / l : ((saw || l != l) ? NAN : 0.0f));
+  // l = 0 after seeing keys: every visible score was -inf, 0/0 = NaN (paged.h finish_row)
+  float m_store;
+  const float inv = any_bad ? NAN : finish_row(m, l, hi_g > lo_g, p.num_splits > 1, &m_store);
   const int64_t rows_total = p.total_q * p.heads_q;
 #pragma unroll
   for (int nt = 0; nt < kDw / 8; ++nt) {
@@ -261,7 +352,7 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
       *reinterpret_cast<float2*>(p.partial_out + (w.split * rows_total + orow) * D + col) = make_float2(v0, v1);
   }
   if (p.num_splits > 1 && warp == 0 && t4 == 0) {
-    p.partial_ml[2 * (w.split * rows_total + orow)] = any_bad ? NAN : m;
+    p.partial_ml[2 * (w.split * rows_total + orow)] = any_bad ? NAN : m_store;
     p.partial_ml[2 * (w.split * rows_total + orow) + 1] = any_bad ? NAN : l;
   }
 }
@@ -271,11 +362,13 @@ __global__ void __launch_bounds__(kTcThreads, 4) attention_tc_kernel(const AttnP
 template <typename T>
 bool launch_attention_tc(const AttnParams& p, const dim3& grid, cudaStream_t stream) {
   const int64_t G = p.group();
-  const bool one_query_per_tile = p.max_q_len == 1 ? G >= 4 : G % kRowTile == 0;
+  // Decode: an m16 tile holds the group's heads, mostly padding below 4. Multi-token: up to 8 query rows
+  // (several consecutive queries when the group is not a multiple of 8) per tile, any group.
+  const bool tc_rows = p.max_q_len > 1 || G >= 4;
   const bool aligned = is_aligned(p.q, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.out, 16) && (p.num_splits == 1 || is_aligned(p.partial_out, 16));
   const bool small_blocks = p.block_size * p.heads_kv * p.head_dim <= UINT32_MAX;  // 32-bit in-block offsets
-  if (!one_query_per_tile || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || !aligned || !small_blocks)
+  if (!tc_rows || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || !aligned || !small_blocks)
     return false;
   if (p.head_dim <= 64)
     launch("attention_tc_kernel", attention_tc_kernel<T, 64>, grid, kTcThreads, 0, stream, p);
