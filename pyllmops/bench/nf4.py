@@ -42,23 +42,22 @@ def run(bench):
         packed, state = pyllmops.quantize_nf4(w, blocksize, nested)
         qbytes = n // 2 + _scale_bytes(n, blocksize, nested)
 
-        # quantize: read w, write packed + scales
-        bench.measure("quantize", "pyllmops", "fwd", x_label, lambda: pyllmops.quantize_nf4(w, blocksize, nested),
-                      bytes=n * esize + qbytes)
+        # quantize: read w, write packed + scales; dequantize: read packed + scales, write w. Each case's
+        # providers alternate call by call (measure_together), as the matmul rows below do.
+        quant = [dict(provider="pyllmops", fn=lambda: pyllmops.quantize_nf4(w, blocksize, nested),
+                      bytes=n * esize + qbytes)]
+        dequant = [dict(provider="pyllmops", fn=lambda: pyllmops.dequantize_nf4(packed, state),
+                        bytes=qbytes + n * esize)]
         if F is not None:
-            bench.measure("quantize", "bitsandbytes", "fwd", x_label, baseline=True,
-                          fn=lambda: F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
-                                                     compress_statistics=nested), bytes=n * esize + qbytes)
-
-        # dequantize: read packed + scales, write w
-        bench.measure("dequantize", "pyllmops", "fwd", x_label, lambda: pyllmops.dequantize_nf4(packed, state),
-                      bytes=qbytes + n * esize)
-        if F is not None:
+            quant.append(dict(provider="bitsandbytes", baseline=True, bytes=n * esize + qbytes,
+                              fn=lambda: F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                                         compress_statistics=nested)))
             pb, sb = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
-            bench.measure("dequantize", "bitsandbytes", "fwd", x_label, lambda: F.dequantize_4bit(pb, sb),
-                          bytes=qbytes + n * esize, baseline=True)
-        bench.measure("dequantize", "torch copy of the dense weight", "fwd", x_label, lambda: w.clone(),
-                      bytes=2 * n * esize)
+            dequant.append(dict(provider="bitsandbytes", fn=lambda: F.dequantize_4bit(pb, sb),
+                                bytes=qbytes + n * esize, baseline=True))
+        dequant.append(dict(provider="torch copy of the dense weight", fn=lambda: w.clone(), bytes=2 * n * esize))
+        bench.measure_together("quantize", "fwd", x_label, quant)
+        bench.measure_together("dequantize", "fwd", x_label, dequant)
 
         # decode matmul: y[m, n_out] = x[m, n_in] W^T, through the public op (fused up to the crossover,
         # ops/nf4.py FUSED_MAX_ROWS_CPU / _CUDA). Each case twice, in the same run: against bitsandbytes (mode fwd)
