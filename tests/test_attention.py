@@ -903,3 +903,25 @@ def test_max_abs_pass(dtype):
             for t in (y, y.transpose(1, 2), padded[..., :24]):  # dense, dense permuted, strided rows
                 got = lib().attention_max_abs(view(t))
                 assert (math.isnan(got) if want is None else got == want), (pos, bad, got)
+
+
+@pytest.mark.parametrize("causal,window,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (True, (16, 0), 5.0)])
+def test_eager_entry_matches_registered_op(causal, window, softcap, monkeypatch):
+    """flash_attention calls an autograd.Function in plain eager mode and the registered op otherwise (torch.compile,
+    dispatch modes); both give the same out, lse and gradients, with and without a gradient on the lse."""
+    from pyllmops.ops import attention as A
+
+    q, k, v = (torch.randn(2, 40, h, 32) for h in (4, 2, 2))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(A, "plain_eager", lambda x, eager=eager: eager)
+        for with_lse in (False, True):
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            out, lse = pyllmops.flash_attention(qs, ks, vs, causal=causal, window_size=window, softcap=softcap,
+                                                return_lse=True)
+            loss = (out * out).sum() + (lse.sum() if with_lse else 0.0)
+            loss.backward()
+            results.append([out, lse, qs.grad, ks.grad, vs.grad])
+    for u, v_ in zip(results[:2], results[2:]):
+        for a, b in zip(u, v_):
+            assert torch.equal(a, b)

@@ -705,7 +705,7 @@ def test_eager_entry_matches_registered_ops(path, monkeypatch):
     bias = torch.randn(24)
     outs = []
     for eager in (True, False):
-        monkeypatch.setattr(L, "_eager", lambda x, eager=eager: eager)
+        monkeypatch.setattr(L, "plain_eager", lambda x, eager=eager: eager)
         xs, as_, bs, bis = _leaf(x), _leaf(a), _leaf(b), _leaf(bias)
         y = pyllmops.qalora_linear(xs, q, s, z, as_, bs, 0.7, bits=3, group_size=32, bias=bis)
         y.backward(torch.ones_like(y))

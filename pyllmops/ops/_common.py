@@ -244,3 +244,12 @@ def softmax_scale_or_default(softmax_scale, head_dim):
     if not (0 < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
     return float(softmax_scale)
+
+
+def plain_eager(x):
+    """Plain eager execution on real tensors: no torch.compile tracing, no TorchDispatchMode (fake tensors, op
+    recorders, flop counters) and no meta tensors, all of which must see the registered ops (their fake
+    implementations). Then an op family may call its kernels' bodies through a torch.autograd.Function of its
+    own instead of the registered op, whose Python autograd wrapper and redispatch cost ~0.1 ms a call."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and x.device.type != "meta"

@@ -20,11 +20,10 @@ import struct
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from pyllmops._ext import lib
 from pyllmops.ops._common import (FLOAT_DTYPES, check_bias, check_int, check_linear_input, check_tensor, empty,
-                                  on_cuda, opt_view, stream, view)
+                                  on_cuda, opt_view, plain_eager, stream, view)
 from pyllmops.ops.nf4 import _nf4_dequantize_impl, _nf4_linear_impl, check_linear_weight, fused_max_rows
 
 INT_BITS = (2, 3, 4)
@@ -446,13 +445,6 @@ def _float32(v):
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _eager(x):
-    """Plain eager execution on real tensors: no torch.compile tracing, no TorchDispatchMode (fake tensors,
-    op recorders, flop counters) and no meta tensors, all of which must see the registered ops (their
-    fake implementations; the eager body calls the kernels' bodies directly)."""
-    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and x.device.type != "meta"
-
-
 # ---- INT quantization ------------------------------------------------------------------------------
 @torch.library.custom_op("pyllmops::int_quantize", mutates_args=(), device_types=("cpu", "cuda"))
 def _int_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -559,7 +551,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, t
     check_linear_input(x, in_features)
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     mask = dropout_mask(x, dropout, training)
-    if _eager(x):
+    if plain_eager(x):
         if kernel_path("dense", math.prod(x.shape[:-1]), x.device, lora_a.shape[0]) == "workspace":
             return _dense_autograd(x, weight, bias, lora_a, lora_b, float(scaling), mask)
         return _Eager.apply("dense", x, weight, (), bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
@@ -582,7 +574,7 @@ def qlora_linear(x, packed, state, lora_a, lora_b, scaling, bias=None, *, dropou
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     mask = dropout_mask(x, dropout, training)
     nested = state.kernel_args()[1:4]
-    if _eager(x):
+    if plain_eager(x):
         w_rest = (state.absmax, *nested, state.blocksize, state.nested_blocksize, out_features, in_features)
         return _Eager.apply("nf4", x, packed, w_rest, bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
     return torch.ops.pyllmops.qlora_fwd(x, packed, state.absmax, *nested, state.blocksize, state.nested_blocksize,
@@ -673,7 +665,7 @@ def qalora_linear(x, qweight, scales, zeros, lora_a, lora_b, scaling, *, bits, g
     check_linear_input(x, in_features, device=scales.device)
     _check_adapter(x, lora_a, lora_b, in_features // group_size, n, scaling, bias, dropout)
     mask = dropout_mask(x, dropout, training)
-    if _eager(x):
+    if plain_eager(x):
         return _Eager.apply("int", x, qweight, (scales, zeros, bits, group_size), bias, lora_a, lora_b, float(scaling),
                             mask, n, group_size)
     return torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, lora_a, lora_b,
@@ -688,7 +680,7 @@ def int_linear(x, qweight, scales, zeros, *, bits, group_size, bias=None):
     no_a = x.new_zeros((0, in_features // group_size))
     no_b = x.new_zeros((n, 0))
     _check_adapter(x, no_a, no_b, in_features // group_size, n, 1.0, bias, 0.0)
-    if _eager(x):
+    if plain_eager(x):
         return _Eager.apply("int", x, qweight, (scales, zeros, bits, group_size), bias, no_a, no_b, 1.0, None, n,
                             group_size)
     return torch.ops.pyllmops.qalora_fwd(x, qweight, scales, zeros, bits, group_size, bias, no_a, no_b, 1.0, None)[0]
