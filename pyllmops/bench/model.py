@@ -161,8 +161,8 @@ def run(bench):
 PARTS = {
     "LoRA/QLoRA layers, forward (NF4 decode + GEMMs)": ("_Eager",),
     "LoRA/QLoRA layers, backward (NF4 decode + GEMMs)": ("_EagerBackward",),
-    "attention, forward": ("pyllmops::flash_attn_fwd",),
-    "attention, backward": ("pyllmops::flash_attn_bwd",),
+    "attention, forward": ("pyllmops::flash_attn_fwd", "_FlashAttnEager"),  # registered op / eager entry
+    "attention, backward": ("pyllmops::flash_attn_bwd", "_FlashAttnEagerBackward"),
     "lm_head + cross-entropy (fused), forward and backward": ("_LinearCrossEntropy", "_LinearCrossEntropyBackward"),
     "RMSNorm, forward and backward": ("_RMSNorm", "_RMSNormBackward"),
     "rotary, forward and backward": ("_Rotary", "_RotaryBackward"),

@@ -296,7 +296,7 @@ def _fwd_backward(ctx, dout, dlse):
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
-class _Eager(torch.autograd.Function):
+class _FlashAttnEager(torch.autograd.Function):
     """The registered op's forward and backward, called without the dispatcher in plain eager mode (the custom
     op's autograd wrapper and redispatch cost ~0.1 ms a call: 5% of a 512-token CPU forward, which torch's own
     kernel runs in ~2 ms). Under torch.compile, dispatch modes or meta tensors the registered op runs
@@ -320,8 +320,8 @@ class _Eager(torch.autograd.Function):
 
 
 def _attn_fwd(*args):
-    """flash_attn_fwd(*args): through _Eager in plain eager mode, else the registered op."""
-    return _Eager.apply(*args) if plain_eager(args[0]) else torch.ops.pyllmops.flash_attn_fwd(*args)
+    """flash_attn_fwd(*args): through _FlashAttnEager in plain eager mode, else the registered op."""
+    return _FlashAttnEager.apply(*args) if plain_eager(args[0]) else torch.ops.pyllmops.flash_attn_fwd(*args)
 
 
 # ================================ argument checks ================================
