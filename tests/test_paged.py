@@ -681,6 +681,24 @@ def test_zero_kv_heads_is_a_clear_error():
 
 
 # ---------------------------------------------------------------- NaN policy
+def _multi_token_poison_inputs(device, dtype, group, d, bs=16):
+    """Inputs of the multi-token NaN-policy cases: 2 kv heads, sequences of 70 and 300 keys with 6 and 9 queries
+    (cu_seqlens_q [0, 6, 15]) over shuffled tables -> (k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, q,
+    cache_slot(s, pos) -> (block, offset) of sequence s's key at position pos)."""
+    seq_lens, heads_kv = [70, 300], 2
+    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
+    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
+    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32, device=device)
+    q = torch.randn(15, heads_kv * group, d, device=device).to(dtype)
+
+    def cache_slot(s, pos):
+        return bt[s, pos // bs].item(), pos % bs
+
+    return kc, vc, bt, sl, cu, q, cache_slot
+
+
 def assert_nonfinite_like(out, want, tol):
     """Non-finite exactly where the float64 reference is, close elsewhere."""
     bad_out, bad_want = ~torch.isfinite(out.double()), ~torch.isfinite(want)
@@ -699,16 +717,8 @@ def test_non_finite_reaches_what_it_touches(device, num_splits, d, poison):
     """NaN / inf in q, K or V reaches exactly the outputs that see it, as in float64, with and without
     split-KV (the merge never turns a NaN partial into -inf or 0); masked keys never leak."""
     dtype = dtypes_for(device)[0]
-    seq_lens, q_lens, heads_kv, group, bs, window = [70, 300], [6, 9], 2, 4, 16, 40
-    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
-    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
-    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    cu = torch.tensor([0, 6, 15], dtype=torch.int32, device=device)
-    q = torch.randn(15, heads_kv * group, d, device=device).to(dtype)
-
-    def cache_slot(s, pos):  # (block, offset) of sequence s's key at position pos
-        return bt[s, pos // bs].item(), pos % bs
+    window = 40
+    kc, vc, bt, sl, cu, q, cache_slot = _multi_token_poison_inputs(device, dtype, 4, d)
 
     if poison == "q_nan":
         q[3, 5, 7] = float("nan")
@@ -913,17 +923,8 @@ def test_tc_multi_token_ragged_non_finite(device, num_splits, group, poison):
     start) and its last queries see keys up to 298 its first do not (causal end). A poison on such a ragged
     key reaches exactly the rows that see it (P V on the tensor core would give 0 * inf = NaN to the others);
     keys outside every window never leak. kv head 0 holds the causal-end poison, kv head 1 the window-start."""
-    dtype = torch.float16
-    seq_lens, q_lens, heads_kv, d, bs, window = [70, 300], [6, 9], 2, 64, 16, 40
-    n_blocks = sum(-(-L // bs) for L in seq_lens) + 3
-    kc, vc = random_cache(n_blocks, bs, heads_kv, d, dtype, device)
-    bt = shuffled_tables(seq_lens, bs, n_blocks, device)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    cu = torch.tensor([0, 6, 15], dtype=torch.int32, device=device)
-    q = torch.randn(15, heads_kv * group, d, device=device).to(dtype)
-
-    def cache_slot(s, pos):
-        return bt[s, pos // bs].item(), pos % bs
+    dtype, window, d = torch.float16, 40, 64
+    kc, vc, bt, sl, cu, q, cache_slot = _multi_token_poison_inputs(device, dtype, group, d)
 
     late = [cache_slot(1, 292), cache_slot(1, 296)]  # seen from query 1 / 5 of sequence 1 on (causal end)
     early = [cache_slot(1, 253), cache_slot(1, 257)]  # seen up to query 2 / 6 only (window start)
