@@ -474,10 +474,11 @@ template <typename T>
 void dequantize_impl(const uint8_t* packed, const Scales& scales, int64_t blocksize, int64_t n, T* out) {
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
   const Isa isa = current_isa();
-  // Streaming needs every 32-element chunk 64-byte aligned: an aligned output and blocks of whole chunks.
+  // Streaming needs every 32-element chunk (64 or 128 bytes) 64-byte aligned: an aligned output and blocks of
+  // whole chunks.
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   const bool stream = isa == Isa::avx512 && bytes >= kStreamBytes && bytes < kStreamMaxBytes &&
-                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && blocksize % 32 == 0 && 32 * sizeof(T) % 64 == 0;
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && blocksize % 32 == 0;
   parallel_for(n_blocks, block_grain(blocksize), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float scale = scales(b);

@@ -285,11 +285,13 @@ def _fwd_setup(ctx, inputs, output):
     ctx.meta = (max_q, max_k, scale, softcap, left, right, top_left, deterministic)
 
 
-def _fwd_backward(ctx, dout, dlse):
+def _fwd_backward(ctx, dout, dlse, bwd=None):
+    """Gradients of (out, lse) through `bwd` (default: the registered flash_attn_bwd op). dout is None when only
+    the lse was differentiated and the caller does not materialize gradients (_FlashAttnEager)."""
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, softcap, left, right, top_left, deterministic = ctx.meta
-    dq, dk, dv = torch.ops.pyllmops.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale,
-                                                   softcap, left, right, top_left, deterministic)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = (bwd or torch.ops.pyllmops.flash_attn_bwd)(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta)
     return (dq, dk, dv) + (None,) * 10
 
 
@@ -303,20 +305,15 @@ class _FlashAttnEager(torch.autograd.Function):
     (ops._common.plain_eager)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, *meta):
-        out, lse = _flash_attn_fwd._init_fn(q, k, v, cu_q, cu_k, *meta)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.meta = meta
+    def forward(ctx, *args):
+        output = _flash_attn_fwd._init_fn(*args)
+        _fwd_setup(ctx, args, output)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (None: no lse term)
-        return out, lse
+        return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        if dout is None:  # only lse was differentiated
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _flash_attn_bwd._init_fn(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta)
-        return (dq, dk, dv) + (None,) * (2 + len(ctx.meta))
+        return _fwd_backward(ctx, dout, dlse, _flash_attn_bwd._init_fn)
 
 
 def _attn_fwd(*args):
