@@ -925,3 +925,35 @@ def test_eager_entry_matches_registered_op(causal, window, softcap, monkeypatch)
     for u, v_ in zip(results[:2], results[2:]):
         for a, b in zip(u, v_):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 64])
+def test_cpu_backward_single_and_two_pass(threads, monkeypatch):
+    """The CPU kernel's backward runs in one pass (five tile products per visited pair, one task per sequence and kv
+    head, dq accumulated by the task that owns it) when those tasks keep every thread busy, else in two (dq, then
+    dk / dv): with these shapes (at most 4 tasks) 1 thread takes the single pass and 64 threads the two passes. Both
+    against the float64 reference: masks, GQA, softcap, varlen, recomputed statistics (large scale), NaN policy."""
+    from pyllmops._ext import lib
+    monkeypatch.setenv("PYLLMOPS_ATTENTION_CPU", "kernel")
+    lib().set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check(*_inputs(2, 150, 150, 4, 2, 40, dtype, "cpu"), causal=True)
+            _check(*_inputs(1, 100, 170, 4, 1, 64, dtype, "cpu"), window_size=(40, 10), softcap=5.0)
+            _check(*_inputs(2, 130, 70, 2, 2, 96, dtype, "cpu"), causal=True, window_size=(20, 0))
+        test_varlen("cpu", True, (30, 0))
+        q, k, v = _inputs(2, 60, 70, 2, 2, 32, torch.float32, "cpu")  # statistics recomputed (|lse| > 16)
+        qs, ks, vs = _leaves(q, k, v)
+        out = pyllmops.flash_attention(qs, ks, vs, softmax_scale=1e5)
+        g = torch.randn_like(out)
+        out.backward(g)
+        q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        ro, _ = ref.attention(q64, k64, v64, False, (-1, -1), 1e5)
+        ro.backward(g.double())
+        assert_close(vs.grad, v64.grad, 1e-4, "dv")
+        assert torch.isfinite(qs.grad).all() and torch.isfinite(ks.grad).all()
+        _nan_case("cpu", torch.float32, [("k", (0, 40, 0))], True, (12, 0))
+        _nan_case("cpu", torch.float32, [("v", (0, 20, 1, 7))], False, (3, 30))
+        _nan_case("cpu", torch.float32, [], True, (16, 0), dout_row=50)
+    finally:
+        lib().set_num_threads(0)

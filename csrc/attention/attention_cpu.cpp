@@ -85,17 +85,25 @@ constexpr int kRows = 8;
 
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t, bool);
-using Exp2Fn = float (*)(const float*, float, float*, int64_t);
-using MaxFn = float (*)(const float*, int64_t);
-using TanhFn = void (*)(float*, int64_t, float, float);
+using FinishFn = void (*)(float*, int, int, const int*, const int*, float, float, float);
+using OnlineFn = void (*)(const float*, int, int, int64_t, const int*, const int*, float*, float*, float*, float*);
+using ProbsFn = void (*)(const float*, int, int, int64_t, const int*, const int*, const float*, const float*, float*);
+using GradFn = void (*)(const float*, const float*, int, int, int64_t, const int*, const int*, const float*, float,
+                        float*);
+using ScaleRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*);
 
 struct Isa {
   GemmFn gemm;
-  Exp2Fn exp2_shifted;
-  MaxFn row_max;
-  TanhFn tanh_scale;
+  FinishFn finish_scores;
+  OnlineFn online_step;
+  ProbsFn probs;
+  GradFn grad_scores;
+  ScaleRowsFn scale_rows;
   const char* name;
 };
+
+#define PYLLMOPS_ATTN_ISA(ns, label)                                                                  \
+  Isa { ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, label }
 
 const Isa& isa() {
   static const Isa chosen = [] {
@@ -105,15 +113,14 @@ const Isa& isa() {
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (cap.empty() || cap == "avx512"))
-      return Isa{isa_avx512::gemm, isa_avx512::exp2_shifted, isa_avx512::row_max, isa_avx512::tanh_scale, "avx512"};
-    if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2"))
-      return Isa{isa_avx2::gemm, isa_avx2::exp2_shifted, isa_avx2::row_max, isa_avx2::tanh_scale, "avx2"};
+    if (avx512 && (cap.empty() || cap == "avx512")) return PYLLMOPS_ATTN_ISA(isa_avx512, "avx512");
+    if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2")) return PYLLMOPS_ATTN_ISA(isa_avx2, "avx2");
 #endif
-    return Isa{isa_base::gemm, isa_base::exp2_shifted, isa_base::row_max, isa_base::tanh_scale, "baseline"};
+    return PYLLMOPS_ATTN_ISA(isa_base, "baseline");
   }();
   return chosen;
 }
+#undef PYLLMOPS_ATTN_ISA
 
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
@@ -200,16 +207,12 @@ void tile_gemm(bool b_finite, bool full, int64_t I, int64_t J, int64_t K, const 
     masked_gemm(I, J, K, a, as, ak, b, ldb, c, ldc, lo, hi, a_rows_are_queries);
 }
 
-// NaN-propagating max (std::max drops a NaN second argument).
-inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
-
 // Base-2 logits of query rows [i0, i0 + rows) x keys [j0, j0 + cols) into s[kBlockM][kBlockN]; row r sees
 // columns [lo[r], hi[r]) (lo = hi = 0: none); every other entry, padding included, is -inf.
 void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* qf,
             const float* kt, float* s, int* lo, int* hi) {
   isa().gemm(kBlockM, kBlockN, cx.dp, qf, cx.dp, 1, kt, kBlockN, s, kBlockN, false);
   for (int r = 0; r < kBlockM; ++r) {
-    float* sr = s + r * kBlockN;
     int a = 0, b = 0;
     if (r < rows) {
       const int64_t fk = std::max(mask.first_key(i0 + r), j0), lk = std::min(mask.last_key(i0 + r), j0 + cols - 1);
@@ -220,57 +223,20 @@ void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j
     }
     lo[r] = a;
     hi[r] = b;
-    for (int c = 0; c < a; ++c) sr[c] = -INFINITY;
-    for (int c = b; c < kBlockN; ++c) sr[c] = -INFINITY;
-    if (cx.softcap > 0.0f) {
-      isa().tanh_scale(sr + a, b - a, cx.scale * cx.inv_softcap, cx.softcap_log2);
-    } else {
-      for (int c = a; c < b; ++c) sr[c] *= cx.scale_log2;
-    }
   }
+  isa().finish_scores(s, kBlockM, kBlockN, lo, hi, cx.scale_log2, cx.scale * cx.inv_softcap, cx.softcap_log2);
 }
 
 // P = exp2(s - m) / l on the visible columns, 0 elsewhere (padding rows included); m and l: row 0 of the tile on.
 void probs(const float* s, const int* lo, const int* hi, int64_t rows, const float* m, const float* l, float* pb) {
-  for (int r = 0; r < kBlockM; ++r) {
-    float* pr = pb + r * kBlockN;
-    if (r >= rows || lo[r] >= hi[r]) {
-      std::fill(pr, pr + kBlockN, 0.0f);
-      continue;
-    }
-    isa().exp2_shifted(s + r * kBlockN, m[r], pr, kBlockN);
-    const float inv = 1.0f / l[r];
-    std::fill(pr, pr + lo[r], 0.0f);
-    for (int c = lo[r]; c < hi[r]; ++c) pr[c] *= inv;
-    std::fill(pr + hi[r], pr + kBlockN, 0.0f);
-  }
+  isa().probs(s, kBlockM, kBlockN, rows, lo, hi, m, l, pb);
 }
 
-// Online softmax step for one tile: row maxima m and sums l take in the tile's logits s; pb gets exp2(s - m_new)
-// on the visible columns (0 elsewhere); returns per row the factor the row's earlier accumulator must be scaled by
-// (1: unchanged) in factor[].
+// Online softmax step for one tile (the ISA file's online_step): m, l take in the tile's logits s, pb gets
+// exp2(s - m_new), factor[r] is what row r's accumulator must be scaled by.
 void online_step(const float* s, const int* lo, const int* hi, int64_t rows, float* m, float* l, float* pb,
                  float* factor) {
-  for (int r = 0; r < kBlockM; ++r) {
-    float* pr = pb + r * kBlockN;
-    factor[r] = 1.0f;
-    if (r >= rows || lo[r] >= hi[r]) {
-      std::fill(pr, pr + kBlockN, 0.0f);
-      continue;
-    }
-    const float* sr = s + r * kBlockN;
-    const float m_new = nan_max(m[r], isa().row_max(sr, kBlockN));  // masked entries are -inf
-    if (!(m_new == m[r])) {  // also when either is NaN
-      factor[r] = m[r] == -INFINITY ? 0.0f : std::exp2(m[r] - m_new);
-      l[r] *= factor[r];
-      m[r] = m_new;
-    }
-    // masked entries give exp2(-inf - m) = 0 (NaN only when m is -inf or NaN: the row is NaN then anyway)
-    const float sum = isa().exp2_shifted(sr, m_new, pr, kBlockN);
-    std::fill(pr, pr + lo[r], 0.0f);
-    std::fill(pr + hi[r], pr + kBlockN, 0.0f);
-    l[r] += sum;
-  }
+  isa().online_step(s, kBlockM, kBlockN, rows, lo, hi, m, l, pb, factor);
 }
 
 // One work item of the query-tile loops (forward, dq pass): sequence, head, rows [i0, i1).
@@ -419,9 +385,7 @@ void forward_impl(const Params& p) {
         const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
         scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
         online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
-        for (int r = 0; r < t.rows; ++r)
-          if (bf.factor[r] != 1.0f)
-            for (int64_t c = 0; c < dp; ++c) bf.acc[r * dp + c] *= bf.factor[r];
+        isa().scale_rows(bf.acc.data(), t.rows, dp, dp, bf.factor);
         tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.pb.data(),
                   kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
       }
@@ -461,24 +425,33 @@ void delta_impl(const Params& p) {
 // dS = P (dP - delta) on the visible columns (times the softcap's 1 - tanh^2), 0 elsewhere; in place over dp_ds.
 void grad_scores(const Ctx& cx, const float* s, const float* pb, const int* lo, const int* hi, int64_t rows,
                  const float* delta, float* dp_ds) {
-  for (int r = 0; r < kBlockM; ++r) {
-    float* dr = dp_ds + r * kBlockN;
-    if (r >= rows || lo[r] >= hi[r]) {
-      std::fill(dr, dr + kBlockN, 0.0f);
-      continue;
+  isa().grad_scores(s, pb, kBlockM, kBlockN, rows, lo, hi, delta, cx.softcap > 0.0f ? cx.softcap_log2 : 0.0f, dp_ds);
+}
+
+// Softmax statistics (m, l) of query rows [i0, i0 + rows) into m[kBlockM], l[kBlockM]: (lse log2 e, 1) when every
+// row's saved lse is finite and |lse| <= kStatsFromLseMax, else recomputed over the rows' key tiles as the forward
+// does (see "Backward statistics" at the top). key_t(nt, j0, cols) gives K^T of key tile nt; bf's s, pb, lo, hi and
+// factor are scratch.
+template <typename KeyT>
+void row_stats(const Params& p, const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t sk, int64_t off,
+               const float* qf, Buffers& bf, float* m, float* l, KeyT key_t) {
+  std::fill(m, m + kBlockM, -INFINITY);
+  std::fill(l, l + kBlockM, 0.0f);
+  bool from_lse = true;
+  for (int64_t r = 0; r < rows && from_lse; ++r) from_lse = std::fabs(p.lse[off + r]) <= kStatsFromLseMax;
+  if (from_lse) {
+    for (int64_t r = 0; r < rows; ++r) {
+      m[r] = static_cast<float>(static_cast<double>(p.lse[off + r]) * 1.4426950408889634);
+      l[r] = 1.0f;
     }
-    const float* pr = pb + r * kBlockN;
-    const float dl = delta[r];
-    std::fill(dr, dr + lo[r], 0.0f);
-    for (int c = lo[r]; c < hi[r]; ++c) dr[c] = pr[c] * (dr[c] - dl);
-    if (cx.softcap > 0.0f) {
-      const float* sr = s + r * kBlockN;
-      for (int c = lo[r]; c < hi[r]; ++c) {
-        const float th = sr[c] / cx.softcap_log2;  // tanh(scale q.k / softcap)
-        dr[c] *= 1.0f - th * th;
-      }
-    }
-    std::fill(dr + hi[r], dr + kBlockN, 0.0f);
+    return;
+  }
+  int64_t nb, ne;
+  mask.key_tiles(i0, i0 + rows, kBlockN, &nb, &ne);
+  for (int64_t nt = nb; nt < ne; ++nt) {
+    const int64_t j0 = nt * kBlockN, cols = std::min(sk, j0 + kBlockN) - j0;
+    scores(cx, mask, i0, rows, j0, cols, qf, key_t(nt, j0, cols), bf.s.data(), bf.lo, bf.hi);
+    online_step(bf.s.data(), bf.lo, bf.hi, rows, m, l, bf.pb.data(), bf.factor);
   }
 }
 
@@ -500,24 +473,12 @@ void dq_impl(const Params& p, float* ws_m, float* ws_l) {
                 bf.gf.data());
       const int64_t off = lse_index(p, t.si, 0, t.h) + t.i0;
       const float* delta = p.delta + off;
-      std::fill(bf.m, bf.m + kBlockM, -INFINITY);
-      std::fill(bf.l, bf.l + kBlockM, 0.0f);
       int64_t nb, ne;
       t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
-      bool from_lse = true;  // every row's saved lse finite and small: (m, l) = (lse log2 e, 1)
-      for (int64_t r = 0; r < t.rows && from_lse; ++r) from_lse = std::fabs(p.lse[off + r]) <= kStatsFromLseMax;
-      if (from_lse) {
-        for (int64_t r = 0; r < t.rows; ++r) {
-          bf.m[r] = static_cast<float>(static_cast<double>(p.lse[off + r]) * 1.4426950408889634);
-          bf.l[r] = 1.0f;
-        }
-      }
-      for (int64_t nt = nb; nt < ne && !from_lse; ++nt) {  // statistics
-        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
-        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
-      }
+      row_stats(p, cx, t.mask, t.i0, t.rows, t.si.sk, off, bf.qf.data(), bf, bf.m, bf.l, [&](int64_t nt, int64_t j0,
+                                                                                           int64_t cols) {
+        return cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT).kt;
+      });
       for (int64_t r = 0; r < t.rows; ++r) {
         ws_m[off + r] = bf.m[r];
         ws_l[off + r] = bf.l[r];
@@ -587,6 +548,98 @@ void dkdv_impl(const Params& p, const float* ws_m, const float* ws_l) {
   });
 }
 
+
+// Single-pass backward (FlashAttention-2's five tile products: S, dP, dV, dK, dQ) for one (sequence, kv head) per
+// task: the task owns every dq row of its group's query heads, so dq accumulates in its own fp32 buffer with no
+// second pass over the keys and no reduction across threads. Q and dO are converted once per task (each tile is then
+// read from the buffer by every key tile), the statistics come from row_stats per query tile. Used when the tasks
+// keep every thread busy and their buffers are small (fused_backward_ok); else the two-pass backward above.
+int64_t fused_task_floats(const Params& p) {
+  const int64_t dp = (p.head_dim + 15) / 16 * 16, group = p.heads_q / p.heads_kv;
+  const int64_t rows = num_tiles(p.seqlen_q, kBlockM) * kBlockM;
+  return group * rows * (3 * dp + 2);  // Q, dO, dQ tiles and (m, l)
+}
+
+bool fused_backward_ok(const Params& p) {
+  constexpr int64_t kMaxTaskFloats = int64_t(8) << 20;  // 32 MB per thread
+  return p.batch * p.heads_kv >= num_threads() && fused_task_floats(p) <= kMaxTaskFloats;
+}
+
+template <typename T>
+void fused_bwd_impl(const Params& p) {
+  const Ctx cx(p);
+  const int64_t dp = cx.dp, group = p.heads_q / p.heads_kv, tile = kBlockM * dp;
+  parallel_for(p.batch * p.heads_kv, 1, [&](int64_t t0, int64_t t1) {
+    Buffers bf(cx);
+    std::vector<float> work;
+    std::vector<uint8_t> q_fin, g_fin;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hk = task % p.heads_kv, b = task / p.heads_kv;
+      const SeqInfo si = seq_info(p, b);
+      const Mask mask = seq_mask(p, si);
+      const int64_t m_tiles = num_tiles(si.sq, kBlockM), n_items = group * m_tiles;  // item = (head in group, tile)
+      work.assign(static_cast<size_t>(n_items * (3 * tile + 2 * kBlockM)), 0.0f);
+      float *qs = work.data(), *gs = qs + n_items * tile, *dqs = gs + n_items * tile;
+      float *ms = dqs + n_items * tile, *ls = ms + n_items * kBlockM;
+      q_fin.assign(static_cast<size_t>(n_items), 0);
+      g_fin.assign(static_cast<size_t>(n_items), 0);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        for (int64_t mt = 0; mt < m_tiles; ++mt) {
+          const int64_t it = g * m_tiles + mt, i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
+          float* qf = qs + it * tile;
+          q_fin[it] = load_tile(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, cx, kBlockM, qf);
+          g_fin[it] = load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h), p.ldo.seq, i0, rows, cx,
+                                kBlockM, gs + it * tile);
+          row_stats(p, cx, mask, i0, rows, si.sk, lse_index(p, si, 0, h) + i0, qf, bf, ms + it * kBlockM,
+                    ls + it * kBlockM, [&](int64_t, int64_t j0, int64_t cols) {
+                      load_keys<T>(p, cx, si, hk, j0, cols, bf);
+                      return static_cast<const float*>(bf.kt.data());
+                    });
+        }
+      }
+      float* dkf = bf.acc.data();
+      float* dvf = bf.acc2.data();
+      for (int64_t nt = 0; nt < num_tiles(si.sk, kBlockN); ++nt) {
+        const int64_t j0 = nt * kBlockN, cols = std::min(si.sk, j0 + kBlockN) - j0;
+        const bool k_fin = load_keys<T>(p, cx, si, hk, j0, cols, bf);
+        load_values<T>(p, cx, si, hk, j0, cols, bf, true);
+        std::fill(dkf, dkf + kBlockN * dp, 0.0f);
+        std::fill(dvf, dvf + kBlockN * dp, 0.0f);
+        int64_t mb, me;
+        mask.query_tiles(j0, j0 + cols, kBlockM, &mb, &me);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          for (int64_t mt = mb; mt < me; ++mt) {
+            const int64_t it = g * m_tiles + mt, i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
+            const float *qf = qs + it * tile, *gf = gs + it * tile;
+            scores(cx, mask, i0, rows, j0, cols, qf, bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
+            probs(bf.s.data(), bf.lo, bf.hi, rows, ms + it * kBlockM, ls + it * kBlockM, bf.pb.data());
+            isa().gemm(kBlockM, kBlockN, dp, gf, dp, 1, bf.vt.data(), kBlockN, bf.ds.data(), kBlockN, false);
+            grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, rows, p.delta + lse_index(p, si, 0, h) + i0,
+                        bf.ds.data());
+            const bool full = mask.tile_is_full(i0, i0 + rows, j0, j0 + cols);
+            tile_gemm(g_fin[it], full, kBlockN, dp, kBlockM, bf.pb.data(), 1, kBlockN, gf, dp, dvf, dp, bf.lo,
+                      bf.hi, false);
+            tile_gemm(q_fin[it], full, kBlockN, dp, kBlockM, bf.ds.data(), 1, kBlockN, qf, dp, dkf, dp, bf.lo,
+                      bf.hi, false);
+            tile_gemm(k_fin, full, kBlockM, dp, kBlockN, bf.ds.data(), kBlockN, 1, bf.kf.data(), dp,
+                      dqs + it * tile, dp, bf.lo, bf.hi, true);
+          }
+        }
+        store_rows(dkf, p.scale, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
+        store_rows(dvf, 1.0f, cols, cx, k_row(static_cast<T*>(p.dv), p.ldv, si, 0, hk), p.ldv.seq, j0);
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t mt = 0; mt < m_tiles; ++mt) {
+          const int64_t it = g * m_tiles + mt, i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
+          store_rows(dqs + it * tile, p.scale, rows, cx, q_row(static_cast<T*>(p.dq), p.ldq, si, 0, hk * group + g),
+                     p.ldq.seq, i0);
+        }
+    }
+  });
+}
+
 }  // namespace
 
 const char* cpu_isa_name() { return isa().name; }
@@ -597,6 +650,13 @@ void forward_cpu(const Params& p, DType dtype) {
 
 void backward_cpu(const Params& p, DType dtype) {
   // (m, l) per query row, in the lse layout (see "Backward statistics" at the top)
+  if (fused_backward_ok(p)) {
+    PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] {
+      delta_impl<scalar_t>(p);
+      fused_bwd_impl<scalar_t>(p);
+    });
+    return;
+  }
   const int64_t n_stats = p.varlen() ? p.heads_q * p.lse_head_stride : p.batch * p.lse_batch_stride;
   std::vector<float> ws(2 * static_cast<size_t>(n_stats));
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] {
