@@ -239,6 +239,9 @@ PYLLMOPS_HD Mask seq_mask(const Params& p, const SeqInfo& s) {
 void forward_cpu(const Params& p, DType dtype);
 const char* cpu_isa_name();  // the instruction set the CPU kernel's tile products run on: avx512, avx2 or baseline
 void backward_cpu(const Params& p, DType dtype);
+// Whether backward_cpu takes its single pass for these sizes (else two passes: dq, then dk / dv). seqlen_q is the
+// longest sequence's (max_seqlen_q for varlen). The ops route causal CPU calls to this kernel only then.
+bool cpu_single_pass_backward(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t head_dim);
 void forward_cuda(const Params& p, DType dtype, uintptr_t stream);
 void backward_cuda(const Params& p, DType dtype, uintptr_t stream);
 

@@ -354,5 +354,7 @@ void register_attention(py::module_& m) {
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);
   m.def("attention_cpu_isa", [] { return std::string(attn::cpu_isa_name()); });
+  m.def("attention_cpu_single_pass_backward", &attn::cpu_single_pass_backward, py::arg("batch"), py::arg("heads_q"),
+        py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("head_dim"));
   m.def("attention_max_abs", &max_abs, nogil);
 }

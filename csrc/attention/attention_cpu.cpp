@@ -553,16 +553,13 @@ void dkdv_impl(const Params& p, const float* ws_m, const float* ws_l) {
 // task: the task owns every dq row of its group's query heads, so dq accumulates in its own fp32 buffer with no
 // second pass over the keys and no reduction across threads. Q and dO are converted once per task (each tile is then
 // read from the buffer by every key tile), the statistics come from row_stats per query tile. Used when the tasks
-// keep every thread busy and their buffers are small (fused_backward_ok); else the two-pass backward above.
-int64_t fused_task_floats(const Params& p) {
-  const int64_t dp = (p.head_dim + 15) / 16 * 16, group = p.heads_q / p.heads_kv;
-  const int64_t rows = num_tiles(p.seqlen_q, kBlockM) * kBlockM;
-  return group * rows * (3 * dp + 2);  // Q, dO, dQ tiles and (m, l)
-}
-
-bool fused_backward_ok(const Params& p) {
-  constexpr int64_t kMaxTaskFloats = int64_t(8) << 20;  // 32 MB per thread
-  return p.batch * p.heads_kv >= num_threads() && fused_task_floats(p) <= kMaxTaskFloats;
+// keep every thread busy and their buffers are small (single_pass_ok); else the two-pass backward above.
+bool single_pass_ok(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t head_dim) {
+  constexpr int64_t kMaxTaskFloats = int64_t(8) << 20;  // 32 MB per thread: Q, dO, dQ tiles and (m, l) of a task
+  if (batch <= 0 || heads_kv <= 0 || heads_q % heads_kv != 0 || seqlen_q < 0 || head_dim <= 0) return false;
+  const int64_t dp = (head_dim + 15) / 16 * 16, rows = num_tiles(seqlen_q, kBlockM) * kBlockM;
+  const int64_t group = heads_q / heads_kv;
+  return batch * heads_kv >= num_threads() && rows <= kMaxTaskFloats / (3 * dp + 2) / group;
 }
 
 template <typename T>
@@ -644,13 +641,17 @@ void fused_bwd_impl(const Params& p) {
 
 const char* cpu_isa_name() { return isa().name; }
 
+bool cpu_single_pass_backward(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t head_dim) {
+  return single_pass_ok(batch, heads_q, heads_kv, seqlen_q, head_dim);
+}
+
 void forward_cpu(const Params& p, DType dtype) {
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] { forward_impl<scalar_t>(p); });
 }
 
 void backward_cpu(const Params& p, DType dtype) {
   // (m, l) per query row, in the lse layout (see "Backward statistics" at the top)
-  if (fused_backward_ok(p)) {
+  if (single_pass_ok(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.head_dim)) {
     PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "q", f16_t, bf16_t, [&] {
       delta_impl<scalar_t>(p);
       fused_bwd_impl<scalar_t>(p);

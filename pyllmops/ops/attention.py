@@ -79,11 +79,12 @@ def _lse_shape(q, varlen):
 
 
 # ================================ CPU: torch SDPA for what it computes faster ================================
-# The CPU kernel (csrc/attention/attention_cpu.cpp) is a register-blocked tile kernel, but torch's own CPU flash
-# attention (oneDNN/MKL GEMMs on large key blocks) is several times faster per FLOP on full and causal attention. The
-# ops therefore hand exactly those cases to torch's kernel (aten._scaled_dot_product_flash_attention_for_cpu and its
-# backward), after all of pyllmops' argument checks, and keep their own kernel where it does less work (sliding
-# windows: only the band is visited; varlen sequences whose lengths differ) or where torch's cannot follow the
+# The CPU kernel (csrc/attention/attention_cpu.cpp) is a register-blocked tile kernel; torch's own CPU flash
+# attention (MKL GEMMs on 512-key blocks) is faster per FLOP on full attention (our kernel 0.67-0.86x). The ops
+# therefore hand full attention to torch's kernel (aten._scaled_dot_product_flash_attention_for_cpu and its
+# backward), after all of pyllmops' argument checks, and keep their own kernel where it does less work (causal: only
+# the tiles on and below the diagonal, see _causal_on_kernel; sliding windows: only the band is visited; varlen
+# sequences whose lengths differ) or where torch's cannot follow the
 # contract: the logit softcap, bottom-right causal masks with seqlen_q != seqlen_k, empty rows, non-finite inputs
 # (pyllmops' NaN policy, docs/attention.md), a backward through the returned lse, and a backward at |lse| > 32, where
 # rebuilding P from a float32 lse loses accuracy (torch's dv error is 0.5 at softmax_scale 1e5; ours recomputes the
@@ -122,6 +123,24 @@ def _sdpa_mask_ok(left, right, top_left, sq, sk):
 def _sdpa_eligible(q, k, softcap, left, right, top_left):
     return (_route_enabled() and q.device.type == "cpu" and not on_cuda(q) and q.dtype in _SDPA_DTYPES
             and softcap == 0.0 and q.shape[-2] > 0 and left == -1 and right in (-1, 0))
+
+
+def _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward):
+    """Causal calls stay on pyllmops' kernel: it visits only the key tiles on or below the diagonal and its
+    backward does five tile products per pair in one pass, where torch's CPU kernel computes whole 512-key blocks
+    (the masked half of a 512-token causal call included). Measured (b1, h4 and GQA 8:2, d64, s512-2048, fp32,
+    one thread, docs/attention.md): forward 0.97-1.22x torch's, forward+backward 1.07-1.30x; full attention
+    stays with torch's (0.67-0.86x). float32 only: torch's kernel runs bf16 / fp16 GEMMs where ours converts to
+    float32 (bf16 causal forward: ours 0.45-0.59x). The backward only when it takes its single pass (enough
+    (sequence, kv head) tasks for the threads; the two-pass backward does seven tile products)."""
+    if window_right != 0 or q.dtype != torch.float32:
+        return False
+    if not backward:
+        return True
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    seqlen = max_seqlen_q if varlen else q.shape[1]
+    return lib().attention_cpu_single_pass_backward(batch, q.shape[-2], k.shape[-2], seqlen, q.shape[-1])
 
 
 def _varlen_lengths(cu_q, cu_k):
@@ -197,6 +216,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+            and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
             and _nan_policy_ok(window_right == 0, q, k, v)):
         if not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
                 window_left, window_right, top_left, q.shape[1], k.shape[1]):
@@ -243,7 +263,9 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     delta = empty(lse.shape, torch.float32, q.device)
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
         return dq, dk.zero_(), dv.zero_()
-    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left) and (dlse is None or _max_abs(dlse) == 0)
+    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+            and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=True)
+            and (dlse is None or _max_abs(dlse) == 0)
             and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
             and _nan_policy_ok(window_right == 0, q, k, v, dout)):
         causal = window_right == 0
