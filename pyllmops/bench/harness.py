@@ -143,6 +143,9 @@ class Bench:
     def time(self, fn):
         if self._timer is not None:
             return self._timer(fn)
+        return self._time_on_device(fn)
+
+    def _time_on_device(self, fn):
         if self.device.type == "cuda":
             return time_cuda(fn)
         return time_cpu(fn, min_time_s=0.1 if self.quick else 0.3)
@@ -164,10 +167,12 @@ class Bench:
                     torch.float32
             src = torch.empty(n_bytes, dtype=torch.uint8, device=dev).random_(0, 255)
             dst = torch.empty_like(src)
-            t_copy = self.time(lambda: dst.copy_(src))[0]
+            # timed here whatever timer the rows use (a family that times its providers itself hands the
+            # harness a timer returning that case's time; the ceilings taken through it were that time)
+            t_copy = self._time_on_device(lambda: dst.copy_(src))[0]
             a = torch.randn(mm_n, mm_n, dtype=mm_dtype, device=dev)
             b = torch.randn(mm_n, mm_n, dtype=mm_dtype, device=dev)
-            t_mm = self.time(lambda: a @ b)[0]
+            t_mm = self._time_on_device(lambda: a @ b)[0]
             self._ceilings = {
                 "copy_gbps": 2 * n_bytes / (t_copy * 1e-3) / 1e9,
                 "matmul_tflops": 2 * mm_n ** 3 / (t_mm * 1e-3) / 1e12,
