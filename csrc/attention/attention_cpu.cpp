@@ -1,9 +1,9 @@
-// Flash attention CPU kernels: forward and the two-pass backward (attention.h has the algorithm).
+// Flash attention CPU kernels: forward and backward, single-pass or two-pass (attention.h has the algorithm).
 //
 // Tiling as the CUDA kernels: query tiles of kBlockM rows, key tiles of kBlockN keys, only the key tiles in the
 // mask's band are visited. Tiles are converted to fp32 once when loaded, zero-padded to kBlockM / kBlockN rows and
-// to dp = head_dim rounded up to 16 columns, so every tile product is a fixed-shape fp32 GEMM (64 x 64 x dp or
-// 64 x dp x 64) done by a register-blocked micro-kernel (attention_cpu_isa.inc) compiled for AVX-512, AVX2 + FMA
+// to dp = head_dim rounded up to 16 columns, so every tile product is a fixed-shape fp32 GEMM (64 x 128 x dp,
+// 64 x dp x 128 or 128 x dp x 64) done by a register-blocked micro-kernel (attention_cpu_isa.inc) compiled for AVX-512, AVX2 + FMA
 // and the baseline ISA and picked at run time (PYLLMOPS_CPU_ISA=baseline|avx2|avx512 caps it, for tests); exp2 is
 // a vector polynomial from the same file. Softmax statistics and accumulators are fp32.
 // Threads: parallel_for over (batch x heads x query tiles) in the forward and in the dq pass, over
@@ -15,11 +15,14 @@
 //
 // Backward statistics. The backward does not rebuild P from the saved float32 LSE: at a large softmax_scale the
 // LSE's rounding (|lse| * 6e-8) is a large error in the exponent (issue 15: dv error 0.06 at scale 1e5). For a query
-// tile with a row |lse| > 16 (or a non-finite one) the dq pass first recomputes each row's max m and sum l over its
+// tile with a row |lse| > 16 (or a non-finite one) the backward first recomputes each row's max m and sum l over its
 // key tiles (one more QK^T per tile pair), exactly as the forward does, and P = exp2(s - m) / l uses the same floats
-// s in both passes; otherwise (m, l) = (lse log2 e, 1), whose rounding is below 2e-6 in the exponent. The dk/dv pass
-// reads (m, l) from a workspace. 7 tile GEMMs per visited tile pair in all (dq pass: S, dP, dQ, and S once more to
-// recompute the statistics when needed; dk/dv pass: S, dP, dV, dK).
+// s; otherwise (m, l) = (lse log2 e, 1), whose rounding is below 2e-6 in the exponent (row_stats).
+//
+// Backward passes. Single pass (FlashAttention-2's 5 tile GEMMs per visited pair: S, dP, dV, dK, dQ) with one task
+// per (sequence, kv head) that owns its dq rows, when there are at least as many such tasks as threads and a task's
+// Q / dO / dQ buffers fit in 32 MB (single_pass_ok); else two passes, 7 tile GEMMs (dq pass: S, dP, dQ; dk/dv pass:
+// S, dP, dV, dK), parallel over query tiles and over key tiles, the dk/dv pass reading (m, l) from a workspace.
 //
 // NaN policy (docs/attention.md): a non-finite input reaches exactly the outputs and gradients that the float64
 // reference computes from it. Row maxima propagate NaN (std::max would drop it and make the row look empty);
@@ -123,7 +126,7 @@ const Isa& isa() {
 #undef PYLLMOPS_ATTN_ISA
 
 constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
+constexpr int kBlockN = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // The backward takes a query tile's softmax statistics from the saved lse when every |lse| of the tile is at most this
