@@ -17,6 +17,12 @@
 //   scalar (everything else): one stage, element by element.
 // 4 warps as 2 x 2; a warp owns 32 rows x 32 columns of out (2 x 4 mma tiles of m16n8k16, 32 fp32
 // accumulators) and 32 rows x 32 ranks of t (8-rank tiles at or beyond r are skipped, warp-uniformly).
+// Ranks above 64 (up to kMaxRankCudaMma = 256): t no longer fits the registers (128 fp32 per thread at 256),
+// so a down pass (this kernel with kDown: no W, grid = rank chunks of 64 x row tiles x reduction slices)
+// writes partial sums of t into t_part [slices, m, r] (fp32, allocated by the op with torch), and the
+// fused kernel runs its main loop for the base product only (W still decoded once per call) and reads t
+// in the epilogue, adding the slices in a fixed order (deterministic, no atomics). The epilogue walks the
+// ranks in chunks of 64 (t and U through shared memory) for every r. docs/lora.md has the numbers.
 // Fragments come from ldmatrix.x4 (PTX ISA fragment layouts; lora.h has them for the epilogue). All
 // index math is 32-bit, with shifts for the power-of-two blocksize / group size / pool; the host checks
 // the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel. The epilogue is the SIMT
