@@ -11,7 +11,7 @@ from pyllmops.nn import (IntLinear, LoRALinear, NF4Linear, QALoRALinear, adapter
                          load_adapter_state_dict)
 from pyllmops.reference import lora as R
 
-from conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
+from conftest import CUDA, CUDA_MARKS, GPU_ONLY_MARKS, assert_close, devices, rel_err
 
 # Bounds a few times above the worst the CPU kernels showed (outputs and gradients, 60 seeds of the
 # smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
@@ -648,6 +648,28 @@ def test_large_rank_path_selection_cuda(dev, monkeypatch):
     _check_fwd_bwd(lambda x, a, b: pyllmops.lora_linear(x, w, a, b, 1.5),
                    lambda x, a, b: R.lora_linear(x, w, a, b, 1.5), x, [a, b], torch.bfloat16, "SIMT r=96")
     assert [c[0] for c in calls] == ["workspace", "workspace"]
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cuda", id="gpu", marks=GPU_ONLY_MARKS)])
+def test_large_rank_decode_graph_capture(dev, monkeypatch):
+    """The r > 64 decode path (down pass + fused kernel, t_part from torch's allocator) captures into a CUDA
+    graph and replays with new inputs (a real GPU only: the emulator has no graphs)."""
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    dtype, in_f, out_f, r = torch.bfloat16, 256, 192, 256
+    w = (torch.randn(out_f, in_f, device=dev) / 16).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, dev)
+    a, b = a.detach(), b.detach()
+    x = torch.randn(3, in_f, device=dev).to(dtype)
+    for _ in range(2):  # warm-up before capture
+        pyllmops.lora_linear(x, w, a, b, 1.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = pyllmops.lora_linear(x, w, a, b, 1.5)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, R.lora_linear(x.double(), w.double(), a.double(), b.double(), 1.5), TOL[dtype], "graph replay")
 
 
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
