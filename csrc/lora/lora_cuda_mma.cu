@@ -25,9 +25,10 @@
 // ranks in chunks of 64 (t and U through shared memory) for every r. docs/lora.md has the numbers.
 // Fragments come from ldmatrix.x4 (PTX ISA fragment layouts; lora.h has them for the epilogue). All
 // index math is 32-bit, with shifts for the power-of-two blocksize / group size / pool; the host checks
-// the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel. The epilogue is the SIMT
-// kernel's: t and U through shared memory (fp32), then bias, the adapter term, and one store; column
-// tile 0 writes t.
+// the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel (ranks <= 64) or, above 64,
+// the op to the workspace path. The epilogue computes as the SIMT kernel's does (t and U through shared
+// memory in fp32, the rank sum in one FMA chain per output, then the adapter term, bias and one store),
+// 64 ranks at a time; column tile 0 writes t.
 //
 // Napkin math (H200, bf16, decode m = 1, 4096 x 4096 NF4): 8.4 MB of codes and scales, 2.1 us at 4 TB/s.
 // This kernel launches n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA: ~64 KB in flight
