@@ -626,6 +626,25 @@ def test_decode_kernel_large_rank_tiles_slices_cuda(dev, monkeypatch):
 
 
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_decode_kernel_large_rank_empty_cuda(dev, monkeypatch):
+    """r = 128 with no rows (nothing launched) and with in_features 0 (the down pass has no steps and writes
+    zeros: y is the bias, dB is zero)."""
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    bf, r = torch.bfloat16, 128
+    b = torch.randn(32, r, device=dev).to(bf).requires_grad_()
+    bias = torch.randn(32, device=dev).to(bf)
+    w = torch.randn(32, 64, device=dev).to(bf)
+    a = torch.randn(r, 64, device=dev).to(bf)
+    assert pyllmops.lora_linear(torch.randn(0, 64, device=dev).to(bf), w, a, b, 2.0, bias).shape == (0, 32)
+    x = torch.randn(5, 0, device=dev).to(bf).requires_grad_()
+    a0 = torch.randn(r, 0, device=dev).to(bf).requires_grad_()
+    y = pyllmops.lora_linear(x, torch.randn(32, 0, device=dev).to(bf), a0, b, 2.0, bias)
+    assert torch.equal(y, bias.expand(5, 32))
+    y.float().sum().backward()
+    assert x.grad.shape == (5, 0) and a0.grad.shape == (r, 0) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
 def test_large_rank_path_selection_cuda(dev, monkeypatch):
     """Ranks 65-256 take the fused path on CUDA only on the tensor-core kernel (fp16 / bf16); fp32 and
     PYLLMOPS_LORA_TENSOR_CORES=0 (the SIMT kernel, t in registers) and ranks above 256 take the workspace path,

@@ -126,7 +126,7 @@ def down_splits(m, r, n_red):
     enough CTAs to keep ~128 SMs busy (rank chunks of 64 x row tiles x slices), at most one slice per
     32-wide step, at most 32, and at most 256 KB of partial sums for a fused CTA to add up (slices x
     min(m, 64) rows x r x 4 bytes), so that the fused kernel's epilogue stays small next to its W tile."""
-    ctas = -(-r // 64) * -(-m // 64)
+    ctas = -(-r // 64) * max(1, -(-m // 64))
     steps = -(-n_red // 32)
     return max(1, min(32, steps, 128 // ctas, 65536 // (max(1, min(m, 64)) * r)))
 
