@@ -11,7 +11,7 @@ from pyllmops.nn import (IntLinear, LoRALinear, NF4Linear, QALoRALinear, adapter
                          load_adapter_state_dict)
 from pyllmops.reference import lora as R
 
-from conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
+from conftest import CUDA, CUDA_MARKS, GPU_ONLY_MARKS, assert_close, devices, rel_err
 
 # Bounds a few times above the worst the CPU kernels showed (outputs and gradients, 60 seeds of the
 # smallest cases, where a 3-element gradient has no averaging): fp32 8.8e-7, fp16 4.1e-4, bf16 3.4e-3.
@@ -542,6 +542,182 @@ def test_qlora_decode_skinny_base_cuda(dtype, dev, monkeypatch):
                        x, [a, b, bias], dtype, f"qlora skinny base m={m}")
 
 
+# ---- the tensor-core decode kernel at ranks 65-256: the down pass and the chunked epilogue ----------
+def _spy_paths(monkeypatch):
+    """Records which implementation each forward / input-gradient took: ('fused', transposed, r, slices of the
+    down pass) or ('workspace', transposed)."""
+    from pyllmops.ops import lora as L
+
+    calls = []
+    real_fused, real_workspace = L._fused, L._workspace
+
+    def fused(kind, inp, w, transposed, bias, lora_a, *rest):
+        r = lora_a.shape[0]
+        slices = L.down_splits(inp.shape[0], r, inp.shape[1]) if r > L.MAX_RANK_CUDA else 0
+        calls.append(("fused", transposed, r, slices))
+        return real_fused(kind, inp, w, transposed, bias, lora_a, *rest)
+
+    def workspace(kind, inp, w, transposed, *rest):
+        calls.append(("workspace", transposed))
+        return real_workspace(kind, inp, w, transposed, *rest)
+
+    monkeypatch.setattr(L, "_fused", fused)
+    monkeypatch.setattr(L, "_workspace", workspace)
+    return calls
+
+
+LARGE_RANK_CASES = [  # (kind, r, dtype, in_features): every rank for every base, fp16 and bf16 in turn
+    (kind, r, (torch.float16, torch.bfloat16)[(i + j) % 2], in_f)
+    for i, kind in enumerate(["lora", "qlora", "qalora"])
+    for j, (r, in_f) in enumerate([(65, 128), (96, 160), (128, 128), (200, 96), (256, 128)])
+]
+
+
+@pytest.mark.parametrize("kind,r,dtype,in_f", LARGE_RANK_CASES,
+                         ids=[f"{k}-r{r}-{str(d)[6:]}" for k, r, d, _ in LARGE_RANK_CASES])
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_decode_kernel_large_rank_cuda(kind, r, dtype, in_f, dev, monkeypatch):
+    """Ranks 65-256 (multiples of 64 and not, nor of 16: 65, 200) run in the tensor-core decode kernel, forward
+    and input gradient, for the dense, NF4 and INT bases: t = x.A^T (dy.B) in the down pass's partial sums over
+    several reduction slices, the epilogue walking the ranks in chunks of 64. 5 rows (the automatic decode path;
+    forced only so QLoRA's forward does not take ops.nf4's skinny kernel), 72 outputs (two column tiles, the
+    second partial), bias. Against float64, outputs poisoned; the spy proves the fused kernel ran (the SIMT
+    kernel and the C++ checks refuse ranks above 64 without the down pass) and never the workspace path."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
+    out_f, m = 72, 5
+    assert L.kernel_path(kind, m, CUDA, r, dtype) == "fused"
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    fn, ref, a, b = _layer_case(kind, w, dtype, r, 32)
+    x = torch.randn(m, in_f, device=dev).to(dtype)
+    calls = _spy_paths(monkeypatch)
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} r={r}")
+    assert [c[:3] for c in calls] == [("fused", False, r), ("fused", True, r)]
+    assert all(c[3] > 1 for c in calls)  # the down pass split the reduction
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_decode_kernel_large_rank_tiles_slices_cuda(dev, monkeypatch):
+    """r = 256 over 70 rows (two row tiles, forced onto the fused path) and 160 input features (5 steps in 4
+    slices of 2: the last slice is empty and must write zeros), with a dropout mask (scalar staging of the
+    down pass; the backward's mask on the adapter term); and a misaligned x (scalar staging) at decode rows."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
+    dtype, in_f, out_f, r = torch.bfloat16, 160, 72, 256
+    assert L.down_splits(70, r, in_f) == 4
+    w = (torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, dev)
+    x = torch.randn(70, in_f, device=dev).to(dtype)
+    mask = ((torch.rand(70, in_f, device=dev) >= 0.3).float() / 0.7).to(dtype)
+    calls = _spy_paths(monkeypatch)
+    _check_fwd_bwd(lambda x, a, b: torch.ops.pyllmops.lora_fwd(x, w, None, a, b, 2.0, mask)[0],
+                   lambda x, a, b: R.lora_linear(x, w, a, b, 2.0, None, mask), x, [a, b], dtype, "lora r=256 dropout")
+    assert [c[:3] for c in calls] == [("fused", False, r), ("fused", True, r)]
+    store = torch.randn(3 * in_f + 8, device=dev).to(dtype)
+    xm = store[1:1 + 3 * in_f].view(3, in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    _check_fwd_bwd(lambda x, a, b, bias: pyllmops.lora_linear(x, w, a, b, 1.5, bias),
+                   lambda x, a, b, bias: R.lora_linear(x, w, a, b, 1.5, bias), xm, [a, b, bias], dtype,
+                   "lora r=256 misaligned x", keep_x_storage=True)
+    assert [c[0] for c in calls] == ["fused"] * 4
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_decode_kernel_large_rank_empty_cuda(dev, monkeypatch):
+    """r = 128 with no rows (nothing launched) and with in_features 0 (the down pass has no steps and writes
+    zeros: y is the bias, dB is zero)."""
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    bf, r = torch.bfloat16, 128
+    b = torch.randn(32, r, device=dev).to(bf).requires_grad_()
+    bias = torch.randn(32, device=dev).to(bf)
+    w = torch.randn(32, 64, device=dev).to(bf)
+    a = torch.randn(r, 64, device=dev).to(bf)
+    assert pyllmops.lora_linear(torch.randn(0, 64, device=dev).to(bf), w, a, b, 2.0, bias).shape == (0, 32)
+    x = torch.randn(5, 0, device=dev).to(bf).requires_grad_()
+    a0 = torch.randn(r, 0, device=dev).to(bf).requires_grad_()
+    y = pyllmops.lora_linear(x, torch.randn(32, 0, device=dev).to(bf), a0, b, 2.0, bias)
+    assert torch.equal(y, bias.expand(5, 32))
+    y.float().sum().backward()
+    assert x.grad.shape == (5, 0) and a0.grad.shape == (r, 0) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_large_rank_path_selection_cuda(dev, monkeypatch):
+    """Ranks 65-256 take the fused path on CUDA only on the tensor-core kernel (fp16 / bf16); fp32 and
+    PYLLMOPS_LORA_TENSOR_CORES=0 (the SIMT kernel, t in registers) and ranks above 256 take the workspace path,
+    which still gives the right answer."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    assert L.kernel_path("dense", 1, CUDA, 256, torch.bfloat16) == "fused"
+    assert L.kernel_path("dense", 1, CUDA, 257, torch.bfloat16) == "workspace"
+    assert L.kernel_path("dense", 1, CUDA, 65, torch.float32) == "workspace"
+    assert L.kernel_path("dense", 1, CUDA, 64, torch.float32) == "fused"
+    assert not L._fits_32bit(33_000_000, 1, 66) and L._fits_32bit(33_000_000, 1, 64)
+    monkeypatch.setenv("PYLLMOPS_LORA_TENSOR_CORES", "0")
+    assert L.kernel_path("dense", 1, CUDA, 65, torch.bfloat16) == "workspace"
+    w = (torch.randn(40, 64, device=dev) / 8).to(torch.bfloat16)
+    x = torch.randn(3, 64, device=dev).to(torch.bfloat16)
+    a, b = _adapter(96, 64, 40, torch.bfloat16, dev)
+    calls = _spy_paths(monkeypatch)
+    monkeypatch.setattr(L, "plain_eager", lambda x: False)  # the registered op, whose path the spy sees
+    _check_fwd_bwd(lambda x, a, b: pyllmops.lora_linear(x, w, a, b, 1.5),
+                   lambda x, a, b: R.lora_linear(x, w, a, b, 1.5), x, [a, b], torch.bfloat16, "SIMT r=96")
+    assert [c[0] for c in calls] == ["workspace", "workspace"]
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cuda", id="gpu", marks=GPU_ONLY_MARKS)])
+def test_large_rank_decode_graph_capture(dev, monkeypatch):
+    """The r > 64 decode path (down pass + fused kernel, t_part from torch's allocator) captures into a CUDA
+    graph and replays with new inputs (a real GPU only: the emulator has no graphs)."""
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    dtype, in_f, out_f, r = torch.bfloat16, 256, 192, 256
+    w = (torch.randn(out_f, in_f, device=dev) / 16).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, dev)
+    a, b = a.detach(), b.detach()
+    x = torch.randn(3, in_f, device=dev).to(dtype)
+    for _ in range(2):  # warm-up before capture
+        pyllmops.lora_linear(x, w, a, b, 1.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = pyllmops.lora_linear(x, w, a, b, 1.5)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, R.lora_linear(x.double(), w.double(), a.double(), b.double(), 1.5), TOL[dtype], "graph replay")
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_large_rank_rechecked_in_cpp_cuda(dev):
+    """_C refuses ranks above 64 on the SIMT kernel, ranks above 256, and ranks above 64 without the down
+    pass's workspace, before any launch."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    bf = torch.bfloat16
+    x, w = torch.randn(4, 64, device=dev).to(bf), torch.randn(24, 64, device=dev).to(bf)
+    out = torch.empty(4, 24, device=dev).to(bf)
+
+    def call(r, t_part, tensor_cores):
+        a, b = torch.randn(r, 64, device=dev).to(bf), torch.randn(24, r, device=dev).to(bf)
+        t = torch.empty(4, r, device=dev)
+        lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1.0, view(out), view(t),
+                               None if t_part is None else view(t_part), tensor_cores, 0)
+
+    with pytest.raises(ValueError, match="SIMT kernel supports rank r <= 64, got 65"):
+        call(65, torch.empty(2, 4, 65, device=dev), False)
+    with pytest.raises(ValueError, match="tensor-core kernel supports rank r <= 256, got 257"):
+        call(257, torch.empty(2, 4, 257, device=dev), True)
+    with pytest.raises(ValueError, match="needs a t_part workspace"):
+        call(65, None, True)
+    with pytest.raises(ValueError, match="t_part has shape"):
+        call(65, torch.empty(2, 4, 64, device=dev), True)
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 def _opcheck_cases(device):
     dt = torch.float32
@@ -633,7 +809,7 @@ def test_binding_rechecks():
     a, b = torch.randn(8, 64), torch.randn(24, 8)
     args = lambda **kw: [view(kw.get("x", x)), None, None, view(kw.get("w", w)), False, None,  # noqa: E731
                          view(kw.get("a", a)), view(kw.get("b", b)), 1.0, view(kw.get("out", out)),
-                         view(kw.get("t", t)), False, 0]
+                         view(kw.get("t", t)), kw.get("t_part"), False, 0]
     lib().lora_fused_dense(*args())
     with pytest.raises(ValueError, match="weight has shape"):
         lib().lora_fused_dense(*args(w=torch.randn(24, 32)))
@@ -645,6 +821,8 @@ def test_binding_rechecks():
         lib().lora_fused_dense(*args(x=torch.randn(64, 4).t()))
     with pytest.raises(ValueError, match="t must be float32"):
         lib().lora_fused_dense(*args(t=torch.empty(4, 8, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="t_part has shape"):
+        lib().lora_fused_dense(*args(t_part=view(torch.empty(2, 4, 7))))
     q, s, z = pyllmops.quantize_int(w, 4, 32)
     with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
         lib().int_dequantize(view(q), view(s), view(z), 5, 32, view(torch.empty(24, 64)), 0)
@@ -753,7 +931,7 @@ def test_scaling_rechecked_in_cpp():
     out, t = torch.empty(4, 24), torch.empty(4, 8)
     with pytest.raises(ValueError, match="scaling must be finite after its cast to float32"):
         lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1e39, view(out),
-                               view(t), False, 0)
+                               view(t), None, False, 0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -843,7 +1021,7 @@ def test_harness_ceilings_ignore_the_rows_timer():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("r", [128, 256])
 def test_large_rank_decode_shapes(device, r, monkeypatch):
-    """Ranks above the fused CUDA kernel's 64 run at decode shapes too (the workspace path takes them)."""
+    """fp32 ranks above the SIMT CUDA kernel's 64 run at decode shapes too (the workspace path takes them)."""
     from pyllmops.ops import lora as L
 
     monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")

@@ -45,7 +45,8 @@
 namespace pyllmops {
 namespace lora {
 
-constexpr int kMaxRankCuda = 64;  // the CUDA kernel keeps t for its rows in registers
+constexpr int kMaxRankCuda = 64;      // the SIMT CUDA kernel keeps t for its rows in registers
+constexpr int kMaxRankCudaMma = 256;  // the tensor-core kernel: above 64, t comes from a down pass (t_part)
 
 // ---- INT (QA-LoRA) format ------------------------------------------------------------------------
 PYLLMOPS_HD int codes_per_word(int bits) { return 32 / bits; }
@@ -119,6 +120,11 @@ struct FusedArgs {
   float scaling = 1.0f;
   void* out = nullptr;                   // [m, n_cols]
   float* t = nullptr;                    // [m, r] fp32
+  // CUDA tensor-core kernel with r > 64 only (lora_cuda_mma.cu): [t_splits, m, r] fp32 partial sums of t
+  // over t_splits slices of the reduction, written by the down pass and summed by the fused kernel's
+  // epilogue in slice order. Every element is written before it is read; nullptr otherwise.
+  float* t_part = nullptr;
+  int64_t t_splits = 0;
 };
 
 // A_exp(q, k) = A[q, k / pool] / pool; in_features = pool * (columns of A).

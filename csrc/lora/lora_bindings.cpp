@@ -47,7 +47,7 @@ void check_like_x(const TensorView& t, const TensorView& x, const char* name) {
 lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
                            bool transposed, const OptView& bias, const TensorView& lora_a,
                            const TensorView& lora_b, int64_t pool, double scaling, const TensorView& out,
-                           const TensorView& t, lora::Weight* w) {
+                           const TensorView& t, const OptView& t_part, lora::Weight* w) {
   check_float_dtype(in, "x");
   check_like_x(in, in, "x");
   check_like_x(out, in, "out");
@@ -95,6 +95,15 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
                  "3.4028235e38), got ", scaling);
   a.out = out.data;
   a.t = t.ptr<float>();
+  if (t_part) {  // the CUDA tensor-core kernel's down-pass partial sums (ranks above 64): [splits, m, r] fp32
+    check_buffer(*t_part, in, "t_part");
+    pyllmops::check_dtype(*t_part, DType::f32, "t_part");
+    PYLLMOPS_CHECK(t_part->dim() == 3 && t_part->size(0) >= 1, "t_part must be 3-D with at least one slice, got ",
+                   "shape ", pyllmops::shape_str(t_part->shape));
+    check_shape(*t_part, {t_part->size(0), a.m, a.r}, "t_part");
+    a.t_part = t_part->ptr<float>();
+    a.t_splits = t_part->size(0);
+  }
   w->n_out = n_out;
   w->k_in = k_in;
   return a;
@@ -109,9 +118,9 @@ void run_fused(lora::WeightKind kind, const TensorView& in, const lora::FusedArg
 void lora_fused_dense(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
                       const TensorView& weight, bool transposed, const OptView& bias, const TensorView& lora_a,
                       const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                      bool tensor_cores, uintptr_t stream) {
+                      const OptView& t_part, bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
-  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, &w);
+  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, &w);
   check_like_x(weight, in, "weight");
   check_shape(weight, {w.n_out, w.k_in}, "weight");
   w.dense = weight.data;
@@ -123,9 +132,9 @@ void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView
                     const OptView& nested_code, const OptView& nested_offset, int64_t blocksize,
                     int64_t nested_blocksize, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    bool tensor_cores, uintptr_t stream) {
+                    const OptView& t_part, bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
-  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, &w);
+  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, &w);
   pyllmops::nf4::check_blocksize(blocksize, "blocksize");
   check_input(packed, in, "packed", "x");
   pyllmops::check_dtype(packed, DType::u8, "packed");
@@ -157,11 +166,11 @@ void lora_fused_int(const TensorView& in, const OptView& in_scale, const OptView
                     const TensorView& qweight, const TensorView& scales, const TensorView& zeros, int64_t bits,
                     int64_t group_size, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    bool tensor_cores, uintptr_t stream) {
+                    const OptView& t_part, bool tensor_cores, uintptr_t stream) {
   check_bits_group(bits, group_size);
   lora::Weight w;
   const auto a =
-      fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, group_size, scaling, out, t, &w);
+      fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, group_size, scaling, out, t, t_part, &w);
   check_int_weight(qweight, scales, zeros, bits, group_size, w.n_out, w.k_in, in);
   w.qweight = qweight.ptr<const int32_t>();
   w.scales = scales.ptr<const float>();

@@ -193,14 +193,16 @@ int grid_for(int64_t items) {
 
 void fused_cuda(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, int device, uintptr_t stream,
                 bool tensor_cores) {
-  PYLLMOPS_CHECK(args.r <= kMaxRankCuda, "the LoRA CUDA kernel supports rank r <= ", kMaxRankCuda, ", got ",
-                 args.r);
+  // The tensor-core kernel indexes in 32 bits; larger problems (W of 2^31 weights or more) take this
+  // file's SIMT kernel, which indexes in 64 and keeps t in registers (r <= 64: fp32 inputs are not the
+  // decode target, and workspace-path GEMMs serve them at any rank).
+  const bool mma = tensor_cores && (dtype == DType::f16 || dtype == DType::bf16) && fits_32bit_indices(args, w);
+  const int64_t max_rank = mma ? kMaxRankCudaMma : kMaxRankCuda;
+  PYLLMOPS_CHECK(args.r <= max_rank, "the LoRA CUDA ", mma ? "tensor-core" : "SIMT", " kernel supports rank r <= ",
+                 max_rank, ", got ", args.r);
   if (args.m == 0 || args.n_cols == 0) return;
   CudaDeviceGuard guard(device);
-  // The tensor-core kernel indexes in 32 bits; larger problems (W of 2^31 weights or more) take this
-  // file's SIMT kernel, which indexes in 64.
-  if (tensor_cores && (dtype == DType::f16 || dtype == DType::bf16) && fits_32bit_indices(args, w))
-    return fused_cuda_mma(kind, dtype, args, w, stream);
+  if (mma) return fused_cuda_mma(kind, dtype, args, w, stream);
   const cudaStream_t s = as_stream(stream);
   PYLLMOPS_DISPATCH_FLOAT_TYPES(dtype, "x", __half, __nv_bfloat16, [&] {
     switch (kind) {

@@ -43,18 +43,26 @@ __device__ __forceinline__ void load_up(const FusedArgs& a, int64_t j0, int n_ti
   }
 }
 
-// out[row, j] = acc + bias[j] + scaling * out_scale[row, j] * t_row . u_row (r terms); in range only.
+// out[row, j] = acc + bias[j] + scaling * out_scale[row, j] * lr, lr = t_row . u_row (the adapter's
+// unscaled term, summed over ranks in order); in range only.
+template <typename T>
+__device__ __forceinline__ void store_out_lr(const FusedArgs& a, int64_t row, int64_t j, float acc, float lr) {
+  if (row >= a.m || j >= a.n_cols) return;
+  lr *= a.scaling;
+  if (a.out_scale) lr *= to_float(static_cast<const T*>(a.out_scale)[row * a.n_cols + j]);
+  float v = acc + lr;
+  if (a.bias) v += to_float(static_cast<const T*>(a.bias)[j]);
+  static_cast<T*>(a.out)[row * a.n_cols + j] = from_float<T>(v);
+}
+
+// store_out_lr with lr = t_row . u_row over the r ranks.
 template <typename T>
 __device__ __forceinline__ void store_out(const FusedArgs& a, int64_t row, int64_t j, float acc, const float* t_row,
                                           const float* u_row) {
   if (row >= a.m || j >= a.n_cols) return;
   float lr = 0.0f;
   for (int q = 0; q < a.r; ++q) lr = fmaf(t_row[q], u_row[q], lr);
-  lr *= a.scaling;
-  if (a.out_scale) lr *= to_float(static_cast<const T*>(a.out_scale)[row * a.n_cols + j]);
-  float v = acc + lr;
-  if (a.bias) v += to_float(static_cast<const T*>(a.bias)[j]);
-  static_cast<T*>(a.out)[row * a.n_cols + j] = from_float<T>(v);
+  store_out_lr<T>(a, row, j, acc, lr);
 }
 
 }  // namespace lora

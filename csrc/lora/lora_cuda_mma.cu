@@ -17,11 +17,18 @@
 //   scalar (everything else): one stage, element by element.
 // 4 warps as 2 x 2; a warp owns 32 rows x 32 columns of out (2 x 4 mma tiles of m16n8k16, 32 fp32
 // accumulators) and 32 rows x 32 ranks of t (8-rank tiles at or beyond r are skipped, warp-uniformly).
+// Ranks above 64 (up to kMaxRankCudaMma = 256): t no longer fits the registers (128 fp32 per thread at 256),
+// so a down pass (this kernel with kDown: no W, grid = rank chunks of 64 x row tiles x reduction slices)
+// writes partial sums of t into t_part [slices, m, r] (fp32, allocated by the op with torch), and the
+// fused kernel runs its main loop for the base product only (W still decoded once per call) and reads t
+// in the epilogue, adding the slices in a fixed order (deterministic, no atomics). The epilogue walks the
+// ranks in chunks of 64 (t and U through shared memory) for every r. docs/lora.md has the numbers.
 // Fragments come from ldmatrix.x4 (PTX ISA fragment layouts; lora.h has them for the epilogue). All
 // index math is 32-bit, with shifts for the power-of-two blocksize / group size / pool; the host checks
-// the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel. The epilogue is the SIMT
-// kernel's: t and U through shared memory (fp32), then bias, the adapter term, and one store; column
-// tile 0 writes t.
+// the bounds (fits_32bit_indices) and sends larger problems to the SIMT kernel (ranks <= 64) or, above 64,
+// the op to the workspace path. The epilogue computes as the SIMT kernel's does (t and U through shared
+// memory in fp32, the rank sum in one FMA chain per output, then the adapter term, bias and one store),
+// 64 ranks at a time; column tile 0 writes t.
 //
 // Napkin math (H200, bf16, decode m = 1, 4096 x 4096 NF4): 8.4 MB of codes and scales, 2.1 us at 4 TB/s.
 // This kernel launches n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA: ~64 KB in flight
@@ -61,6 +68,7 @@ constexpr int kEpiFloats = kBM * (kRT + 1) + kBN * (kRT + 1);
 // blocksize, group_size and pool are powers of two, so "/" is a shift.
 struct Dims {
   int m, n_cols, n_red, r, k_in;
+  int ldb;                     // row stride of B (the adapter's full rank; r is the ranks the main loop computes)
   int bs_lg, gs_lg, pool_lg;  // log2 of the NF4 blocksize, INT group_size, QA-LoRA pool
   int groups, wpr, cpw, bits;  // INT: groups per row, words per row, codes per word, bits
   int cpw_lg;                  // log2(cpw) for 2- and 4-bit (16 and 8 codes per word); 3-bit has 10
@@ -79,7 +87,7 @@ __device__ __forceinline__ int ilog2(int64_t v) { return 31 - __clz(static_cast<
 __device__ __forceinline__ Dims make_dims(const FusedArgs& a, const Weight& w) {
   Dims d;
   d.m = static_cast<int>(a.m), d.n_cols = static_cast<int>(a.n_cols), d.n_red = static_cast<int>(a.n_red);
-  d.r = static_cast<int>(a.r), d.k_in = static_cast<int>(w.k_in);
+  d.r = d.ldb = static_cast<int>(a.r), d.k_in = static_cast<int>(w.k_in);
   d.bs_lg = ilog2(w.blocksize), d.gs_lg = ilog2(w.group_size), d.pool_lg = ilog2(a.pool);
   d.bits = w.bits, d.cpw = codes_per_word(w.bits), d.code_mask = static_cast<uint32_t>(max_code(w.bits));
   d.cpw_lg = d.bits == 2 ? 4 : 3;
@@ -125,7 +133,7 @@ __device__ __forceinline__ float wop_at(const FusedArgs& a, const Weight& w, con
 template <typename T>
 __device__ __forceinline__ float d_at(const FusedArgs& a, const Dims& d, int q, int red) {
   if (q >= d.r || red >= d.n_red) return 0.0f;
-  if (a.transposed) return to_float(static_cast<const T*>(a.lora_b)[red * d.r + q]);  // B^T
+  if (a.transposed) return to_float(static_cast<const T*>(a.lora_b)[red * d.ldb + q]);  // B^T
   const float v = to_float(static_cast<const T*>(a.lora_a)[q * (d.n_red >> d.pool_lg) + (red >> d.pool_lg)]);
   return d.pool_lg == 0 ? v : PYLLMOPS_MUL_RN(v, d.pool_inv);
 }
@@ -156,8 +164,9 @@ struct Stages {
 // Async staging (the forward of decode shapes, `vec`): 16-byte cp.async of the step's rows of x, of A and
 // of W (dense) or its 4-bit codes (NF4 / INT4, decoded from shared memory by decode_packed); rows past
 // m, r or n_cols are zero-filled (src_bytes 0). The host guarantees n_red % 32 == 0 and 16-byte aligned
-// bases, so every 16-byte chunk is whole and aligned.
-template <WeightKind K, typename T>
+// bases, so every 16-byte chunk is whole and aligned. The down pass (kDown) copies no W; a main loop with no
+// ranks (d.r == 0: t comes from the down pass) copies no A.
+template <WeightKind K, typename T, bool kDown>
 __device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w, const Dims& d, Stages<T>& sm,
                                             int st, int j0, int red0, int tid) {
   for (int c = tid; c < 64 * 4; c += kThreads) {  // 64 rows x 4 chunks of 8 elements
@@ -165,18 +174,18 @@ __device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w,
     const T* in = static_cast<const T*>(a.in);
     const bool in_ok = row < d.m;
     ptx::cp_async_cg<16>(&sm.x[st][row * kLD + ch], in_ok ? in + row * d.n_red + red0 + ch : in, in_ok ? 16 : 0);
-    if (d.pool_lg == 0) {  // QA-LoRA's pooled A (A_exp) is staged element by element (fill_pooled_d)
+    if (d.pool_lg == 0 && d.r > 0) {  // QA-LoRA's pooled A (A_exp) is staged element by element
       const T* A = static_cast<const T*>(a.lora_a);
       const bool a_ok = row < d.r;
       ptx::cp_async_cg<16>(&sm.d[st][row * kLD + ch], a_ok ? A + row * d.n_red + red0 + ch : A, a_ok ? 16 : 0);
     }
-    if constexpr (K == WeightKind::dense) {
+    if constexpr (K == WeightKind::dense && !kDown) {
       const T* W = static_cast<const T*>(w.dense);
       const bool w_ok = j0 + row < d.n_cols;
       ptx::cp_async_cg<16>(&sm.w[st][row * kLD + ch], w_ok ? W + (j0 + row) * d.k_in + red0 + ch : W, w_ok ? 16 : 0);
     }
   }
-  if constexpr (K != WeightKind::dense) {
+  if constexpr (K != WeightKind::dense && !kDown) {
     if (tid < kBN) {
       const int j = j0 + tid;
       const bool ok = j < d.n_cols;
@@ -222,8 +231,15 @@ __device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, St
   }
 }
 
-template <WeightKind K, typename T>
-__global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w, bool vec) {
+// kDown = false: the fused kernel. Grid (column tiles, row tiles). out = base + bias + adapter term for the
+//   CTA's 64 x 64 tile. With r <= 64, t for the CTA's rows comes from the main loop (tacc); with r > 64
+//   (a.t_part set) the main loop computes the base product only and the epilogue reads t from t_part, the
+//   down pass's partial sums. The epilogue walks the ranks in chunks of 64 either way.
+// kDown = true: the down pass (r > 64, before the fused kernel). Grid (rank chunks of 64, row tiles, t_splits):
+//   t_part[z][rows][chunk] = the chunk's t over slice z of the reduction (split_steps 32-wide steps); the
+//   main loop without W (same staging, same mma t loop). Instantiated with K = dense only (W is not read).
+template <WeightKind K, typename T, bool kDown>
+__global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w, bool vec, int split_steps) {
   constexpr int kLoopBytes = static_cast<int>(sizeof(Stages<T>));
   constexpr int kEpiBytes = kEpiFloats * 4;
   constexpr int kSmemBytes = kLoopBytes > kEpiBytes ? kLoopBytes : kEpiBytes;
@@ -234,13 +250,32 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
   Dims d = make_dims(a, w);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  const int m0 = static_cast<int>(blockIdx.y) * kBM, j0 = static_cast<int>(blockIdx.x) * kBN;
+  const int m0 = static_cast<int>(blockIdx.y) * kBM, j0 = kDown ? 0 : static_cast<int>(blockIdx.x) * kBN;
+  const int r_all = d.r;
+  const int steps = (d.n_red + kBK - 1) / kBK;
+  int s_begin = 0, s_end = steps, q0 = 0;
+  if constexpr (kDown) {  // this CTA's ranks [q0, q0 + 64) and reduction slice
+    q0 = static_cast<int>(blockIdx.x) * kRT;
+    d.r = min(kRT, r_all - q0);
+    if (a.transposed) {  // D = B^T: columns q0.. of B (row stride ldb)
+      a.lora_b = static_cast<const T*>(a.lora_b) + q0;
+    } else {  // D = A_exp: rows q0.. of A
+      a.lora_a = static_cast<const T*>(a.lora_a) + q0 * (d.n_red >> d.pool_lg);
+    }
+    s_begin = static_cast<int>(blockIdx.z) * split_steps;
+    s_end = min(steps, s_begin + split_steps);
+  } else if (a.t_part != nullptr) {
+    d.r = 0;  // t comes from the down pass: the main loop stages no D and runs no t mma
+  }
   // This CTA's rows of `in` (the row tile's offset folded into the base pointers, so the loaders index
   // from 0 and stay 32-bit).
   a.in = static_cast<const T*>(a.in) + static_cast<int64_t>(m0) * d.n_red;
   if (a.in_scale) a.in_scale = static_cast<const T*>(a.in_scale) + static_cast<int64_t>(m0) * d.n_red;
   d.m -= m0;
   const bool masked = !vec && a.in_scale != nullptr;
+  // Warps whose 32 rows all lie past m (decode: m <= 32 leaves half the warps idle) skip their fragment
+  // loads and mma (warp-uniform; their accumulators stay 0 and their rows are never stored).
+  const bool live = wm * 32 < d.m;
 
   float acc[2][4][4], tacc[2][4][4];
 #pragma unroll
@@ -250,31 +285,30 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = tacc[mi][ni][e] = 0.0f;
 
-  const int steps = (d.n_red + kBK - 1) / kBK;
   __syncthreads();  // s_code
-  if (vec) {
-    issue_async<K, T>(a, w, d, sm, 0, j0, 0, tid);
+  if (vec && s_begin < s_end) {
+    issue_async<K, T, kDown>(a, w, d, sm, 0, j0, s_begin * kBK, tid);
     ptx::cp_async_commit();
   }
-  for (int s = 0; s < steps; ++s) {
-    const int red0 = s * kBK, st = vec ? (s & 1) : 0;
+  for (int s = s_begin; s < s_end; ++s) {
+    const int red0 = s * kBK, st = vec ? ((s - s_begin) & 1) : 0;
     if (vec) {  // double buffer: step s + 1's copies fly while step s multiplies
-      if (s + 1 < steps) {
-        issue_async<K, T>(a, w, d, sm, st ^ 1, j0, red0 + kBK, tid);
+      if (s + 1 < s_end) {
+        issue_async<K, T, kDown>(a, w, d, sm, st ^ 1, j0, red0 + kBK, tid);
         ptx::cp_async_commit();
         ptx::cp_async_wait<1>();
       } else {
         ptx::cp_async_wait<0>();
       }
       __syncthreads();
-      if constexpr (K != WeightKind::dense) decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
-      if (d.pool_lg != 0) {  // QA-LoRA: D = A_exp, one A value per pooled group, from global memory
+      if constexpr (K != WeightKind::dense && !kDown) decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
+      if (d.pool_lg != 0 && d.r > 0) {  // QA-LoRA: D = A_exp, one A value per pooled group, from global memory
         for (int e = tid; e < 64 * kBK; e += kThreads) {
           const int q = e / kBK, kk = e % kBK;
           sm.d[st][q * kLD + kk] = from_float<T>(d_at<T>(a, d, q, red0 + kk));
         }
       }
-      if (K != WeightKind::dense || d.pool_lg != 0) __syncthreads();
+      if ((K != WeightKind::dense && !kDown) || (d.pool_lg != 0 && d.r > 0)) __syncthreads();
     } else {  // scalar staging: any shape, stride pattern, mask, pool or transposition
       for (int e = tid; e < 64 * kBK; e += kThreads) {
         {  // in rows: consecutive threads walk the reduction
@@ -284,11 +318,11 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
           sm.x[0][i * kLD + kk] = from_float<T>(v);
           if (masked) sm.xd[i * kLD + kk] = from_float<T>(vd);
         }
-        {  // W: forward walks W's rows along the reduction, backward along the output columns
+        if constexpr (!kDown) {  // W: forward walks W's rows along the reduction, backward along the columns
           const int jj = a.transposed ? e % kBN : e / kBK, kk = a.transposed ? e / kBN : e % kBK;
           sm.w[0][jj * kLD + kk] = from_float<T>(wop_at<K, T>(a, w, d, j0 + jj, red0 + kk, s_code));
         }
-        {  // D: ranks as rows
+        if (d.r > 0) {  // D: ranks as rows
           const int q = e / kBK, kk = e % kBK;
           sm.d[0][q * kLD + kk] = from_float<T>(d_at<T>(a, d, q, red0 + kk));
         }
@@ -299,72 +333,141 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     const T* Xd = masked ? sm.xd : Xs;
     const T* Ws = sm.w[st];
     const T* Ds = sm.d[st];
+    if (live) {
 #pragma unroll
-    for (int k0 = 0; k0 < kBK; k0 += 16) {
-      uint32_t af[2][4], adf[2][4];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        frag_a(Xs, wm * 32 + mi * 16, k0, lane, af[mi]);
-        if (masked) {
-          frag_a(Xd, wm * 32 + mi * 16, k0, lane, adf[mi]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) adf[mi][e] = af[mi][e];
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bf[4];
-        frag_b2(Ws, wn * 32 + np * 16, k0, lane, bf);
+      for (int k0 = 0; k0 < kBK; k0 += 16) {
+        uint32_t af[2][4], adf[2][4];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-          ptx::mma_m16n8k16<T>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
-          ptx::mma_m16n8k16<T>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
-        }
-        const int q0 = wn * 32 + np * 16;
-        if (q0 < d.r) {  // warp-uniform: skip rank tiles past r (D is zero there)
-          uint32_t df[4];
-          frag_b2(Ds, q0, k0, lane, df);
+          frag_a(Xs, wm * 32 + mi * 16, k0, lane, af[mi]);
+          if (masked) {
+            frag_a(Xd, wm * 32 + mi * 16, k0, lane, adf[mi]);
+          } else {
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            ptx::mma_m16n8k16<T>(tacc[mi][2 * np], adf[mi], df[0], df[1]);
-            if (q0 + 8 < d.r) ptx::mma_m16n8k16<T>(tacc[mi][2 * np + 1], adf[mi], df[2], df[3]);
+            for (int e = 0; e < 4; ++e) adf[mi][e] = af[mi][e];
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          if constexpr (!kDown) {
+            uint32_t bf[4];
+            frag_b2(Ws, wn * 32 + np * 16, k0, lane, bf);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+              ptx::mma_m16n8k16<T>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
+              ptx::mma_m16n8k16<T>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
+            }
+          }
+          const int qt = wn * 32 + np * 16;
+          if (qt < d.r) {  // warp-uniform: skip rank tiles past the loop's ranks (D is zero there)
+            uint32_t df[4];
+            frag_b2(Ds, qt, k0, lane, df);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+              ptx::mma_m16n8k16<T>(tacc[mi][2 * np], adf[mi], df[0], df[1]);
+              if (qt + 8 < d.r) ptx::mma_m16n8k16<T>(tacc[mi][2 * np + 1], adf[mi], df[2], df[3]);
+            }
           }
         }
       }
     }
     __syncthreads();  // the stage is re-filled two steps later (vec) or at the next step (scalar)
   }
+
+  if constexpr (kDown) {  // the chunk's partial t, straight from the fragments (every (row < m, rank) written)
+    float* tp = a.t_part + static_cast<int64_t>(blockIdx.z) * a.m * a.r + static_cast<int64_t>(m0) * a.r + q0;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), q = wn * 32 + ni * 8 + mma_c_col(lane, e);
+          if (il < d.m && q < d.r) tp[static_cast<int64_t>(il) * a.r + q] = tacc[mi][ni][e];
+        }
+    return;
+  }
   // the epilogue indexes `in`'s rows from the original base again
   a.in = static_cast<const T*>(a.in) - static_cast<int64_t>(m0) * d.n_red;
   if (a.in_scale) a.in_scale = static_cast<const T*>(a.in_scale) - static_cast<int64_t>(m0) * d.n_red;
 
-  // ---- epilogue (as lora_cuda.cu): out = acc + bias + scaling * mask * t.U^T -------------------
-  __syncthreads();
+  // ---- epilogue: out = acc + bias + scaling * mask * t.U^T, the ranks in chunks of 64 ---------------
+  // Per chunk: t (from tacc, or the sum of the down pass's partials in slice order) and U go to shared
+  // memory (fp32); each thread continues its outputs' rank sums lr (in tacc's registers once t is out).
   float* Ts = reinterpret_cast<float*>(smem_raw);  // [kBM][kRT + 1]
   float* Us = Ts + kBM * (kRT + 1);               // [kBN][kRT + 1]
+  const int64_t split_stride = a.m * a.r;
+  const int splits = a.t_part != nullptr ? static_cast<int>(a.t_splits) : 0;
+  for (int c0 = 0; c0 < r_all; c0 += kRT) {
+    const int nq = min(kRT, r_all - c0);
+    __syncthreads();  // the main loop's (or the previous chunk's) reads of this memory are done
+    if (a.t_part != nullptr) {
+      for (int e = tid; e < kBM * kRT; e += kThreads) {
+        const int il = e / kRT, q = e % kRT;
+        float v = 0.0f;
+        if (il < d.m && q < nq) {
+          const float* p = a.t_part + static_cast<int64_t>(m0 + il) * a.r + c0 + q;
+          for (int z = 0; z < splits; ++z) v += p[z * split_stride];
+        }
+        Ts[il * (kRT + 1) + q] = v;
+      }
+    } else {
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        Ts[(wm * 32 + mi * 16 + mma_c_row(lane, e)) * (kRT + 1) + wn * 32 + ni * 8 + mma_c_col(lane, e)] =
-            tacc[mi][ni][e];
-  for (int e = tid; e < kBN * kRT; e += kThreads) {  // U(j0 + jj, q), zero past r and n_cols (32-bit, shifts)
-    const int jj = e / kRT, q = e % kRT, j = j0 + jj;
-    float u = 0.0f;
-    if (q < d.r && j < d.n_cols) {
-      if (a.transposed) {  // A_exp^T: A[q, j / pool] / pool
-        u = to_float(static_cast<const T*>(a.lora_a)[q * (d.n_cols >> d.pool_lg) + (j >> d.pool_lg)]);
-        if (d.pool_lg) u = PYLLMOPS_MUL_RN(u, d.pool_inv);
-      } else {
-        u = to_float(static_cast<const T*>(a.lora_b)[j * d.r + q]);
+          for (int e = 0; e < 4; ++e) {
+            Ts[(wm * 32 + mi * 16 + mma_c_row(lane, e)) * (kRT + 1) + wn * 32 + ni * 8 + mma_c_col(lane, e)] =
+                tacc[mi][ni][e];
+            tacc[mi][ni][e] = 0.0f;  // from here on: lr
+          }
+    }
+    for (int e = tid; e < kBN * kRT; e += kThreads) {  // U(j0 + jj, c0 + q), zero past r and n_cols
+      const int jj = e / kRT, q = e % kRT, j = j0 + jj;
+      float u = 0.0f;
+      if (q < nq && j < d.n_cols) {
+        if (a.transposed) {  // A_exp^T: A[c0 + q, j / pool] / pool
+          u = to_float(static_cast<const T*>(a.lora_a)[(c0 + q) * (d.n_cols >> d.pool_lg) + (j >> d.pool_lg)]);
+          if (d.pool_lg) u = PYLLMOPS_MUL_RN(u, d.pool_inv);
+        } else {
+          u = to_float(static_cast<const T*>(a.lora_b)[j * d.ldb + c0 + q]);
+        }
+      }
+      Us[jj * (kRT + 1) + q] = u;
+    }
+    __syncthreads();
+    // lr[i][j] += t[i][q] * U[j][q], q ascending (the order of store_out's sum): per q a thread loads its 4 rows'
+    // t and 8 columns' U once (12 loads for 32 FMA; 8 distinct rows / columns per warp, 65-float row pitch: no
+    // bank conflicts), and skips row halves that lie past m (warp-uniform: decode rows leave most idle).
+    if (live) {
+      const bool live1 = wm * 32 + 16 < d.m;
+      for (int q = 0; q < nq; ++q) {
+        float tv[2][2], uv[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) tv[mi][h] = Ts[(wm * 32 + mi * 16 + mma_c_row(lane, 2 * h)) * (kRT + 1) + q];
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) uv[ni][c] = Us[(wn * 32 + ni * 8 + mma_c_col(lane, c)) * (kRT + 1) + q];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          if (mi == 1 && !live1) break;
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tacc[mi][ni][e] = fmaf(tv[mi][e >> 1], uv[ni][e & 1], tacc[mi][ni][e]);
+        }
       }
     }
-    Us[jj * (kRT + 1) + q] = u;
+    if (blockIdx.x == 0) {  // t straight from shared memory: every rank column of the chunk was written above
+      for (int il = warp; il < kBM; il += kThreads / 32)  // a warp per row, lanes over ranks: no division
+        for (int q = lane; q < nq; q += 32)
+          if (il < d.m) a.t[static_cast<int64_t>(m0 + il) * a.r + c0 + q] = Ts[il * (kRT + 1) + q];
+    }
   }
-  __syncthreads();
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -372,24 +475,24 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
-        store_out<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], &Ts[il * (kRT + 1)], &Us[jl * (kRT + 1)]);
+        store_out_lr<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], tacc[mi][ni][e]);
       }
-  if (blockIdx.x == 0) {  // t straight from shared memory: every rank column was written above
-    for (int il = warp; il < kBM; il += kThreads / 32)  // a warp per row, lanes over ranks: no division
-      for (int q = lane; q < d.r; q += 32)
-        if (m0 + il < a.m) a.t[(m0 + il) * a.r + q] = Ts[il * (kRT + 1) + q];
-  }
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The down pass's async staging: x and A only (forward, no dropout, whole aligned 16-byte chunks).
+bool async_staging_down(const FusedArgs& a) {
+  return !a.transposed && a.in_scale == nullptr && a.n_red > 0 && a.n_red % 32 == 0 && aligned16(a.in) &&
+         aligned16(a.lora_a);
+}
 
 // The async (cp.async, double-buffered) staging applies to the forward without dropout (decode: the shape
 // that matters), with whole 16-byte chunks: n_red % 32 == 0, 16-byte aligned bases, NF4 blocks or 4-bit
 // INT groups of >= 32 weights (QA-LoRA's pooled A is then staged element by element). Everything else
 // stages with scalar loads.
 bool async_staging(WeightKind kind, const FusedArgs& a, const Weight& w) {
-  if (a.transposed || a.in_scale != nullptr || a.n_red == 0 || a.n_red % 32 != 0) return false;
-  if (!aligned16(a.in) || !aligned16(a.lora_a)) return false;
+  if (!async_staging_down(a)) return false;
   switch (kind) {
     case WeightKind::dense: return aligned16(w.dense);
     case WeightKind::nf4: return aligned16(w.packed) && w.blocksize >= 32;
@@ -402,22 +505,35 @@ template <WeightKind K, typename T>
 void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream, bool vec) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
-  launch("fused_mma_kernel", fused_mma_kernel<K, T>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-         kThreads, 0, stream, a, w, vec);
+  if (a.r > kRT) {  // the down pass: t's partial sums per (rank chunk, row tile, reduction slice)
+    const int64_t steps = ceil_div(a.n_red, kBK), splits = a.t_splits;
+    PYLLMOPS_CHECK(a.t_part != nullptr && splits >= 1 && splits <= 65535, "the tensor-core LoRA kernel needs a ",
+                   "t_part workspace of 1 to 65535 slices for ranks above ", kRT, ", got ", splits);
+    const int split_steps = static_cast<int>(ceil_div(steps, splits));
+    launch("fused_mma_kernel(down)", fused_mma_kernel<WeightKind::dense, T, true>,
+           dim3(static_cast<unsigned>(ceil_div(a.r, kRT)), static_cast<unsigned>(gy), static_cast<unsigned>(splits)),
+           kThreads, 0, stream, a, w, async_staging_down(a), split_steps);
+  }
+  FusedArgs b = a;
+  if (a.r <= kRT) b.t_part = nullptr;  // t from the main loop
+  launch("fused_mma_kernel", fused_mma_kernel<K, T, false>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+         kThreads, 0, stream, b, w, vec, 0);
 }
 
 }  // namespace
 
 bool fits_32bit_indices(const FusedArgs& a, const Weight& w) {
   constexpr int64_t kLim = 2147483647;
-  return w.n_out * w.k_in <= kLim && 64 * a.n_red <= kLim && 64 * a.n_cols <= kLim;
+  const int64_t rows = a.r > 64 ? a.r : 64;  // tile rows, or A's / B's rank extent
+  return w.n_out * w.k_in <= kLim && rows * a.n_red <= kLim && rows * a.n_cols <= kLim;
 }
 
 void fused_cuda_mma(WeightKind kind, DType dtype, const FusedArgs& args, const Weight& w, uintptr_t stream) {
   // The kernel indexes in 32 bits (no 64-bit multiply or division call in its loops); fused_cuda routes
   // larger problems to the SIMT kernel, and this re-check keeps the kernel safe from any other caller.
   PYLLMOPS_CHECK(fits_32bit_indices(args, w), "the tensor-core LoRA kernel indexes in 32 bits: W (", w.n_out, " x ",
-                 w.k_in, ") and 64 x max(n_red, n_cols) (", args.n_red, ", ", args.n_cols, ") must stay below 2^31");
+                 w.k_in, ") and max(64, r) x max(n_red, n_cols) (", args.r, "; ", args.n_red, ", ", args.n_cols,
+                 ") must stay below 2^31");
   const cudaStream_t s = as_stream(stream);
   const bool vec = async_staging(kind, args, w);
   auto go = [&](auto tag) {

@@ -28,7 +28,11 @@ from pyllmops.ops.nf4 import _nf4_dequantize_impl, _nf4_linear_impl, check_linea
 
 INT_BITS = (2, 3, 4)
 INT_GROUP_SIZES = (32, 64, 128)
-MAX_RANK_CUDA = 64  # csrc/lora/lora.h kMaxRankCuda: the fused kernel's limit; larger ranks take the workspace path
+# csrc/lora/lora.h: the fused CUDA kernels' rank limits (kMaxRankCuda: the SIMT kernel, fp32 inputs or
+# PYLLMOPS_LORA_TENSOR_CORES=0; kMaxRankCudaMma: the tensor-core kernel, fp16 / bf16). Larger ranks take the
+# workspace path.
+MAX_RANK_CUDA = 64
+MAX_RANK_CUDA_MMA = 256
 
 
 def codes_per_word(bits):
@@ -61,15 +65,22 @@ CROSSOVER_CUDA = 64
 PATHS = ("auto", "fused", "workspace")
 
 
-def kernel_path(kind, m, device, r=0):
-    """'fused' or 'workspace' for an m-row, rank-r call; PYLLMOPS_LORA_PATH=fused|workspace forces one,
-    except that ranks above MAX_RANK_CUDA always take the workspace path on CUDA (the fused kernel
-    keeps t in registers)."""
+def fused_rank_limit(dtype):
+    """The largest rank the fused CUDA kernel takes for x of `dtype`: 256 on the tensor-core kernel (fp16 /
+    bf16; ranks above 64 get t from a down pass, csrc/lora/lora_cuda_mma.cu), 64 on the SIMT kernel (fp32,
+    or PYLLMOPS_LORA_TENSOR_CORES=0: t lives in registers). dtype None: the SIMT limit."""
+    mma = dtype in (torch.float16, torch.bfloat16) and tensor_cores_enabled()
+    return MAX_RANK_CUDA_MMA if mma else MAX_RANK_CUDA
+
+
+def kernel_path(kind, m, device, r=0, dtype=None):
+    """'fused' or 'workspace' for an m-row, rank-r call with x of `dtype`; PYLLMOPS_LORA_PATH=fused|workspace
+    forces one, except that ranks above fused_rank_limit(dtype) always take the workspace path on CUDA."""
     forced = os.environ.get("PYLLMOPS_LORA_PATH", "auto")
     if forced not in PATHS:
         raise ValueError(f"PYLLMOPS_LORA_PATH must be one of {PATHS}, got {forced!r}")
     cuda = on_cuda(device)
-    if cuda and r > MAX_RANK_CUDA:
+    if cuda and r > fused_rank_limit(dtype):
         return "workspace"
     if forced != "auto":
         return forced
@@ -81,14 +92,22 @@ def _run(kind, inp_nd, w, transposed, bias, lora_a, lora_b, scaling, dropout_sca
     of the op family on `inp_nd` (..., n_red) -> (out (..., n_cols), t [m, r] fp32). `w` holds the
     weight's arguments in the op's order (see _decode)."""
     inp = _flat(inp_nd)
-    path = kernel_path(kind, inp.shape[0], inp.device, lora_a.shape[0])
+    r = lora_a.shape[0]
+    path = kernel_path(kind, inp.shape[0], inp.device, r, inp.dtype)
     if path == "fused" and _skinny_base(kind, inp, transposed):
         path = "workspace"
+    if path == "fused" and r > MAX_RANK_CUDA and on_cuda(inp) and not _fits_32bit(inp.shape[1], n_cols, r):
+        path = "workspace"  # beyond the tensor-core kernel's 32-bit indices (the SIMT kernel stops at rank 64)
     if path == "workspace":
         out, t = _workspace(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, pool)
     else:
         out, t = _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols)
     return out.view(*inp_nd.shape[:-1], n_cols), t
+
+
+def _fits_32bit(n_red, n_cols, r):
+    """csrc/lora/lora_cuda_mma.cu fits_32bit_indices: W and the tiles' / adapter's extents below 2^31."""
+    return n_red * n_cols < 2 ** 31 and max(r, 64) * max(n_red, n_cols) < 2 ** 31
 
 
 def _skinny_base(kind, inp, transposed):
@@ -102,6 +121,16 @@ def _skinny_base(kind, inp, transposed):
             and os.environ.get("PYLLMOPS_LORA_PATH", "auto") == "auto")
 
 
+def down_splits(m, r, n_red):
+    """Reduction slices of the tensor-core kernel's down pass (t = x.A^T, ranks above 64; lora_cuda_mma.cu):
+    enough CTAs to keep ~128 SMs busy (rank chunks of 64 x row tiles x slices), at most one slice per
+    32-wide step, at most 32, and at most 256 KB of partial sums for a fused CTA to add up (slices x
+    min(m, 64) rows x r x 4 bytes), so that the fused kernel's epilogue stays small next to its W tile."""
+    ctas = -(-r // 64) * max(1, -(-m // 64))
+    steps = -(-n_red // 32)
+    return max(1, min(32, steps, 128 // ctas, 65536 // (max(1, min(m, 64)) * r)))
+
+
 def _flat(x):
     """(..., k) -> (rows, k) contiguous; explicit row count, so k = 0 works (reshape(-1, 0) cannot)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
@@ -110,9 +139,12 @@ def _flat(x):
 def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scale, n_cols):
     """The fused kernel (csrc/lora/lora.h): the weight decoded tile by tile, the adapter as an epilogue."""
     mask = None if dropout_scale is None else _flat(dropout_scale)
-    m = inp.shape[0]
+    m, r = inp.shape[0], lora_a.shape[0]
     out = empty((m, n_cols), inp.dtype, inp.device)
-    t = empty((m, lora_a.shape[0]), torch.float32, inp.device)
+    t = empty((m, r), torch.float32, inp.device)
+    # ranks above 64 on the CUDA tensor-core kernel: the down pass's partial sums of t (every element written)
+    t_part = empty((down_splits(m, r, inp.shape[1]), m, r), torch.float32, inp.device) if (
+        r > MAX_RANK_CUDA and on_cuda(inp)) else None
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
     if kind == "dense":
         fn, wargs = lib().lora_fused_dense, (view(w[0].contiguous()),)
@@ -126,7 +158,7 @@ def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scal
         fn = lib().lora_fused_int
         wargs = (view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits, group_size)
     fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
-       view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t),
+       view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t), opt_view(t_part),
        tensor_cores_enabled(), stream(inp))
     return out, t
 
@@ -552,7 +584,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, *, dropout=0.0, t
     _check_adapter(x, lora_a, lora_b, in_features, out_features, scaling, bias, dropout)
     mask = dropout_mask(x, dropout, training)
     if plain_eager(x):
-        if kernel_path("dense", math.prod(x.shape[:-1]), x.device, lora_a.shape[0]) == "workspace":
+        if kernel_path("dense", math.prod(x.shape[:-1]), x.device, lora_a.shape[0], x.dtype) == "workspace":
             return _dense_autograd(x, weight, bias, lora_a, lora_b, float(scaling), mask)
         return _Eager.apply("dense", x, weight, (), bias, lora_a, lora_b, float(scaling), mask, out_features, 1)
     return torch.ops.pyllmops.lora_fwd(x, weight, bias, lora_a, lora_b, float(scaling), mask)[0]
