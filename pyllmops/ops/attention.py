@@ -174,8 +174,11 @@ def _expand_kv(t, group):
 
 
 def _into(result, dst):
-    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst."""
-    if dst is None or result.stride() == dst.stride():
+    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst; without
+    dst, result made contiguous (torch's outputs already are: no copy)."""
+    if dst is None:
+        return result.contiguous()
+    if result.stride() == dst.stride():
         return result
     return dst.copy_(result)
 
@@ -186,7 +189,7 @@ def _sdpa_fwd_dense(q, k, v, scale, causal, out=None, lse=None):
     k, v = _expand_kv(k, group), _expand_kv(v, group)
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), 0.0, causal, scale=scale)[:2]
-    return _into(o.transpose(-3, -2), out), _into(l, lse)
+    return _into(o.transpose(-3, -2), out), (l.contiguous() if lse is None else _into(l, lse))
 
 
 def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv=None):
@@ -210,28 +213,30 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
-    out = empty_like(q)  # q's layout, as the fake kernel promises
-    lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
     # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
-    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
-            and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
-            and _nan_policy_ok(window_right == 0, q, k, v)):
-        if not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
-                window_left, window_right, top_left, q.shape[1], k.shape[1]):
-            return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
-        if varlen:
-            spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
-            if _varlen_route_ok(spans, window_right):
-                lse.fill_(-math.inf)  # sequences without queries have no rows; none without keys is routed
-                for q0, q1, k0, k1 in spans:
-                    if q1 > q0:
-                        o, l = _sdpa_fwd_dense(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0),
-                                               v[k0:k1].unsqueeze(0), softmax_scale, window_right == 0)
-                        out[q0:q1].copy_(o[0])
-                        lse[:, q0:q1].copy_(l[0])
-                return out, lse
+    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
+             and _nan_policy_ok(window_right == 0, q, k, v))
+    if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
+            window_left, window_right, top_left, q.shape[1], k.shape[1]):
+        # torch's output is (batch, seqlen, heads, head_dim)-contiguous: returned as it is for a contiguous q (the
+        # layout the fake kernel promises), copied into q's layout otherwise; nothing is allocated before
+        return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, None if q.is_contiguous() else empty_like(q))
+    out = empty_like(q)  # q's layout, as the fake kernel promises
+    lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
+    if route and varlen:
+        spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
+        if _varlen_route_ok(spans, window_right):
+            lse.fill_(-math.inf)  # sequences without queries have no rows; none without keys is routed
+            for q0, q1, k0, k1 in spans:
+                if q1 > q0:
+                    o, l = _sdpa_fwd_dense(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0),
+                                           v[k0:k1].unsqueeze(0), softmax_scale, window_right == 0)
+                    out[q0:q1].copy_(o[0])
+                    lse[:, q0:q1].copy_(l[0])
+            return out, lse
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
                             max_seqlen_k, softmax_scale, softcap, window_left, window_right, top_left, stream(q))
@@ -254,37 +259,41 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route then needs
     # no copy) and one the kernels write as fast as any (they take strides).
-    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+    def grads():
+        return tuple(empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+
     # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
-    delta = empty(lse.shape, torch.float32, q.device)
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
+        dq, dk, dv = grads()
         return dq, dk.zero_(), dv.zero_()
-    if (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
-            and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=True)
-            and (dlse is None or _max_abs(dlse) == 0)
-            and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
-            and _nan_policy_ok(window_right == 0, q, k, v, dout)):
-        causal = window_right == 0
-        if cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
-            return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
-        if cu_seqlens_q is not None:
-            spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
-            if _varlen_route_ok(spans, window_right):
-                dk.zero_()
-                dv.zero_()
-                for q0, q1, k0, k1 in spans:
-                    if q1 > q0:
-                        u = (lambda x, a, b: x[a:b].unsqueeze(0))
-                        gq, gk, gv = _sdpa_bwd_dense(u(dout, q0, q1), u(q, q0, q1), u(k, k0, k1), u(v, k0, k1),
-                                                     u(out, q0, q1), lse[:, q0:q1].unsqueeze(0), softmax_scale, causal)
-                        dq[q0:q1].copy_(gq[0])
-                        dk[k0:k1].copy_(gk[0])
-                        dv[k0:k1].copy_(gv[0])
-                return dq, dk, dv
+    causal = window_right == 0
+    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=True)
+             and (dlse is None or _max_abs(dlse) == 0)
+             and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
+             and _nan_policy_ok(causal, q, k, v, dout))
+    if route and cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
+        return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal)  # torch's gradients, no copy
+    dq, dk, dv = grads()
+    delta = empty(lse.shape, torch.float32, q.device)
+    if route and cu_seqlens_q is not None:
+        spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
+        if _varlen_route_ok(spans, window_right):
+            dk.zero_()
+            dv.zero_()
+            for q0, q1, k0, k1 in spans:
+                if q1 > q0:
+                    u = (lambda x, a, b: x[a:b].unsqueeze(0))
+                    gq, gk, gv = _sdpa_bwd_dense(u(dout, q0, q1), u(q, q0, q1), u(k, k0, k1), u(v, k0, k1),
+                                                 u(out, q0, q1), lse[:, q0:q1].unsqueeze(0), softmax_scale, causal)
+                    dq[q0:q1].copy_(gq[0])
+                    dk[k0:k1].copy_(gk[0])
+                    dv[k0:k1].copy_(gv[0])
+            return dq, dk, dv
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k),
@@ -339,8 +348,13 @@ class _FlashAttnEager(torch.autograd.Function):
 
 
 def _attn_fwd(*args):
-    """flash_attn_fwd(*args): through _FlashAttnEager in plain eager mode, else the registered op."""
-    return _FlashAttnEager.apply(*args) if plain_eager(args[0]) else torch.ops.pyllmops.flash_attn_fwd(*args)
+    """flash_attn_fwd(*args): in plain eager mode the op body itself when nothing needs a gradient (inference: no
+    autograd node to build), else through _FlashAttnEager; outside plain eager mode the registered op."""
+    if not plain_eager(args[0]):
+        return torch.ops.pyllmops.flash_attn_fwd(*args)
+    if torch.is_grad_enabled() and (args[0].requires_grad or args[1].requires_grad or args[2].requires_grad):
+        return _FlashAttnEager.apply(*args)
+    return _flash_attn_fwd._init_fn(*args)
 
 
 # ================================ argument checks ================================
