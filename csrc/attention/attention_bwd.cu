@@ -94,8 +94,9 @@ struct BwdConfig {
   static constexpr int kDsStride = kKvBlockM + 8;
   static constexpr int kDqTiles = 8 / kKvWarps;
   // CTAs per SM the register allocation must allow (__launch_bounds__' second argument; 0: none). ptxas: the
-  // atomic-dQ kernel at kD 64 takes 3 CTAs without spills (about 200 registers, 2 CTAs, without the hint); the
-  // others keep none (docs/attention.md, GPU: static numbers).
+  // atomic-dQ kernel at kD 64 takes 3 CTAs without spills (about 200 registers, 2 CTAs, without the hint); the one
+  // without dQ (deterministic mode) spills 8-24 bytes under that hint and takes 166 / 174 registers without it (3 /
+  // 2 CTAs on sm_90a / sm_80); the others keep none (docs/attention.md, GPU: static numbers).
   static constexpr int kv_min_blocks(bool dq) { return dq && kD == 64 ? 3 : 0; }
   static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
   static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
