@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kKvThreads, BwdConfig<kD>::kv_m
       gemm_abt<T, 1, kBlockM, kD, kStride>(s, SmemA<T, kStride>{sK + warp * 16 * kStride}, sQ);  // S^T
       // Rows of S^T are keys, columns queries: query i0 + c sees key j iff c lies in the visible query columns
       // of key j, i.e. lo_k[r] <= c <= hi_k[r] (Mask::query_tiles' bounds per key). A warp tile fully inside the
-      // band (the common case) runs the loops without the per-element select (kMasked false).
+      // band (the common case) runs the element loops without the select (the loops' `masked` argument false).
       const bool full = mask.tile_is_full(i0, i0 + kBlockM, wj0, wj0 + 16);
       int lo[2] = {0, 0}, hi[2] = {kBlockM - 1, kBlockM - 1};
       if (!full)
