@@ -102,6 +102,13 @@ def test_softcap_head_dims(d):
     _check_fwd_bwd(q, k, v, 8.0, causal=True)
 
 
+def test_softcap_d128_window_gqa():
+    """Softcap with a window narrower than a 128-key CTA and GQA at head dim 128: the tanh derivative recovered
+    from P on warp tiles the band cuts (masked selects) and on full ones (no selects), with warps skipping items."""
+    q, k, v = _inputs(1, 100, 200, 4, 2, 128, torch.bfloat16, mul=3.0)
+    _check_fwd_bwd(q, k, v, 5.0, False, (40, 0))
+
+
 def test_softcap_changes_the_result():
     """The cap is applied (not ignored): capped and uncapped outputs differ by far more than rounding."""
     q, k, v = _inputs(1, 33, 33, 2, 2, 64, torch.float16, mul=3.0)
@@ -183,6 +190,31 @@ def test_nan_backward_reaches_what_it_touches():
     assert torch.isnan(ks.grad).all() and torch.isnan(vs.grad).all()
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_masked_nan_value_gives_zero_ds(deterministic):
+    """Masked elements give dS exactly 0 even where dP is NaN: a NaN value row (key 64 of head 0, window (5, 0): seen
+    by queries 64..69 only) makes dP NaN for every query, but only the dq rows of the queries that see it and its own
+    dk row may turn NaN. The backward gets a finite out (the forward of the clean values; lse does not depend on V),
+    so delta is finite and the forward's own 0 * NaN (docs/attention.md) does not hide a missing select. d 128: the
+    masked rows lie in warp tiles the band cuts and in the same 128-key CTA as unmasked ones."""
+    q, k, v = _inputs(1, 150, 150, 2, 2, 128, torch.bfloat16)
+    out, lse = _fwd(q, k, v, 0.0, False, (5, 0))
+    g = torch.randn_like(out)
+    clean = _bwd(q, k, v, out, lse, g, False, (5, 0), deterministic)
+    v_nan = v.clone()
+    v_nan[0, 64, 0] = float("nan")
+    dq, dk, dv = _bwd(q, k, v_nan, out, lse, g, False, (5, 0), deterministic)
+    seen = torch.zeros(150, dtype=torch.bool)
+    seen[64:70] = True
+    assert torch.isnan(dq[0, seen, 0]).all() and torch.isnan(dk[0, 64, 0]).all()
+    assert_close(dq[0, ~seen, 0], clean[0][0, ~seen, 0], 1e-3, "dq of queries that do not see the NaN value")
+    assert_close(dq[0, :, 1], clean[0][0, :, 1], 1e-3, "dq of the other head")
+    others = torch.arange(150) != 64
+    assert_close(dk[0, others], clean[1][0, others], 1e-3, "dk of the other keys")
+    assert_close(dk[0, :, 1], clean[1][0, :, 1], 1e-3, "dk of the other head")
+    assert_close(dv, clean[2], 1e-3, "dv")
+
+
 def test_fully_masked_rows_stay_zero_with_nan_elsewhere():
     """Rows that see no key (sq > sk, bottom-right causal) give out 0 and lse -inf even when another row is NaN."""
     q, k, v = _inputs(1, 40, 16, 1, 1, 64, torch.float16)
@@ -207,11 +239,19 @@ def _bwd(q, k, v, out, lse, g, causal, window, deterministic, cu=None, max_q=Non
 
 # (batch, sq, sk, hq, hkv, d, causal, window): MQA over 4 key tiles (every dQ element summed from several CTAs),
 # a window, a single query row with a padded head dim (40 -> 64), and head dim 256 (dK and dV in two launches).
+# Head dim 128 runs 128-key CTAs of 8 warps (16 keys each): causal with 300 keys (the last CTA holds 44: warps 3-7
+# have none; on the diagonal the first items are seen by the low warps only), a window narrower than a CTA's keys
+# (warps skip the items their keys do not see) with GQA at a padded head dim (96 -> 128), and padded head dims
+# 72 -> 128 and 136 -> 256.
 BWD_CASES = {
     "mqa_causal": (2, 129, 200, 4, 1, 64, True, (-1, -1)),
     "window_d128": (1, 47, 300, 2, 2, 128, False, (60, 10)),
     "one_row_d40": (1, 1, 150, 2, 2, 40, False, (-1, -1)),
     "gqa_d256": (1, 70, 90, 4, 2, 256, True, (-1, -1)),
+    "causal_d128_ragged": (1, 200, 300, 2, 2, 128, True, (-1, -1)),
+    "window_gqa_d96": (2, 150, 260, 4, 2, 96, False, (30, 7)),
+    "d72_bottom_right": (1, 90, 140, 2, 1, 72, True, (-1, -1)),
+    "d136": (1, 40, 70, 2, 2, 136, False, (-1, -1)),
 }
 
 
@@ -234,13 +274,15 @@ def test_backward_modes_match_reference(case, deterministic):
         assert_close(a, r, TOL[dtype]["grad"], name)
 
 
-def test_backward_modes_varlen_gqa():
-    """Varlen with GQA, both modes: a 1-query sequence, one over 3 key tiles, one without keys (zero gradients). dQ
-    rows of one sequence never receive another's atomics (a query tile's padding rows are the next sequence's)."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_modes_varlen_gqa(d):
+    """Varlen with GQA, both modes: a 1-query sequence, one over 3 key tiles (2 at d 128: the second one's CTA holds
+    22 keys), one without keys (zero gradients). dQ rows of one sequence never receive another's atomics (a query
+    tile's padding rows are the next sequence's)."""
     lens_q, lens_k = [1, 130, 40], [64, 150, 0]
     cq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=CUDA)
     ck = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=CUDA)
-    hq, hkv, d = 4, 2, 64
+    hq, hkv = 4, 2
     q = torch.randn(sum(lens_q), hq, d, device=CUDA).to(torch.float16)
     k = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.float16)
     v = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.float16)

@@ -4,18 +4,21 @@
 // delta:  8 lanes per query row, 16-byte vector loads of O and dO: delta = rowsum(dO * O) - dlse. The same threads
 //         zero the row's fp32 dQ accumulator (atomic mode): one launch fewer than a memset, and stream order makes
 //         the zeros land before any atomic.
-// dk/dv:  one CTA = 4 warps = kBlockN = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15.
-//         Work items: (query head of the GQA group, query tile of kBlockMq = 32 rows the mask lets these keys
+// dk/dv:  one CTA = kKvWarps warps = kBlockN = 16 kKvWarps keys of one (batch, kv head); warp w owns keys
+//         16w..16w+15. 8 warps (128 keys) at kD 128, 4 (64 keys) at kD 64 and 256 (BwdConfig says why).
+//         Work items: (query head of the GQA group, query tile of kBlockM = 32 rows the mask lets these keys
 //         be seen by, Mask::query_tiles); the next item's Q, dO (cp.async) and lse, delta are loaded into the
-//         other of two shared-memory stages while this item is computed (one stage at kD 256):
+//         other of two shared-memory stages while this item is computed (one stage at kD 256). A warp whose 16
+//         keys no query of the item sees skips the item (its dS^T rows are zeros). Otherwise:
 //           S^T = K Q^T (gemm_abt), softcap, P^T = exp2(S^T mul - lse2) (0 where masked / for empty rows)
 //           dV += P^T dO          (gemm_ab, P^T rounded to fp16/bf16, dO read by ldmatrix.trans)
 //           dP^T = V dO^T (gemm_abt), dS^T = P^T (dP^T - delta) (1 - tanh^2 when capped), dK += dS^T Q (gemm_ab)
-//           atomic mode (kDoDQ): dS^T goes to shared memory (sdS, keys x queries) and, after a barrier, warp w
-//           computes columns [w kD / 4, (w + 1) kD / 4) of dQ(32 x kD) += dS K (gemm_ab, dS read as the A operand
-//           by ldmatrix.trans, K from the CTA's own tile) and adds them to the fp32 workspace by reductions
-//           (ptx::red_add_f32x2: REDG.E.ADD.F32x2 on sm_90, 2 x RED.E.ADD.F32 on sm_80), in chunks of kDqChunk
-//           columns to bound the live registers.
+//           The per-element mask selects run only on warp tiles (16 keys x 32 queries) the band cuts.
+//           atomic mode (kDoDQ): dS^T goes to shared memory (sdS, keys x queries) and, after a barrier, each warp
+//           computes kDqTiles m16 query tiles x kD / 4 columns of dQ(32 x kD) += dS K (gemm_ab over all the
+//           CTA's keys, dS read as the A operand by ldmatrix.trans, K from the CTA's own tile) and adds them to the
+//           fp32 workspace by reductions (ptx::red_add_f32x2: REDG.E.ADD.F32x2 on sm_90, 2 x RED.E.ADD.F32 on
+//           sm_80), in chunks of kDqChunk columns to bound the live registers.
 //         dK and dV accumulate in fp32 registers over the whole group and are written once (dK * scale).
 //         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK (+ dQ)
 //         and dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
@@ -41,14 +44,16 @@
 // NaN (docs/attention.md): a NaN lse (a NaN row in the forward) is not "empty": its P, hence its gradients, are
 // NaN; masked elements give dS exactly 0.
 //
-// Napkin math (bf16, d = 128, per visited 32 x 64 pair and CTA): 5 matmuls of 32 x 64 x 128 = 640 HMMA.m16n8k16,
-// 160 per warp; the atomics add 32 x 128 fp32 = 32 RED per thread. FlashAttention's FLOP count for the backward,
-// 2.5x the forward's, is exactly these 5 matmuls (the deterministic mode does 3.5x).
+// Napkin math (bf16, d = 128, per visited 32 x 128 pair and CTA): 5 matmuls of 32 x 128 x 128 = 1280
+// HMMA.m16n8k16, 160 per warp; the atomics add 32 x 128 fp32 = 8 REDG.F32x2 per thread (16 with the 64-key CTAs of
+// kD 64: a reduction sums half as many keys). FlashAttention's FLOP count for the backward, 2.5x the forward's, is
+// exactly these 5 matmuls (the deterministic mode does 3.5x). Ceilings: docs/attention.md, GPU.
 #include "attention/attention_cuda.cuh"
 #include "common/dtype.h"
 #include "common/warp_reduce.cuh"
 
 #include <memory>
+#include <type_traits>
 
 namespace pyllmops {
 namespace attention {
@@ -70,20 +75,29 @@ struct BwdConfig {
   static constexpr int kDqBlockN = kD <= 64 ? 64 : 32;
   static constexpr int kDqStages = kD <= 128 ? 2 : 1;
   static constexpr int kDqSmemBytes = (2 * kDqBlockM + 2 * kDqStages * kDqBlockN) * kStride * 2;
-  // dk/dv pass: 64 keys; query tiles of 32 (with their lse and delta) in kKvStages stages
-  static constexpr int kKvBlockN = 64;
+  // dk/dv pass: kKvWarps warps of 16 keys each, kKvBlockN = 16 kKvWarps keys per CTA. kD 128: 8 warps (128
+  // keys), so every item's Q / dO tile, lse and delta feed 128 keys and every dQ reduction sums 128 keys. kD 64: 4
+  // warps (64 keys): 8 warps fit 2 CTAs per SM only at 128 registers, where ptxas spills (32 bytes), and 1 CTA of 8
+  // warps is fewer warps than 3 of 4 (164 registers). kD 256: 4 warps, two 128-key K / V tiles would not fit in
+  // sm_80's shared memory. Query tiles of 32 (with their lse and delta) in kKvStages stages.
+  static constexpr int kKvWarps = kD == 128 ? 8 : 4;
+  static constexpr int kKvThreads = kKvWarps * kWarpSize;
+  static constexpr int kKvBlockN = 16 * kKvWarps;
   static constexpr int kKvBlockM = 32;
   static constexpr int kKvStages = kD <= 128 ? 2 : 1;
   static constexpr int kKvSmemBytes = (2 * kKvBlockN + 2 * kKvStages * kKvBlockM) * kStride * 2 +
                                       2 * kKvStages * kKvBlockM * 4;
   // atomic dQ: dS^T of one item (kKvBlockN keys x kKvBlockM queries, padded rows: conflict-free ldmatrix and
-  // 32-bit stores), and the dQ columns each warp accumulates at a time (16 x kDqChunk x 2 tiles fp32 per warp)
+  // 32-bit stores). dQ(32 x kD) of an item is split over the warps as kDqTiles m16 query tiles (2 with 4 warps, 1
+  // with 8: warp w takes tile w / 4) x kD / 4 columns (column quarter w % 4), kDqChunk columns at a time to bound
+  // the live registers (16 x kDqChunk x kDqTiles fp32 per warp).
   static constexpr int kDsStride = kKvBlockM + 8;
-  // CTAs per SM the register allocation must allow (__launch_bounds__' second argument; 0: none). ptxas, sm_80:
-  // the atomic-dQ kernel at d 64 takes 202 registers (2 CTAs) without a hint, 164 and no spill with 3; the d 128
-  // kernel without dQ (deterministic mode) spills 4 bytes at 255 registers without a hint and none with 2. The
-  // others keep none: a hint changes their allocation for the worse (d 64 without dQ: 168 -> 193 with a 1).
-  static constexpr int kv_min_blocks(bool dq) { return dq && kD <= 64 ? 3 : (!dq && kD == 128 ? 2 : 0); }
+  static constexpr int kDqTiles = 8 / kKvWarps;
+  // CTAs per SM the register allocation must allow (__launch_bounds__' second argument; 0: none). ptxas: the
+  // atomic-dQ kernel at kD 64 takes 3 CTAs without spills (about 200 registers, 2 CTAs, without the hint); the one
+  // without dQ (deterministic mode) spills 8-24 bytes under that hint and takes 166 / 174 registers without it (3 /
+  // 2 CTAs on sm_90a / sm_80); the others keep none (docs/attention.md, GPU: static numbers).
+  static constexpr int kv_min_blocks(bool dq) { return dq && kD == 64 ? 3 : 0; }
   static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
   static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
 };
@@ -258,7 +272,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p) {
 }
 
 template <typename T, int kD, bool kDoDK, bool kDoDV, bool kDoDQ>
-__global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ)) dkdv_kernel(Params p, float* dq_ws) {
+__global__ void __launch_bounds__(BwdConfig<kD>::kKvThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ))
+    dkdv_kernel(Params p, float* dq_ws) {
   static_assert(!kDoDQ || kDoDK, "dkdv_kernel: dQ needs the dS of the dK computation");
   using Cfg = BwdConfig<kD>;
   constexpr int kBlockN = Cfg::kKvBlockN, kBlockM = Cfg::kKvBlockM, kStride = Cfg::kStride;
@@ -283,11 +298,19 @@ __global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ))
   const float pre = capped ? softcap_pre(p) : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
   const float inv_mul = __fdividef(1.0f, mul);
 
-  cp_async_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq,
-                                          si.sk - j0, d);
-  cp_async_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq,
-                                          si.sk - j0, d);
+  constexpr int kCtaThreads = Cfg::kKvThreads;
+  cp_async_tile<T, kBlockN, kD, kCtaThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq,
+                                             si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kCtaThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq,
+                                             si.sk - j0, d);
   ptx::cp_async_commit();
+
+  // This warp's keys [wj0, wj0 + 16) are seen by query rows [wq_lo, wq_hi) (empty past the sequence's keys): an
+  // item outside them is skipped by the whole warp (a window narrower than the CTA's 128 keys, the first items of
+  // a causal diagonal CTA).
+  const int64_t wj0 = j0 + warp * 16;
+  int64_t wq_lo = 0, wq_hi = 0;
+  if (wj0 < si.sk) mask.query_tiles(wj0, wj0 + 16 < si.sk ? wj0 + 16 : si.sk, 1, &wq_lo, &wq_hi);
 
   float acc_dk[1][kDoDK ? kD / 8 : 1][4], acc_dv[1][kDoDV ? kD / 8 : 1][4];
   (void)sdS;
@@ -300,7 +323,9 @@ __global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ))
   const int64_t tiles = me - mb, items = group * tiles;
   // Q, dO (cp.async, one group) and lse2, delta (plain loads, visible after the next barrier) of the next item
   // (query tile mb + ld_m of head hk * group + ld_g), then advances to the one after. Counters, not it / tiles:
-  // a 64-bit division is a called subroutine.
+  // a 64-bit division is a called subroutine. lse2 is +inf for padding rows and rows that saw no key (lse -inf):
+  // exp2(score - inf) = 0 makes their P, hence dS, exactly 0 without a per-element select (their Q / dO rows are
+  // zero-filled, or the mask hides them); a NaN lse stays NaN.
   int64_t ld_g = 0, ld_m = 0, cur_m = 0, cur_g = 0;
   const auto load_q = [&](int stage) {
     const int64_t h = hk * group + ld_g, i0 = (mb + ld_m) * kBlockM;
@@ -308,17 +333,19 @@ __global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ))
       ld_m = 0;
       ++ld_g;
     }
-    cp_async_tile<T, kBlockM, kD, kThreads>(sQs + stage * kBlockM * kStride,
-                                            q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq, si.sq - i0, d);
-    cp_async_tile<T, kBlockM, kD, kThreads>(sdOs + stage * kBlockM * kStride,
-                                            q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
-                                            si.sq - i0, d);
+    cp_async_tile<T, kBlockM, kD, kCtaThreads>(sQs + stage * kBlockM * kStride,
+                                               q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq,
+                                               si.sq - i0, d);
+    cp_async_tile<T, kBlockM, kD, kCtaThreads>(sdOs + stage * kBlockM * kStride,
+                                               q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h), p.ldo.seq,
+                                               si.sq - i0, d);
     ptx::cp_async_commit();
     float* sl = sLs + stage * 2 * kBlockM;
-    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+    for (int r = threadIdx.x; r < kBlockM; r += kCtaThreads) {
       const bool in = i0 + r < si.sq;
       const int64_t off = lse_index(p, si, i0 + r, h);
-      sl[r] = in ? p.lse[off] * softmax::kLog2e : -INFINITY;
+      const float lse = in ? p.lse[off] : -INFINITY;
+      sl[r] = lse == -INFINITY ? INFINITY : lse * softmax::kLog2e;
       sl[kBlockM + r] = in ? p.delta[off] : 0.0f;
     }
   };
@@ -341,81 +368,106 @@ __global__ void __launch_bounds__(kThreads, BwdConfig<kD>::kv_min_blocks(kDoDQ))
     const T* sdO = sdOs + st * kBlockM * kStride;
     const float* sL = sLs + st * 2 * kBlockM;
     const float* sD = sL + kBlockM;
-    float s[1][kBlockM / 8][4];
-    zero(s);
-    gemm_abt<T, 1, kBlockM, kD, kStride>(s, SmemA<T, kStride>{sK + warp * 16 * kStride}, sQ);  // S^T
-    // Rows of S^T are keys, columns queries: query i0 + c sees key j iff c lies in the visible query columns
-    // of key j, i.e. lo_k[r] <= c <= hi_k[r] (Mask::query_tiles' bounds per key).
-    int lo[2] = {0, 0}, hi[2] = {kBlockM - 1, kBlockM - 1};
-    if (!mask.tile_is_full(i0, i0 + kBlockM, j0, j0 + kBlockN))
-#pragma unroll
-      for (int r = 0; r < 2; ++r) visible_rows<kBlockM>(mask, j0 + warp * 16 + acc_row(2 * r), i0, &lo[r], &hi[r]);
-#pragma unroll
-    for (int n8 = 0; n8 < kBlockM / 8; ++n8)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, c = acc_col(n8, e);
-        const Score x = score(s[0][n8][e], capped, pre);
-        const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];
-        s[0][n8][e] = keep ? ptx::ex2_approx(x.s * mul - sL[c]) : 0.0f;
-      }
-    uint32_t a[1][kBlockM / 16][4];
-    if constexpr (kDoDV) {
-      acc_to_a<T, 1, kBlockM>(s, a);
-      gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dv, RegA<1, kBlockM>{a}, sdO);
-    }
-    if constexpr (kDoDK) {
-      float dp[1][kBlockM / 8][4];
-      zero(dp);
-      gemm_abt<T, 1, kBlockM, kD, kStride>(dp, SmemA<T, kStride>{sV + warp * 16 * kStride}, sdO);  // dP^T
-#pragma unroll
-      for (int n8 = 0; n8 < kBlockM / 8; ++n8)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e / 2, c = acc_col(n8, e);
-          const bool keep = sL[c] != -INFINITY && c >= lo[r] && c <= hi[r];  // dS exactly 0 where masked
-          const float pr = s[0][n8][e];
-          // Softcap: the capped score t is recovered from P = exp2(t mul - lse2) instead of being kept in 16
-          // more registers (which spilled at kD 128): t = (log2 P + lse2) / mul, accurate to ~1e-7 absolute.
-          float dt = 1.0f;
-          if (capped && pr > 0.0f) {
-            const float t = (ptx::lg2_approx(pr) + sL[c]) * inv_mul;
-            dt = 1.0f - t * t;
-          }
-          s[0][n8][e] = keep ? pr * (dp[0][n8][e] - sD[c]) * dt : 0.0f;
-        }
-      acc_to_a<T, 1, kBlockM>(s, a);
-      if constexpr (kDoDQ) {  // dS^T rows of this warp's keys -> sdS (the A fragments hold adjacent query pairs)
+    if (i0 + kBlockM <= wq_lo || i0 >= wq_hi) {  // no query of this item sees the warp's keys: dS^T = 0
+      if constexpr (kDoDQ) {
         const int lane = threadIdx.x % kWarpSize;
-        uint32_t* row_g = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 4) * Cfg::kDsStride + (lane % 4) * 2);
+        uint32_t* row_g = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 2) * Cfg::kDsStride + (lane % 2) * 16);
 #pragma unroll
-        for (int ks = 0; ks < kBlockM / 16; ++ks)
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            row_g[((i & 1) * 8 * Cfg::kDsStride + ks * 16 + (i / 2) * 8) / 2] = a[0][ks][i];
+        for (int i = 0; i < 8; ++i) row_g[i] = 0u;  // 16 rows x 32 queries: 2 lanes per row, 16 columns each
       }
-      gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dk, RegA<1, kBlockM>{a}, sQ);
+    } else {
+      float s[1][kBlockM / 8][4];
+      zero(s);
+      gemm_abt<T, 1, kBlockM, kD, kStride>(s, SmemA<T, kStride>{sK + warp * 16 * kStride}, sQ);  // S^T
+      // Rows of S^T are keys, columns queries: query i0 + c sees key j iff c lies in the visible query columns
+      // of key j, i.e. lo_k[r] <= c <= hi_k[r] (Mask::query_tiles' bounds per key). A warp tile fully inside the
+      // band (the common case) runs the element loops without the select (the loops' `masked` argument false).
+      const bool full = mask.tile_is_full(i0, i0 + kBlockM, wj0, wj0 + 16);
+      int lo[2] = {0, 0}, hi[2] = {kBlockM - 1, kBlockM - 1};
+      if (!full)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) visible_rows<kBlockM>(mask, wj0 + acc_row(2 * r), i0, &lo[r], &hi[r]);
+      const auto p_of_scores = [&](auto masked) {
+#pragma unroll
+        for (int n8 = 0; n8 < kBlockM / 8; ++n8)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e / 2, c = acc_col(n8, e);
+            const float pr = ptx::ex2_approx(score(s[0][n8][e], capped, pre).s * mul - sL[c]);
+            s[0][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? pr : 0.0f;
+          }
+      };
+      if (full)
+        p_of_scores(std::false_type());
+      else
+        p_of_scores(std::true_type());
+      uint32_t a[1][kBlockM / 16][4];
+      if constexpr (kDoDV) {
+        acc_to_a<T, 1, kBlockM>(s, a);
+        gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dv, RegA<1, kBlockM>{a}, sdO);
+      }
+      if constexpr (kDoDK) {
+        float dp[1][kBlockM / 8][4];
+        zero(dp);
+        gemm_abt<T, 1, kBlockM, kD, kStride>(dp, SmemA<T, kStride>{sV + warp * 16 * kStride}, sdO);  // dP^T
+        // dS^T = P^T (dP^T - delta) (x (1 - t^2) when capped), exactly 0 where masked (also when dP^T is NaN
+        // there: a NaN in V or dO the mask hides), which also covers padding rows and rows that see no key.
+        const auto ds_of_p = [&](auto masked) {
+#pragma unroll
+          for (int n8 = 0; n8 < kBlockM / 8; ++n8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e / 2, c = acc_col(n8, e);
+              const float pr = s[0][n8][e];
+              // Softcap: the capped score t is recovered from P = exp2(t mul - lse2) instead of being kept in 16
+              // more registers (which spilled at kD 128): t = (log2 P + lse2) / mul, accurate to ~1e-7 absolute.
+              float dt = 1.0f;
+              if (capped && pr > 0.0f) {
+                const float t = (ptx::lg2_approx(pr) + sL[c]) * inv_mul;
+                dt = 1.0f - t * t;
+              }
+              const float ds = pr * (dp[0][n8][e] - sD[c]) * dt;
+              s[0][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? ds : 0.0f;
+            }
+        };
+        if (full)
+          ds_of_p(std::false_type());
+        else
+          ds_of_p(std::true_type());
+        acc_to_a<T, 1, kBlockM>(s, a);
+        if constexpr (kDoDQ) {  // dS^T rows of this warp's keys -> sdS (the A fragments hold adjacent query pairs)
+          const int lane = threadIdx.x % kWarpSize;
+          uint32_t* row_g = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 4) * Cfg::kDsStride + (lane % 4) * 2);
+#pragma unroll
+          for (int ks = 0; ks < kBlockM / 16; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              row_g[((i & 1) * 8 * Cfg::kDsStride + ks * 16 + (i / 2) * 8) / 2] = a[0][ks][i];
+        }
+        gemm_ab<T, 1, kD, kBlockM, kStride>(acc_dk, RegA<1, kBlockM>{a}, sQ);
+      }
     }
     if constexpr (kDoDQ) {
       __syncthreads();  // sdS holds every warp's keys
-      // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's kD / 4 columns, kDqChunk at a time.
-      constexpr int kCols = kD / kWarps, kChunk = Cfg::kDqChunk;
-      const int lane = threadIdx.x % kWarpSize;
-      // This lane's workspace row (query i0 + lane / 4 of head hk * group + item_g) at column 2 (lane % 4); the
-      // rows of one query are heads_q * d floats apart. rows: the tile's valid rows after this lane's first.
+      // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's kDqTiles m16 query tiles (from row
+      // m0) and kD / 4 columns, kDqChunk at a time.
+      constexpr int kTiles = Cfg::kDqTiles, kCols = kD / 4, kChunk = Cfg::kDqChunk;
+      const int lane = threadIdx.x % kWarpSize, m0 = kTiles == 2 ? 0 : (warp / 4) * 16;
+      // This lane's workspace row (query i0 + m0 + lane / 4 of head hk * group + item_g) at column 2 (lane % 4);
+      // the rows of one query are heads_q * d floats apart. rows: the tile's valid rows after this lane's first.
       const int64_t ws_stride = p.heads_q * d;
-      float* w0 = dq_ws + (dq_ws_row(p, si, i0) * p.heads_q + hk * group + item_g) * d + (lane / 4) * ws_stride +
-                  (lane % 4) * 2;
-      const int64_t rows = si.sq - i0 - lane / 4;
+      float* w0 = dq_ws + (dq_ws_row(p, si, i0) * p.heads_q + hk * group + item_g) * d +
+                  (m0 + lane / 4) * ws_stride + (lane % 4) * 2;
+      const int64_t rows = si.sq - i0 - m0 - lane / 4;
 #pragma unroll
       for (int c0 = 0; c0 < kCols; c0 += kChunk) {
-        const int col0 = warp * kCols + c0;
+        const int col0 = (warp % 4) * kCols + c0;
         if (col0 >= d) break;  // padded head dim: nothing to add (uniform across the warp)
-        float acc_dq[2][kChunk / 8][4];
+        float acc_dq[kTiles][kChunk / 8][4];
         zero(acc_dq);
-        gemm_ab<T, 2, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS}, sK + col0);
+        gemm_ab<T, kTiles, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS + m0}, sK + col0);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {  // accumulator rows 8 r (m16 tile r / 2, half r % 2)
+        for (int r = 0; r < 2 * kTiles; ++r) {  // accumulator rows 8 r (m16 tile r / 2, half r % 2)
           if (8 * r >= rows) break;
           float* w = w0 + 8 * r * ws_stride + col0;
 #pragma unroll
@@ -470,7 +522,7 @@ void launch_dkdv(const Params& p, float* dq_ws, const char* name, cudaStream_t s
   opt_in.ensure(kernel, smem, p.device, name);
   launch(name, kernel, dim3(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kKvBlockN)),
                             static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch)),
-         kThreads, smem, stream, p, dq_ws);
+         Cfg::kKvThreads, smem, stream, p, dq_ws);
 }
 
 template <typename T, int kD>
