@@ -213,6 +213,10 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
+    # Allocated before anything reads the inputs: an input too large for memory (an expanded view) fails here, not
+    # in a pass over its elements. Unused when torch's outputs already have these layouts (see _into).
+    out = empty_like(q)  # q's layout, as the fake kernel promises
+    lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
     # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
@@ -221,11 +225,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
              and _nan_policy_ok(window_right == 0, q, k, v))
     if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
             window_left, window_right, top_left, q.shape[1], k.shape[1]):
-        # torch's output is (batch, seqlen, heads, head_dim)-contiguous: returned as it is for a contiguous q (the
-        # layout the fake kernel promises), copied into q's layout otherwise; nothing is allocated before
-        return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, None if q.is_contiguous() else empty_like(q))
-    out = empty_like(q)  # q's layout, as the fake kernel promises
-    lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
+        return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
     if route and varlen:
         spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
         if _varlen_route_ok(spans, window_right):
@@ -258,17 +258,14 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     top_left: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route then needs
-    # no copy) and one the kernels write as fast as any (they take strides).
-    def grads():
-        return tuple(empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-
+    # no copy) and one the kernels write as fast as any (they take strides). Allocated first (see _flash_attn_fwd).
+    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
-        dq, dk, dv = grads()
         return dq, dk.zero_(), dv.zero_()
     causal = window_right == 0
     route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
@@ -277,8 +274,7 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
              and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
              and _nan_policy_ok(causal, q, k, v, dout))
     if route and cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
-        return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal)  # torch's gradients, no copy
-    dq, dk, dv = grads()
+        return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
     delta = empty(lse.shape, torch.float32, q.device)
     if route and cu_seqlens_q is not None:
         spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
