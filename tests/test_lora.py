@@ -545,7 +545,7 @@ def test_qlora_decode_skinny_base_cuda(dtype, dev, monkeypatch):
 # ---- the tensor-core decode kernel at ranks 65-256: the down pass and the chunked epilogue ----------
 def _spy_paths(monkeypatch):
     """Records which implementation each forward / input-gradient took: ('fused', transposed, r, slices of the
-    down pass) or ('workspace', transposed)."""
+    down pass) or ('workspace', transposed). Split-K's slice count: _force_split."""
     from pyllmops.ops import lora as L
 
     calls = []
@@ -706,7 +706,7 @@ def test_large_rank_rechecked_in_cpp_cuda(dev):
         a, b = torch.randn(r, 64, device=dev).to(bf), torch.randn(24, r, device=dev).to(bf)
         t = torch.empty(4, r, device=dev)
         lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1.0, view(out), view(t),
-                               None if t_part is None else view(t_part), tensor_cores, 0)
+                               None if t_part is None else view(t_part), None, tensor_cores, 0)
 
     with pytest.raises(ValueError, match="SIMT kernel supports rank r <= 64, got 65"):
         call(65, torch.empty(2, 4, 65, device=dev), False)
@@ -716,6 +716,125 @@ def test_large_rank_rechecked_in_cpp_cuda(dev):
         call(65, None, True)
     with pytest.raises(ValueError, match="t_part has shape"):
         call(65, torch.empty(2, 4, 64, device=dev), True)
+
+
+# ---- split-K of the tensor-core decode kernel: slices of the reduction, the finishing pass ----------------
+def _force_split(monkeypatch, splits):
+    """Makes ops/lora.py choose `splits` reduction slices (None: its own choice) and records every choice."""
+    from pyllmops.ops import lora as L
+
+    chosen, real = [], L.split_k
+
+    def split_k(m, n_cols, n_red, weight_bytes):
+        chosen.append(real(m, n_cols, n_red, weight_bytes) if splits is None else splits)
+        return chosen[-1]
+
+    monkeypatch.setattr(L, "split_k", split_k)
+    return chosen
+
+
+# (kind, r, rows, slices): every base, rank, row count and slice count at least once (a Latin square); 160
+# input features are 5 steps of 32: 2 slices of 3 + 2 steps, 3 of 2 + 2 + 1, 4 of 2 + 2 + 1 + 0 (an empty
+# slice); the input gradient reduces over 72 outputs (3 steps: 4 slices leave one empty there too).
+SPLIT_CASES = [(kind, r, m, ((i + j) % 4) + 1)
+               for i, kind in enumerate(["lora", "qlora", "qalora"])
+               for j, (r, m) in enumerate([(8, (1, 5, 63)[i]), (64, (5, 63, 1)[i]), (128, (63, 1, 5)[i]),
+                                           (256, (1, 5, 63)[i])])]
+
+
+@pytest.mark.parametrize("kind,r,m,splits", SPLIT_CASES, ids=[f"{k}-r{r}-m{m}-s{s}" for k, r, m, s in SPLIT_CASES])
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_split_k_cuda(kind, r, m, splits, dev, monkeypatch):
+    """The tensor-core decode kernel split 1-4 ways along the reduction (the split grid's fp32 partial sums,
+    added in slice order by the finishing pass, which applies bias and the adapter term once): dense, NF4 and
+    INT4 (QA-LoRA pooling, group 32) bases, ranks 8 and 64 (t's partials from column tile 0's slices) and 128,
+    256 (t from the down pass), 1, 5 and 63 rows, forward (cp.async staging) and input gradient (scalar
+    staging; dA, dB, dbias through t). Against float64 with poisoned outputs; the spy proves both calls took the
+    fused kernel with the forced slice count."""
+    dtype = (torch.float16, torch.bfloat16)[(r + m) % 2]
+    in_f, out_f = 160, 72
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")  # QLoRA's automatic decode forward takes ops.nf4's kernel
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    fn, ref, a, b = _layer_case(kind, w, dtype, r, 32)
+    x = torch.randn(m, in_f, device=dev).to(dtype)
+    calls, chosen = _spy_paths(monkeypatch), _force_split(monkeypatch, splits)
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} r={r} m={m} split {splits}")
+    assert [c[:3] for c in calls] == [("fused", False, r), ("fused", True, r)]
+    assert chosen == [splits, splits]
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_split_k_chosen_and_deterministic_cuda(dev, monkeypatch):
+    """At a decode shape the op splits on its own (1 row, 1024 features: 8 slices of 4 steps for the two column
+    tiles), with a dropout mask (the forward's masked t in column tile 0's slices, the backward's mask on the
+    adapter term in the finishing pass); two calls are bitwise equal (the slices are added in a fixed order)."""
+    from pyllmops.ops import lora as L
+
+    monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
+    dtype, in_f, out_f, r, m = torch.bfloat16, 1024, 96, 16, 1
+    assert L.split_k(m, out_f, in_f, 2) == 8
+    w = (torch.randn(out_f, in_f, device=dev) / 32).to(dtype)
+    a, b = _adapter(r, in_f, out_f, dtype, dev)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    x = torch.randn(m, in_f, device=dev).to(dtype)
+    mask = ((torch.rand(m, in_f, device=dev) >= 0.25).float() / 0.75).to(dtype)
+    calls, chosen = _spy_paths(monkeypatch), _force_split(monkeypatch, None)
+    _check_fwd_bwd(lambda x, a, b, bias: torch.ops.pyllmops.lora_fwd(x, w, bias, a, b, 2.0, mask)[0],
+                   lambda x, a, b, bias: R.lora_linear(x, w, a, b, 2.0, bias, mask), x, [a, b, bias], dtype,
+                   "lora split-K dropout")
+    assert [c[:2] for c in calls] == [("fused", False), ("fused", True)]
+    assert chosen[0] == 8 and chosen[1] == L.split_k(m, in_f, out_f, 2) == 1  # dx reduces over 96: 3 steps
+    ops = torch.ops.pyllmops
+    y1, t1 = ops.lora_fwd(x, w, bias, a.detach(), b.detach(), 2.0, mask)
+    y2, t2 = ops.lora_fwd(x, w, bias, a.detach(), b.detach(), 2.0, mask)
+    assert torch.equal(y1, y2) and torch.equal(t1, t2)
+    dy = torch.randn(3, out_f, device=dev).to(dtype)
+    _force_split(monkeypatch, 3)
+    d1 = ops.lora_bwd_dx(dy, w, a.detach(), b.detach(), 2.0, None)
+    d2 = ops.lora_bwd_dx(dy, w, a.detach(), b.detach(), 2.0, None)
+    assert all(torch.equal(p, q) for p, q in zip(d1, d2))
+
+
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_split_k_rechecked_in_cpp_cuda(dev):
+    """_C refuses a split-K workspace the kernel cannot use: on the SIMT kernel, with a t_part of another slice
+    count (r <= 64), or of the wrong shape, before any launch."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+
+    bf = torch.bfloat16
+    x, w = torch.randn(4, 64, device=dev).to(bf), torch.randn(24, 64, device=dev).to(bf)
+    a, b = torch.randn(8, 64, device=dev).to(bf), torch.randn(24, 8, device=dev).to(bf)
+    out, t = torch.empty(4, 24, device=dev).to(bf), torch.empty(4, 8, device=dev)
+
+    def call(o_part, t_part, tensor_cores=True):
+        lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1.0, view(out), view(t),
+                               None if t_part is None else view(t_part), view(o_part), tensor_cores, 0)
+
+    with pytest.raises(ValueError, match="is for the CUDA tensor-core LoRA kernel"):
+        call(torch.empty(2, 4, 24, device=dev), torch.empty(2, 4, 8, device=dev), tensor_cores=False)
+    with pytest.raises(ValueError, match="needs a t_part workspace of 2 slices for rank 8, got 3"):
+        call(torch.empty(2, 4, 24, device=dev), torch.empty(3, 4, 8, device=dev))
+    with pytest.raises(ValueError, match="needs a t_part workspace of 2 slices for rank 8, got 0"):
+        call(torch.empty(2, 4, 24, device=dev), None)
+    with pytest.raises(ValueError, match="o_part has shape"):
+        call(torch.empty(2, 3, 24, device=dev), torch.empty(2, 4, 8, device=dev))
+
+
+def test_split_k_choice():
+    """ops/lora.py split_k: about 512 CTAs (column tiles x row tiles x slices), slices of at least 4 steps, fp32
+    partial sums at most W's bytes; 1 where the grid is already full or the reduction short."""
+    from pyllmops.ops import lora as L
+
+    assert L.split_k(1, 4096, 4096, 0.5 + 4 / 64) == 8        # NF4 4096^2 decode: 64 tiles x 8 = 512 CTAs
+    assert L.split_k(16, 4096, 4096, 0.5 + 4 / 64) == 8
+    assert L.split_k(1, 14336, 4096, 0.5 + 4 / 64) == 2       # 224 tiles x 2 = 448 CTAs
+    assert L.split_k(1, 4096, 14336, 0.5 + 4 / 64) == 8       # the down projection: 56 steps a slice
+    assert L.split_k(63, 4096, 256, 0.5 + 4 / 64) == 1        # partials would exceed W's bytes
+    assert L.split_k(1, 64, 96, 2) == 1                       # 3 steps: too short to split
+    assert L.split_k(64, 32768, 4096, 2) == 1                 # 512 tiles: the grid is full
+    assert L.split_k(0, 64, 4096, 2) == 1 and L.split_k(5, 0, 4096, 2) == 1
 
 
 # ---- opcheck ------------------------------------------------------------------------------------
@@ -800,7 +919,7 @@ def test_bad_inputs():
 def test_binding_rechecks():
     """_C re-checks what its kernels rely on and raises (never reads out of bounds)."""
     from pyllmops._ext import lib
-    from pyllmops.ops._common import view
+    from pyllmops.ops._common import on_cuda, view
 
     x = torch.randn(4, 64)
     w = torch.randn(24, 64)
@@ -809,7 +928,7 @@ def test_binding_rechecks():
     a, b = torch.randn(8, 64), torch.randn(24, 8)
     args = lambda **kw: [view(kw.get("x", x)), None, None, view(kw.get("w", w)), False, None,  # noqa: E731
                          view(kw.get("a", a)), view(kw.get("b", b)), 1.0, view(kw.get("out", out)),
-                         view(kw.get("t", t)), kw.get("t_part"), False, 0]
+                         view(kw.get("t", t)), kw.get("t_part"), kw.get("o_part"), False, 0]
     lib().lora_fused_dense(*args())
     with pytest.raises(ValueError, match="weight has shape"):
         lib().lora_fused_dense(*args(w=torch.randn(24, 32)))
@@ -823,6 +942,11 @@ def test_binding_rechecks():
         lib().lora_fused_dense(*args(t=torch.empty(4, 8, dtype=torch.float64)))
     with pytest.raises(ValueError, match="t_part has shape"):
         lib().lora_fused_dense(*args(t_part=view(torch.empty(2, 4, 7))))
+    with pytest.raises(ValueError, match="o_part has shape"):
+        lib().lora_fused_dense(*args(o_part=view(torch.empty(2, 4, 23))))
+    if not on_cuda(x):  # the CPU kernel refuses a split-K workspace rather than ignore it
+        with pytest.raises(ValueError, match="o_part .* is for the CUDA tensor-core LoRA kernel"):
+            lib().lora_fused_dense(*args(o_part=view(torch.empty(2, 4, 24))))
     q, s, z = pyllmops.quantize_int(w, 4, 32)
     with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
         lib().int_dequantize(view(q), view(s), view(z), 5, 32, view(torch.empty(24, 64)), 0)
@@ -931,7 +1055,7 @@ def test_scaling_rechecked_in_cpp():
     out, t = torch.empty(4, 24), torch.empty(4, 8)
     with pytest.raises(ValueError, match="scaling must be finite after its cast to float32"):
         lib().lora_fused_dense(view(x), None, None, view(w), False, None, view(a), view(b), 1e39, view(out),
-                               view(t), None, False, 0)
+                               view(t), None, None, False, 0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -125,6 +125,12 @@ struct FusedArgs {
   // epilogue in slice order. Every element is written before it is read; nullptr otherwise.
   float* t_part = nullptr;
   int64_t t_splits = 0;
+  // CUDA tensor-core kernel, split-K (decode shapes; ops/lora.py: split_k): [o_splits, m, n_cols] fp32 partial
+  // sums of the base product over o_splits slices of the reduction, one per CTA of the (column tile, row tile,
+  // slice) grid; a finishing pass adds them in slice order and applies bias and the adapter term once. With
+  // r <= 64 t_part then has o_splits slices too (written by column tile 0's CTAs). nullptr: no split.
+  float* o_part = nullptr;
+  int64_t o_splits = 0;
 };
 
 // A_exp(q, k) = A[q, k / pool] / pool; in_features = pool * (columns of A).

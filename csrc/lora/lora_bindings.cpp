@@ -47,7 +47,7 @@ void check_like_x(const TensorView& t, const TensorView& x, const char* name) {
 lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
                            bool transposed, const OptView& bias, const TensorView& lora_a,
                            const TensorView& lora_b, int64_t pool, double scaling, const TensorView& out,
-                           const TensorView& t, const OptView& t_part, lora::Weight* w) {
+                           const TensorView& t, const OptView& t_part, const OptView& o_part, lora::Weight* w) {
   check_float_dtype(in, "x");
   check_like_x(in, in, "x");
   check_like_x(out, in, "out");
@@ -104,23 +104,47 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
     a.t_part = t_part->ptr<float>();
     a.t_splits = t_part->size(0);
   }
+  if (o_part) {  // the CUDA tensor-core kernel's split-K partial sums of the base product: [splits, m, n_cols] fp32
+    check_buffer(*o_part, in, "o_part");
+    pyllmops::check_dtype(*o_part, DType::f32, "o_part");
+    PYLLMOPS_CHECK(o_part->dim() == 3 && o_part->size(0) >= 1, "o_part must be 3-D with at least one slice, got ",
+                   "shape ", pyllmops::shape_str(o_part->shape));
+    check_shape(*o_part, {o_part->size(0), a.m, a.n_cols}, "o_part");
+    a.o_part = o_part->ptr<float>();
+    a.o_splits = o_part->size(0);
+  }
   w->n_out = n_out;
   w->k_in = k_in;
   return a;
 }
 
+// A split-K workspace (o_part) is only for the CUDA tensor-core kernel (fp16 / bf16, tensor cores on, 32-bit
+// indices); the CPU and SIMT kernels refuse it rather than ignore it.
+void check_split_k(const lora::FusedArgs& a, DType dtype, bool tensor_cores, bool cuda) {
+  if (a.o_part == nullptr) return;
+  const bool mma = cuda && tensor_cores && (dtype == DType::f16 || dtype == DType::bf16);
+  PYLLMOPS_CHECK(mma, "o_part (the split-K workspace) is for the CUDA tensor-core LoRA kernel (float16 / bfloat16 ",
+                 "on CUDA with tensor cores on), got ", pyllmops::dtype_name(dtype), cuda ? " on CUDA" : " on the CPU",
+                 tensor_cores ? "" : " with tensor cores off");
+}
+
 void run_fused(lora::WeightKind kind, const TensorView& in, const lora::FusedArgs& a, const lora::Weight& w,
                bool tensor_cores, uintptr_t stream) {
-  PYLLMOPS_ON_DEVICE(in, "lora_linear", lora::fused_cpu(kind, in.dtype, a, w),
-                     lora::fused_cuda(kind, in.dtype, a, w, in.device, stream, tensor_cores));
+  check_split_k(a, in.dtype, tensor_cores, in.is_cuda());
+  PYLLMOPS_ON_DEVICE(in, "lora_linear", lora::fused_cpu(kind, in.dtype, a, w), {
+    PYLLMOPS_CHECK(a.o_part == nullptr || lora::fits_32bit_indices(a, w), "o_part (the split-K workspace) is for ",
+                   "the tensor-core LoRA kernel, whose 32-bit indices do not cover this problem");
+    lora::fused_cuda(kind, in.dtype, a, w, in.device, stream, tensor_cores);
+  });
 }
 
 void lora_fused_dense(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
                       const TensorView& weight, bool transposed, const OptView& bias, const TensorView& lora_a,
                       const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                      const OptView& t_part, bool tensor_cores, uintptr_t stream) {
+                      const OptView& t_part, const OptView& o_part, bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
-  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, &w);
+  const auto a =
+      fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, o_part, &w);
   check_like_x(weight, in, "weight");
   check_shape(weight, {w.n_out, w.k_in}, "weight");
   w.dense = weight.data;
@@ -132,9 +156,10 @@ void lora_fused_nf4(const TensorView& in, const OptView& in_scale, const OptView
                     const OptView& nested_code, const OptView& nested_offset, int64_t blocksize,
                     int64_t nested_blocksize, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    const OptView& t_part, bool tensor_cores, uintptr_t stream) {
+                    const OptView& t_part, const OptView& o_part, bool tensor_cores, uintptr_t stream) {
   lora::Weight w;
-  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, &w);
+  const auto a =
+      fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, 1, scaling, out, t, t_part, o_part, &w);
   pyllmops::nf4::check_blocksize(blocksize, "blocksize");
   check_input(packed, in, "packed", "x");
   pyllmops::check_dtype(packed, DType::u8, "packed");
@@ -166,11 +191,11 @@ void lora_fused_int(const TensorView& in, const OptView& in_scale, const OptView
                     const TensorView& qweight, const TensorView& scales, const TensorView& zeros, int64_t bits,
                     int64_t group_size, bool transposed, const OptView& bias, const TensorView& lora_a,
                     const TensorView& lora_b, double scaling, const TensorView& out, const TensorView& t,
-                    const OptView& t_part, bool tensor_cores, uintptr_t stream) {
+                    const OptView& t_part, const OptView& o_part, bool tensor_cores, uintptr_t stream) {
   check_bits_group(bits, group_size);
   lora::Weight w;
-  const auto a =
-      fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, group_size, scaling, out, t, t_part, &w);
+  const auto a = fused_args(in, in_scale, out_scale, transposed, bias, lora_a, lora_b, group_size, scaling, out, t,
+                            t_part, o_part, &w);
   check_int_weight(qweight, scales, zeros, bits, group_size, w.n_out, w.k_in, in);
   w.qweight = qweight.ptr<const int32_t>();
   w.scales = scales.ptr<const float>();

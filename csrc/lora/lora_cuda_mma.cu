@@ -231,15 +231,40 @@ __device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, St
   }
 }
 
-// kDown = false: the fused kernel. Grid (column tiles, row tiles). out = base + bias + adapter term for the
+// One slice's partial sums straight from the fragments: base[il * ld + c] = f for rows il < rows and columns
+// c < cols of the warp's 32 x 32 (every such element of the CTA's tile written once; 32-bit offsets).
+__device__ __forceinline__ void store_frags(float* base, int ld, const float (&f)[2][4][4], int rows, int cols,
+                                            int wm, int wn, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), c = wn * 32 + ni * 8 + mma_c_col(lane, e);
+        if (il < rows && c < cols) base[il * ld + c] = f[mi][ni][e];
+      }
+}
+
+// The kernel's three passes (template argument P):
+enum class Pass { fused, down, finish };
+
+// Pass::fused, the fused kernel. Grid (column tiles, row tiles). out = base + bias + adapter term for the
 //   CTA's 64 x 64 tile. With r <= 64, t for the CTA's rows comes from the main loop (tacc); with r > 64
 //   (a.t_part set) the main loop computes the base product only and the epilogue reads t from t_part, the
 //   down pass's partial sums. The epilogue walks the ranks in chunks of 64 either way.
-// kDown = true: the down pass (r > 64, before the fused kernel). Grid (rank chunks of 64, row tiles, t_splits):
+//   Split-K (a.o_part set): grid (column tiles, row tiles, o_splits); the CTA walks slice z = blockIdx.z of the
+//   reduction (split_steps 32-wide steps), stores its partial base tile to o_part[z] and, with r <= 64, column
+//   tile 0's CTAs their partial t to t_part[z] (the other column tiles run no t mma); no epilogue.
+// Pass::finish (split-K only, after the split grid): grid (column tiles, row tiles); acc = the o_splits partial
+//   tiles added in slice order, t = t_part's slices added in slice order, then the same epilogue (bias, adapter
+//   term, dropout mask, one store; column tile 0 writes t). Instantiated with K = dense (no main loop).
+// Pass::down: the down pass (r > 64, before the fused kernel). Grid (rank chunks of 64, row tiles, t_splits):
 //   t_part[z][rows][chunk] = the chunk's t over slice z of the reduction (split_steps 32-wide steps); the
 //   main loop without W (same staging, same mma t loop). Instantiated with K = dense only (W is not read).
-template <WeightKind K, typename T, bool kDown>
+template <WeightKind K, typename T, Pass P>
 __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight w, bool vec, int split_steps) {
+  constexpr bool kDown = P == Pass::down;
   constexpr int kLoopBytes = static_cast<int>(sizeof(Stages<T>));
   constexpr int kEpiBytes = kEpiFloats * 4;
   constexpr int kSmemBytes = kLoopBytes > kEpiBytes ? kLoopBytes : kEpiBytes;
@@ -254,6 +279,13 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
   const int r_all = d.r;
   const int steps = (d.n_red + kBK - 1) / kBK;
   int s_begin = 0, s_end = steps, q0 = 0;
+  const bool split = P == Pass::fused && a.o_part != nullptr;  // a slice of the split-K grid
+  if constexpr (P == Pass::finish) {
+    s_end = 0;  // no main loop: the partial sums are the split grid's
+  } else if (split) {
+    s_begin = static_cast<int>(blockIdx.z) * split_steps;
+    s_end = min(steps, s_begin + split_steps);
+  }
   if constexpr (kDown) {  // this CTA's ranks [q0, q0 + 64) and reduction slice
     q0 = static_cast<int>(blockIdx.x) * kRT;
     d.r = min(kRT, r_all - q0);
@@ -264,8 +296,8 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     }
     s_begin = static_cast<int>(blockIdx.z) * split_steps;
     s_end = min(steps, s_begin + split_steps);
-  } else if (a.t_part != nullptr) {
-    d.r = 0;  // t comes from the down pass: the main loop stages no D and runs no t mma
+  } else if (a.t_part != nullptr && (r_all > kRT || P == Pass::finish || blockIdx.x != 0)) {
+    d.r = 0;  // t comes from the down pass or from column tile 0's slices: no D staged, no t mma
   }
   // This CTA's rows of `in` (the row tile's offset folded into the base pointers, so the loaders index
   // from 0 and stay 32-bit).
@@ -374,18 +406,36 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     __syncthreads();  // the stage is re-filled two steps later (vec) or at the next step (scalar)
   }
 
-  if constexpr (kDown) {  // the chunk's partial t, straight from the fragments (every (row < m, rank) written)
-    float* tp = a.t_part + static_cast<int64_t>(blockIdx.z) * a.m * a.r + static_cast<int64_t>(m0) * a.r + q0;
+  // The slice's partial t: the down pass's rank chunk, or (split-K, r <= 64) column tile 0's ranks. Every
+  // (row < m, rank) element of the slice is written, an empty slice writing zeros.
+  if (kDown || (split && d.r > 0)) {
+    float* tp = a.t_part + (static_cast<int64_t>(blockIdx.z) * a.m + m0) * a.r + q0;
+    store_frags(tp, static_cast<int>(a.r), tacc, d.m, d.r, wm, wn, lane);
+  }
+  if constexpr (kDown) return;
+  if (split) {  // the slice's partial base tile; bias and the adapter term are the finishing pass's
+    float* op = a.o_part + (static_cast<int64_t>(blockIdx.z) * a.m + m0) * a.n_cols + j0;
+    store_frags(op, d.n_cols, acc, d.m, d.n_cols - j0, wm, wn, lane);
+    return;
+  }
+  if constexpr (P == Pass::finish) {  // acc = the slices' partial base tiles, added in slice order
+    const float* op = a.o_part + static_cast<int64_t>(m0) * a.n_cols + j0;
+    const int64_t slice = a.m * a.n_cols;
+    const int splits = static_cast<int>(a.o_splits);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), q = wn * 32 + ni * 8 + mma_c_col(lane, e);
-          if (il < d.m && q < d.r) tp[static_cast<int64_t>(il) * a.r + q] = tacc[mi][ni][e];
+          const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
+          float v = 0.0f;
+          if (il < d.m && j0 + jl < d.n_cols) {
+            const float* p = op + il * d.n_cols + jl;
+            for (int z = 0; z < splits; ++z) v += p[z * slice];
+          }
+          acc[mi][ni][e] = v;
         }
-    return;
   }
   // the epilogue indexes `in`'s rows from the original base again
   a.in = static_cast<const T*>(a.in) - static_cast<int64_t>(m0) * d.n_red;
@@ -503,21 +553,37 @@ bool async_staging(WeightKind kind, const FusedArgs& a, const Weight& w) {
 
 template <WeightKind K, typename T>
 void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream, bool vec) {
-  const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN);
+  const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN), steps = ceil_div(a.n_red, kBK);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
   if (a.r > kRT) {  // the down pass: t's partial sums per (rank chunk, row tile, reduction slice)
-    const int64_t steps = ceil_div(a.n_red, kBK), splits = a.t_splits;
+    const int64_t splits = a.t_splits;
     PYLLMOPS_CHECK(a.t_part != nullptr && splits >= 1 && splits <= 65535, "the tensor-core LoRA kernel needs a ",
                    "t_part workspace of 1 to 65535 slices for ranks above ", kRT, ", got ", splits);
     const int split_steps = static_cast<int>(ceil_div(steps, splits));
-    launch("fused_mma_kernel(down)", fused_mma_kernel<WeightKind::dense, T, true>,
+    launch("fused_mma_kernel(down)", fused_mma_kernel<WeightKind::dense, T, Pass::down>,
            dim3(static_cast<unsigned>(ceil_div(a.r, kRT)), static_cast<unsigned>(gy), static_cast<unsigned>(splits)),
            kThreads, 0, stream, a, w, async_staging_down(a), split_steps);
   }
   FusedArgs b = a;
-  if (a.r <= kRT) b.t_part = nullptr;  // t from the main loop
-  launch("fused_mma_kernel", fused_mma_kernel<K, T, false>, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-         kThreads, 0, stream, b, w, vec, 0);
+  if (a.o_part == nullptr) {  // one CTA per output tile walks the whole reduction
+    if (a.r <= kRT) b.t_part = nullptr;  // t from the main loop
+    launch("fused_mma_kernel", fused_mma_kernel<K, T, Pass::fused>,
+           dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, b, w, vec, 0);
+    return;
+  }
+  // split-K: partial sums per (column tile, row tile, slice), then the finishing pass
+  const int64_t splits = a.o_splits;
+  PYLLMOPS_CHECK(splits >= 1 && splits <= 65535, "the tensor-core LoRA kernel's split-K workspace o_part must have ",
+                 "1 to 65535 slices, got ", splits);
+  PYLLMOPS_CHECK(a.r > kRT || a.r == 0 || (a.t_part != nullptr && a.t_splits == splits), "the tensor-core LoRA ",
+                 "kernel split ", splits, " ways needs a t_part workspace of ", splits, " slices for rank ", a.r,
+                 ", got ", a.t_part != nullptr ? a.t_splits : 0);
+  const int split_steps = static_cast<int>(ceil_div(steps, splits));
+  launch("fused_mma_kernel(split)", fused_mma_kernel<K, T, Pass::fused>,
+         dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits)), kThreads, 0,
+         stream, b, w, vec, split_steps);
+  launch("fused_mma_kernel(finish)", fused_mma_kernel<WeightKind::dense, T, Pass::finish>,
+         dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream, b, w, false, 0);
 }
 
 }  // namespace

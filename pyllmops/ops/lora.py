@@ -131,6 +131,43 @@ def down_splits(m, r, n_red):
     return max(1, min(32, steps, 128 // ctas, 65536 // (max(1, min(m, 64)) * r)))
 
 
+# Split-K of the tensor-core decode kernel (docs/lora.md, "Split-K"): CTAs to aim for, about 4 resident CTAs per SM
+# (its 38 KB of shared memory and 128 registers x 128 threads allow 4) on a 132-SM H100 / H200.
+SPLIT_K_TARGET_CTAS = 512
+SPLIT_K_MIN_STEPS = 4  # 32-wide steps per slice at least, so the double-buffered copies have steps to overlap
+
+
+def split_k(m, n_cols, n_red, weight_bytes):
+    """Reduction slices of the tensor-core fused kernel (lora_cuda_mma.cu, split-K): the (column tile, row tile)
+    grid times the slices makes about SPLIT_K_TARGET_CTAS CTAs, each slice at least SPLIT_K_MIN_STEPS steps, and
+    the fp32 partial sums (slices x min(m, 64) rows x n_cols x 4 bytes per row tile) at most the bytes of W that
+    the same CTAs read (`weight_bytes` per weight: 2 dense bf16, ~0.53 NF4, bits / 8 + scales INT), so that they
+    stay a fraction of the call's traffic (and, at decode sizes, in L2). 1: no split (the kernel as before)."""
+    if m <= 0 or n_cols <= 0:
+        return 1
+    tiles = -(-n_cols // 64) * -(-m // 64)
+    steps = -(-n_red // 32)
+    by_ctas = SPLIT_K_TARGET_CTAS // tiles
+    by_steps = steps // SPLIT_K_MIN_STEPS
+    by_bytes = int(n_red * weight_bytes) // (4 * min(m, 64))
+    return max(1, min(by_ctas, by_steps, by_bytes))
+
+
+def _weight_bytes(kind, w, dtype):
+    """Bytes per base weight as the fused kernel reads them: split_k's budget for the partial sums."""
+    if kind == "dense":
+        return torch.finfo(dtype).bits // 8
+    if kind == "nf4":
+        return 0.5 + 4 / w[5]  # codes + fp32 absmax per block (nested absmax is smaller still)
+    return w[3] / 8 + 8 / w[4]  # codes + fp32 scale and zero per group
+
+
+def _split_k_applies(inp, n_cols, r):
+    """The split-K grid exists on the CUDA tensor-core kernel only (fp16 / bf16, 32-bit indices)."""
+    return (on_cuda(inp) and inp.dtype in (torch.float16, torch.bfloat16) and tensor_cores_enabled()
+            and _fits_32bit(inp.shape[1], n_cols, r))
+
+
 def _flat(x):
     """(..., k) -> (rows, k) contiguous; explicit row count, so k = 0 works (reshape(-1, 0) cannot)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
@@ -145,6 +182,13 @@ def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scal
     # ranks above 64 on the CUDA tensor-core kernel: the down pass's partial sums of t (every element written)
     t_part = empty((down_splits(m, r, inp.shape[1]), m, r), torch.float32, inp.device) if (
         r > MAX_RANK_CUDA and on_cuda(inp)) else None
+    # split-K (decode shapes on the tensor-core kernel): the slices' fp32 partial sums of the base product and,
+    # for r <= 64, of t (ranks above 64 keep the down pass's t_part); every element written before it is read
+    splits = split_k(m, n_cols, inp.shape[1], _weight_bytes(kind, w, inp.dtype)) if _split_k_applies(
+        inp, n_cols, r) else 1
+    o_part = empty((splits, m, n_cols), torch.float32, inp.device) if splits > 1 else None
+    if o_part is not None and r <= MAX_RANK_CUDA:
+        t_part = empty((splits, m, r), torch.float32, inp.device)
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
     if kind == "dense":
         fn, wargs = lib().lora_fused_dense, (view(w[0].contiguous()),)
@@ -159,7 +203,7 @@ def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scal
         wargs = (view(qweight.contiguous()), view(scales.contiguous()), view(zeros.contiguous()), bits, group_size)
     fn(view(inp), opt_view(in_scale), opt_view(out_scale), *wargs, transposed, opt_view(_c(bias)),
        view(lora_a.contiguous()), view(lora_b.contiguous()), float(scaling), view(out), view(t), opt_view(t_part),
-       tensor_cores_enabled(), stream(inp))
+       opt_view(o_part), tensor_cores_enabled(), stream(inp))
     return out, t
 
 
