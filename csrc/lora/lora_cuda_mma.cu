@@ -418,24 +418,19 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     store_frags(op, d.n_cols, acc, d.m, d.n_cols - j0, wm, wn, lane);
     return;
   }
-  if constexpr (P == Pass::finish) {  // acc = the slices' partial base tiles, added in slice order
+  if constexpr (P == Pass::finish) {  // acc (zero) += the slices' partial base tiles, in slice order
     const float* op = a.o_part + static_cast<int64_t>(m0) * a.n_cols + j0;
     const int64_t slice = a.m * a.n_cols;
-    const int splits = static_cast<int>(a.o_splits);
+    for (int z = 0; z < static_cast<int>(a.o_splits); ++z, op += slice)  // 32 independent loads per slice
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
-          float v = 0.0f;
-          if (il < d.m && j0 + jl < d.n_cols) {
-            const float* p = op + il * d.n_cols + jl;
-            for (int z = 0; z < splits; ++z) v += p[z * slice];
+          for (int e = 0; e < 4; ++e) {
+            const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
+            if (il < d.m && j0 + jl < d.n_cols) acc[mi][ni][e] += op[il * d.n_cols + jl];
           }
-          acc[mi][ni][e] = v;
-        }
   }
   // the epilogue indexes `in`'s rows from the original base again
   a.in = static_cast<const T*>(a.in) - static_cast<int64_t>(m0) * d.n_red;
