@@ -670,11 +670,16 @@ def test_large_rank_path_selection_cuda(dev, monkeypatch):
 
 
 @pytest.mark.parametrize("dev", [pytest.param("cuda", id="gpu", marks=GPU_ONLY_MARKS)])
-def test_large_rank_decode_graph_capture(dev, monkeypatch):
-    """The r > 64 decode path (down pass + fused kernel, t_part from torch's allocator) captures into a CUDA
-    graph and replays with new inputs (a real GPU only: the emulator has no graphs)."""
+@pytest.mark.parametrize("r", [16, 256])
+def test_decode_graph_capture(dev, r, monkeypatch):
+    """The decode path (r = 256: down pass, split grid and finishing pass; r = 16: split grid and finishing pass;
+    t_part and o_part from torch's allocator) captures into a CUDA graph and replays with new inputs (a real GPU
+    only: the emulator has no graphs)."""
+    from pyllmops.ops import lora as L
+
     monkeypatch.delenv("PYLLMOPS_LORA_PATH", raising=False)
-    dtype, in_f, out_f, r = torch.bfloat16, 256, 192, 256
+    dtype, in_f, out_f = torch.bfloat16, 256, 192
+    assert L.split_k(3, out_f, in_f, 2) == 2
     w = (torch.randn(out_f, in_f, device=dev) / 16).to(dtype)
     a, b = _adapter(r, in_f, out_f, dtype, dev)
     a, b = a.detach(), b.detach()

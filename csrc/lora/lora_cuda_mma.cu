@@ -30,10 +30,17 @@
 // memory in fp32, the rank sum in one FMA chain per output, then the adapter term, bias and one store),
 // 64 ranks at a time; column tile 0 writes t.
 //
+// Split-K (decode shapes; ops/lora.py split_k picks S): grid (column tiles, row tiles, S), each CTA walking 1/S
+// of the reduction (so each weight is still decoded once per call) and storing fp32 partial sums to o_part
+// [S, m, n] (and, r <= 64, column tile 0's CTAs the partial t to t_part [S, m, r]); a finishing pass (grid
+// (column tiles, row tiles), no main loop) adds the slices in order z = 0..S-1 (deterministic, no atomics) and
+// runs the epilogue once: bias, adapter term, mask, one store. Both workspaces come from the op (torch).
+//
 // Napkin math (H200, bf16, decode m = 1, 4096 x 4096 NF4): 8.4 MB of codes and scales, 2.1 us at 4 TB/s.
-// This kernel launches n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA: ~64 KB in flight
-// against the ~3 MB that Little's law asks of HBM (4 TB/s x ~0.7 us), so it is latency-bound, a few % of
-// HBM bandwidth (docs/lora.md, "GPU predictions"); a split-K grid with deeper pipelines is the next step.
+// Without split-K: n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA, ~64 KB in flight against the
+// ~3 MB that Little's law asks of HBM (4 TB/s x ~0.7 us): latency-bound, a few % of HBM bandwidth. Split 8 ways:
+// 512 CTAs, ~0.5 MB in flight, predicted ~15-20% (docs/lora.md, "Split-K"); a deeper ring of W's codes (more
+// bytes in flight per CTA) is the next step.
 //
 // Arch floor: sm_80 (mma.sync m16n8k16 with bf16 inputs). A build for an older arch stops here instead of
 // compiling the mma to nothing (which would return wrong results with no error); CMakeLists.txt refuses
