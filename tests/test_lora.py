@@ -769,6 +769,24 @@ def test_split_k_cuda(kind, r, m, splits, dev, monkeypatch):
     assert chosen == [splits, splits]
 
 
+@pytest.mark.parametrize("kind", ["qlora", "qalora"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
+def test_code_ring_cuda(kind, splits, dev, monkeypatch):
+    """The ring of 4-bit code stages (NF4, INT4; issued 3 steps ahead, slot = step % 4) over slices long enough to
+    wrap it: 640 features = 20 steps, in one slice or in 7 + 7 + 6; 2 rows, forward (the ring) and input gradient,
+    against float64."""
+    monkeypatch.setenv("PYLLMOPS_LORA_PATH", "fused")
+    dtype, in_f, out_f, r, m = torch.bfloat16, 640, 40, 8, 2
+    w = torch.randn(out_f, in_f, device=dev) / math.sqrt(in_f)
+    bias = torch.randn(out_f, device=dev).to(dtype)
+    fn, ref, a, b = _layer_case(kind, w, dtype, r, 64)
+    x = torch.randn(m, in_f, device=dev).to(dtype)
+    chosen = _force_split(monkeypatch, splits)
+    _check_fwd_bwd(fn, ref, x, [a, b, bias], dtype, f"{kind} code ring, split {splits}")
+    assert chosen == [splits, splits]
+
+
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
 def test_split_k_chosen_and_deterministic_cuda(dev, monkeypatch):
     """At a decode shape the op splits on its own (1 row, 1024 features: 8 slices of 4 steps for the two column

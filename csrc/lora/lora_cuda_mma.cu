@@ -68,6 +68,10 @@ __constant__ float c_nf4_code_mma[16] = {PYLLMOPS_NF4_CODE_VALUES};
 constexpr int kBM = 64, kBN = 64, kBK = 32, kLD = kBK + 8, kThreads = 128, kRT = kMaxRankCuda;
 constexpr int kTileElems = 64 * kLD;
 constexpr int kPackedRow = 16;  // bytes of 4-bit codes per W row and 32-wide step (NF4, INT4)
+// Ring of raw 4-bit code stages (async path): step s's codes are issued kCodeStages - 1 steps ahead, so ~3 KB of
+// W per CTA is in flight instead of 1 KB (x and A, L2-resident, stay one step ahead). A power of two; 4 keeps
+// the shared memory at 39 KB, 4 CTAs per SM on sm_80 (164 KB) as on sm_90.
+constexpr int kCodeStages = 4;
 constexpr int kEpiFloats = kBM * (kRT + 1) + kBN * (kRT + 1);
 
 // The problem's sizes and the format's constants as 32-bit values: the host (launch_mma) has checked
@@ -158,21 +162,21 @@ __device__ __forceinline__ void frag_b2(const T* tile, int n0, int k0, int lane,
 }
 
 // Shared memory of the main loop: two stages of the in, W and D tiles (input dtype, k contiguous), the
-// dropout-scaled in tile (scalar staging only), and two stages of raw 4-bit codes (NF4 / INT4, async path).
+// dropout-scaled in tile (scalar staging only), and a ring of kCodeStages stages of raw 4-bit codes (NF4 / INT4,
+// async path; slot = step & (kCodeStages - 1)).
 template <typename T>
 struct Stages {
   T x[2][kTileElems];
   T w[2][kTileElems];
   T d[2][kTileElems];
   T xd[kTileElems];
-  alignas(16) uint8_t packed[2][kBN * kPackedRow];
+  alignas(16) uint8_t packed[kCodeStages][kBN * kPackedRow];
 };
 
 // Async staging (the forward of decode shapes, `vec`): 16-byte cp.async of the step's rows of x, of A and
-// of W (dense) or its 4-bit codes (NF4 / INT4, decoded from shared memory by decode_packed); rows past
-// m, r or n_cols are zero-filled (src_bytes 0). The host guarantees n_red % 32 == 0 and 16-byte aligned
-// bases, so every 16-byte chunk is whole and aligned. The down pass (kDown) copies no W; a main loop with no
-// ranks (d.r == 0: t comes from the down pass) copies no A.
+// of W (dense; the 4-bit codes: issue_codes); rows past m, r or n_cols are zero-filled (src_bytes 0). The host
+// guarantees n_red % 32 == 0 and 16-byte aligned bases, so every 16-byte chunk is whole and aligned. The down
+// pass (kDown) copies no W; a main loop with no ranks (d.r == 0: t comes from the down pass) copies no A.
 template <WeightKind K, typename T, bool kDown>
 __device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w, const Dims& d, Stages<T>& sm,
                                             int st, int j0, int red0, int tid) {
@@ -192,26 +196,31 @@ __device__ __forceinline__ void issue_async(const FusedArgs& a, const Weight& w,
       ptx::cp_async_cg<16>(&sm.w[st][row * kLD + ch], w_ok ? W + (j0 + row) * d.k_in + red0 + ch : W, w_ok ? 16 : 0);
     }
   }
-  if constexpr (K != WeightKind::dense && !kDown) {
-    if (tid < kBN) {
-      const int j = j0 + tid;
-      const bool ok = j < d.n_cols;
-      const uint8_t* base = K == WeightKind::nf4 ? w.packed : reinterpret_cast<const uint8_t*>(w.qweight);
-      const uint8_t* src = K == WeightKind::nf4 ? base + (static_cast<uint32_t>(j * d.k_in + red0) >> 1)
-                                                : base + 4 * (j * d.wpr + (red0 >> 3));
-      ptx::cp_async_cg<16>(&sm.packed[st][tid * kPackedRow], ok ? src : base, ok ? 16 : 0);
-    }
+}
+
+// The 4-bit codes (NF4 / INT4) of the step at red0 into ring slot `slot`: 16 bytes per W row, decoded from
+// shared memory by decode_packed; columns past n_cols zero-filled.
+template <WeightKind K, typename T>
+__device__ __forceinline__ void issue_codes(const Weight& w, const Dims& d, Stages<T>& sm, int slot, int j0, int red0,
+                                            int tid) {
+  if (tid < kBN) {
+    const int j = j0 + tid;
+    const bool ok = j < d.n_cols;
+    const uint8_t* base = K == WeightKind::nf4 ? w.packed : reinterpret_cast<const uint8_t*>(w.qweight);
+    const uint8_t* src = K == WeightKind::nf4 ? base + (static_cast<uint32_t>(j * d.k_in + red0) >> 1)
+                                              : base + 4 * (j * d.wpr + (red0 >> 3));
+    ptx::cp_async_cg<16>(&sm.packed[slot][tid * kPackedRow], ok ? src : base, ok ? 16 : 0);
   }
 }
 
-// 4-bit codes of stage st -> W tile (input dtype): thread tid decodes 16 weights of row tid / 2 with one
-// scale lookup (a 16-weight run never crosses an NF4 block or an INT group: both are >= 32 and aligned).
+// 4-bit codes of ring slot `slot` -> W tile of stage st (input dtype): thread tid decodes 16 weights of row tid / 2
+// with one scale lookup (a 16-weight run never crosses an NF4 block or an INT group: both are >= 32 and aligned).
 template <WeightKind K, typename T>
-__device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, Stages<T>& sm, int st, int j0,
+__device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, Stages<T>& sm, int st, int slot, int j0,
                                               int red0, int tid, const float* code) {
   const int row = tid >> 1, half = tid & 1, j = j0 + row;
   T* dst = &sm.w[st][row * kLD + half * 16];
-  const uint8_t* p = &sm.packed[st][row * kPackedRow + half * 8];
+  const uint8_t* p = &sm.packed[slot][row * kPackedRow + half * 8];
   if (j >= d.n_cols) {
 #pragma unroll
     for (int e = 0; e < 16; ++e) dst[e] = from_float<T>(0.0f);
@@ -324,23 +333,28 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = tacc[mi][ni][e] = 0.0f;
 
+  constexpr bool kCodes = K != WeightKind::dense && !kDown;  // W's 4-bit codes through the ring
   __syncthreads();  // s_code
-  if (vec && s_begin < s_end) {
+  if (vec && s_begin < s_end) {  // one group: x and A of the first step, codes of the first kCodeStages - 1 steps
     issue_async<K, T, kDown>(a, w, d, sm, 0, j0, s_begin * kBK, tid);
+    if constexpr (kCodes) {
+      for (int c = s_begin; c < s_begin + kCodeStages - 1 && c < s_end; ++c)
+        issue_codes<K, T>(w, d, sm, c & (kCodeStages - 1), j0, c * kBK, tid);
+    }
     ptx::cp_async_commit();
   }
   for (int s = s_begin; s < s_end; ++s) {
     const int red0 = s * kBK, st = vec ? ((s - s_begin) & 1) : 0;
-    if (vec) {  // double buffer: step s + 1's copies fly while step s multiplies
-      if (s + 1 < s_end) {
-        issue_async<K, T, kDown>(a, w, d, sm, st ^ 1, j0, red0 + kBK, tid);
-        ptx::cp_async_commit();
-        ptx::cp_async_wait<1>();
-      } else {
-        ptx::cp_async_wait<0>();
+    if (vec) {  // step s + 1's x and A and step s + kCodeStages - 1's codes fly while step s multiplies
+      if (s + 1 < s_end) issue_async<K, T, kDown>(a, w, d, sm, st ^ 1, j0, red0 + kBK, tid);
+      if constexpr (kCodes) {
+        const int c = s + kCodeStages - 1;  // its slot was last read at step s - 1, before the barriers below
+        if (c < s_end) issue_codes<K, T>(w, d, sm, c & (kCodeStages - 1), j0, c * kBK, tid);
       }
+      ptx::cp_async_commit();  // one group per step, empty near the end, so that
+      ptx::cp_async_wait<1>();  // everything but this step's group has landed: step s's x, A and codes
       __syncthreads();
-      if constexpr (K != WeightKind::dense && !kDown) decode_packed<K, T>(w, d, sm, st, j0, red0, tid, s_code);
+      if constexpr (kCodes) decode_packed<K, T>(w, d, sm, st, s & (kCodeStages - 1), j0, red0, tid, s_code);
       if (d.pool_lg != 0 && d.r > 0) {  // QA-LoRA: D = A_exp, one A value per pooled group, from global memory
         for (int e = tid; e < 64 * kBK; e += kThreads) {
           const int q = e / kBK, kk = e % kBK;
