@@ -821,8 +821,8 @@ def test_split_k_chosen_and_deterministic_cuda(dev, monkeypatch):
 
 @pytest.mark.parametrize("dev", [pytest.param(CUDA, id="cuda", marks=CUDA_MARKS)])
 def test_split_k_rechecked_in_cpp_cuda(dev):
-    """_C refuses a split-K workspace the kernel cannot use: on the SIMT kernel, with a t_part of another slice
-    count (r <= 64), or of the wrong shape, before any launch."""
+    """_C refuses a split-K workspace the kernel cannot use: on the SIMT kernel, without the down pass's t_part
+    (which split-K needs at every rank), or of the wrong shape, before any launch."""
     from pyllmops._ext import lib
     from pyllmops.ops._common import view
 
@@ -837,9 +837,7 @@ def test_split_k_rechecked_in_cpp_cuda(dev):
 
     with pytest.raises(ValueError, match="is for the CUDA tensor-core LoRA kernel"):
         call(torch.empty(2, 4, 24, device=dev), torch.empty(2, 4, 8, device=dev), tensor_cores=False)
-    with pytest.raises(ValueError, match="needs a t_part workspace of 2 slices for rank 8, got 3"):
-        call(torch.empty(2, 4, 24, device=dev), torch.empty(3, 4, 8, device=dev))
-    with pytest.raises(ValueError, match="needs a t_part workspace of 2 slices for rank 8, got 0"):
+    with pytest.raises(ValueError, match="needs a t_part workspace of 1 to 65535 slices .* with split-K, got 0"):
         call(torch.empty(2, 4, 24, device=dev), None)
     with pytest.raises(ValueError, match="o_part has shape"):
         call(torch.empty(2, 3, 24, device=dev), torch.empty(2, 4, 8, device=dev))

@@ -312,8 +312,8 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     }
     s_begin = static_cast<int>(blockIdx.z) * split_steps;
     s_end = min(steps, s_begin + split_steps);
-  } else if (a.t_part != nullptr && (r_all > kRT || P == Pass::finish || blockIdx.x != 0)) {
-    d.r = 0;  // t comes from the down pass or from column tile 0's slices: no D staged, no t mma
+  } else if (a.t_part != nullptr) {
+    d.r = 0;  // t comes from the down pass: the main loop stages no D and runs no t mma
   }
   // This CTA's rows of `in` (the row tile's offset folded into the base pointers, so the loaders index
   // from 0 and stay 32-bit).
@@ -427,13 +427,11 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     __syncthreads();  // the stage is re-filled two steps later (vec) or at the next step (scalar)
   }
 
-  // The slice's partial t: the down pass's rank chunk, or (split-K, r <= 64) column tile 0's ranks. Every
-  // (row < m, rank) element of the slice is written, an empty slice writing zeros.
-  if (kDown || (split && d.r > 0)) {
+  if constexpr (kDown) {  // the chunk's partial t (every (row < m, rank) of the slice written; empty: zeros)
     float* tp = a.t_part + (static_cast<int64_t>(blockIdx.z) * a.m + m0) * a.r + q0;
     store_frags(tp, static_cast<int>(a.r), tacc, d.m, d.r, wm, wn, lane);
+    return;
   }
-  if constexpr (kDown) return;
   if (split) {  // the slice's partial base tile; bias and the adapter term are the finishing pass's
     float* op = a.o_part + (static_cast<int64_t>(blockIdx.z) * a.m + m0) * a.n_cols + j0;
     store_frags(op, d.n_cols, acc, d.m, d.n_cols - j0, wm, wn, lane);
@@ -571,10 +569,13 @@ template <WeightKind K, typename T>
 void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream, bool vec) {
   const int64_t gy = ceil_div(a.m, kBM), gx = ceil_div(a.n_cols, kBN), steps = ceil_div(a.n_red, kBK);
   PYLLMOPS_CHECK(gy <= 65535, "the LoRA CUDA kernel takes at most ", 65535 * kBM, " rows, got ", a.m);
-  if (a.r > kRT) {  // the down pass: t's partial sums per (rank chunk, row tile, reduction slice)
+  // The down pass (t's partial sums per (rank chunk, row tile, reduction slice)): for ranks above 64, and for every
+  // rank with split-K (else the one column tile that computed t would walk its slice behind a cold read of A
+  // each step, while the other tiles run ahead on the ring of W's codes).
+  if (a.r > kRT || (a.o_part != nullptr && a.r > 0)) {
     const int64_t splits = a.t_splits;
     PYLLMOPS_CHECK(a.t_part != nullptr && splits >= 1 && splits <= 65535, "the tensor-core LoRA kernel needs a ",
-                   "t_part workspace of 1 to 65535 slices for ranks above ", kRT, ", got ", splits);
+                   "t_part workspace of 1 to 65535 slices for ranks above ", kRT, " and with split-K, got ", splits);
     const int split_steps = static_cast<int>(ceil_div(steps, splits));
     launch("fused_mma_kernel(down)", fused_mma_kernel<WeightKind::dense, T, Pass::down>,
            dim3(static_cast<unsigned>(ceil_div(a.r, kRT)), static_cast<unsigned>(gy), static_cast<unsigned>(splits)),
@@ -591,9 +592,6 @@ void launch_mma(const FusedArgs& a, const Weight& w, cudaStream_t stream, bool v
   const int64_t splits = a.o_splits;
   PYLLMOPS_CHECK(splits >= 1 && splits <= 65535, "the tensor-core LoRA kernel's split-K workspace o_part must have ",
                  "1 to 65535 slices, got ", splits);
-  PYLLMOPS_CHECK(a.r > kRT || a.r == 0 || (a.t_part != nullptr && a.t_splits == splits), "the tensor-core LoRA ",
-                 "kernel split ", splits, " ways needs a t_part workspace of ", splits, " slices for rank ", a.r,
-                 ", got ", a.t_part != nullptr ? a.t_splits : 0);
   const int split_steps = static_cast<int>(ceil_div(steps, splits));
   launch("fused_mma_kernel(split)", fused_mma_kernel<K, T, Pass::fused>,
          dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits)), kThreads, 0,

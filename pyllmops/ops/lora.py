@@ -179,16 +179,14 @@ def _fused(kind, inp, w, transposed, bias, lora_a, lora_b, scaling, dropout_scal
     m, r = inp.shape[0], lora_a.shape[0]
     out = empty((m, n_cols), inp.dtype, inp.device)
     t = empty((m, r), torch.float32, inp.device)
-    # ranks above 64 on the CUDA tensor-core kernel: the down pass's partial sums of t (every element written)
-    t_part = empty((down_splits(m, r, inp.shape[1]), m, r), torch.float32, inp.device) if (
-        r > MAX_RANK_CUDA and on_cuda(inp)) else None
-    # split-K (decode shapes on the tensor-core kernel): the slices' fp32 partial sums of the base product and,
-    # for r <= 64, of t (ranks above 64 keep the down pass's t_part); every element written before it is read
+    # split-K (decode shapes on the tensor-core kernel): the slices' fp32 partial sums of the base product
     splits = split_k(m, n_cols, inp.shape[1], _weight_bytes(kind, w, inp.dtype)) if _split_k_applies(
         inp, n_cols, r) else 1
     o_part = empty((splits, m, n_cols), torch.float32, inp.device) if splits > 1 else None
-    if o_part is not None and r <= MAX_RANK_CUDA:
-        t_part = empty((splits, m, r), torch.float32, inp.device)
+    # ranks above 64 on the CUDA tensor-core kernel, and every rank with split-K: the down pass's partial sums of
+    # t (every element written before it is read)
+    t_part = empty((down_splits(m, r, inp.shape[1]), m, r), torch.float32, inp.device) if (
+        on_cuda(inp) and (r > MAX_RANK_CUDA or (o_part is not None and r > 0))) else None
     in_scale, out_scale = (None, mask) if transposed else (mask, None)
     if kind == "dense":
         fn, wargs = lib().lora_fused_dense, (view(w[0].contiguous()),)
