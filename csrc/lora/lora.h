@@ -120,15 +120,15 @@ struct FusedArgs {
   float scaling = 1.0f;
   void* out = nullptr;                   // [m, n_cols]
   float* t = nullptr;                    // [m, r] fp32
-  // CUDA tensor-core kernel with r > 64 only (lora_cuda_mma.cu): [t_splits, m, r] fp32 partial sums of t
+  // CUDA tensor-core kernel with r > 64 or split-K (lora_cuda_mma.cu): [t_splits, m, r] fp32 partial sums of t
   // over t_splits slices of the reduction, written by the down pass and summed by the fused kernel's
   // epilogue in slice order. Every element is written before it is read; nullptr otherwise.
   float* t_part = nullptr;
   int64_t t_splits = 0;
   // CUDA tensor-core kernel, split-K (decode shapes; ops/lora.py: split_k): [o_splits, m, n_cols] fp32 partial
   // sums of the base product over o_splits slices of the reduction, one per CTA of the (column tile, row tile,
-  // slice) grid; a finishing pass adds them in slice order and applies bias and the adapter term once. With
-  // r <= 64 t_part then has o_splits slices too (written by column tile 0's CTAs). nullptr: no split.
+  // slice) grid; a finishing pass adds them in slice order and applies bias and the adapter term once. t then
+  // comes from the down pass (t_part) at every rank > 0. nullptr: no split.
   float* o_part = nullptr;
   int64_t o_splits = 0;
 };

@@ -95,7 +95,7 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
                  "3.4028235e38), got ", scaling);
   a.out = out.data;
   a.t = t.ptr<float>();
-  if (t_part) {  // the CUDA tensor-core kernel's down-pass partial sums (ranks above 64): [splits, m, r] fp32
+  if (t_part) {  // the CUDA tensor-core kernel's down-pass partial sums (r > 64, split-K): [splits, m, r] fp32
     check_buffer(*t_part, in, "t_part");
     pyllmops::check_dtype(*t_part, DType::f32, "t_part");
     PYLLMOPS_CHECK(t_part->dim() == 3 && t_part->size(0) >= 1, "t_part must be 3-D with at least one slice, got ",

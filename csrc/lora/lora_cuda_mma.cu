@@ -10,8 +10,8 @@
 //             dequantize-then-matmul would, d [64][40] the down-projection, ranks >= r zero.
 // Two ways to fill them:
 //   async (forward, no dropout, in_features % 32 == 0, 16-byte aligned): two stages of 16-byte cp.async
-//     copies (x, A (QA-LoRA's pooled A element by element), and W or its raw 4-bit codes), step s + 1 in
-//     flight while step s multiplies;
+//     copies (x, A (QA-LoRA's pooled A element by element), and dense W), step s + 1 in flight while step s
+//     multiplies; NF4 / INT4 raw codes through a ring of kCodeStages stages, issued 3 steps ahead;
 //     NF4 / INT4 codes are decoded from shared memory once per CTA and step (a CTA holds all rows of a
 //     decode-shaped x, so each weight is decoded once per call);
 //   scalar (everything else): one stage, element by element.
@@ -32,15 +32,15 @@
 //
 // Split-K (decode shapes; ops/lora.py split_k picks S): grid (column tiles, row tiles, S), each CTA walking 1/S
 // of the reduction (so each weight is still decoded once per call) and storing fp32 partial sums to o_part
-// [S, m, n] (and, r <= 64, column tile 0's CTAs the partial t to t_part [S, m, r]); a finishing pass (grid
-// (column tiles, row tiles), no main loop) adds the slices in order z = 0..S-1 (deterministic, no atomics) and
-// runs the epilogue once: bias, adapter term, mask, one store. Both workspaces come from the op (torch).
+// [S, m, n] (t comes from the down pass at every rank then); a finishing pass (grid (column tiles, row tiles),
+// no main loop) adds the slices in order z = 0..S-1 (deterministic, no atomics) and runs the epilogue once:
+// bias, adapter term, mask, one store. Both workspaces come from the op (torch).
 //
 // Napkin math (H200, bf16, decode m = 1, 4096 x 4096 NF4): 8.4 MB of codes and scales, 2.1 us at 4 TB/s.
 // Without split-K: n / 64 = 64 CTAs, one 1 KB copy of codes in flight per CTA, ~64 KB in flight against the
-// ~3 MB that Little's law asks of HBM (4 TB/s x ~0.7 us): latency-bound, a few % of HBM bandwidth. Split 8 ways:
-// 512 CTAs, ~0.5 MB in flight, predicted ~15-20% (docs/lora.md, "Split-K"); a deeper ring of W's codes (more
-// bytes in flight per CTA) is the next step.
+// ~3 MB that Little's law asks of HBM (4 TB/s x ~0.7 us): latency-bound, a few % of HBM bandwidth. Split 8 ways
+// with the 4-stage ring of codes: 512 CTAs, ~3 KB each, ~1.5 MB in flight, predicted ~20-40% per call, ~45% for
+// the main loop (docs/lora.md, "Split-K"); more bytes in flight per CTA and fewer launches are the next steps.
 //
 // Arch floor: sm_80 (mma.sync m16n8k16 with bf16 inputs). A build for an older arch stops here instead of
 // compiling the mma to nothing (which would return wrong results with no error); CMakeLists.txt refuses
@@ -269,13 +269,14 @@ enum class Pass { fused, down, finish };
 //   CTA's 64 x 64 tile. With r <= 64, t for the CTA's rows comes from the main loop (tacc); with r > 64
 //   (a.t_part set) the main loop computes the base product only and the epilogue reads t from t_part, the
 //   down pass's partial sums. The epilogue walks the ranks in chunks of 64 either way.
-//   Split-K (a.o_part set): grid (column tiles, row tiles, o_splits); the CTA walks slice z = blockIdx.z of the
-//   reduction (split_steps 32-wide steps), stores its partial base tile to o_part[z] and, with r <= 64, column
-//   tile 0's CTAs their partial t to t_part[z] (the other column tiles run no t mma); no epilogue.
+//   Split-K (a.o_part set; t_part from the down pass at every rank): grid (column tiles, row tiles, o_splits);
+//   the CTA walks slice z = blockIdx.z of the reduction (split_steps 32-wide steps), base product only, and
+//   stores its partial base tile to o_part[z]; no epilogue.
 // Pass::finish (split-K only, after the split grid): grid (column tiles, row tiles); acc = the o_splits partial
 //   tiles added in slice order, t = t_part's slices added in slice order, then the same epilogue (bias, adapter
 //   term, dropout mask, one store; column tile 0 writes t). Instantiated with K = dense (no main loop).
-// Pass::down: the down pass (r > 64, before the fused kernel). Grid (rank chunks of 64, row tiles, t_splits):
+// Pass::down: the down pass (r > 64, or split-K with r > 0; before the fused kernel). Grid (rank chunks of 64,
+//   row tiles, t_splits):
 //   t_part[z][rows][chunk] = the chunk's t over slice z of the reduction (split_steps 32-wide steps); the
 //   main loop without W (same staging, same mma t loop). Instantiated with K = dense only (W is not read).
 template <WeightKind K, typename T, Pass P>
