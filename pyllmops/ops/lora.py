@@ -132,16 +132,16 @@ def down_splits(m, r, n_red):
 
 
 # Split-K of the tensor-core decode kernel (docs/lora.md, "Split-K"): CTAs to aim for, about 4 resident CTAs per SM
-# (its 38 KB of shared memory and 128 registers x 128 threads allow 4) on a 132-SM H100 / H200.
+# (its 39 KB of shared memory and 128 registers x 128 threads allow 4) on a 132-SM H100 / H200.
 SPLIT_K_TARGET_CTAS = 512
-SPLIT_K_MIN_STEPS = 4  # 32-wide steps per slice at least, so the double-buffered copies have steps to overlap
+SPLIT_K_MIN_STEPS = 4  # 32-wide steps per slice at least, so the copies in flight have steps to overlap
 
 
 def split_k(m, n_cols, n_red, weight_bytes):
     """Reduction slices of the tensor-core fused kernel (lora_cuda_mma.cu, split-K): the (column tile, row tile)
     grid times the slices makes about SPLIT_K_TARGET_CTAS CTAs, each slice at least SPLIT_K_MIN_STEPS steps, and
     the fp32 partial sums (slices x min(m, 64) rows x n_cols x 4 bytes per row tile) at most the bytes of W that
-    the same CTAs read (`weight_bytes` per weight: 2 dense bf16, ~0.53 NF4, bits / 8 + scales INT), so that they
+    the same CTAs read (`weight_bytes` per weight: 2 dense bf16, ~0.56 NF4, bits / 8 + scales INT), so that they
     stay a fraction of the call's traffic (and, at decode sizes, in L2). 1: no split (the kernel as before)."""
     if m <= 0 or n_cols <= 0:
         return 1
