@@ -174,11 +174,8 @@ def _expand_kv(t, group):
 
 
 def _into(result, dst):
-    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst; without
-    dst, result made contiguous (torch's outputs already are: no copy)."""
-    if dst is None:
-        return result.contiguous()
-    if result.stride() == dst.stride():
+    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst."""
+    if dst is None or result.stride() == dst.stride():
         return result
     return dst.copy_(result)
 
@@ -189,7 +186,7 @@ def _sdpa_fwd_dense(q, k, v, scale, causal, out=None, lse=None):
     k, v = _expand_kv(k, group), _expand_kv(v, group)
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), 0.0, causal, scale=scale)[:2]
-    return _into(o.transpose(-3, -2), out), (l.contiguous() if lse is None else _into(l, lse))
+    return _into(o.transpose(-3, -2), out), _into(l, lse)
 
 
 def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv=None):
