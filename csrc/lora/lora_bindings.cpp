@@ -42,6 +42,16 @@ void check_like_x(const TensorView& t, const TensorView& x, const char* name) {
                  pyllmops::dtype_name(t.dtype));
 }
 
+// A split workspace of the CUDA tensor-core kernel: [splits >= 1, m, cols] fp32 beside x. Returns the split count.
+int64_t check_partials(const TensorView& p, const TensorView& x, int64_t m, int64_t cols, const char* name) {
+  check_buffer(p, x, name);
+  pyllmops::check_dtype(p, DType::f32, name);
+  PYLLMOPS_CHECK(p.dim() == 3 && p.size(0) >= 1, name, " must be 3-D with at least one slice, got shape ",
+                 pyllmops::shape_str(p.shape));
+  check_shape(p, {p.size(0), m, cols}, name);
+  return p.size(0);
+}
+
 // Common checks of the fused product; fills args. `in` is [m, n_red], out [m, n_cols]; W is
 // (out_features, in_features) = transposed ? (n_red, n_cols) : (n_cols, n_red).
 lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const OptView& out_scale,
@@ -95,23 +105,13 @@ lora::FusedArgs fused_args(const TensorView& in, const OptView& in_scale, const 
                  "3.4028235e38), got ", scaling);
   a.out = out.data;
   a.t = t.ptr<float>();
-  if (t_part) {  // the CUDA tensor-core kernel's down-pass partial sums (r > 64, split-K): [splits, m, r] fp32
-    check_buffer(*t_part, in, "t_part");
-    pyllmops::check_dtype(*t_part, DType::f32, "t_part");
-    PYLLMOPS_CHECK(t_part->dim() == 3 && t_part->size(0) >= 1, "t_part must be 3-D with at least one slice, got ",
-                   "shape ", pyllmops::shape_str(t_part->shape));
-    check_shape(*t_part, {t_part->size(0), a.m, a.r}, "t_part");
+  if (t_part) {  // the CUDA tensor-core kernel's down-pass partial sums (r > 64, split-K): [splits, m, r]
+    a.t_splits = check_partials(*t_part, in, a.m, a.r, "t_part");
     a.t_part = t_part->ptr<float>();
-    a.t_splits = t_part->size(0);
   }
-  if (o_part) {  // the CUDA tensor-core kernel's split-K partial sums of the base product: [splits, m, n_cols] fp32
-    check_buffer(*o_part, in, "o_part");
-    pyllmops::check_dtype(*o_part, DType::f32, "o_part");
-    PYLLMOPS_CHECK(o_part->dim() == 3 && o_part->size(0) >= 1, "o_part must be 3-D with at least one slice, got ",
-                   "shape ", pyllmops::shape_str(o_part->shape));
-    check_shape(*o_part, {o_part->size(0), a.m, a.n_cols}, "o_part");
+  if (o_part) {  // the CUDA tensor-core kernel's split-K partial sums of the base product: [splits, m, n_cols]
+    a.o_splits = check_partials(*o_part, in, a.m, a.n_cols, "o_part");
     a.o_part = o_part->ptr<float>();
-    a.o_splits = o_part->size(0);
   }
   w->n_out = n_out;
   w->k_in = k_in;
