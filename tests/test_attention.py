@@ -18,7 +18,10 @@ from tests.conftest import CUDA, CUDA_MARKS, assert_close, devices, rel_err
 # attention on CPU run torch's CPU flash kernel (ops/attention.py, "torch SDPA for what it computes faster"):
 # max over 6 seeds: bf16 out 2.2e-3, grads 3.9e-3, lse 1.1e-5 (its 16-bit path is less exact in the lse than ours,
 # 5e-8; still 300x below bf16's epsilon); fp16 out 2.8e-4, grads 4.9e-4, lse 1.1e-5; fp32 as ours.
-TOL = {torch.float32: {"out": 1e-6, "grad": 3e-6, "lse": 1e-6},
+# fp32 out: a single query over 300 keys (test_shapes' (1, 300): 8 rows in all, so the norm-wise error varies most)
+# measured median 3.1e-7, max 8.7e-7 over 300 seeds on this release's kernel and the same (3.1e-7 / 8.6e-7) on the
+# previous one, and a fresh-clone CI run drew 1.07e-6: the bound is 3e-6, three times the tail, as the grads' is.
+TOL = {torch.float32: {"out": 3e-6, "grad": 3e-6, "lse": 1e-6},
        torch.bfloat16: {"out": 6e-3, "grad": 8e-3, "lse": 3e-5},
        torch.float16: {"out": 2e-3, "grad": 3e-3, "lse": 3e-5}}
 
