@@ -247,19 +247,26 @@ __device__ __forceinline__ void decode_packed(const Weight& w, const Dims& d, St
   }
 }
 
-// One slice's partial sums straight from the fragments: base[il * ld + c] = f for rows il < rows and columns
-// c < cols of the warp's 32 x 32 (every such element of the CTA's tile written once; 32-bit offsets).
-__device__ __forceinline__ void store_frags(float* base, int ld, const float (&f)[2][4][4], int rows, int cols,
-                                            int wm, int wn, int lane) {
+// f(mi, ni, e, il, jl) for each of the lane's 32 accumulator elements of the warp's 32 x 32 (mma m16n8 layout:
+// 2 x 4 fragments of 4), (il, jl) the element's row and column in the CTA's 64 x 64 tile.
+template <typename F>
+__device__ __forceinline__ void for_each_acc(int wm, int wn, int lane, F&& f) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), c = wn * 32 + ni * 8 + mma_c_col(lane, e);
-        if (il < rows && c < cols) base[il * ld + c] = f[mi][ni][e];
-      }
+      for (int e = 0; e < 4; ++e)
+        f(mi, ni, e, wm * 32 + mi * 16 + mma_c_row(lane, e), wn * 32 + ni * 8 + mma_c_col(lane, e));
+}
+
+// One slice's partial sums straight from the fragments: base[il * ld + c] = f for rows il < rows and columns
+// c < cols of the warp's 32 x 32 (every such element of the CTA's tile written once; 32-bit offsets).
+__device__ __forceinline__ void store_frags(float* base, int ld, const float (&f)[2][4][4], int rows, int cols,
+                                            int wm, int wn, int lane) {
+  for_each_acc(wm, wn, lane, [&](int mi, int ni, int e, int il, int c) {
+    if (il < rows && c < cols) base[il * ld + c] = f[mi][ni][e];
+  });
 }
 
 // The kernel's three passes (template argument P):
@@ -442,15 +449,9 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
     const float* op = a.o_part + static_cast<int64_t>(m0) * a.n_cols + j0;
     const int64_t slice = a.m * a.n_cols;
     for (int z = 0; z < static_cast<int>(a.o_splits); ++z, op += slice)  // 32 independent loads per slice
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
-            if (il < d.m && j0 + jl < d.n_cols) acc[mi][ni][e] += op[il * d.n_cols + jl];
-          }
+      for_each_acc(wm, wn, lane, [&](int mi, int ni, int e, int il, int jl) {
+        if (il < d.m && j0 + jl < d.n_cols) acc[mi][ni][e] += op[il * d.n_cols + jl];
+      });
   }
   // the epilogue indexes `in`'s rows from the original base again
   a.in = static_cast<const T*>(a.in) - static_cast<int64_t>(m0) * d.n_red;
@@ -477,16 +478,10 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
         Ts[il * (kRT + 1) + q] = v;
       }
     } else {
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            Ts[(wm * 32 + mi * 16 + mma_c_row(lane, e)) * (kRT + 1) + wn * 32 + ni * 8 + mma_c_col(lane, e)] =
-                tacc[mi][ni][e];
-            tacc[mi][ni][e] = 0.0f;  // from here on: lr
-          }
+      for_each_acc(wm, wn, lane, [&](int mi, int ni, int e, int il, int q) {
+        Ts[il * (kRT + 1) + q] = tacc[mi][ni][e];
+        tacc[mi][ni][e] = 0.0f;  // from here on: lr
+      });
     }
     for (int e = tid; e < kBN * kRT; e += kThreads) {  // U(j0 + jj, c0 + q), zero past r and n_cols
       const int jj = e / kRT, q = e % kRT, j = j0 + jj;
@@ -533,15 +528,9 @@ __global__ void __launch_bounds__(kThreads) fused_mma_kernel(FusedArgs a, Weight
           if (il < d.m) a.t[static_cast<int64_t>(m0 + il) * a.r + c0 + q] = Ts[il * (kRT + 1) + q];
     }
   }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = wm * 32 + mi * 16 + mma_c_row(lane, e), jl = wn * 32 + ni * 8 + mma_c_col(lane, e);
-        store_out_lr<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], tacc[mi][ni][e]);
-      }
+  for_each_acc(wm, wn, lane, [&](int mi, int ni, int e, int il, int jl) {
+    store_out_lr<T>(a, m0 + il, j0 + jl, acc[mi][ni][e], tacc[mi][ni][e]);
+  });
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
