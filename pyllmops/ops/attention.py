@@ -109,7 +109,14 @@ def _nan_policy_ok(causal, *ts):
 
 def _max_abs(t):
     """max |t| (NaN if t holds one), one single-threaded pass in _C (a torch reduction starts a parallel region,
-    which costs more than the pass on a busy machine)."""
+    which costs more than the pass on a busy machine). A view whose elements overlap (an expanded tensor: stride 0)
+    is read as the run of memory it spans instead, a superset of its elements no larger than its storage (q
+    expanded to batch 2**40 would otherwise be a pass of 2**40 rows): the callers only compare the maximum against
+    a bound, and a larger one merely keeps the call on pyllmops' kernel."""
+    if t.numel() > 0:
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if span < t.numel():
+            t = t.as_strided((span,), (1,))
     return lib().attention_max_abs(view(t))
 
 
@@ -173,23 +180,29 @@ def _expand_kv(t, group):
     return t if group == 1 or _native_gqa() else t.repeat_interleave(group, dim=-2)
 
 
-def _into(result, dst):
-    """result if it already has dst's layout (the layout the fake kernels promise), else copied into dst."""
-    if dst is None or result.stride() == dst.stride():
+def _as_promised(result, like=None):
+    """result in the layout the fake kernels promise: empty_like(like)'s (q's own when q is dense), or contiguous
+    when like is None. Returned as it is when it has it (torch's kernel writes its output in q's layout and its
+    gradients contiguous: no allocation, no copy), else copied."""
+    if like is None:
+        return result.contiguous()
+    if result.stride() == like.stride():
         return result
-    return dst.copy_(result)
+    dst = torch.empty_like(like)
+    return result if result.stride() == dst.stride() else dst.copy_(result)
 
 
-def _sdpa_fwd_dense(q, k, v, scale, causal, out=None, lse=None):
-    """q (b, s, h, d) etc. -> (out, lse (b, h, s)); into `out` / `lse` when their layouts differ or they are views."""
+def _sdpa_fwd_dense(q, k, v, scale, causal):
+    """q (b, s, h, d) etc. -> (out in q's layout, lse (b, h, s))."""
     group = q.shape[-2] // k.shape[-2]
     k, v = _expand_kv(k, group), _expand_kv(v, group)
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), 0.0, causal, scale=scale)[:2]
-    return _into(o.transpose(-3, -2), out), _into(l, lse)
+    return _as_promised(o.transpose(-3, -2), q), _as_promised(l)
 
 
-def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv=None):
+def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal):
+    """(dq, dk, dv), contiguous."""
     group = q.shape[-2] // k.shape[-2]
     ke, ve = _expand_kv(k, group), _expand_kv(v, group)
     t = (lambda x: x.transpose(-3, -2))
@@ -199,7 +212,7 @@ def _sdpa_bwd_dense(dout, q, k, v, out, lse, scale, causal, dq=None, dk=None, dv
     if group > 1 and not _native_gqa():
         gk = gk.unflatten(-2, (k.shape[-2], group)).sum(-2)
         gv = gv.unflatten(-2, (k.shape[-2], group)).sum(-2)
-    return _into(t(gq), dq), _into(gk, dk), _into(gv, dv)
+    return _as_promised(t(gq)), _as_promised(gk), _as_promised(gv)
 
 
 # ================================ torch.library ops ================================
@@ -210,19 +223,19 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
-    # Allocated before anything reads the inputs: an input too large for memory (an expanded view) fails here, not
-    # in a pass over its elements. Unused when torch's outputs already have these layouts (see _into).
+    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)  # CPU only
+             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
+             and _nan_policy_ok(window_right == 0, q, k, v))
+    if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
+            window_left, window_right, top_left, q.shape[1], k.shape[1]):
+        return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0)
+    # Allocated before a kernel reads the inputs: an input too large for memory (an expanded view) fails here, not
+    # in a sweep over its elements (the route's finiteness pass reads such a view through its span: _max_abs).
     out = empty_like(q)  # q's layout, as the fake kernel promises
     lse = empty(_lse_shape(q, varlen), torch.float32, q.device)
     # Copies (if any) are bound to names: a view tuple holds only the data pointer, so a temporary would
     # be freed (and its memory reused) before the kernel reads it.
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
-    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
-             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
-             and _nan_policy_ok(window_right == 0, q, k, v))
-    if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
-            window_left, window_right, top_left, q.shape[1], k.shape[1]):
-        return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0, out, lse)
     if route and varlen:
         spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
         if _varlen_route_ok(spans, window_right):
@@ -254,24 +267,26 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     softmax_scale: float, softcap: float, window_left: int, window_right: int,
                     top_left: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route then needs
-    # no copy) and one the kernels write as fast as any (they take strides). Allocated first (see _flash_attn_fwd).
-    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-    # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
-    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
-    out, dout = _kernel_input(_last_dim_contiguous(out)), _kernel_input(_last_dim_contiguous(dout))
-    lse = lse.contiguous()
-    dlse = None if dlse is None else dlse.contiguous()
-    if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
-        return dq, dk.zero_(), dv.zero_()
+    out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
     causal = window_right == 0
-    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)
+    route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)  # CPU only
              and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=True)
              and (dlse is None or _max_abs(dlse) == 0)
              and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
              and _nan_policy_ok(causal, q, k, v, dout))
     if route and cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
-        return _sdpa_bwd_dense(dout, q, k, v, out, lse, softmax_scale, causal, dq, dk, dv)
+        return _sdpa_bwd_dense(dout, q, k, v, out, lse.contiguous(), softmax_scale, causal)
+    # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route above needs
+    # no copy) and one the kernels write as fast as any (they take strides). Allocated before a kernel reads the
+    # inputs (see _flash_attn_fwd).
+    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+    # Copies are bound to names: a view tuple holds only the data pointer (see _flash_attn_fwd).
+    q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
+    out, dout = _kernel_input(out), _kernel_input(dout)
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    if q.shape[-2] == 0:  # no query head: nothing reaches k and v (the CUDA backward launches nothing then)
+        return dq, dk.zero_(), dv.zero_()
     delta = empty(lse.shape, torch.float32, q.device)
     if route and cu_seqlens_q is not None:
         spans = _varlen_lengths(cu_seqlens_q, cu_seqlens_k)
