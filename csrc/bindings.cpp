@@ -44,6 +44,7 @@ PYBIND11_MODULE(_C, m) {
   register_attention(m);
   register_paged(m);
   register_lora(m);
+  register_fused(m);
 #ifdef PYLLMOPS_EMU
   register_emu(m);
 #endif

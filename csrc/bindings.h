@@ -83,6 +83,7 @@ void register_nf4(py::module_& m);
 void register_attention(py::module_& m);
 void register_paged(py::module_& m);
 void register_lora(py::module_& m);
+void register_fused(py::module_& m);
 #ifdef PYLLMOPS_EMU
 void register_emu(py::module_& m);  // csrc/emu/emu_bindings.cpp
 #endif

@@ -89,6 +89,134 @@ def test_swiglu_bad_inputs():
         fused.swiglu(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64))
 
 
+# ---- the fused CPU kernels (csrc/fused) behind rms_norm and swiglu -------------------------------------
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fused kernels' calls (the float32 CPU path); composition=True in a test's parametrization forces
+    the torch composition instead."""
+    from pyllmops._ext import lib
+    calls = []
+    real = lib()
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            if name.startswith("fused_") and callable(attr):
+                def wrapped(*a, **kw):
+                    calls.append(name)
+                    return attr(*a, **kw)
+                return wrapped
+            return attr
+    monkeypatch.setattr(fused, "lib", lambda: Spy())
+    return calls
+
+
+@pytest.fixture
+def threads():
+    from pyllmops._ext import lib
+
+    def set_threads(n):
+        lib().set_num_threads(n)
+    yield set_threads
+    lib().set_num_threads(0)
+
+
+def test_fused_kernels_run_and_match_the_composition(kernel_calls, monkeypatch):
+    """float32 CPU calls take the kernels (forward and backward), non-contiguous inputs included; the torch
+    composition (other dtypes, tracing) gives the same numbers within the float32 tolerance."""
+    g = _leaf((3, 40, 96), torch.float32, 5.0)
+    u = _leaf((3, 40, 96), torch.float32)
+    x = (torch.randn(96, 120) * 2).t().requires_grad_()  # non-contiguous (120, 96)
+    w = _leaf((96,), torch.float32)
+    dh, dy = torch.randn(3, 40, 96), torch.randn(120, 96)
+    h = fused.swiglu(g, u)
+    y = fused.rms_norm(x, w, 1e-5)
+    got = _grads(h, (g, u), dh) + _grads(y, (x, w), dy)
+    assert kernel_calls == ["fused_swiglu_forward", "fused_rms_norm_forward", "fused_swiglu_backward",
+                            "fused_rms_norm_backward"]
+    monkeypatch.setattr(fused, "_on_kernel", lambda *ts: False)
+    h2, y2 = fused.swiglu(g, u), fused.rms_norm(x, w, 1e-5)
+    want = _grads(h2, (g, u), dh) + _grads(y2, (x, w), dy)
+    assert len(kernel_calls) == 4
+    assert_close(h, h2, TOL[torch.float32])
+    assert_close(y, y2, TOL[torch.float32])
+    for a, b in zip(got, want):
+        assert_close(a, b, 4 * TOL[torch.float32])
+
+
+def test_fused_swiglu_extremes_and_nan(kernel_calls):
+    """sigmoid over the whole float32 range against float64 (|gate| to 1e4, +-inf), NaN kept where it sits."""
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([1e4, -1e4, 87.0, -87.0, -88.0, -104.0, 0.0, -0.0]),
+                   torch.randn(991) * 8])
+    g = g.reshape(50, 100).requires_grad_()
+    u = torch.randn(50, 100, requires_grad=True)
+    h = fused.swiglu(g, u)
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    ref = g64 * torch.sigmoid(g64) * u64
+    assert_close(h, ref, TOL[torch.float32])
+    dh = torch.randn(50, 100, dtype=torch.float64)
+    for a, b in zip(_grads(h, (g, u), dh.float()), _grads(ref, (g64, u64), dh)):
+        assert_close(a, b, 4 * TOL[torch.float32])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0])
+    gs, us = special.clone().requires_grad_(), torch.tensor([2.0, 2.0, 2.0, float("nan")], requires_grad=True)
+    hs = fused.swiglu(gs, us)
+    want = torch.nn.functional.silu(special.double()) * us.detach().double()  # inf, nan (-inf * 0), nan, nan
+    assert torch.equal(torch.isnan(hs), torch.isnan(want)) and hs[0] == float("inf")
+    dgs, dus = _grads(hs, (gs, us), torch.ones(4))
+    assert torch.isnan(dgs[2:]).all() and torch.isnan(dus[2]) and dus[0] == float("inf")
+    assert kernel_calls.count("fused_swiglu_forward") == 2
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 130])
+def test_fused_rms_norm_shapes_threads_and_nan(kernel_calls, threads, d):
+    """Row lengths around the 16-lane partial sums, rows across several 64-row dweight chunks; dweight is the same
+    bitwise at 1 and 3 threads; a NaN stays in its row (x) or its column (dweight)."""
+    x, w = _leaf((203, d), torch.float32, 3.0), _leaf((d,), torch.float32)
+    dy = torch.randn(203, d, dtype=torch.float64)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    res = []
+    for n in (1, 3):
+        threads(n)
+        y = fused.rms_norm(x, w)
+        res.append((y,) + _grads(y, (x, w), dy.float()))
+    for a, b in zip(res[0], res[1]):
+        assert torch.equal(a, b)
+    assert_close(res[0][0], ref, TOL[torch.float32])
+    for a, b in zip(res[0][1:], _grads(ref, (x64, w64), dy)):
+        assert_close(a, b, 4 * TOL[torch.float32])
+    xn = x.detach().clone()
+    xn[5, 0] = float("nan")
+    xn.requires_grad_()
+    yn = fused.rms_norm(xn, w)
+    dxn, dwn = _grads(yn, (xn, w), dy.float())
+    rows = torch.arange(203) != 5
+    assert torch.isnan(yn[5]).all() and torch.isfinite(yn[rows]).all()
+    assert torch.isnan(dxn[5]).all() and torch.isfinite(dxn[rows]).all() and torch.isnan(dwn).all()
+    assert kernel_calls.count("fused_rms_norm_backward") == 3
+
+
+def test_fused_kernels_recheck_their_operands():
+    """The C++ layer re-checks what the kernels walk (the Python layer never sends these)."""
+    from pyllmops._ext import lib
+    from pyllmops.ops._common import view
+    a, b = torch.randn(8, 16), torch.randn(8, 15)
+    with pytest.raises(ValueError, match="up must have 128 elements"):
+        lib().fused_swiglu_forward(view(a), view(b), view(a))
+    with pytest.raises(ValueError, match="out must be float32"):
+        lib().fused_swiglu_forward(view(a), view(a), view(a.double()))
+    with pytest.raises(ValueError, match="dgate must be contiguous"):
+        lib().fused_swiglu_backward(view(a), view(a), view(a), view(torch.randn(16, 8).t()), None)
+    with pytest.raises(ValueError, match="rstd must have 8 elements"):
+        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-5, view(a), view(torch.empty(7)))
+    with pytest.raises(ValueError, match="eps must be positive and finite in float32"):
+        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-50, view(a), view(torch.empty(8)))
+    with pytest.raises(ValueError, match="dw_part must have 16 elements"):
+        lib().fused_rms_norm_backward(view(a), view(a), view(a[0]), view(torch.empty(8)), None,
+                                      view(torch.empty(2, 16)))
+
+
 # ---- rotary --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -1,0 +1,142 @@
+// Fused CPU kernels of the decoder's training ops (pyllmops/nn/fused.py): SwiGLU and RMSNorm, float32, forward
+// and backward, each one pass over its operands. torch's composition of the same math runs 4-7 element-wise
+// passes (silu, mul, silu_backward, ... each reading and writing whole (tokens, features) tensors): in the CPU
+// model step (hidden 512, intermediate 1408, 1024 tokens, one thread) SwiGLU was 53 ms of a 911 ms step and
+// RMSNorm 30 ms.
+//
+// swiglu_forward:  h = silu(g) * u = g * sigmoid(g) * u
+// swiglu_backward: s = sigmoid(g); du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s))   (either may be skipped)
+// rms_norm_forward:  rstd = 1 / sqrt(mean(x^2) + eps) per row, y = x * rstd * w
+// rms_norm_backward: dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, xhat = x * rstd;
+//                    dw_part[c] = sum over the rows of chunk c of dy * xhat (chunks of kNormChunkRows rows; the
+//                    caller sums the chunks in order, so dw does not depend on the thread count)
+//
+// Vectorization: the loops are straight-line float arithmetic (sigmoid through cpu_math.h's exp2_nonpositive) that
+// -O3 vectorizes; target_clones builds AVX-512, AVX2 + FMA and baseline x86-64 copies, picked at load time from
+// what the CPU reports. Row sums use 16 partial sums in a fixed order (reproducible, vectorizable without
+// -ffast-math). NaN propagates: no max / min / compare drops it.
+#include "fused/fused.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/cpu_math.h"
+#include "common/parallel.h"
+#include "common/tensor.h"
+
+namespace pyllmops {
+namespace fused {
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYLLMOPS_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define PYLLMOPS_CLONES
+#endif
+
+constexpr int64_t kElementGrain = 1 << 15;  // elements per parallel chunk (128 KB of each operand)
+
+PYLLMOPS_CLONES void swiglu_fwd_run(const float* g, const float* u, float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];
+}
+
+PYLLMOPS_CLONES void swiglu_bwd_run(const float* g, const float* u, const float* dh, float* dg, float* du,
+                                    int64_t n) {
+  if (dg != nullptr && du != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = sigmoid(g[i]);
+      du[i] = dh[i] * (g[i] * s);
+      dg[i] = dh[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+    }
+  } else if (du != nullptr) {
+    for (int64_t i = 0; i < n; ++i) du[i] = dh[i] * (g[i] * sigmoid(g[i]));
+  } else if (dg != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = sigmoid(g[i]);
+      dg[i] = dh[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+    }
+  }
+}
+
+// sum_j a[j] * b[j] with 16 partial sums (one AVX-512 vector, two AVX2 vectors), combined as a tree.
+inline float dot16(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int t = 0; t < 16; ++t) acc[t] += a[j + t] * b[j + t];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int t = 0; t < w; ++t) acc[t] += acc[t + w];
+  float s = acc[0];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+PYLLMOPS_CLONES void rms_norm_fwd_rows(const float* x, const float* w, float eps, float* y, float* rstd,
+                                       int64_t r0, int64_t r1, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+    const float rs = 1.0f / std::sqrt(dot16(xr, xr, d) / static_cast<float>(d) + eps);
+    rstd[r] = rs;
+    for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * rs * w[j];
+  }
+}
+
+PYLLMOPS_CLONES void rms_norm_bwd_rows(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
+                                       float* dw_part, int64_t r0, int64_t r1, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* dyr = dy + r * d;
+    const float* xr = x + r * d;
+    const float rs = rstd[r];
+    if (dx != nullptr) {
+      // mean(g * xhat) = rstd * sum(dy * w * x) / d
+      float acc[16] = {};
+      int64_t j = 0;
+      for (; j + 16 <= d; j += 16)
+        for (int t = 0; t < 16; ++t) acc[t] += dyr[j + t] * w[j + t] * xr[j + t];
+      for (int v = 8; v >= 1; v /= 2)
+        for (int t = 0; t < v; ++t) acc[t] += acc[t + v];
+      float dot = acc[0];
+      for (; j < d; ++j) dot += dyr[j] * w[j] * xr[j];
+      const float c = rs * rs * dot / static_cast<float>(d);  // xhat * mean(g xhat) = x * (rstd^2 dot / d)
+      float* dxr = dx + r * d;
+      for (j = 0; j < d; ++j) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * c);
+    }
+    if (dw_part != nullptr)
+      for (int64_t j = 0; j < d; ++j) dw_part[j] += dyr[j] * (xr[j] * rs);
+  }
+}
+
+}  // namespace
+
+void swiglu_forward(const float* g, const float* u, float* h, int64_t n) {
+  parallel_for(n, kElementGrain, [&](int64_t b, int64_t e) { swiglu_fwd_run(g + b, u + b, h + b, e - b); });
+}
+
+void swiglu_backward(const float* g, const float* u, const float* dh, float* dg, float* du, int64_t n) {
+  parallel_for(n, kElementGrain, [&](int64_t b, int64_t e) {
+    swiglu_bwd_run(g + b, u + b, dh + b, dg == nullptr ? nullptr : dg + b, du == nullptr ? nullptr : du + b, e - b);
+  });
+}
+
+void rms_norm_forward(const float* x, const float* w, float eps, float* y, float* rstd, int64_t rows, int64_t d) {
+  const int64_t grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(d, 1));
+  parallel_for(rows, grain, [&](int64_t b, int64_t e) { rms_norm_fwd_rows(x, w, eps, y, rstd, b, e, d); });
+}
+
+void rms_norm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw_part,
+                       int64_t rows, int64_t d) {
+  const int64_t chunks = ceil_div(rows, kNormChunkRows);
+  parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      float* part = dw_part == nullptr ? nullptr : dw_part + c * d;
+      if (part != nullptr)
+        for (int64_t j = 0; j < d; ++j) part[j] = 0.0f;
+      rms_norm_bwd_rows(dy, x, w, rstd, dx, part, c * kNormChunkRows, std::min(rows, (c + 1) * kNormChunkRows), d);
+    }
+  });
+}
+
+}  // namespace fused
+}  // namespace pyllmops
