@@ -125,6 +125,9 @@ def threads():
 def test_fused_kernels_run_and_match_the_composition(kernel_calls, monkeypatch):
     """float32 CPU calls take the kernels (forward and backward), non-contiguous inputs included; the torch
     composition (other dtypes, tracing) gives the same numbers within the float32 tolerance."""
+    q = (torch.randn(4, 50, 72) * 2).transpose(0, 1).requires_grad_()  # (tokens, heads, d), non-contiguous
+    cos, sin = fused.rotary_tables(torch.arange(50) * 7, 72)
+    dq = torch.randn(50, 4, 72)
     g = _leaf((3, 40, 96), torch.float32, 5.0)
     u = _leaf((3, 40, 96), torch.float32)
     x = (torch.randn(96, 120) * 2).t().requires_grad_()  # non-contiguous (120, 96)
@@ -132,15 +135,17 @@ def test_fused_kernels_run_and_match_the_composition(kernel_calls, monkeypatch):
     dh, dy = torch.randn(3, 40, 96), torch.randn(120, 96)
     h = fused.swiglu(g, u)
     y = fused.rms_norm(x, w, 1e-5)
-    got = _grads(h, (g, u), dh) + _grads(y, (x, w), dy)
-    assert kernel_calls == ["fused_swiglu_forward", "fused_rms_norm_forward", "fused_swiglu_backward",
-                            "fused_rms_norm_backward"]
+    r = fused.rotary(q, cos, sin)
+    got = _grads(h, (g, u), dh) + _grads(y, (x, w), dy) + _grads(r, (q,), dq)
+    assert kernel_calls == ["fused_swiglu_forward", "fused_rms_norm_forward", "fused_rotary", "fused_swiglu_backward",
+                            "fused_rms_norm_backward", "fused_rotary"]
     monkeypatch.setattr(fused, "_on_kernel", lambda *ts: False)
-    h2, y2 = fused.swiglu(g, u), fused.rms_norm(x, w, 1e-5)
-    want = _grads(h2, (g, u), dh) + _grads(y2, (x, w), dy)
-    assert len(kernel_calls) == 4
-    assert_close(h, h2, TOL[torch.float32])
-    assert_close(y, y2, TOL[torch.float32])
+    h2, y2, r2 = fused.swiglu(g, u), fused.rms_norm(x, w, 1e-5), fused.rotary(q, cos, sin)
+    want = _grads(h2, (g, u), dh) + _grads(y2, (x, w), dy) + _grads(r2, (q,), dq)
+    assert len(kernel_calls) == 6
+    for a, b in ((h, h2), (y, y2), (r, r2)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert_close(a, b, TOL[torch.float32])
     for a, b in zip(got, want):
         assert_close(a, b, 4 * TOL[torch.float32])
 
@@ -168,7 +173,7 @@ def test_fused_swiglu_extremes_and_nan(kernel_calls):
     assert kernel_calls.count("fused_swiglu_forward") == 2
 
 
-@pytest.mark.parametrize("d", [1, 15, 16, 130])
+@pytest.mark.parametrize("d", [8, 15, 16, 130])  # d = 1 is ill-conditioned in float32 (dx ~ eps / x^2)
 def test_fused_rms_norm_shapes_threads_and_nan(kernel_calls, threads, d):
     """Row lengths around the 16-lane partial sums, rows across several 64-row dweight chunks; dweight is the same
     bitwise at 1 and 3 threads; a NaN stays in its row (x) or its column (dweight)."""
@@ -212,6 +217,12 @@ def test_fused_kernels_recheck_their_operands():
         lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-5, view(a), view(torch.empty(7)))
     with pytest.raises(ValueError, match="eps must be positive and finite in float32"):
         lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-50, view(a), view(torch.empty(8)))
+    with pytest.raises(ValueError, match="sin must have 64 elements"):
+        lib().fused_rotary(view(a.view(8, 1, 16)), view(torch.empty(8, 8)), view(torch.empty(31)), 1.0,
+                           view(a.view(8, 1, 16)))
+    with pytest.raises(ValueError, match="sign must be 1 or -1"):
+        lib().fused_rotary(view(a.view(8, 1, 16)), view(torch.empty(8, 8)), view(torch.empty(8, 8)), 0.5,
+                           view(a.view(8, 1, 16)))
     with pytest.raises(ValueError, match="dw_part must have 16 elements"):
         lib().fused_rms_norm_backward(view(a), view(a), view(a[0]), view(torch.empty(8)), None,
                                       view(torch.empty(2, 16)))

@@ -1,4 +1,4 @@
-// Fused CPU kernels of pyllmops.nn.fused (SwiGLU, RMSNorm), float32, contiguous operands: fused_cpu.cpp.
+// Fused CPU kernels of pyllmops.nn.fused (SwiGLU, RMSNorm, rotary), float32, contiguous operands: fused_cpu.cpp.
 #pragma once
 #include <cstdint>
 
@@ -14,6 +14,9 @@ void rms_norm_forward(const float* x, const float* w, float eps, float* y, float
 // dx / dw_part may be null; dw_part is [ceil(rows / kNormChunkRows), d]
 void rms_norm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw_part,
                        int64_t rows, int64_t d);
+// x, out (tokens, heads, 2 half); cos, sin (tokens, half); sign +1 (forward) or -1 (the inverse rotation)
+void rotary(const float* x, const float* cos, const float* sin, float sign, float* out, int64_t tokens, int64_t heads,
+            int64_t half);
 
 }  // namespace fused
 }  // namespace pyllmops

@@ -83,5 +83,18 @@ void register_fused(py::module_& m) {
     py::gil_scoped_release release;
     pyllmops::fused::rms_norm_backward(in(dy), in(x), in(w), in(rstd), out(dx), out(dw_part), rows, d);
   });
+  m.def("fused_rotary", [](const TensorView& x, const TensorView& cos, const TensorView& sin, double sign,
+                           const TensorView& out) {
+    PYLLMOPS_CHECK(x.dim() == 3 && x.size(2) % 2 == 0, "x must be (tokens, heads, head_dim) with an even head_dim, "
+                   "got shape ", pyllmops::shape_str(x.shape));
+    PYLLMOPS_CHECK(sign == 1.0 || sign == -1.0, "sign must be 1 or -1, got ", sign);
+    const int64_t tokens = x.size(0), heads = x.size(1), half = x.size(2) / 2;
+    check_operand(x, tokens * heads * 2 * half, "x");
+    check_operand(cos, tokens * half, "cos");
+    check_operand(sin, tokens * half, "sin");
+    check_operand(out, tokens * heads * 2 * half, "out");
+    py::gil_scoped_release release;
+    pyllmops::fused::rotary(in(x), in(cos), in(sin), static_cast<float>(sign), out.ptr<float>(), tokens, heads, half);
+  });
   m.attr("FUSED_NORM_CHUNK_ROWS") = pyllmops::fused::kNormChunkRows;
 }

@@ -10,6 +10,9 @@
 // rms_norm_backward: dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, xhat = x * rstd;
 //                    dw_part[c] = sum over the rows of chunk c of dy * xhat (chunks of kNormChunkRows rows; the
 //                    caller sums the chunks in order, so dw does not depend on the thread count)
+// rotary:            rotate-half RoPE of x (tokens, heads, d) with half-width tables (tokens, d / 2):
+//                    out[:h] = x1 cos - sign x2 sin, out[h:] = x2 cos + sign x1 sin (sign -1: the inverse rotation,
+//                    the backward)
 //
 // Vectorization: the loops are straight-line float arithmetic (sigmoid through cpu_math.h's exp2_nonpositive) that
 // -O3 vectorizes; target_clones builds AVX-512, AVX2 + FMA and baseline x86-64 copies, picked at load time from
@@ -108,7 +111,32 @@ PYLLMOPS_CLONES void rms_norm_bwd_rows(const float* dy, const float* x, const fl
   }
 }
 
+PYLLMOPS_CLONES void rotary_tokens(const float* x, const float* cos, const float* sin, float sign, float* out,
+                                   int64_t t0, int64_t t1, int64_t heads, int64_t half) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    for (int64_t j = 0; j < heads; ++j) {
+      const float* x1 = x + (t * heads + j) * 2 * half;
+      const float* x2 = x1 + half;
+      float* o1 = out + (t * heads + j) * 2 * half;
+      float* o2 = o1 + half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x1[i], b = x2[i], ss = sign * s[i];
+        o1[i] = a * c[i] - b * ss;
+        o2[i] = b * c[i] + a * ss;
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void rotary(const float* x, const float* cos, const float* sin, float sign, float* out, int64_t tokens, int64_t heads,
+            int64_t half) {
+  const int64_t grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(heads * 2 * half, 1));
+  parallel_for(tokens, grain, [&](int64_t b, int64_t e) { rotary_tokens(x, cos, sin, sign, out, b, e, heads, half); });
+}
 
 void swiglu_forward(const float* g, const float* u, float* h, int64_t n) {
   parallel_for(n, kElementGrain, [&](int64_t b, int64_t e) { swiglu_fwd_run(g + b, u + b, h + b, e - b); });

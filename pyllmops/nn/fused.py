@@ -15,7 +15,7 @@ the plain formula.
                                      recompute, no full-logits buffer).
 
 Math in float32 (float64 stays float64); outputs in the input's dtype, logits' loss in float32.
-rms_norm and swiglu on float32 CPU tensors run pyllmops' fused kernels (csrc/fused: one pass per direction
+rms_norm, swiglu and rotary on float32 CPU tensors run pyllmops' fused kernels (csrc/fused: one pass per direction
 instead of torch's 4-7 element-wise passes); other dtypes and devices, and traced / dispatch-mode calls, run the
 torch composition below. References in float64 and the tests: tests/test_fused.py.
 """
@@ -162,16 +162,26 @@ def _rotate(x, cos, sin, sign):
     return out
 
 
+def _rotate_any(x, cos, sin, sign):
+    """_rotate through the fused CPU kernel for float32 operands (one pass), else the torch composition."""
+    if _on_kernel(x, cos, sin):
+        x, cos, sin = _dense(x), _dense(cos), _dense(sin)
+        out = empty(x.shape, torch.float32, x.device)
+        lib().fused_rotary(view(x), view(cos), view(sin), sign, view(out))
+        return out
+    return _rotate(x, cos, sin, sign).to(x.dtype)
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0).to(x.dtype)
+        return _rotate_any(x, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        return _rotate(dy, cos, sin, -1.0).to(dy.dtype), None, None
+        return _rotate_any(dy, cos, sin, -1.0), None, None
 
 
 def rotary_tables(positions, head_dim, base=10000.0):
