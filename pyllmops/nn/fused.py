@@ -15,14 +15,14 @@ the plain formula.
                                      recompute, no full-logits buffer).
 
 Math in float32 (float64 stays float64); outputs in the input's dtype, logits' loss in float32.
-rms_norm, swiglu and rotary on float32 CPU tensors run pyllmops' fused kernels (csrc/fused: one pass per direction
-instead of torch's 4-7 element-wise passes); other dtypes and devices, and traced / dispatch-mode calls, run the
-torch composition below. References in float64 and the tests: tests/test_fused.py.
+rms_norm, swiglu and rotary on float32 CPU tensors run pyllmops' fused kernels (pyllmops.ops.fused, csrc/fused:
+one pass per direction instead of torch's 4-7 element-wise passes); other dtypes and devices, and traced /
+dispatch-mode calls, run the torch composition below. References in float64 and the tests: tests/test_fused.py.
 """
 import torch
 
-from pyllmops._ext import lib
-from pyllmops.ops._common import check_tensor, empty, on_cuda, plain_eager, view
+from pyllmops.ops import fused as kernels
+from pyllmops.ops._common import check_tensor, empty
 
 IGNORE = -100
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -36,28 +36,13 @@ def _check_float(name, t, **kw):
     check_tensor(name, t, dtypes=_FLOATS, **kw)
 
 
-def _on_kernel(*ts):
-    """Whether pyllmops' fused CPU kernels take these operands: float32 CPU tensors (not an emulated-CUDA build's)
-    in plain eager mode (the kernels take data pointers: no tracing, no fake tensors)."""
-    t = ts[0]
-    return (t.device.type == "cpu" and not on_cuda(t) and plain_eager(t)
-            and all(x.dtype == torch.float32 for x in ts))
-
-
-def _dense(t):
-    return t if t.is_contiguous() else t.contiguous()
-
-
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        if _on_kernel(x, weight) and out_dtype == torch.float32 and x.shape[-1] > 0:
-            x, weight = _dense(x), _dense(weight)
-            y = empty(x.shape, torch.float32, x.device)
-            rstd = empty(x.shape[:-1] + (1,), torch.float32, x.device)
-            lib().fused_rms_norm_forward(view(x), view(weight), eps, view(y), view(rstd))
+        if kernels.applies(x, weight) and out_dtype == torch.float32 and x.shape[-1] > 0:
+            y, rstd, x, weight = kernels.rms_norm_forward(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
             ctx.in_dtype = x.dtype
             return y
@@ -73,16 +58,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        if _on_kernel(dy, x, weight) and x.shape[-1] > 0 and ctx.in_dtype == torch.float32:
-            dy = _dense(dy)
-            dx = empty(x.shape, torch.float32, x.device) if ctx.needs_input_grad[0] else None
-            part = None
-            if ctx.needs_input_grad[1]:  # per-chunk sums, added in order: dw does not depend on the thread count
-                chunks = -(-x.numel() // x.shape[-1] // lib().FUSED_NORM_CHUNK_ROWS)
-                part = empty((chunks, x.shape[-1]), torch.float32, x.device)
-            lib().fused_rms_norm_backward(view(dy), view(x), view(weight), view(rstd),
-                                          None if dx is None else view(dx), None if part is None else view(part))
-            return dx, None if part is None else part.sum(0).to(weight.dtype), None, None
+        if kernels.applies(dy, x, weight) and x.shape[-1] > 0:
+            dx, dw = kernels.rms_norm_backward(dy, x, weight, rstd, *ctx.needs_input_grad[:2])
+            return dx, dw, None, None
         xhat = _wide(x) * rstd
         dx = dw = None
         if ctx.needs_input_grad[1]:
@@ -112,10 +90,8 @@ def rms_norm(x, weight, eps=1e-5, out_dtype=None):
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        if _on_kernel(gate, up):
-            gate, up = _dense(gate), _dense(up)
-            h = empty(gate.shape, torch.float32, gate.device)
-            lib().fused_swiglu_forward(view(gate), view(up), view(h))
+        if kernels.applies(gate, up):
+            h, gate, up = kernels.swiglu_forward(gate, up)
             ctx.save_for_backward(gate, up)
             return h
         ctx.save_for_backward(gate, up)
@@ -124,13 +100,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
-        if _on_kernel(dh, gate, up):
-            dh = _dense(dh)
-            dgate, dup = (empty(gate.shape, torch.float32, gate.device) if need else None
-                          for need in ctx.needs_input_grad)
-            lib().fused_swiglu_backward(view(gate), view(up), view(dh), None if dgate is None else view(dgate),
-                                        None if dup is None else view(dup))
-            return dgate, dup
+        if kernels.applies(dh, gate, up):
+            return kernels.swiglu_backward(gate, up, dh, *ctx.needs_input_grad)
         dgate = dup = None
         if ctx.needs_input_grad[1]:
             dup = torch.nn.functional.silu(gate).mul_(dh)
@@ -164,11 +135,8 @@ def _rotate(x, cos, sin, sign):
 
 def _rotate_any(x, cos, sin, sign):
     """_rotate through the fused CPU kernel for float32 operands (one pass), else the torch composition."""
-    if _on_kernel(x, cos, sin):
-        x, cos, sin = _dense(x), _dense(cos), _dense(sin)
-        out = empty(x.shape, torch.float32, x.device)
-        lib().fused_rotary(view(x), view(cos), view(sin), sign, view(out))
-        return out
+    if kernels.applies(x, cos, sin):
+        return kernels.rotary(x, cos, sin, sign)
     return _rotate(x, cos, sin, sign).to(x.dtype)
 
 
