@@ -91,6 +91,35 @@ def test_shapes(device, cpu_path, sq, sk, causal):
         _check(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("case,fwd,bwd", [
+    ("full", "torch", "torch"), ("full bf16", "torch", "torch"), ("causal", "pyllmops", "pyllmops"),
+    ("causal bf16", "torch", "torch"), ("causal bottom-right sq != sk", "pyllmops", "pyllmops"),
+    ("window", "pyllmops", "pyllmops"), ("softcap", "pyllmops", "pyllmops"), ("nan in v", "pyllmops", "pyllmops"),
+    ("full, forced kernel", "pyllmops", "pyllmops")])
+def test_cpu_route_counts(monkeypatch, case, fwd, bwd):
+    """ops.attention.route_counts (what `bench attention` prints per row) records the kernel each CPU call ran, as
+    docs/attention.md's route table says: torch's CPU flash kernel for full attention and non-float32 causal, ours
+    for float32 causal (its backward when it takes the single pass: 2 (sequence, kv head) tasks >= 1 thread here),
+    windows, softcap, bottom-right masks and non-finite inputs."""
+    from pyllmops.ops.attention import route_counts
+    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "1")
+    if "forced" in case:
+        monkeypatch.setenv("PYLLMOPS_ATTENTION_CPU", "kernel")
+    dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    q, k, v = _inputs(2, 40, 56 if "sq != sk" in case else 40, 4, 1, 64, dtype, "cpu")
+    if "nan" in case:
+        v[1, 3, 0, 5] = float("nan")
+    kw = dict(causal=case.startswith("causal"), window_size=(8, 0) if case == "window" else (-1, -1),
+              softcap=20.0 if case == "softcap" else 0.0)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    route_counts.clear()
+    out = pyllmops.flash_attention(q, k, v, **kw)
+    assert dict(route_counts) == {("fwd", fwd): 1}
+    route_counts.clear()
+    out.backward(torch.randn_like(out))
+    assert dict(route_counts) == {("bwd", bwd): 1}
+
+
 @pytest.mark.parametrize("device", devices())
 def test_seqlen_1000(device):
     dtype = _dtypes(device)[0]

@@ -193,15 +193,33 @@ def _paired_times(fns, quick, min_time_s=None, min_reps=7, max_reps=40):
     return out
 
 
-def _record(bench, kernel, mode, x, times, flops, baseline_name):
-    """Rows through the harness (ceilings, TFLOP/s, vs_baseline) with the paired medians as the timer's answer."""
+def _record(bench, kernel, mode, x, times, flops, baseline_name, notes=None):
+    """Rows through the harness (ceilings, TFLOP/s, vs_baseline) with the paired medians as the timer's answer;
+    notes: {provider: the row's note}."""
     old = bench._timer
     try:
         for name, t in times.items():
             bench._timer = (lambda fn, t=t: t)
-            bench.measure(kernel, name, mode, x, lambda: None, flops=flops, baseline=name == baseline_name)
+            row = bench.measure(kernel, name, mode, x, lambda: None, flops=flops, baseline=name == baseline_name)
+            if row is not None and (notes or {}).get(name):
+                row["note"] = notes[name]
     finally:
         bench._timer = old
+
+
+def _kernels_ran():
+    """What pyllmops' side ran since route_counts was cleared: "ran pyllmops' kernel", "ran torch's CPU flash kernel
+    (the CPU route, docs/attention.md)", per direction when they differ."""
+    from pyllmops.ops.attention import route_counts
+
+    def which(direction):
+        ran = [k for k in ("torch", "pyllmops") if route_counts[direction, k]]
+        return {"torch": "torch's CPU flash kernel", "pyllmops": "pyllmops' kernel"}[ran[0]] if len(ran) == 1 else (
+            "both kernels" if ran else None)
+    fwd, bwd = which("fwd"), which("bwd")
+    if bwd is None or bwd == fwd:
+        return f"ran {fwd}" if fwd else ""
+    return f"forward ran {fwd}, backward {bwd}"
 
 
 def _cpu_modes(bench, kernel, x, providers, inputs, flops_fwd, baseline_name="torch sdpa (cpu)"):
@@ -222,10 +240,12 @@ def _cpu_modes(bench, kernel, x, providers, inputs, flops_fwd, baseline_name="to
             torch.autograd.grad(out, inputs, g[name])
         return run
 
-    _record(bench, kernel, "fwd", x, _paired_times({n: fwd(f) for n, f in providers.items()}, bench.quick), flops_fwd,
-            baseline_name)
-    _record(bench, kernel, "fwd+bwd", x, _paired_times({n: fwd_bwd(n, f) for n, f in providers.items()}, bench.quick),
-            3.5 * flops_fwd, baseline_name)
+    from pyllmops.ops.attention import route_counts
+
+    for mode, wrap, flops in (("fwd", lambda n, f: fwd(f), flops_fwd), ("fwd+bwd", fwd_bwd, 3.5 * flops_fwd)):
+        route_counts.clear()
+        times = _paired_times({n: wrap(n, f) for n, f in providers.items()}, bench.quick)
+        _record(bench, kernel, mode, x, times, flops, baseline_name, notes={"pyllmops": _kernels_ran()})
 
 
 def _band_mask(sq, sk, causal, window, device):

@@ -17,6 +17,7 @@ NaN to every output row of a sequence they cannot honour (longer than max_seqlen
 and raise bits in the per-device error word that check_kernel_errors() reads; validate=True checks the
 offsets eagerly instead (one synchronization).
 """
+import collections
 import functools
 import math
 import os
@@ -93,6 +94,16 @@ def _lse_shape(q, varlen):
 _SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SDPA_MAX_LSE = 32.0
 _SDPA_MAX_VARLEN_BATCH = 64  # one torch call per sequence: beyond this many, Python overhead outweighs the gain
+
+
+# The kernel each CPU call ran: {(direction "fwd" / "bwd", "torch" / "pyllmops"): calls}, counted at every exit of
+# the ops' CPU bodies. `bench attention` resets it around a row and prints which kernel pyllmops' side ran.
+route_counts = collections.Counter()
+
+
+def _ran(direction, q, torch_kernel):
+    if q.device.type == "cpu" and not on_cuda(q):
+        route_counts[direction, "torch" if torch_kernel else "pyllmops"] += 1
 
 
 def _route_enabled():
@@ -228,6 +239,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
              and _nan_policy_ok(window_right == 0, q, k, v))
     if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
             window_left, window_right, top_left, q.shape[1], k.shape[1]):
+        _ran("fwd", q, True)
         return _sdpa_fwd_dense(q, k, v, softmax_scale, window_right == 0)
     # Allocated before a kernel reads the inputs: an input too large for memory (an expanded view) fails here, not
     # in a sweep over its elements (the route's finiteness pass reads such a view through its span: _max_abs).
@@ -246,7 +258,9 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                                            v[k0:k1].unsqueeze(0), softmax_scale, window_right == 0)
                     out[q0:q1].copy_(o[0])
                     lse[:, q0:q1].copy_(l[0])
+            _ran("fwd", q, True)
             return out, lse
+    _ran("fwd", q, False)
     lib().attention_forward(view(q), view(k), view(v), view(out), view(lse), opt_view(cu_seqlens_q),
                             opt_view(cu_seqlens_k), opt_view(error_word("attention", q.device)), max_seqlen_q,
                             max_seqlen_k, softmax_scale, softcap, window_left, window_right, top_left, stream(q))
@@ -275,6 +289,7 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
              and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
              and _nan_policy_ok(causal, q, k, v, dout))
     if route and cu_seqlens_q is None and _sdpa_mask_ok(window_left, window_right, top_left, q.shape[1], k.shape[1]):
+        _ran("bwd", q, True)
         return _sdpa_bwd_dense(dout, q, k, v, out, lse.contiguous(), softmax_scale, causal)
     # Contiguous gradients, as the fake kernel promises: the layout torch's CPU kernel returns (the route above needs
     # no copy) and one the kernels write as fast as any (they take strides). Allocated before a kernel reads the
@@ -301,7 +316,9 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     dq[q0:q1].copy_(gq[0])
                     dk[k0:k1].copy_(gk[0])
                     dv[k0:k1].copy_(gv[0])
+            _ran("bwd", q, True)
             return dq, dk, dv
+    _ran("bwd", q, False)
     lib().attention_backward(view(q), view(k), view(v), view(out), view(dout), view(lse),
                              opt_view(dlse), view(delta), view(dq), view(dk),
                              view(dv), opt_view(cu_seqlens_q), opt_view(cu_seqlens_k),
