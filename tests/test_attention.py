@@ -989,3 +989,25 @@ def test_cpu_backward_single_and_two_pass(threads, monkeypatch):
         _nan_case("cpu", torch.float32, [], True, (16, 0), dout_row=50)
     finally:
         lib().set_num_threads(0)
+
+
+def test_bench_cpu_rows_say_which_kernel_ran(monkeypatch):
+    """`bench attention` on the CPU: ours and SDPA timed together per row (harness.measure_together), each of ours
+    noted with the kernel it ran (route_counts)."""
+    from pyllmops.bench import attention as bench_attention
+    from pyllmops.bench.harness import Bench
+
+    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "1")  # the causal backward's single pass: 2 tasks >= 1 thread
+
+    bench = Bench("attention", "cpu", quick=True, progress=False)
+    bench._ceilings = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul": "fake"}
+    bench_attention._cpu_dense(bench, "attention", 1, 2, 2, 48, 64, False, (-1, -1))
+    bench_attention._cpu_dense(bench, "attention", 1, 2, 2, 48, 64, True, (-1, -1))
+    bench._finish()
+    ours = [r for r in bench.rows if r["provider"] == "pyllmops"]
+    assert [(r["x"], r["mode"]) for r in ours] == [("b1 h2 s48 d64", "fwd"), ("b1 h2 s48 d64", "fwd+bwd"),
+                                                   ("b1 h2 s48 d64 causal", "fwd"),
+                                                   ("b1 h2 s48 d64 causal", "fwd+bwd")]
+    assert [r["note"] for r in ours] == ["ran torch's CPU flash kernel"] * 2 + ["ran pyllmops' kernel"] * 2
+    assert all(r["vs_baseline"] > 0 for r in ours)
+    assert len([r for r in bench.rows if r["provider"] == "torch sdpa (cpu)" and r["baseline"]]) == 4

@@ -17,12 +17,11 @@ matmul). On CPU the peers of one case are timed
 interleaved (A, B, A, B, ...) and each gets the median of its own samples, so load from other processes on a shared
 machine hits both alike; ratios are vs_baseline = SDPA median / ours.
 """
-import statistics
-import time
 
 import torch
 
 import pyllmops
+from pyllmops.ops.attention import route_counts
 
 
 def visited_area(sq, sk, causal, window):
@@ -170,48 +169,10 @@ def run(bench):
         _run_cpu(bench)
 
 
-# ---- CPU: every row against torch SDPA on the same math, timed interleaved ------------------------------------
-def _paired_times(fns, quick, min_time_s=None, min_reps=7, max_reps=40):
-    """{name: (median, p20, p80) ms} of fns {name: fn}, called in turn (A, B, A, B, ...) after a warm-up."""
-    min_time_s = (0.2 if quick else 0.6) if min_time_s is None else min_time_s
-    for fn in fns.values():
-        fn()
-        fn()
-    samples = {n: [] for n in fns}
-    total = 0.0
-    while len(samples[next(iter(fns))]) < min_reps or (total < min_time_s and len(samples[next(iter(fns))]) < max_reps):
-        for n, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            samples[n].append(dt * 1e3)
-            total += dt
-    out = {}
-    for n, s in samples.items():
-        s = sorted(s)
-        out[n] = (statistics.median(s), s[int(0.2 * (len(s) - 1))], s[int(0.8 * (len(s) - 1))])
-    return out
-
-
-def _record(bench, kernel, mode, x, times, flops, baseline_name, notes=None):
-    """Rows through the harness (ceilings, TFLOP/s, vs_baseline) with the paired medians as the timer's answer;
-    notes: {provider: the row's note}."""
-    old = bench._timer
-    try:
-        for name, t in times.items():
-            bench._timer = (lambda fn, t=t: t)
-            row = bench.measure(kernel, name, mode, x, lambda: None, flops=flops, baseline=name == baseline_name)
-            if row is not None and (notes or {}).get(name):
-                row["note"] = notes[name]
-    finally:
-        bench._timer = old
-
-
+# ---- CPU: every row against torch SDPA on the same math, timed interleaved (harness.measure_together) ----------
 def _kernels_ran():
     """What pyllmops' side ran since route_counts was cleared: "ran pyllmops' kernel", "ran torch's CPU flash kernel
     (the CPU route, docs/attention.md)", per direction when they differ."""
-    from pyllmops.ops.attention import route_counts
-
     def which(direction):
         ran = [k for k in ("torch", "pyllmops") if route_counts[direction, k]]
         return {"torch": "torch's CPU flash kernel", "pyllmops": "pyllmops' kernel"}[ran[0]] if len(ran) == 1 else (
@@ -240,12 +201,14 @@ def _cpu_modes(bench, kernel, x, providers, inputs, flops_fwd, baseline_name="to
             torch.autograd.grad(out, inputs, g[name])
         return run
 
-    from pyllmops.ops.attention import route_counts
-
     for mode, wrap, flops in (("fwd", lambda n, f: fwd(f), flops_fwd), ("fwd+bwd", fwd_bwd, 3.5 * flops_fwd)):
         route_counts.clear()
-        times = _paired_times({n: wrap(n, f) for n, f in providers.items()}, bench.quick)
-        _record(bench, kernel, mode, x, times, flops, baseline_name, notes={"pyllmops": _kernels_ran()})
+        rows = bench.measure_together(kernel, mode, x, [dict(provider=n, fn=wrap(n, f), flops=flops,
+                                                             baseline=n == baseline_name) for n, f in providers.items()])
+        note = _kernels_ran()
+        for row in rows:
+            if row["provider"] == "pyllmops" and note:
+                row["note"] = note
 
 
 def _band_mask(sq, sk, causal, window, device):
