@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import pyllmops
 from pyllmops.nn import fused
 from pyllmops.nn.rotary import RotaryEmbedding, apply_rotary
+from pyllmops.ops._common import on_cuda
 
-from conftest import assert_close
+from conftest import assert_close, devices
 from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}
@@ -96,7 +97,6 @@ def kernel_calls(monkeypatch):
     """Counts the fused kernels' calls (the float32 CPU path); composition=True in a test's parametrization forces
     the torch composition instead."""
     from pyllmops._ext import lib
-    calls = []
     real = lib()
 
     class Spy:
@@ -108,7 +108,10 @@ def kernel_calls(monkeypatch):
                     return attr(*a, **kw)
                 return wrapped
             return attr
-    monkeypatch.setattr(fused.kernels, "lib", lambda: Spy())
+    class Calls(list):
+        spy = staticmethod(lambda: Spy())
+    calls = Calls()
+    monkeypatch.setattr(fused.kernels, "lib", Calls.spy)
     return calls
 
 
@@ -122,63 +125,77 @@ def threads():
     lib().set_num_threads(0)
 
 
-def test_fused_kernels_run_and_match_the_composition(kernel_calls, monkeypatch):
-    """float32 CPU calls take the kernels (forward and backward), non-contiguous inputs included; the torch
-    composition (other dtypes, tracing) gives the same numbers within the float32 tolerance."""
-    q = (torch.randn(4, 50, 72) * 2).transpose(0, 1).requires_grad_()  # (tokens, heads, d), non-contiguous
-    cos, sin = fused.rotary_tables(torch.arange(50) * 7, 72)
-    dq = torch.randn(50, 4, 72)
-    g = _leaf((3, 40, 96), torch.float32, 5.0)
-    u = _leaf((3, 40, 96), torch.float32)
-    x = (torch.randn(96, 120) * 2).t().requires_grad_()  # non-contiguous (120, 96)
-    w = _leaf((96,), torch.float32)
-    dh, dy = torch.randn(3, 40, 96), torch.randn(120, 96)
-    h = fused.swiglu(g, u)
-    y = fused.rms_norm(x, w, 1e-5)
-    r = fused.rotary(q, cos, sin)
-    got = _grads(h, (g, u), dh) + _grads(y, (x, w), dy) + _grads(r, (q,), dq)
-    assert kernel_calls == ["fused_swiglu_forward", "fused_rms_norm_forward", "fused_rotary", "fused_swiglu_backward",
-                            "fused_rms_norm_backward", "fused_rotary"]
-    monkeypatch.setattr(fused.kernels, "applies", lambda *ts: False)
-    h2, y2, r2 = fused.swiglu(g, u), fused.rms_norm(x, w, 1e-5), fused.rotary(q, cos, sin)
-    want = _grads(h2, (g, u), dh) + _grads(y2, (x, w), dy) + _grads(r2, (q,), dq)
-    assert len(kernel_calls) == 6
-    for a, b in ((h, h2), (y, y2), (r, r2)):
-        assert a.dtype == torch.float32 and a.shape == b.shape
-        assert_close(a, b, TOL[torch.float32])
-    for a, b in zip(got, want):
-        assert_close(a, b, 4 * TOL[torch.float32])
+def _kernel_dtypes(device):
+    return [torch.float32, torch.bfloat16] if on_cuda(device) else [torch.float32]
 
 
-def test_fused_swiglu_extremes_and_nan(kernel_calls):
+@pytest.mark.parametrize("device", devices())
+def test_fused_kernels_run_and_match_the_composition(kernel_calls, monkeypatch, device):
+    """float32 CPU and float32 / bfloat16 CUDA calls take the kernels (forward and backward), non-contiguous inputs
+    included; the torch composition (other dtypes, tracing) gives the same numbers within the dtype's tolerance."""
+    for dtype in _kernel_dtypes(device):
+        kernel_calls.clear()
+        monkeypatch.undo()
+        monkeypatch.setattr(fused.kernels, "lib", kernel_calls.spy)
+        leaf = (lambda shape, scale=1.0: _leaf(shape, dtype, scale).detach().to(device).requires_grad_())
+        q = leaf((4, 50, 72), 2.0).detach().transpose(0, 1).requires_grad_()  # (tokens, heads, d), non-contiguous
+        cos, sin = fused.rotary_tables(torch.arange(50, device=device) * 7, 72)
+        g, u = leaf((3, 40, 96), 5.0), leaf((3, 40, 96))
+        x = leaf((96, 120), 2.0).detach().t().requires_grad_()  # non-contiguous (120, 96)
+        w = leaf((96,))
+        dh, dy, dq = (torch.randn(sh, device=device).to(dtype) for sh in ((3, 40, 96), (120, 96), (50, 4, 72)))
+        h = fused.swiglu(g, u)
+        y = fused.rms_norm(x, w, 1e-5)
+        r = fused.rotary(q, cos, sin)
+        got = _grads(h, (g, u), dh) + _grads(y, (x, w), dy) + _grads(r, (q,), dq)
+        assert kernel_calls == ["fused_swiglu_forward", "fused_rms_norm_forward", "fused_rotary",
+                                "fused_swiglu_backward", "fused_rms_norm_backward", "fused_rotary"]
+        monkeypatch.setattr(fused.kernels, "applies", lambda *ts, **kw: False)
+        h2, y2, r2 = fused.swiglu(g, u), fused.rms_norm(x, w, 1e-5), fused.rotary(q, cos, sin)
+        want = _grads(h2, (g, u), dh) + _grads(y2, (x, w), dy) + _grads(r2, (q,), dq)
+        assert len(kernel_calls) == 6
+        for a, b in ((h, h2), (y, y2), (r, r2)):
+            assert a.dtype == dtype and a.shape == b.shape
+            assert_close(a, b, TOL[dtype])
+        for a, b in zip(got, want):
+            assert a.dtype == dtype
+            assert_close(a, b, 4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fused_swiglu_extremes_and_nan(kernel_calls, device):
     """sigmoid over the whole float32 range against float64 (|gate| to 1e4, +-inf), NaN kept where it sits."""
     g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([1e4, -1e4, 87.0, -87.0, -88.0, -104.0, 0.0, -0.0]),
                    torch.randn(991) * 8])
-    g = g.reshape(50, 100).requires_grad_()
-    u = torch.randn(50, 100, requires_grad=True)
+    g = g.reshape(50, 100).to(device).requires_grad_()
+    u = torch.randn(50, 100, device=device, requires_grad=True)
     h = fused.swiglu(g, u)
     g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
     ref = g64 * torch.sigmoid(g64) * u64
     assert_close(h, ref, TOL[torch.float32])
-    dh = torch.randn(50, 100, dtype=torch.float64)
+    dh = torch.randn(50, 100, dtype=torch.float64, device=device)
     for a, b in zip(_grads(h, (g, u), dh.float()), _grads(ref, (g64, u64), dh)):
         assert_close(a, b, 4 * TOL[torch.float32])
-    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0])
-    gs, us = special.clone().requires_grad_(), torch.tensor([2.0, 2.0, 2.0, float("nan")], requires_grad=True)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0], device=device)
+    gs = special.clone().requires_grad_()
+    us = torch.tensor([2.0, 2.0, 2.0, float("nan")], device=device, requires_grad=True)
     hs = fused.swiglu(gs, us)
     want = torch.nn.functional.silu(special.double()) * us.detach().double()  # inf, nan (-inf * 0), nan, nan
     assert torch.equal(torch.isnan(hs), torch.isnan(want)) and hs[0] == float("inf")
-    dgs, dus = _grads(hs, (gs, us), torch.ones(4))
+    dgs, dus = _grads(hs, (gs, us), torch.ones(4, device=device))
     assert torch.isnan(dgs[2:]).all() and torch.isnan(dus[2]) and dus[0] == float("inf")
     assert kernel_calls.count("fused_swiglu_forward") == 2
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("d", [8, 15, 16, 130])  # d = 1 is ill-conditioned in float32 (dx ~ eps / x^2)
-def test_fused_rms_norm_shapes_threads_and_nan(kernel_calls, threads, d):
-    """Row lengths around the 16-lane partial sums, rows across several 64-row dweight chunks; dweight is the same
-    bitwise at 1 and 3 threads; a NaN stays in its row (x) or its column (dweight)."""
-    x, w = _leaf((203, d), torch.float32, 3.0), _leaf((d,), torch.float32)
-    dy = torch.randn(203, d, dtype=torch.float64)
+def test_fused_rms_norm_shapes_threads_and_nan(kernel_calls, threads, device, d):
+    """Row lengths around the 16-lane partial sums / a warp, rows across several 64-row dweight chunks; every output
+    the same bitwise at 1 and 3 CPU threads (on CUDA: on a second run); a NaN stays in its row (x) or its column
+    (dweight)."""
+    x = _leaf((203, d), torch.float32, 3.0).detach().to(device).requires_grad_()
+    w = _leaf((d,), torch.float32).detach().to(device).requires_grad_()
+    dy = torch.randn(203, d, dtype=torch.float64, device=device)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
     res = []
@@ -196,7 +213,7 @@ def test_fused_rms_norm_shapes_threads_and_nan(kernel_calls, threads, d):
     xn.requires_grad_()
     yn = fused.rms_norm(xn, w)
     dxn, dwn = _grads(yn, (xn, w), dy.float())
-    rows = torch.arange(203) != 5
+    rows = torch.arange(203, device=device) != 5
     assert torch.isnan(yn[5]).all() and torch.isfinite(yn[rows]).all()
     assert torch.isnan(dxn[5]).all() and torch.isfinite(dxn[rows]).all() and torch.isnan(dwn).all()
     assert kernel_calls.count("fused_rms_norm_backward") == 3
@@ -208,24 +225,24 @@ def test_fused_kernels_recheck_their_operands():
     from pyllmops.ops._common import view
     a, b = torch.randn(8, 16), torch.randn(8, 15)
     with pytest.raises(ValueError, match="up must have 128 elements"):
-        lib().fused_swiglu_forward(view(a), view(b), view(a))
+        lib().fused_swiglu_forward(view(a), view(b), view(a), 0)
     with pytest.raises(ValueError, match="out must be float32"):
-        lib().fused_swiglu_forward(view(a), view(a), view(a.double()))
+        lib().fused_swiglu_forward(view(a), view(a), view(a.double()), 0)
     with pytest.raises(ValueError, match="dgate must be contiguous"):
-        lib().fused_swiglu_backward(view(a), view(a), view(a), view(torch.randn(16, 8).t()), None)
+        lib().fused_swiglu_backward(view(a), view(a), view(a), view(torch.randn(16, 8).t()), None, 0)
     with pytest.raises(ValueError, match="rstd must have 8 elements"):
-        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-5, view(a), view(torch.empty(7)))
+        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-5, view(a), view(torch.empty(7)), 0)
     with pytest.raises(ValueError, match="eps must be positive and finite in float32"):
-        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-50, view(a), view(torch.empty(8)))
+        lib().fused_rms_norm_forward(view(a), view(a[0]), 1e-50, view(a), view(torch.empty(8)), 0)
     with pytest.raises(ValueError, match="sin must have 64 elements"):
         lib().fused_rotary(view(a.view(8, 1, 16)), view(torch.empty(8, 8)), view(torch.empty(31)), 1.0,
-                           view(a.view(8, 1, 16)))
+                           view(a.view(8, 1, 16)), 0)
     with pytest.raises(ValueError, match="sign must be 1 or -1"):
         lib().fused_rotary(view(a.view(8, 1, 16)), view(torch.empty(8, 8)), view(torch.empty(8, 8)), 0.5,
-                           view(a.view(8, 1, 16)))
+                           view(a.view(8, 1, 16)), 0)
     with pytest.raises(ValueError, match="dw_part must have 16 elements"):
         lib().fused_rms_norm_backward(view(a), view(a), view(a[0]), view(torch.empty(8)), None,
-                                      view(torch.empty(2, 16)))
+                                      view(torch.empty(2, 16)), 0)
 
 
 # ---- rotary --------------------------------------------------------------------------------------------

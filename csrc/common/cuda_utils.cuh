@@ -38,6 +38,13 @@ class CudaDeviceGuard {
 
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+// Blocks for a grid-stride kernel over work_items items, per_block per block: at least 1, at most 65535 * 8 (the
+// strides cover the rest).
+inline int grid_for(int64_t work_items, int per_block) {
+  const int64_t blocks = ceil_div(work_items, per_block);
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
+}
+
 inline bool is_aligned(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }

@@ -185,9 +185,7 @@ __global__ void int_dequantize_kernel(Weight w, T* __restrict__ out) {
     out[idx] = from_float<T>(load_weight<WeightKind::int_q, T>(w, idx / w.k_in, idx % w.k_in, nullptr));
 }
 
-int grid_for(int64_t items) {
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(ceil_div(items, kThreads), 1), 65535 * 8));
-}
+int grid_for(int64_t items) { return pyllmops::grid_for(items, kThreads); }
 
 }  // namespace
 

@@ -60,10 +60,6 @@ __device__ __forceinline__ void load_midpoints(float* s_mid) {
   __syncthreads();
 }
 
-int grid_for(int64_t work_items, int per_block) {
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(ceil_div(work_items, per_block), 1), 65535 * 8));
-}
-
 // ---- quantize ---------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

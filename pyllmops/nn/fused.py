@@ -15,9 +15,9 @@ the plain formula.
                                      recompute, no full-logits buffer).
 
 Math in float32 (float64 stays float64); outputs in the input's dtype, logits' loss in float32.
-rms_norm, swiglu and rotary on float32 CPU tensors run pyllmops' fused kernels (pyllmops.ops.fused, csrc/fused:
-one pass per direction instead of torch's 4-7 element-wise passes); other dtypes and devices, and traced /
-dispatch-mode calls, run the torch composition below. References in float64 and the tests: tests/test_fused.py.
+rms_norm, swiglu and rotary run pyllmops' fused kernels (pyllmops.ops.fused, csrc/fused: one pass per direction
+instead of torch's 4-7 element-wise passes) on float32 CPU tensors and float32 / float16 / bfloat16 CUDA tensors;
+other dtypes (float64, half precision on the CPU) and traced / dispatch-mode calls run the torch composition below. References in float64 and the tests: tests/test_fused.py.
 """
 import torch
 
@@ -41,7 +41,7 @@ def _check_float(name, t, **kw):
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        if kernels.applies(x, weight) and out_dtype == torch.float32 and x.shape[-1] > 0:
+        if kernels.applies(x, weight) and out_dtype == x.dtype and x.shape[-1] > 0:
             y, rstd, x, weight = kernels.rms_norm_forward(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
             ctx.in_dtype = x.dtype
@@ -58,7 +58,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        if kernels.applies(dy, x, weight) and x.shape[-1] > 0:
+        if kernels.applies(dy, x, weight, tables=(rstd,)) and x.shape[-1] > 0:
             dx, dw = kernels.rms_norm_backward(dy, x, weight, rstd, *ctx.needs_input_grad[:2])
             return dx, dw, None, None
         xhat = _wide(x) * rstd
@@ -135,7 +135,7 @@ def _rotate(x, cos, sin, sign):
 
 def _rotate_any(x, cos, sin, sign):
     """_rotate through the fused CPU kernel for float32 operands (one pass), else the torch composition."""
-    if kernels.applies(x, cos, sin):
+    if kernels.applies(x, tables=(cos, sin)):
         return kernels.rotary(x, cos, sin, sign)
     return _rotate(x, cos, sin, sign).to(x.dtype)
 
