@@ -145,25 +145,31 @@ int64_t num_tiles(int64_t n, int block) { return (n + block - 1) / block; }
 struct Ctx {
   int64_t d = 0, dp = 0;  // head_dim, padded to a multiple of 16
   float scale = 1.0f, scale_log2 = 1.0f, softcap = 0.0f, inv_softcap = 0.0f, softcap_log2 = 0.0f;
+  // Q tiles are loaded times q_mul: without a softcap the products q.k are then the base-2 logits themselves (no
+  // pass over the score tile to scale them); dk, which sums dS^T Q, is stored times scale / q_mul to undo it.
+  float q_mul = 1.0f;
   explicit Ctx(const Params& p)
       : d(p.head_dim), dp((p.head_dim + 15) / 16 * 16), scale(p.scale), scale_log2(p.scale * kLog2e),
         softcap(p.softcap) {
     if (softcap > 0.0f) {
       inv_softcap = 1.0f / softcap;
       softcap_log2 = softcap * kLog2e;
+    } else {
+      q_mul = scale_log2;
     }
   }
 };
 
-// rows [r0, r0 + rows) of a (token, head) slice -> dst[block][dp] in fp32, zero-padded. Returns whether every
-// loaded value is finite.
+// rows [r0, r0 + rows) of a (token, head) slice, times mul -> dst[block][dp] in fp32, zero-padded. Returns whether
+// every stored value is finite.
 template <typename T>
-bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, const Ctx& cx, int block, float* dst) {
+bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, const Ctx& cx, int block, float* dst,
+               float mul = 1.0f) {
   uint32_t bad = 0;  // a non-finite float has all exponent bits set
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = base + (r0 + r) * row_stride;
     float* out = dst + r * cx.dp;
-    for (int64_t c = 0; c < cx.d; ++c) out[c] = to_float(src[c]);
+    for (int64_t c = 0; c < cx.d; ++c) out[c] = to_float(src[c]) * mul;
     for (int64_t c = 0; c < cx.d; ++c) {
       uint32_t u;
       std::memcpy(&u, out + c, 4);
@@ -232,7 +238,9 @@ void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j
     lo[r] = a;
     hi[r] = b;
   }
-  isa().finish_scores(s, kBlockM, kBlockN, lo, hi, cx.scale_log2, cx.scale * cx.inv_softcap, cx.softcap_log2);
+  // Q was loaded times q_mul (the raw products are the logits without a softcap; with one, q_mul is 1)
+  isa().finish_scores(s, kBlockM, kBlockN, lo, hi, cx.q_mul == 1.0f ? cx.scale_log2 : 1.0f, cx.scale * cx.inv_softcap,
+                      cx.softcap_log2);
 }
 
 // P = exp2(s - m) / l on the visible columns, 0 elsewhere (padding rows included); m and l: row 0 of the tile on.
@@ -382,7 +390,7 @@ void forward_impl(const Params& p) {
     for (int64_t task = t0; task < t1; ++task) {
       if (!t.decode(p, task, m_tiles)) continue;
       load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
-                bf.qf.data());
+                bf.qf.data(), cx.q_mul);
       std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
       std::fill(bf.m, bf.m + kBlockM, -INFINITY);
       std::fill(bf.l, bf.l + kBlockM, 0.0f);
@@ -392,9 +400,9 @@ void forward_impl(const Params& p) {
         const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
         const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
         scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
-        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data(), bf.factor);
+        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.s.data(), bf.factor);  // P over S
         isa().scale_rows(bf.acc.data(), t.rows, dp, dp, bf.factor);
-        tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.pb.data(),
+        tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.s.data(),
                   kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
       }
       T* ob = q_row(static_cast<T*>(p.o), p.lo, t.si, 0, t.h);
@@ -476,7 +484,7 @@ void dq_impl(const Params& p, float* ws_m, float* ws_l) {
     for (int64_t task = t0; task < t1; ++task) {
       if (!t.decode(p, task, m_tiles)) continue;
       load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
-                bf.qf.data());
+                bf.qf.data(), cx.q_mul);
       load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, t.si, 0, t.h), p.ldo.seq, t.i0, t.rows, cx, kBlockM,
                 bf.gf.data());
       const int64_t off = lse_index(p, t.si, 0, t.h) + t.i0;
@@ -536,7 +544,7 @@ void dkdv_impl(const Params& p, const float* ws_m, const float* ws_l) {
           const int64_t i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
           const int64_t off = lse_index(p, si, 0, h) + i0;
           const bool q_fin = load_tile(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, cx,
-                                       kBlockM, bf.qf.data());
+                                       kBlockM, bf.qf.data(), cx.q_mul);
           const bool g_fin = load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h), p.ldo.seq, i0, rows,
                                        cx, kBlockM, bf.gf.data());
           scores(cx, mask, i0, rows, j0, cols, bf.qf.data(), bf.kt.data(), bf.s.data(), bf.lo, bf.hi);
@@ -550,7 +558,7 @@ void dkdv_impl(const Params& p, const float* ws_m, const float* ws_l) {
                     bf.hi, false);
         }
       }
-      store_rows(dkf, p.scale, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
+      store_rows(dkf, p.scale / cx.q_mul, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
       store_rows(dvf, 1.0f, cols, cx, k_row(static_cast<T*>(p.dv), p.ldv, si, 0, hk), p.ldv.seq, j0);
     }
   });
@@ -593,7 +601,8 @@ void fused_bwd_impl(const Params& p) {
         for (int64_t mt = 0; mt < m_tiles; ++mt) {
           const int64_t it = g * m_tiles + mt, i0 = mt * kBlockM, rows = std::min(si.sq, i0 + kBlockM) - i0;
           float* qf = qs + it * tile;
-          q_fin[it] = load_tile(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, cx, kBlockM, qf);
+          q_fin[it] = load_tile(q_row(static_cast<const T*>(p.q), p.lq, si, 0, h), p.lq.seq, i0, rows, cx, kBlockM, qf,
+                                cx.q_mul);
           g_fin[it] = load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, si, 0, h), p.ldo.seq, i0, rows, cx,
                                 kBlockM, gs + it * tile);
           row_stats(p, cx, mask, i0, rows, si.sk, lse_index(p, si, 0, h) + i0, qf, bf, ms + it * kBlockM,
@@ -632,7 +641,7 @@ void fused_bwd_impl(const Params& p) {
                       dqs + it * tile, dp, bf.lo, bf.hi, true);
           }
         }
-        store_rows(dkf, p.scale, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
+        store_rows(dkf, p.scale / cx.q_mul, cols, cx, k_row(static_cast<T*>(p.dk), p.ldk, si, 0, hk), p.ldk.seq, j0);
         store_rows(dvf, 1.0f, cols, cx, k_row(static_cast<T*>(p.dv), p.ldv, si, 0, hk), p.ldv.seq, j0);
       }
       for (int64_t g = 0; g < group; ++g)
