@@ -182,10 +182,12 @@ bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, cons
   return bad == 0;
 }
 
-// src[block][dp] -> dst[dp][block]
+// src[block][dp] -> dst[dp][block] (block a multiple of 16), by strips of 16 source rows: each destination write is
+// a contiguous 64-byte run and the strip's 16 source rows stay in L1 (row by row, every write started a new line)
 void transpose(const float* src, int block, int64_t dp, float* dst) {
-  for (int r = 0; r < block; ++r)
-    for (int64_t c = 0; c < dp; ++c) dst[c * block + r] = src[r * dp + c];
+  for (int r0 = 0; r0 < block; r0 += 16)
+    for (int64_t c = 0; c < dp; ++c)
+      for (int r = r0; r < r0 + 16; ++r) dst[c * block + r] = src[r * dp + c];
 }
 
 template <typename T>
