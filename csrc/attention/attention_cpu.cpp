@@ -84,7 +84,7 @@ namespace isa_avx512 {
 #pragma GCC optimize("fp-contract=fast")
 constexpr int kVecWidth = 16;
 constexpr int kPanel = 4;
-// 32 zmm: R x nv accumulators and nv loads of B (the A broadcast is the FMA's memory operand); 6 x 4 measured
+// 32 zmm: R x nv accumulators, nv loads of B and a broadcast register for A; 6 x 4 measured
 // faster than 14 x 2, 8 x 2 and 7 x 4 on the attention tile shapes
 constexpr int kRowsFor(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 14; }
 #include "attention/attention_cpu_isa.inc"
