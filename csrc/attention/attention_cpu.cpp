@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "common/cpu_math.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
 

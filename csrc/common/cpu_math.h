@@ -21,28 +21,32 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
+// 2^f ~ 1 + c1 f + ... + c6 f^6 on [-1/2, 1/2]: the minimax polynomial for the relative error with float32
+// coefficients (a linear program on 3000 Chebyshev points, rounding c1, c2, ... in turn and refitting the rest):
+// 3.0e-9 relative error in exact arithmetic; with the 2^n scaling below, at most 0.80 ulp against double exp2 over
+// every float t in [-126, 0] (measured). Shared by exp2_nonpositive and the attention kernel's vector exp2v.
+inline constexpr float kExp2C1 = 0.6931471824645996f, kExp2C2 = 0.24022647738456726f, kExp2C3 = 0.05550359934568405f,
+                       kExp2C4 = 0.009618505835533142f, kExp2C5 = 0.0013390806270763278f,
+                       kExp2C6 = 0.00015326471475418657f;
+inline constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t + it holds round(t) in its low mantissa bits
+
 // 2^t for t <= 0, -inf or NaN, as straight-line arithmetic that vectorizes inside a loop (no libm call, no
-// branch): 2^n * 2^f with n = round(t) by the 1.5 * 2^23 trick (t + 1.5 * 2^23 holds n in its low mantissa bits;
-// t is clamped to [-126, 0] first), f = t - n in [-1/2, 1/2], 2^f = e^(f ln 2) by its degree-7 Taylor series
-// (truncation error < 6e-9 relative, below float32's half ulp; the same coefficients as the attention kernel's
-// exp2v). t < -126 (-inf too) gives 0; NaN gives NaN (the polynomial carries it; n's bits are then arbitrary but
-// only unsigned arithmetic touches them).
+// branch): 2^n * 2^f with n = round(t) by the 1.5 * 2^23 trick (t clamped to [-127, 0] first), f = t - n in
+// [-1/2, 1/2], 2^f by the polynomial above. n = -127 (t < -126.5, -inf too) makes the scale's bit pattern 0, so the
+// result is exactly 0; NaN stays NaN through the polynomial (n's bits are then arbitrary, and only unsigned
+// arithmetic touches them).
 inline float exp2_nonpositive(float t) {
-  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f,
-              c7 = 1.525273380405984e-05f, magic = 12582912.0f;
-  const float tc = t < -126.0f ? -126.0f : t;  // NaN stays NaN
-  const float shifted = tc + magic;
-  const float n = shifted - magic;
-  const float f = tc - n;
-  const float p = 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))));
-  uint32_t sbits, mbits;
+  const float tc = t < -127.0f ? -127.0f : t;  // NaN stays NaN
+  const float shifted = tc + kRoundMagic;
+  const float f = tc - (shifted - kRoundMagic);
+  const float p =
+      1.0f + f * (kExp2C1 + f * (kExp2C2 + f * (kExp2C3 + f * (kExp2C4 + f * (kExp2C5 + f * kExp2C6)))));
+  uint32_t sbits;
   std::memcpy(&sbits, &shifted, 4);
-  std::memcpy(&mbits, &magic, 4);
-  const uint32_t scale_bits = (sbits - mbits + 127u) << 23;  // 2^n, n in [-126, 0]
+  const uint32_t scale_bits = (sbits + 127u) << 23;  // the low bits hold n + 0x400000; shifted out with the rest
   float scale;
   std::memcpy(&scale, &scale_bits, 4);
-  return t < -126.0f ? 0.0f : p * scale;
+  return p * scale;
 }
 
 // 1 / (1 + e^-x) from e = e^-|x| in (0, 1] (no overflow for any x): 1 / (1 + e) for x >= 0, e / (1 + e) below.
