@@ -50,7 +50,7 @@ inline float exp2_nonpositive(float t) {
 }
 
 // 1 / (1 + e^-x) from e = e^-|x| in (0, 1] (no overflow for any x): 1 / (1 + e) for x >= 0, e / (1 + e) below.
-// e^-|x| < 2^-126 is taken as 0 (sigmoid then 1, or 0 for x < -87.3 where the true value is below 1.2e-38, so
+// e^-|x| below 2^-126.5 is taken as 0 (sigmoid then 1, or 0 for x < -87.7 where the true value is below 8e-39, so
 // x * sigmoid(x) at x = -inf is -inf * 0 = NaN, as torch's silu gives). NaN gives NaN.
 inline float sigmoid(float x) {
   const float e = exp2_nonpositive((x < 0.0f ? x : -x) * 1.4426950408889634f);

@@ -17,7 +17,8 @@ the plain formula.
 Math in float32 (float64 stays float64); outputs in the input's dtype, logits' loss in float32.
 rms_norm, swiglu and rotary run pyllmops' fused kernels (pyllmops.ops.fused, csrc/fused: one pass per direction
 instead of torch's 4-7 element-wise passes) on float32 CPU tensors and float32 / float16 / bfloat16 CUDA tensors;
-other dtypes (float64, half precision on the CPU) and traced / dispatch-mode calls run the torch composition below. References in float64 and the tests: tests/test_fused.py.
+other dtypes (float64, half precision on the CPU) and traced / dispatch-mode calls run the torch composition below.
+References in float64 and the tests: tests/test_fused.py.
 """
 import torch
 
@@ -134,7 +135,7 @@ def _rotate(x, cos, sin, sign):
 
 
 def _rotate_any(x, cos, sin, sign):
-    """_rotate through the fused CPU kernel for float32 operands (one pass), else the torch composition."""
+    """_rotate through the fused kernel where it applies (one pass), else the torch composition."""
     if kernels.applies(x, tables=(cos, sin)):
         return kernels.rotary(x, cos, sin, sign)
     return _rotate(x, cos, sin, sign).to(x.dtype)
