@@ -62,16 +62,18 @@ PYLLMOPS_CLONES void swiglu_bwd_run(const float* g, const float* u, const float*
   }
 }
 
-// sum_j a[j] * b[j] with 16 partial sums (one AVX-512 vector, two AVX2 vectors), combined as a tree.
-inline float dot16(const float* a, const float* b, int64_t n) {
+// sum_j term(j) for j < n with 16 partial sums (one AVX-512 vector, two AVX2 vectors; cpu_math.h's dot8 keeps 8),
+// combined as a tree: a fixed order that vectorizes without -ffast-math.
+template <typename Term>
+inline float sum16(int64_t n, Term term) {
   float acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
-    for (int t = 0; t < 16; ++t) acc[t] += a[j + t] * b[j + t];
+    for (int t = 0; t < 16; ++t) acc[t] += term(j + t);
   for (int w = 8; w >= 1; w /= 2)
     for (int t = 0; t < w; ++t) acc[t] += acc[t + w];
   float s = acc[0];
-  for (; j < n; ++j) s += a[j] * b[j];
+  for (; j < n; ++j) s += term(j);
   return s;
 }
 
@@ -80,7 +82,8 @@ PYLLMOPS_CLONES void rms_norm_fwd_rows(const float* x, const float* w, float eps
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * d;
     float* yr = y + r * d;
-    const float rs = 1.0f / std::sqrt(dot16(xr, xr, d) / static_cast<float>(d) + eps);
+    const float ss = sum16(d, [&](int64_t j) { return xr[j] * xr[j]; });
+    const float rs = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
     rstd[r] = rs;
     for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * rs * w[j];
   }
@@ -94,17 +97,10 @@ PYLLMOPS_CLONES void rms_norm_bwd_rows(const float* dy, const float* x, const fl
     const float rs = rstd[r];
     if (dx != nullptr) {
       // mean(g * xhat) = rstd * sum(dy * w * x) / d
-      float acc[16] = {};
-      int64_t j = 0;
-      for (; j + 16 <= d; j += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += dyr[j + t] * w[j + t] * xr[j + t];
-      for (int v = 8; v >= 1; v /= 2)
-        for (int t = 0; t < v; ++t) acc[t] += acc[t + v];
-      float dot = acc[0];
-      for (; j < d; ++j) dot += dyr[j] * w[j] * xr[j];
+      const float dot = sum16(d, [&](int64_t j) { return dyr[j] * w[j] * xr[j]; });
       const float c = rs * rs * dot / static_cast<float>(d);  // xhat * mean(g xhat) = x * (rstd^2 dot / d)
       float* dxr = dx + r * d;
-      for (j = 0; j < d; ++j) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * c);
+      for (int64_t j = 0; j < d; ++j) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * c);
     }
     if (dw_part != nullptr)
       for (int64_t j = 0; j < d; ++j) dw_part[j] += dyr[j] * (xr[j] * rs);
