@@ -1192,6 +1192,9 @@ def test_harness_measure_together_alternates():
         dict(provider="broken", fn=lambda: 1 / 0)])
     assert [r["provider"] for r in rows] == ["peer", "ours"] and "error" in bench.rows[0]
     timed = order[4:]  # after two warm-up calls each
-    assert timed[:4] == ["peer", "ours", "peer", "ours"] and len(timed) >= 10
+    # rounds alternate, each starting one provider later, and end on a whole cycle: each position equally often
+    assert timed[:6] == ["peer", "ours", "ours", "peer", "peer", "ours"] and len(timed) >= 10
+    firsts = timed[0::2]
+    assert len(timed) % 4 == 0 and firsts.count("peer") == firsts.count("ours")
     bench._finish()
     assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] > 0

@@ -204,9 +204,10 @@ class Bench:
 
     def measure_together(self, kernel, mode, x, entries):
         """Times several providers of one case and records a row each. entries: dicts with provider, fn
-        and optional bytes, flops, baseline. On the CPU their calls alternate round by round (A, B, C,
-        A, B, C, ...), so load that comes and goes on a shared machine hits every provider alike and the
-        ratios stay fair; on CUDA (or with a custom timer) each is timed in turn as by measure()."""
+        and optional bytes, flops, baseline. On the CPU their calls alternate round by round, each round
+        starting one provider later (A, B, C, B, C, A, C, A, B, ...), so load that comes and goes on a shared
+        machine hits every provider alike and no provider always runs right after the same other one; on CUDA
+        (or with a custom timer) each is timed in turn as by measure()."""
         if self._timer is not None or self.device.type == "cuda":
             return [self.measure(kernel, e["provider"], mode, x, e["fn"], bytes=e.get("bytes"),
                                  flops=e.get("flops"), baseline=e.get("baseline", False)) for e in entries]
@@ -221,14 +222,21 @@ class Bench:
                 self.rows.append(row)
                 self._progress(row)
         samples = [[] for _ in ready]
-        total, min_time, max_rounds = 0.0, (0.1 if self.quick else 0.3) * len(ready), 50
-        while ready and (len(samples[0]) < 5 or (total < min_time and len(samples[0]) < max_rounds)):
-            for e, dst in zip(ready, samples):
+        n = len(ready)
+        total, min_time, max_rounds = 0.0, (0.1 if self.quick else 0.3) * n, 50
+        rounds = 0
+        # Round i starts at provider i mod n (A B C, B C A, C A B, ...) and the run ends on a whole cycle, so every
+        # provider is timed equally often in every position: a call right after another provider's (whose memory,
+        # caches and allocator state it inherits) was measured 3% slower than the same call first in its round.
+        while ready and (rounds < 5 or (total < min_time and rounds < max_rounds) or rounds % n):
+            for j in range(n):
+                i = (rounds + j) % n
                 t0 = time.perf_counter()
-                e["fn"]()
+                ready[i]["fn"]()
                 dt = time.perf_counter() - t0
-                dst.append(dt * 1e3)
+                samples[i].append(dt * 1e3)
                 total += dt
+            rounds += 1
         rows = []
         for e, ms in zip(ready, samples):
             med, p20, p80 = _quantiles(ms)
