@@ -950,6 +950,15 @@ def test_max_abs_pass(dtype):
             for t in (y, y.transpose(1, 2), padded[..., :24]):  # dense, dense permuted, strided rows
                 got = lib().attention_max_abs(view(t))
                 assert (math.isnan(got) if want is None else got == want), (pos, bad, got)
+    # the pass keeps 64 running maxima (lanes) over blocks of 64 elements, then a scalar tail: the largest |x| (and a
+    # NaN) at every position of a run of two blocks and a tail
+    flat = torch.rand(2 * 64 + 17, dtype=dtype)  # [0, 1)
+    for i in range(flat.numel()):
+        y = flat.clone()
+        y[i] = -7.0
+        assert lib().attention_max_abs(view(y)) == 7.0, i
+        y[i] = float("nan")
+        assert math.isnan(lib().attention_max_abs(view(y))), i
 
 
 @pytest.mark.parametrize("causal,window,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (True, (16, 0), 5.0)])

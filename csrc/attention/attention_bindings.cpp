@@ -248,25 +248,35 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 // max |x| over a CPU float tensor of any rank and strides, NaN if any element is NaN: the cheap pass
 // ops/attention.py uses to decide whether torch's CPU kernel may take a call (finite inputs; |lse| bound; a zero
 // lse gradient). Contiguous runs: the maximum of the bits without the sign, an integer reduction that vectorizes
-// (a float max is not: its NaN rules make it a serial maxss chain, 4 cycles an element); an AVX2 clone where the
-// CPU has it (8 / 16 lanes a vpmaxud / vpmaxuw), split over parallel_for above kParallelBytes (the pool torch's
+// (a float max is not: its NaN rules make it a serial maxss chain, 4 cycles an element); AVX-512F and AVX2 clones
+// where the CPU has them (a vpmaxud on 16 lanes with AVX-512F; 16-bit floats get 16-lane vpmaxuw from AVX2 in both), split over parallel_for above kParallelBytes (the pool torch's
 // ops use: no thread start per call). For non-NaN values the unsigned order of those bits is the order of |x|,
 // and every NaN lies above infinity's bits.
-__attribute__((target_clones("avx2", "default"))) uint32_t max_bits(const uint32_t* p, int64_t n) {
-  uint32_t mx = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = p[i] & 0x7fffffffu;
+// kLanes independent running maxima (4 zmm / 8 ymm of them), so the loop is not one chain of vpmaxud; measured on a
+// 512 KB float32 input at one thread: 7.1 us in L2 (10.3 with the single maximum and AVX2 only), ~25 us from L3.
+template <typename U>
+__attribute__((always_inline)) inline U max_bits_lanes(const U* p, int64_t n, U sign_off) {
+  constexpr int kLanes = 64;
+  U m[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const U u = p[i + j] & sign_off;
+      m[j] = u > m[j] ? u : m[j];
+    }
+  U mx = 0;
+  for (; i < n; ++i) {
+    const U u = p[i] & sign_off;
     mx = u > mx ? u : mx;
   }
+  for (int j = 0; j < kLanes; ++j) mx = m[j] > mx ? m[j] : mx;
   return mx;
 }
-__attribute__((target_clones("avx2", "default"))) uint16_t max_bits(const uint16_t* p, int64_t n) {
-  uint16_t mx = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t u = p[i] & 0x7fff;
-    mx = u > mx ? u : mx;
-  }
-  return mx;
+__attribute__((target_clones("avx512f", "avx2", "default"))) uint32_t max_bits(const uint32_t* p, int64_t n) {
+  return max_bits_lanes<uint32_t>(p, n, 0x7fffffffu);
+}
+__attribute__((target_clones("avx512f", "avx2", "default"))) uint16_t max_bits(const uint16_t* p, int64_t n) {
+  return max_bits_lanes<uint16_t>(p, n, 0x7fff);
 }
 
 constexpr int64_t kParallelBytes = int64_t{1} << 20;
