@@ -691,10 +691,10 @@ def test_softcap_makes_a_difference():
 
 
 # ---- NaN policy, scales, overflow (issue 15) ----------------------------------------------------
-def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
+def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None, d=32):
     """Puts NaN where `poison` says; forward + backward against the float64 reference in its exact (masked-pair)
     mode: the NaN pattern of out, lse, dq, dk, dv must be the reference's, and every finite entry must be close."""
-    q, k, v = _inputs(1, 70, 70, 4, 4 // group, 32, dtype, device)
+    q, k, v = _inputs(1, 70, 70, 4, 4 // group, d, dtype, device)
     for name, idx in poison:
         t = {"q": q, "k": k, "v": v}[name]
         t[idx] = float("nan")
@@ -721,7 +721,8 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", ["q_row", "k_in_window", "k_outside_window", "v_element", "dout_row", "q_causal_full"])
+@pytest.mark.parametrize("case", ["q_row", "k_in_window", "k_outside_window", "v_element", "dout_row", "q_causal_full",
+                                  "v_last_column", "k_last_column"])
 def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
@@ -737,6 +738,9 @@ def test_nan_policy(request, device, case):
         "v_element": dict(poison=[("v", (0, 20, 1, 7))], causal=False, window=(3, 30)),
         "dout_row": dict(poison=[], causal=True, window=(16, 0), dout_row=50),
         "q_causal_full": dict(poison=[("q", (0, 3, 2))], causal=True, window=(-1, -1)),  # the CPU route's shape
+        # head_dim 40: the NaN in the last column, past the CPU loader's last full vector (16 floats with AVX-512)
+        "v_last_column": dict(poison=[("v", (0, 20, 1, 39))], causal=False, window=(3, 30), d=40),
+        "k_last_column": dict(poison=[("k", (0, 40, 0, 39))], causal=True, window=(12, 0), d=40),
     }
     out, lse = _nan_case(device, dtype, **cases[case])
     if case == "q_row":

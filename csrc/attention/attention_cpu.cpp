@@ -38,6 +38,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -101,6 +102,7 @@ using ProbsFn = void (*)(const float*, int, int, int64_t, const int*, const int*
 using GradFn = void (*)(const float*, const float*, int, int, int64_t, const int*, const int*, const float*, float,
                         float*);
 using ScaleRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*);
+using LoadRowsFn = bool (*)(const float*, int64_t, int64_t, int64_t, int64_t, int, float, float*);
 
 struct Isa {
   GemmFn gemm;
@@ -109,11 +111,12 @@ struct Isa {
   ProbsFn probs;
   GradFn grad_scores;
   ScaleRowsFn scale_rows;
+  LoadRowsFn load_rows;
   const char* name;
 };
 
 #define PYLLMOPS_ATTN_ISA(ns, label)                                                                  \
-  Isa { ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, label }
+  Isa { ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, ns::load_rows, label }
 
 const Isa& isa() {
   static const Isa chosen = [] {
@@ -167,6 +170,9 @@ struct Ctx {
 template <typename T>
 bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, const Ctx& cx, int block, float* dst,
                float mul = 1.0f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return isa().load_rows(base + r0 * row_stride, row_stride, rows, cx.d, cx.dp, block, mul, dst);
+  }
   uint32_t bad = 0;  // a non-finite float has all exponent bits set
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = base + (r0 + r) * row_stride;
