@@ -92,17 +92,18 @@ def test_shapes(device, cpu_path, sq, sk, causal):
 
 
 @pytest.mark.parametrize("case,fwd,bwd", [
-    ("full", "torch", "torch"), ("full bf16", "torch", "torch"), ("causal", "pyllmops", "pyllmops"),
+    ("full", "pyllmops", "pyllmops"), ("full bf16", "torch", "torch"), ("causal", "pyllmops", "pyllmops"),
     ("causal bf16", "torch", "torch"), ("causal bottom-right sq != sk", "pyllmops", "pyllmops"),
     ("window", "pyllmops", "pyllmops"), ("softcap", "pyllmops", "pyllmops"), ("nan in v", "pyllmops", "pyllmops"),
-    ("full, forced kernel", "pyllmops", "pyllmops")])
+    ("full, 4 threads: two-pass backward", "pyllmops", "torch"), ("full bf16, forced kernel", "pyllmops", "pyllmops")])
 def test_cpu_route_counts(monkeypatch, case, fwd, bwd):
     """ops.attention.route_counts (what `bench attention` prints per row) records the kernel each CPU call ran, as
-    docs/attention.md's route table says: torch's CPU flash kernel for full attention and non-float32 causal, ours
-    for float32 causal (its backward when it takes the single pass: 2 (sequence, kv head) tasks >= 1 thread here),
-    windows, softcap, bottom-right masks and non-finite inputs."""
+    docs/attention.md's route table says: torch's CPU flash kernel for bf16 / fp16 without a window and for a float32
+    backward that would take the two passes (2 (sequence, kv head) tasks < 4 threads), ours for every other float32
+    call (the single-pass backward: 2 tasks >= 1 thread), windows, softcap, bottom-right masks and non-finite
+    inputs."""
     from pyllmops.ops.attention import route_counts
-    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "1")
+    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "4" if "4 threads" in case else "1")
     if "forced" in case:
         monkeypatch.setenv("PYLLMOPS_ATTENTION_CPU", "kernel")
     dtype = torch.bfloat16 if "bf16" in case else torch.float32
@@ -1025,17 +1026,19 @@ def test_bench_cpu_rows_say_which_kernel_ran(monkeypatch):
     from pyllmops.bench import attention as bench_attention
     from pyllmops.bench.harness import Bench
 
-    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "1")  # the causal backward's single pass: 2 tasks >= 1 thread
-
     bench = Bench("attention", "cpu", quick=True, progress=False)
     bench._ceilings = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul": "fake"}
+    # 2 (sequence, kv head) tasks: 4 threads send the backward's two passes to torch's kernel, 1 keeps the single pass
+    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "4")
     bench_attention._cpu_dense(bench, "attention", 1, 2, 2, 48, 64, False, (-1, -1))
+    monkeypatch.setenv("PYLLMOPS_NUM_THREADS", "1")
     bench_attention._cpu_dense(bench, "attention", 1, 2, 2, 48, 64, True, (-1, -1))
     bench._finish()
     ours = [r for r in bench.rows if r["provider"] == "pyllmops"]
     assert [(r["x"], r["mode"]) for r in ours] == [("b1 h2 s48 d64", "fwd"), ("b1 h2 s48 d64", "fwd+bwd"),
                                                    ("b1 h2 s48 d64 causal", "fwd"),
                                                    ("b1 h2 s48 d64 causal", "fwd+bwd")]
-    assert [r["note"] for r in ours] == ["ran torch's CPU flash kernel"] * 2 + ["ran pyllmops' kernel"] * 2
+    assert [r["note"] for r in ours] == ["ran pyllmops' kernel", "forward ran pyllmops' kernel, backward torch's CPU "
+                                         "flash kernel"] + ["ran pyllmops' kernel"] * 2
     assert all(r["vs_baseline"] > 0 for r in ours)
     assert len([r for r in bench.rows if r["provider"] == "torch sdpa (cpu)" and r["baseline"]]) == 4

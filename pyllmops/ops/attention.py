@@ -79,18 +79,19 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
-# ================================ CPU: torch SDPA for what it computes faster ================================
-# The CPU kernel (csrc/attention/attention_cpu.cpp) is a register-blocked tile kernel; torch's own CPU flash
-# attention (MKL GEMMs on 512-key blocks) is faster per FLOP on full attention (our kernel 0.67-0.86x). The ops
-# therefore hand full attention to torch's kernel (aten._scaled_dot_product_flash_attention_for_cpu and its
-# backward), after all of pyllmops' argument checks, and keep their own kernel where it does less work (causal: only
-# the tiles on and below the diagonal, see _causal_on_kernel; sliding windows: only the band is visited; varlen
-# sequences whose lengths differ) or where torch's cannot follow the
-# contract: the logit softcap, bottom-right causal masks with seqlen_q != seqlen_k, empty rows, non-finite inputs
-# (pyllmops' NaN policy, docs/attention.md), a backward through the returned lse, and a backward at |lse| > 32, where
-# rebuilding P from a float32 lse loses accuracy (torch's dv error is 0.5 at softmax_scale 1e5; ours recomputes the
-# row statistics). docs/attention.md lists the routes with their measured ratios. PYLLMOPS_ATTENTION_CPU=kernel turns
-# the route off (tests compare both paths).
+# ================================ CPU: torch's kernel where it computes faster ================================
+# The CPU kernel (csrc/attention/attention_cpu.cpp) is a register-blocked tile kernel whose tile products run as fast
+# per FLOP as torch's own CPU flash attention (MKL GEMMs on 512-key blocks) in float32; torch's kernel is faster in
+# bfloat16 / float16, where it multiplies in that dtype and ours converts to float32. The ops therefore hand bf16 /
+# fp16 calls without a window to torch's kernel (aten._scaled_dot_product_flash_attention_for_cpu and its backward),
+# after all of pyllmops' argument checks, and so a float32 backward that would take the two-pass backward (seven
+# tile products per pair to torch's five; _float32_on_kernel). Every other call runs pyllmops' kernel, and so do
+# those torch's cannot take within the contract: the logit softcap, sliding windows (only the band is visited),
+# bottom-right causal masks with seqlen_q != seqlen_k, empty rows, non-finite inputs (pyllmops' NaN policy,
+# docs/attention.md), a backward through the returned lse, and a backward at |lse| > 32, where rebuilding P from a
+# float32 lse loses accuracy (torch's dv error is 0.5 at softmax_scale 1e5; ours recomputes the row statistics).
+# docs/attention.md lists the routes with their measured ratios. PYLLMOPS_ATTENTION_CPU=kernel turns the route off
+# (tests compare both paths).
 _SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SDPA_MAX_LSE = 32.0
 _SDPA_MAX_VARLEN_BATCH = 64  # one torch call per sequence: beyond this many, Python overhead outweighs the gain
@@ -143,15 +144,18 @@ def _sdpa_eligible(q, k, softcap, left, right, top_left):
             and softcap == 0.0 and q.shape[-2] > 0 and left == -1 and right in (-1, 0))
 
 
-def _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward):
-    """Causal calls stay on pyllmops' kernel: it visits only the key tiles on or below the diagonal and its
+def _float32_on_kernel(q, k, cu_seqlens_q, max_seqlen_q, backward):
+    """float32 calls stay on pyllmops' kernel. Causal: it visits only the key tiles on or below the diagonal and its
     backward does five tile products per pair in one pass, where torch's CPU kernel computes whole 512-key blocks
-    (the masked half of a 512-token causal call included). Measured (b1, h4 and GQA 8:2, d64, s512-2048, fp32,
-    one thread, docs/attention.md): forward 0.97-1.22x torch's, forward+backward 1.07-1.30x; full attention
-    stays with torch's (0.67-0.86x). float32 only: torch's kernel runs bf16 / fp16 GEMMs where ours converts to
-    float32 (bf16 causal forward: ours 0.45-0.59x). The backward only when it takes its single pass (enough
-    (sequence, kv head) tasks for the threads; the two-pass backward does seven tile products)."""
-    if window_right != 0 or q.dtype != torch.float32:
+    (the masked half of a 512-token causal call included): forward 1.13-1.38x SDPA, forward+backward 1.18-1.38x.
+    Full attention: the same tile products as torch's (the micro-kernel is as fast per FLOP as its MKL GEMMs) with
+    no finiteness pass over the inputs before the call (the kernel flags non-finite tiles as it loads them) and, for
+    varlen, one call for all sequences: 0.98-1.04x SDPA where the route to torch's kernel read 0.93-0.98 (b1, h4 and
+    GQA 8:2, d64, s512-2048, one thread, docs/attention.md). Not bf16 / fp16: torch's kernel runs bf16 / fp16 GEMMs
+    where ours converts to float32 (bf16 causal forward: ours 0.45-0.59x). The backward only when it takes its
+    single pass (enough (sequence, kv head) tasks for the threads; the two-pass backward does seven tile
+    products)."""
+    if q.dtype != torch.float32:
         return False
     if not backward:
         return True
@@ -235,7 +239,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
     route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)  # CPU only
-             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=False)
+             and not _float32_on_kernel(q, k, cu_seqlens_q, max_seqlen_q, backward=False)
              and _nan_policy_ok(window_right == 0, q, k, v))
     if route and not varlen and q.shape[1] > 0 and k.shape[1] > 0 and _sdpa_mask_ok(
             window_left, window_right, top_left, q.shape[1], k.shape[1]):
@@ -284,7 +288,7 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
     causal = window_right == 0
     route = (_sdpa_eligible(q, k, softcap, window_left, window_right, top_left)  # CPU only
-             and not _causal_on_kernel(window_right, q, k, cu_seqlens_q, max_seqlen_q, backward=True)
+             and not _float32_on_kernel(q, k, cu_seqlens_q, max_seqlen_q, backward=True)
              and (dlse is None or _max_abs(dlse) == 0)
              and lse.numel() > 0 and _max_abs(lse) <= _SDPA_MAX_LSE
              and _nan_policy_ok(causal, q, k, v, dout))
