@@ -103,6 +103,7 @@ using GradFn = void (*)(const float*, const float*, int, int, int64_t, const int
                         float*);
 using ScaleRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*);
 using LoadRowsFn = bool (*)(const float*, int64_t, int64_t, int64_t, int64_t, int, float, float*);
+using TransposeFn = void (*)(const float*, int, int64_t, float*);
 
 struct Isa {
   GemmFn gemm;
@@ -112,11 +113,15 @@ struct Isa {
   GradFn grad_scores;
   ScaleRowsFn scale_rows;
   LoadRowsFn load_rows;
+  TransposeFn transpose;
   const char* name;
 };
 
-#define PYLLMOPS_ATTN_ISA(ns, label)                                                                  \
-  Isa { ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, ns::load_rows, label }
+#define PYLLMOPS_ATTN_ISA(ns, label)                                                                       \
+  Isa {                                                                                                    \
+    ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, ns::load_rows, \
+        ns::transpose, label                                                                               \
+  }
 
 const Isa& isa() {
   static const Isa chosen = [] {
@@ -189,13 +194,8 @@ bool load_tile(const T* base, int64_t row_stride, int64_t r0, int64_t rows, cons
   return bad == 0;
 }
 
-// src[block][dp] -> dst[dp][block] (block a multiple of 16), by strips of 16 source rows: each destination write is
-// a contiguous 64-byte run and the strip's 16 source rows stay in L1 (row by row, every write started a new line)
-void transpose(const float* src, int block, int64_t dp, float* dst) {
-  for (int r0 = 0; r0 < block; r0 += 16)
-    for (int64_t c = 0; c < dp; ++c)
-      for (int r = r0; r < r0 + 16; ++r) dst[c * block + r] = src[r * dp + c];
-}
+// src[block][dp] -> dst[dp][block] (block and dp multiples of 16): the ISA file's register-block transpose.
+void transpose(const float* src, int block, int64_t dp, float* dst) { isa().transpose(src, block, dp, dst); }
 
 template <typename T>
 void store_rows(const float* src, float mul, int64_t rows, const Ctx& cx, T* base, int64_t row_stride, int64_t r0) {
