@@ -5,20 +5,19 @@
 
 namespace pyllmops {
 
-// sum_j a[j] * b[j] with 8 independent partial sums (a fixed, reproducible summation order).
-inline float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// sum_j term(j) for j < n with 16 partial sums (one AVX-512 vector, two AVX2 vectors), combined as a tree: a fixed
+// order that vectorizes without -ffast-math. Used by the fused RMSNorm and the attention backward's delta.
+template <typename Term>
+inline float sum16(int64_t n, Term term) {
+  float acc[16] = {};
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int t = 0; t < 8; ++t) acc[t] += a[j + t] * b[j + t];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < n; ++j) s += a[j] * b[j];
+  for (; j + 16 <= n; j += 16)
+    for (int t = 0; t < 16; ++t) acc[t] += term(j + t);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int t = 0; t < w; ++t) acc[t] += acc[t + w];
+  float s = acc[0];
+  for (; j < n; ++j) s += term(j);
   return s;
-}
-
-// y[j] += a * x[j]
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
 // 2^f ~ 1 + c1 f + ... + c6 f^6 on [-1/2, 1/2]: the minimax polynomial for the relative error with float32

@@ -62,21 +62,6 @@ PYLLMOPS_CLONES void swiglu_bwd_run(const float* g, const float* u, const float*
   }
 }
 
-// sum_j term(j) for j < n with 16 partial sums (one AVX-512 vector, two AVX2 vectors; cpu_math.h's dot8 keeps 8),
-// combined as a tree: a fixed order that vectorizes without -ffast-math.
-template <typename Term>
-inline float sum16(int64_t n, Term term) {
-  float acc[16] = {};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int t = 0; t < 16; ++t) acc[t] += term(j + t);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int t = 0; t < w; ++t) acc[t] += acc[t + w];
-  float s = acc[0];
-  for (; j < n; ++j) s += term(j);
-  return s;
-}
-
 PYLLMOPS_CLONES void rms_norm_fwd_rows(const float* x, const float* w, float eps, float* y, float* rstd,
                                        int64_t r0, int64_t r1, int64_t d) {
   for (int64_t r = r0; r < r1; ++r) {
