@@ -493,6 +493,237 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kKvThreads, BwdConfig<kD>::kv_m
   }
 }
 
+// The atomic-dQ backward at kD 128 with FlashAttention-2's tiles (dkdv_dq_kernel). One CTA = 8 warps = kBlockN = 128
+// keys of one (batch, kv head); items are query tiles of kBlockM = 64 rows (with the query head of the GQA group), the
+// next item's Q / dO / lse / delta loaded while this one is computed. Per item, warp w (key block kb = w % 4 of 32
+// keys, half hb = w / 4):
+//   S^T, P^T, dP^T, dS^T on a 32 keys x 32 queries warp tile (keys 32 kb, queries 32 hb): each K / V fragment feeds
+//   4 mma and each Q / dO fragment 4 (m16 tiles of 16 keys x 16 queries: one feeds 2), and P^T, dS^T are written
+//   to shared memory (sP, sdS: keys x queries, rounded to T), then after a barrier
+//   dV += P^T dO and dK += dS^T Q on 32 keys (kb) x kD / 2 columns (half hb), over the item's 64 queries, A from
+//   sP / sdS (ldmatrix), B by ldmatrix.trans; the dK / dV accumulators of the CTA's 128 keys x kD are split over
+//   the 8 warps (2 x 16 x 64 fp32 each, the registers one warp of the 16-key kernel spent on 16 x 128);
+//   dQ(64 x kD) += dS K: 32 queries (hb) x kD / 4 columns (kb) per warp, dS read from sdS by ldmatrix.trans,
+//   added to the fp32 workspace by ptx::red_add_f32x2 as in dkdv_kernel.
+// Shared stages: Q has two (its last reader, dK, runs after the barrier at which the next item's loads are issued);
+// dO, lse and delta have one (their last readers, dP^T / dS^T / dV, run before that barrier). Three barriers per
+// item: B1 (this item's loads landed; also: every warp finished the previous item's dK / dQ reads of sP, sdS and
+// the other Q stage), B2 (sP and sdS written), B3 (every warp done with sdO, sL: the next item's loads start).
+// A warp whose 32 keys no query of its 32-query tile sees writes zeros to its sP / sdS tile and skips the S / dP
+// matmuls; one whose keys the whole item does not see also skips dV and dK (a window narrower than the CTA, the
+// first items of a causal diagonal CTA, keys past the sequence's end). Per warp and item: 144 ldmatrix.x4 feed 320
+// mma (0.45 per mma; dkdv_kernel: 104 per 160, 0.65). Napkin math: docs/attention.md, GPU.
+template <int kD>
+struct Fa2BwdConfig {
+  static constexpr int kWarps = 8, kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockN = 128, kBlockM = 64;  // keys per CTA, query rows per item
+  static constexpr int kStride = kD + 8;             // rows of K, V, Q, dO (conflict-free ldmatrix)
+  static constexpr int kPStride = kBlockM + 8;       // rows of sP, sdS (keys x queries)
+  // K, V; Q x 2 stages, dO; lse2 and delta; sP, sdS. 156 KB at kD 128: fits sm_80's 163 KB per CTA.
+  static constexpr int kSmemBytes =
+      (2 * kBlockN + 3 * kBlockM) * kStride * 2 + 2 * kBlockM * 4 + 2 * kBlockN * kPStride * 2;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(Params p, float* dq_ws) {
+  using Cfg = Fa2BwdConfig<kD>;
+  constexpr int kBlockN = Cfg::kBlockN, kBlockM = Cfg::kBlockM, kStride = Cfg::kStride, kPS = Cfg::kPStride;
+  constexpr int kThreads = Cfg::kThreads, kHalf = kD / 2, kQuarter = kD / 4;
+  PYLLMOPS_DYNAMIC_SHARED(unsigned char, smem_raw);
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * kStride;
+  T* sQs = sV + kBlockN * kStride;                                  // 2 Q stages
+  T* sdO = sQs + 2 * kBlockM * kStride;
+  float* sL = reinterpret_cast<float*>(sdO + kBlockM * kStride);  // lse2 [kBlockM], delta [kBlockM]
+  T* sP = reinterpret_cast<T*>(sL + 2 * kBlockM);                 // P^T of the item (keys x queries)
+  T* sdS = sP + kBlockN * kPS;                                     // dS^T of the item
+
+  const int64_t nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqInfo si = seq_info(p, b);
+  if (si.error) return;  // a varlen sequence the launch cannot honour: varlen_fail_kernel (attention_cuda.cuh)
+  const int64_t j0 = nt * kBlockN;
+  if (j0 >= si.sk) return;
+  const Mask mask = seq_mask(p, si);
+  const int64_t group = static_cast<int>(p.heads_q) / static_cast<int>(p.heads_kv), d = p.head_dim;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int kb = warp % 4, hb = warp / 4;
+  const bool capped = p.softcap > 0.0f;
+  const float pre = capped ? softcap_pre(p) : 0.0f, mul = (capped ? p.softcap : p.scale) * softmax::kLog2e;
+  const float inv_mul = __fdividef(1.0f, mul);
+
+  cp_async_tile<T, kBlockN, kD, kThreads>(sK, k_row(static_cast<const T*>(p.k), p.lk, si, j0, hk), p.lk.seq,
+                                          si.sk - j0, d);
+  cp_async_tile<T, kBlockN, kD, kThreads>(sV, k_row(static_cast<const T*>(p.v), p.lv, si, j0, hk), p.lv.seq,
+                                          si.sk - j0, d);
+  ptx::cp_async_commit();
+
+  // This warp's keys [wj0, wj0 + 32) are seen by query rows [wq_lo, wq_hi) (empty past the sequence's keys).
+  const int64_t wj0 = j0 + 32 * kb;
+  int64_t wq_lo = 0, wq_hi = 0;
+  if (wj0 < si.sk) mask.query_tiles(wj0, wj0 + 32 < si.sk ? wj0 + 32 : si.sk, 1, &wq_lo, &wq_hi);
+
+  float acc_dk[2][kHalf / 8][4], acc_dv[2][kHalf / 8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+  // Work items: (query head g of the group, query tile mb + m) for m < tiles, in that order (dkdv_kernel's order
+  // and counters; lse2 is +inf for padding rows and rows that saw no key, so their P is exactly 0).
+  int64_t mb, me;
+  mask.query_tiles(j0, j0 + kBlockN < si.sk ? j0 + kBlockN : si.sk, kBlockM, &mb, &me);
+  const int64_t tiles = me - mb, items = group * tiles;
+  int64_t ld_g = 0, ld_m = 0, cur_m = 0, cur_g = 0;
+  const auto load_item = [&](int stage) {  // Q into `stage`, dO, lse2 and delta of the next item (one group)
+    const int64_t h = hk * group + ld_g, i0 = (mb + ld_m) * kBlockM;
+    if (++ld_m == tiles) {
+      ld_m = 0;
+      ++ld_g;
+    }
+    cp_async_tile<T, kBlockM, kD, kThreads>(sQs + stage * kBlockM * kStride,
+                                            q_row(static_cast<const T*>(p.q), p.lq, si, i0, h), p.lq.seq,
+                                            si.sq - i0, d);
+    cp_async_tile<T, kBlockM, kD, kThreads>(sdO, q_row(static_cast<const T*>(p.dout), p.ldo, si, i0, h),
+                                            p.ldo.seq, si.sq - i0, d);
+    ptx::cp_async_commit();
+    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+      const bool in = i0 + r < si.sq;
+      const int64_t off = lse_index(p, si, i0 + r, h);
+      const float lse = in ? p.lse[off] : -INFINITY;
+      sL[r] = lse == -INFINITY ? INFINITY : lse * softmax::kLog2e;
+      sL[kBlockM + r] = in ? p.delta[off] : 0.0f;
+    }
+  };
+  // The warp's 32 x 32 tile (rows 32 kb, columns 32 hb) of sP / sdS: from the accumulator, rounded to T (the A
+  // fragments' rounding), or zeros.
+  const auto store_tile = [&](T* dst, const float (&acc)[2][4][4]) {
+    uint32_t* row_g = reinterpret_cast<uint32_t*>(dst + (32 * kb + lane / 4) * kPS + 32 * hb + (lane % 4) * 2);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int n8 = 0; n8 < 4; ++n8)
+          row_g[((16 * mt + 8 * half) * kPS + n8 * 8) / 2] =
+              pack2<T>(acc[mt][n8][2 * half], acc[mt][n8][2 * half + 1]);
+  };
+  const auto zero_tile = [&](T* dst) {  // lane = row of the tile
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + (32 * kb + lane) * kPS + 32 * hb);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) row[i] = 0u;
+  };
+
+  if (items > 0) load_item(0);
+  for (int64_t it = 0; it < items; ++it) {
+    const int st = static_cast<int>(it & 1);
+    ptx::cp_async_wait<0>();  // this item's Q, dO (and, at the first, K and V)
+    __syncthreads();          // B1
+    const int64_t i0 = (mb + cur_m) * kBlockM;
+    if (++cur_m == tiles) cur_m = 0;
+    const int64_t item_g = cur_g;
+    if (cur_m == 0) ++cur_g;
+    const T* sQ = sQs + st * kBlockM * kStride;
+    const int64_t ti0 = i0 + 32 * hb;  // the warp's S^T tile: keys [wj0, wj0 + 32) x queries [ti0, ti0 + 32)
+    if (ti0 + 32 <= wq_lo || ti0 >= wq_hi) {  // no query of the tile sees the warp's keys: P^T = dS^T = 0
+      zero_tile(sP);
+      zero_tile(sdS);
+    } else {
+      float s[2][4][4];
+      zero(s);
+      gemm_abt<T, 2, 32, kD, kStride>(s, SmemA<T, kStride>{sK + 32 * kb * kStride}, sQ + 32 * hb * kStride);
+      // Accumulator row r = 2 mt + half is key wj0 + 16 mt + 8 half + lane / 4; columns are queries ti0 + c, visible
+      // iff lo[r] <= c <= hi[r]. Full warp tiles (the common case) run the element loops without the select.
+      const bool full = mask.tile_is_full(ti0, ti0 + 32, wj0, wj0 + 32);
+      int lo[4] = {0, 0, 0, 0}, hi[4] = {31, 31, 31, 31};
+      if (!full)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
+      const float* sLt = sL + 32 * hb;
+      const float* sDt = sLt + kBlockM;
+      const auto p_of_scores = [&](auto masked) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * mt + e / 2, c = acc_col(n8, e);
+              const float pr = ptx::ex2_approx(score(s[mt][n8][e], capped, pre).s * mul - sLt[c]);
+              s[mt][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? pr : 0.0f;
+            }
+      };
+      if (full)
+        p_of_scores(std::false_type());
+      else
+        p_of_scores(std::true_type());
+      store_tile(sP, s);
+      float dp[2][4][4];
+      zero(dp);
+      gemm_abt<T, 2, 32, kD, kStride>(dp, SmemA<T, kStride>{sV + 32 * kb * kStride}, sdO + 32 * hb * kStride);
+      // dS^T = P^T (dP^T - delta) (x (1 - t^2) when capped, t recovered from P as in dkdv_kernel), exactly 0 where
+      // masked (also where dP^T is NaN).
+      const auto ds_of_p = [&](auto masked) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * mt + e / 2, c = acc_col(n8, e);
+              const float pr = s[mt][n8][e];
+              float dt = 1.0f;
+              if (capped && pr > 0.0f) {
+                const float t = (ptx::lg2_approx(pr) + sLt[c]) * inv_mul;
+                dt = 1.0f - t * t;
+              }
+              const float ds = pr * (dp[mt][n8][e] - sDt[c]) * dt;
+              s[mt][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? ds : 0.0f;
+            }
+      };
+      if (full)
+        ds_of_p(std::false_type());
+      else
+        ds_of_p(std::true_type());
+      store_tile(sdS, s);
+    }
+    __syncthreads();  // B2: sP and sdS hold the item
+    const bool kv_seen = i0 + kBlockM > wq_lo && i0 < wq_hi;  // some query of the item sees the warp's keys
+    if (kv_seen)  // dV(keys 32 kb, columns kHalf hb) += P^T dO
+      gemm_ab<T, 2, kHalf, kBlockM, kStride>(acc_dv, SmemA<T, kPS>{sP + 32 * kb * kPS}, sdO + hb * kHalf);
+    __syncthreads();  // B3: sdO and sL are free
+    if (it + 1 < items) load_item(st ^ 1);
+    if (kv_seen)  // dK(keys 32 kb, columns kHalf hb) += dS^T Q
+      gemm_ab<T, 2, kHalf, kBlockM, kStride>(acc_dk, SmemA<T, kPS>{sdS + 32 * kb * kPS}, sQ + hb * kHalf);
+    // dQ(queries 32 hb, columns kQuarter kb) += dS K over the CTA's keys, added to the workspace.
+    const int col0 = kb * kQuarter;
+    if (col0 < d) {  // a padded head dim: nothing to add (uniform across the warp)
+      float acc_dq[2][kQuarter / 8][4];
+      zero(acc_dq);
+      gemm_ab<T, 2, kQuarter, kBlockN, kStride>(acc_dq, SmemAT<T, kPS>{sdS + 32 * hb}, sK + col0);
+      const int64_t ws_stride = p.heads_q * d;
+      float* w0 = dq_ws + (dq_ws_row(p, si, i0) * p.heads_q + hk * group + item_g) * d +
+                  (32 * hb + lane / 4) * ws_stride + col0 + (lane % 4) * 2;
+      const int64_t rows = si.sq - i0 - 32 * hb - lane / 4;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // accumulator rows 8 r (m16 tile r / 2, half r % 2)
+        if (8 * r >= rows) break;
+#pragma unroll
+        for (int n8 = 0; n8 < kQuarter / 8; ++n8)
+          if (col0 + n8 * 8 < d)  // d is a multiple of 8: an n8 block is valid or padding as a whole
+            ptx::red_add_f32x2(w0 + 8 * r * ws_stride + n8 * 8, acc_dq[r / 2][n8][2 * (r % 2)],
+                               acc_dq[r / 2][n8][2 * (r % 2) + 1]);
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // no item: the K / V copies are still pending
+  const float scale2[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    const int64_t rows = si.sk - wj0 - 16 * mt;
+    store_acc<T, kHalf>(acc_dk[mt], scale2, k_row(static_cast<T*>(p.dk), p.ldk, si, wj0 + 16 * mt, hk) + hb * kHalf,
+                        p.ldk.seq, rows, d - hb * kHalf);
+    store_acc<T, kHalf>(acc_dv[mt], one, k_row(static_cast<T*>(p.dv), p.ldv, si, wj0 + 16 * mt, hk) + hb * kHalf,
+                        p.ldv.seq, rows, d - hb * kHalf);
+  }
+}
+
 // The fp32 dQ workspace of the atomic mode: stream-ordered allocation on the caller's stream (cudaMallocAsync: the
 // device's default memory pool caches it between calls; capturable in a CUDA graph), freed the same way when the
 // launches are queued, also when one of them throws.
@@ -526,6 +757,19 @@ void launch_dkdv(const Params& p, float* dq_ws, const char* name, cudaStream_t s
 }
 
 template <typename T, int kD>
+void launch_dkdv_dq(const Params& p, float* dq_ws, cudaStream_t stream) {
+  using Cfg = Fa2BwdConfig<kD>;
+  constexpr int smem = Cfg::kSmemBytes;
+  auto kernel = dkdv_dq_kernel<T, kD>;
+  static DynamicSmemOptIn opt_in;  // set once per device
+  opt_in.ensure(kernel, smem, p.device, "flash_attention dkdv_dq_kernel");
+  launch("flash_attention dkdv_dq_kernel", kernel,
+         dim3(static_cast<unsigned>(ceil_div(p.seqlen_k, Cfg::kBlockN)), static_cast<unsigned>(p.heads_kv),
+              static_cast<unsigned>(p.batch)),
+         Cfg::kThreads, smem, stream, p, dq_ws);
+}
+
+template <typename T, int kD>
 void launch_bwd(const Params& p, cudaStream_t stream) {
   launch_varlen_fail<T>(p, true, stream);  // varlen: NaN and error bits for the sequences the kernels skip
   using Cfg = BwdConfig<kD>;
@@ -542,10 +786,12 @@ void launch_bwd(const Params& p, cudaStream_t stream) {
 
   if (p.seqlen_k > 0) {  // runs even when no query exists: dK = dV = 0 must still be written
     if constexpr (kD <= 128) {
-      if (atomic_dq)
-        launch_dkdv<T, kD, true, true, true>(p, dq_ws, "flash_attention dkdv_kernel (dq atomic)", stream);
-      else
+      if (!atomic_dq)
         launch_dkdv<T, kD, true, true, false>(p, nullptr, "flash_attention dkdv_kernel", stream);
+      else if constexpr (kD == 128)
+        launch_dkdv_dq<T, kD>(p, dq_ws, stream);  // FlashAttention-2 tiles
+      else
+        launch_dkdv<T, kD, true, true, true>(p, dq_ws, "flash_attention dkdv_kernel (dq atomic)", stream);
     } else {
       if (atomic_dq)
         launch_dkdv<T, kD, true, false, true>(p, dq_ws, "flash_attention dkdv_kernel (dk, dq atomic)", stream);
