@@ -630,14 +630,21 @@ __global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(
       gemm_abt<T, 2, 32, kD, kStride>(s, SmemA<T, kStride>{sK + 32 * kb * kStride}, sQ + 32 * hb * kStride);
       // Accumulator row r = 2 mt + half is key wj0 + 16 mt + 8 half + lane / 4; columns are queries ti0 + c, visible
       // iff lo[r] <= c <= hi[r]. Full warp tiles (the common case) run the element loops without the select.
+      // The bounds are computed in each masked loop rather than kept across the dP^T matmul (8 registers).
       const bool full = mask.tile_is_full(ti0, ti0 + 32, wj0, wj0 + 32);
-      int lo[4] = {0, 0, 0, 0}, hi[4] = {31, 31, 31, 31};
-      if (!full)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
       const float* sLt = sL + 32 * hb;
       const float* sDt = sLt + kBlockM;
+      const auto bounds = [&](auto masked, int (&lo)[4], int (&hi)[4]) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          lo[r] = 0;
+          hi[r] = 31;
+          if (decltype(masked)::value) visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
+        }
+      };
       const auto p_of_scores = [&](auto masked) {
+        int lo[4], hi[4];
+        bounds(masked, lo, hi);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -660,6 +667,8 @@ __global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(
       // dS^T = P^T (dP^T - delta) (x (1 - t^2) when capped, t recovered from P as in dkdv_kernel), exactly 0 where
       // masked (also where dP^T is NaN).
       const auto ds_of_p = [&](auto masked) {
+        int lo[4], hi[4];
+        bounds(masked, lo, hi);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
