@@ -4,8 +4,10 @@
 // delta:  8 lanes per query row, 16-byte vector loads of O and dO: delta = rowsum(dO * O) - dlse. The same threads
 //         zero the row's fp32 dQ accumulator (atomic mode): one launch fewer than a memset, and stream order makes
 //         the zeros land before any atomic.
-// dk/dv:  one CTA = kKvWarps warps = kBlockN = 16 kKvWarps keys of one (batch, kv head); warp w owns keys
-//         16w..16w+15. 8 warps (128 keys) at kD 128, 4 (64 keys) at kD 64 and 256 (BwdConfig says why).
+// dk/dv:  dkdv_kernel: the deterministic mode at every head dim, and the atomic mode at kD 64 and 256 (kD 128's
+//         atomic mode runs dkdv_dq_kernel below, FlashAttention-2's tiles). One CTA = kKvWarps warps = kBlockN =
+//         16 kKvWarps keys of one (batch, kv head); warp w owns keys 16w..16w+15. 8 warps (128 keys) at kD 128, 4
+//         (64 keys) at kD 64 and 256 (BwdConfig says why).
 //         Work items: (query head of the GQA group, query tile of kBlockM = 32 rows the mask lets these keys
 //         be seen by, Mask::query_tiles); the next item's Q, dO (cp.async) and lse, delta are loaded into the
 //         other of two shared-memory stages while this item is computed (one stage at kD 256). A warp whose 16
@@ -15,10 +17,10 @@
 //           dP^T = V dO^T (gemm_abt), dS^T = P^T (dP^T - delta) (1 - tanh^2 when capped), dK += dS^T Q (gemm_ab)
 //           The per-element mask selects run only on warp tiles (16 keys x 32 queries) the band cuts.
 //           atomic mode (kDoDQ): dS^T goes to shared memory (sdS, keys x queries) and, after a barrier, each warp
-//           computes kDqTiles m16 query tiles x kD / 4 columns of dQ(32 x kD) += dS K (gemm_ab over all the
+//           computes 2 m16 query tiles x kD / 4 columns of dQ(32 x kD) += dS K (gemm_ab over all the
 //           CTA's keys, dS read as the A operand by ldmatrix.trans, K from the CTA's own tile) and adds them to the
 //           fp32 workspace by reductions (ptx::red_add_f32x2: REDG.E.ADD.F32x2 on sm_90, 2 x RED.E.ADD.F32 on
-//           sm_80), in chunks of kDqChunk columns to bound the live registers.
+//           sm_80), in chunks of at most 32 columns to bound the live registers.
 //         dK and dV accumulate in fp32 registers over the whole group and are written once (dK * scale).
 //         At the padded head dim 256 two accumulators of 16 x 256 per warp do not fit in registers: dK (+ dQ)
 //         and dV are then computed by two launches of the same kernel (kDoDK / kDoDV), recomputing P.
@@ -44,10 +46,12 @@
 // NaN (docs/attention.md): a NaN lse (a NaN row in the forward) is not "empty": its P, hence its gradients, are
 // NaN; masked elements give dS exactly 0.
 //
-// Napkin math (bf16, d = 128, per visited 32 x 128 pair and CTA): 5 matmuls of 32 x 128 x 128 = 1280
-// HMMA.m16n8k16, 160 per warp; the atomics add 32 x 128 fp32 = 8 REDG.F32x2 per thread (16 with the 64-key CTAs of
-// kD 64: a reduction sums half as many keys). FlashAttention's FLOP count for the backward, 2.5x the forward's, is
-// exactly these 5 matmuls (the deterministic mode does 3.5x). Ceilings: docs/attention.md, GPU.
+// Napkin math (bf16, d = 128, atomic mode, per visited 64 x 128 item of dkdv_dq_kernel): 5 matmuls of
+// 64 x 128 x 128 = 2560 HMMA.m16n8k16, 320 per warp, fed by 144 ldmatrix.x4 per warp (0.45 per mma; dkdv_kernel's
+// 32 x 128 items: 160 mma, 104 ldmatrix.x4, 0.65); the atomics add 64 x 128 fp32 = 16 REDG.F32x2 per thread. At
+// kD 64 dkdv_kernel's 64-key CTAs add 32 x 64 per item, 8 per thread (a reduction sums 64 keys).
+// FlashAttention's FLOP count for the backward, 2.5x the forward's, is exactly these 5 matmuls (the deterministic
+// mode does 3.5x). Ceilings: docs/attention.md, GPU.
 #include "attention/attention_cuda.cuh"
 #include "common/dtype.h"
 #include "common/warp_reduce.cuh"
@@ -87,18 +91,16 @@ struct BwdConfig {
   static constexpr int kKvStages = kD <= 128 ? 2 : 1;
   static constexpr int kKvSmemBytes = (2 * kKvBlockN + 2 * kKvStages * kKvBlockM) * kStride * 2 +
                                       2 * kKvStages * kKvBlockM * 4;
-  // atomic dQ: dS^T of one item (kKvBlockN keys x kKvBlockM queries, padded rows: conflict-free ldmatrix and
-  // 32-bit stores). dQ(32 x kD) of an item is split over the warps as kDqTiles m16 query tiles (2 with 4 warps, 1
-  // with 8: warp w takes tile w / 4) x kD / 4 columns (column quarter w % 4), kDqChunk columns at a time to bound
-  // the live registers (16 x kDqChunk x kDqTiles fp32 per warp).
+  // atomic dQ (kD 64 and 256; kD 128 runs dkdv_dq_kernel): dS^T of one item (kKvBlockN keys x kKvBlockM queries,
+  // padded rows: conflict-free ldmatrix and 32-bit stores). dQ(32 x kD) of an item is split over the 4 warps by
+  // column quarters (both m16 query tiles per warp), kDqChunk columns at a time to bound the live registers
+  // (32 x kDqChunk fp32 per warp).
   static constexpr int kDsStride = kKvBlockM + 8;
-  static constexpr int kDqTiles = 8 / kKvWarps;
   // CTAs per SM the register allocation must allow (__launch_bounds__' second argument; 0: none). ptxas: the
   // atomic-dQ kernel at kD 64 takes 3 CTAs without spills (about 200 registers, 2 CTAs, without the hint); the one
   // without dQ (deterministic mode) spills 8-24 bytes under that hint and takes 166 / 174 registers without it (3 /
   // 2 CTAs on sm_90a / sm_80); the others keep none (docs/attention.md, GPU: static numbers).
   static constexpr int kv_min_blocks(bool dq) { return dq && kD == 64 ? 3 : 0; }
-  static constexpr int kDqChunk = kD / 4 < 32 ? kD / 4 : 32;
   static constexpr int kv_smem_bytes(bool dq) { return kKvSmemBytes + (dq ? kKvBlockN * kDsStride * 2 : 0); }
 };
 
@@ -449,23 +451,24 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kKvThreads, BwdConfig<kD>::kv_m
     }
     if constexpr (kDoDQ) {
       __syncthreads();  // sdS holds every warp's keys
-      // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's kDqTiles m16 query tiles (from row
-      // m0) and kD / 4 columns, kDqChunk at a time.
-      constexpr int kTiles = Cfg::kDqTiles, kCols = kD / 4, kChunk = Cfg::kDqChunk;
-      const int lane = threadIdx.x % kWarpSize, m0 = kTiles == 2 ? 0 : (warp / 4) * 16;
-      // This lane's workspace row (query i0 + m0 + lane / 4 of head hk * group + item_g) at column 2 (lane % 4);
+      // dQ(kBlockM x kD) += dS(kBlockM x kBlockN) K(kBlockN x kD): this warp's 2 m16 query tiles and kD / 4
+      // columns, kChunk at a time.
+      static_assert(Cfg::kKvWarps == 4, "dkdv_kernel: dQ with 4 warps (kD 128 runs dkdv_dq_kernel)");
+      constexpr int kTiles = 2, kCols = kD / 4, kChunk = kD / 4 < 32 ? kD / 4 : 32;
+      const int lane = threadIdx.x % kWarpSize;
+      // This lane's workspace row (query i0 + lane / 4 of head hk * group + item_g) at column 2 (lane % 4);
       // the rows of one query are heads_q * d floats apart. rows: the tile's valid rows after this lane's first.
       const int64_t ws_stride = p.heads_q * d;
       float* w0 = dq_ws + (dq_ws_row(p, si, i0) * p.heads_q + hk * group + item_g) * d +
-                  (m0 + lane / 4) * ws_stride + (lane % 4) * 2;
-      const int64_t rows = si.sq - i0 - m0 - lane / 4;
+                  (lane / 4) * ws_stride + (lane % 4) * 2;
+      const int64_t rows = si.sq - i0 - lane / 4;
 #pragma unroll
       for (int c0 = 0; c0 < kCols; c0 += kChunk) {
         const int col0 = (warp % 4) * kCols + c0;
         if (col0 >= d) break;  // padded head dim: nothing to add (uniform across the warp)
         float acc_dq[kTiles][kChunk / 8][4];
         zero(acc_dq);
-        gemm_ab<T, kTiles, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS + m0}, sK + col0);
+        gemm_ab<T, kTiles, kChunk, kBlockN, kStride>(acc_dq, SmemAT<T, Cfg::kDsStride>{sdS}, sK + col0);
 #pragma unroll
         for (int r = 0; r < 2 * kTiles; ++r) {  // accumulator rows 8 r (m16 tile r / 2, half r % 2)
           if (8 * r >= rows) break;
