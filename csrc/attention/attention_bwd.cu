@@ -522,7 +522,7 @@ struct Fa2BwdConfig {
   static constexpr int kBlockN = 128, kBlockM = 64;  // keys per CTA, query rows per item
   static constexpr int kStride = kD + 8;             // rows of K, V, Q, dO (conflict-free ldmatrix)
   static constexpr int kPStride = kBlockM + 8;       // rows of sP, sdS (keys x queries)
-  // K, V; Q x 2 stages, dO; lse2 and delta; sP, sdS. 156 KB at kD 128: fits sm_80's 163 KB per CTA.
+  // K, V; Q x 2 stages, dO; lse2 and delta; sP, sdS. 155.5 KB at kD 128: fits sm_80's 163 KB per CTA.
   static constexpr int kSmemBytes =
       (2 * kBlockN + 3 * kBlockM) * kStride * 2 + 2 * kBlockM * 4 + 2 * kBlockN * kPStride * 2;
 };
