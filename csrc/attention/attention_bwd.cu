@@ -642,7 +642,8 @@ __global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(
         for (int r = 0; r < 4; ++r) {
           lo[r] = 0;
           hi[r] = 31;
-          if (decltype(masked)::value) visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
+          if (decltype(masked)::value)
+            visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
         }
       };
       const auto p_of_scores = [&](auto masked) {
