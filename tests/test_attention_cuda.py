@@ -328,3 +328,72 @@ def test_deterministic_mode_is_bitwise_reproducible():
             runs.append(_bwd(q, k, v, out, lse, g, False, (-1, -1), True))
     for name, a, b in zip(("dq", "dk", "dv"), *runs):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"
+
+
+# ---- the atomic-dQ backward at head dims 65-128: dkdv_dq_kernel's FlashAttention-2 tiles ------------------------
+# 128-key CTAs, 64-query items; per warp a 32 x 32 (keys x queries) S / dP tile, 32 keys x 64 columns of dK / dV and
+# 32 queries x 32 columns of dQ; P^T and dS^T through shared memory. The cases put sequence ends just before, at and
+# after the 32-, 64- and 128-row boundaries (the last item or CTA partly filled, warps with no keys), windows narrower
+# than a 32 x 32 warp tile (most warp tiles skipped, the band cutting the rest), GQA / MQA (several heads' items per
+# CTA, dQ of one head summed from several CTAs), padded head dims (72: dQ column quarters 2-3 and half of dK / dV's
+# second column half are padding; 104: quarter 3 is half padding) and the softcap.
+# (batch, sq, sk, hq, hkv, d, causal, window, softcap)
+FA2_BWD_CASES = {
+    "q63_k129": (1, 63, 129, 2, 2, 128, False, (-1, -1), 0.0),
+    "q65_k128_causal": (2, 65, 128, 2, 1, 128, True, (-1, -1), 0.0),
+    "q129_k65_causal": (1, 129, 65, 2, 2, 128, True, (-1, -1), 0.0),
+    "q128_k127_gqa": (1, 128, 127, 4, 2, 128, False, (-1, -1), 0.0),
+    "q64_k257_mqa_causal": (1, 64, 257, 4, 1, 128, True, (-1, -1), 0.0),
+    "window_5_3": (1, 130, 200, 2, 2, 128, False, (5, 3), 0.0),
+    "window_diag_only": (1, 97, 97, 2, 1, 128, False, (0, 0), 0.0),
+    "causal_window_10_gqa": (1, 150, 140, 4, 2, 128, True, (10, -1), 0.0),
+    "d72_window": (1, 100, 150, 2, 1, 72, False, (20, 40), 0.0),
+    "d104_causal": (1, 129, 129, 2, 2, 104, True, (-1, -1), 0.0),
+    "softcap_window_gqa": (1, 70, 160, 4, 2, 128, False, (24, 8), 5.0),
+    "softcap_causal_d96": (1, 65, 65, 2, 2, 96, True, (-1, -1), 8.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FA2_BWD_CASES))
+def test_fa2_tiles_backward_matches_reference(case):
+    """The default (atomic-dQ) backward against the float64 gradients of the backward op for its inputs (outputs
+    poisoned; the dQ workspace NaN-filled before the delta kernel zeroes it)."""
+    b, sq, sk, hq, hkv, d, causal, window, softcap = FA2_BWD_CASES[case]
+    q, k, v = _inputs(b, sq, sk, hq, hkv, d, torch.bfloat16, mul=3.0 if softcap else 1.0)
+    out, lse = _fwd(q, k, v, softcap, causal, window)
+    g = torch.randn_like(out)
+    left, right = window
+    right = 0 if causal else right
+    grads = torch.ops.pyllmops.flash_attn_bwd(g, q, k, v, out, lse, None, None, None, sq, sk, 1.0 / math.sqrt(d),
+                                              softcap, left, right, False, False)
+    refs = _ref_backward_given_out(q, k, v, out, g, softcap, causal, window)
+    for name, a, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(a, r, TOL[torch.bfloat16]["grad"], name)
+
+
+def test_fa2_tiles_backward_varlen():
+    """Varlen at head dim 128, causal with a window: sequences of 64, 65 and 130 queries over 129, 63 and 128 keys (a
+    sequence's last query tile holds the next one's first rows: their dQ must not receive this sequence's atomics)
+    and one without queries (its keys get zero gradients)."""
+    lens_q, lens_k = [64, 65, 130, 0], [129, 63, 128, 40]
+    cq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=CUDA)
+    ck = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=CUDA)
+    hq, hkv, d = 4, 2, 128
+    q = torch.randn(sum(lens_q), hq, d, device=CUDA).to(torch.bfloat16)
+    k = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.bfloat16)
+    v = torch.randn(sum(lens_k), hkv, d, device=CUDA).to(torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
+    args = (cq, ck, max(lens_q), max(lens_k), scale, 0.0, 50, 0)
+    out, lse = torch.ops.pyllmops.flash_attn_fwd(q, k, v, *args, False, False)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.ops.pyllmops.flash_attn_bwd(g, q, k, v, out, lse, None, *args, False, False)
+    c_q, c_k = cq.tolist(), ck.tolist()
+    for s in range(len(lens_q)):
+        sq_, sk_ = slice(c_q[s], c_q[s + 1]), slice(c_k[s], c_k[s + 1])
+        if lens_q[s] == 0:
+            assert (dk[sk_] == 0).all() and (dv[sk_] == 0).all(), f"keys of sequence {s} (no queries) must get 0"
+            continue
+        refs = _ref_backward_given_out(*(t.unsqueeze(0) for t in (q[sq_], k[sk_], v[sk_], out[sq_], g[sq_])),
+                                       causal=True, window=(50, 0))
+        for name, a, r in zip(("dq", "dk", "dv"), (dq[sq_], dk[sk_], dv[sk_]), refs):
+            assert_close(a, r[0], TOL[torch.bfloat16]["grad"], f"{name} of sequence {s}")

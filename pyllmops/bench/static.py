@@ -61,6 +61,7 @@ DYNAMIC_SMEM = {
     "attention/fwd_kernel": "FwdConfig<{1}, {2}>::kSmemBytes",
     "attention/dq_kernel": "BwdConfig<{1}>::kDqSmemBytes",
     "attention/dkdv_kernel": "BwdConfig<{1}>::kv_smem_bytes({4})",
+    "attention/dkdv_dq_kernel": "Fa2BwdConfig<{1}>::kSmemBytes",
     # the largest x tile plan_skinny picks (k_chunk 2048 for one n8 tile, 1024 for two): 32 KB
     "nf4/skinny_mma_kernel": "({1} > 1 ? 1024 : 2048) / kSegK * {1} * kTileSmem",
 }
