@@ -6,7 +6,7 @@
 namespace pyllmops {
 
 // sum_j term(j) for j < n with 16 partial sums (one AVX-512 vector, two AVX2 vectors), combined as a tree: a fixed
-// order that vectorizes without -ffast-math. Used by the fused RMSNorm and the attention backward's delta.
+// order that vectorizes without -ffast-math (the fused RMSNorm's sums of squares and dot products).
 template <typename Term>
 inline float sum16(int64_t n, Term term) {
   float acc[16] = {};
