@@ -91,7 +91,12 @@ register_tensor_fuzz("attention/sdpa", sdpa_build, sdpa_call, sdpa_ref,
 for prefix, build, call, ref in (("attention/flash_attention", attn_build, attn_call, attn_ref),
                                  ("attention/flash_attention_varlen", varlen_build, varlen_call, varlen_ref)):
     register_scalar_fuzz(prefix, build, call, ref, "softmax_scale",
-                         SCALES_BAD + [("1e31", 1e31), ("tiny", 1e-30), ("1e4", 1e4), ("subnormal_f32", 1e-45)])
+                         SCALES_BAD + [("1e31", 1e31), ("tiny", 1e-30), ("subnormal_f32", 1e-45)])
+    # At softmax_scale 1e4 the float32 scores carry an absolute error of ~1e4 * 2^-24 * |q||k| (a few 1e-3): a row
+    # whose two best keys are that close mixes their values differently from float64, on any kernel. Relative
+    # output errors over 3000 seeds each (2026-12-02): pyllmops' kernel max 5.0e-4 (dense) / 3.1e-4 (varlen),
+    # torch's CPU flash kernel 3.7e-4 / 7.4e-4; 3-5 seeds of 3000 above 1e-4 on both, none above 1e-3.
+    register_scalar_fuzz(prefix, build, call, ref, "softmax_scale", [("1e4", 1e4)], tol=2e-3)
     register_scalar_fuzz(prefix, build, call, ref, "window_size",
                          [("left_2p63m1", (2**63 - 1, 0)), ("right_2p63m1", (-1, 2**63 - 1)),
                           ("both_2p63m1", (2**63 - 1, 2**63 - 1)), ("left_1e30", (10**30, 0)),
