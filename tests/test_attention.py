@@ -692,10 +692,10 @@ def test_softcap_makes_a_difference():
 
 
 # ---- NaN policy, scales, overflow (issue 15) ----------------------------------------------------
-def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None, d=32):
+def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None, d=32, s=70):
     """Puts NaN where `poison` says; forward + backward against the float64 reference in its exact (masked-pair)
     mode: the NaN pattern of out, lse, dq, dk, dv must be the reference's, and every finite entry must be close."""
-    q, k, v = _inputs(1, 70, 70, 4, 4 // group, d, dtype, device)
+    q, k, v = _inputs(1, s, s, 4, 4 // group, d, dtype, device)
     for name, idx in poison:
         t = {"q": q, "k": k, "v": v}[name]
         t[idx] = float("nan")
@@ -723,7 +723,7 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None, d=3
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", ["q_row", "k_in_window", "k_outside_window", "v_element", "dout_row", "q_causal_full",
-                                  "v_last_column", "k_last_column"])
+                                  "v_last_column", "k_last_column", "q_full_tile", "k_full_tile"])
 def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
@@ -742,6 +742,10 @@ def test_nan_policy(request, device, case):
         # head_dim 40: the NaN in the last column, past the CPU loader's last full vector (16 floats with AVX-512)
         "v_last_column": dict(poison=[("v", (0, 20, 1, 39))], causal=False, window=(3, 30), d=40),
         "k_last_column": dict(poison=[("k", (0, 40, 0, 39))], causal=True, window=(12, 0), d=40),
+        # 300 keys without a mask: 128-key tiles that the CPU forward's score product also takes the row maxima of
+        # (gemm_rowmax; those maxima may drop a NaN, which must still reach the row through the exponentials)
+        "q_full_tile": dict(poison=[("q", (0, 150, 1, 5))], causal=False, window=(-1, -1), s=300),
+        "k_full_tile": dict(poison=[("k", (0, 200, 0, 3))], causal=False, window=(-1, -1), s=300),
     }
     out, lse = _nan_case(device, dtype, **cases[case])
     if case == "q_row":
@@ -772,6 +776,17 @@ def _separated_inputs(b, sq, sk, hq, hkv, d, dtype, device, window=(-1, -1)):
         top2 = s.topk(2, dim=-1).values
         if ((top2[..., 0] - top2[..., 1]) > 1e-3).all():
             return q, k, v
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e5])
+def test_large_softmax_scale_full_tiles(scale):
+    """300 keys without a mask: the CPU forward takes the row maxima of its 128-key score tiles from the tile product
+    (gemm_rowmax). Softmax forgives a maximum that is off by a little, not one off by more than 128 in base 2: at
+    these scales a wrong maximum (one column panel's, say) overflows exp2 to inf and the output to NaN."""
+    q, k, v = _separated_inputs(1, 64, 300, 2, 2, 32, torch.float32, "cpu")
+    out = pyllmops.flash_attention(q, k, v, softmax_scale=scale)
+    ro, _ = ref.attention(q.double(), k.double(), v.double(), False, (-1, -1), scale)
+    assert_close(out, ro, 1e-4, "out")
 
 
 @pytest.mark.parametrize("device", devices())

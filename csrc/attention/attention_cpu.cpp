@@ -36,6 +36,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -89,7 +92,9 @@ constexpr int kPanel = 4;
 // 32 zmm: R x nv accumulators, nv loads of B and a broadcast register for A; 6 x 4 measured
 // faster than 14 x 2, 8 x 2 and 7 x 4 on the attention tile shapes
 constexpr int kRowsFor(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 14; }
+#define PYLLMOPS_ATTN_AVX512 1
 #include "attention/attention_cpu_isa.inc"
+#undef PYLLMOPS_ATTN_AVX512
 #pragma GCC pop_options
 }  // namespace isa_avx512
 #endif
@@ -97,7 +102,10 @@ constexpr int kRowsFor(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 14; }
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t, bool);
 using FinishFn = void (*)(float*, int, int, const int*, const int*, float, float, float);
-using OnlineFn = void (*)(const float*, int, int, int64_t, const int*, const int*, float*, float*, float*, float*);
+using GemmMaxFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                           int64_t, float*);
+using OnlineFn = void (*)(const float*, int, int, int64_t, const int*, const int*, const float*, float*, float*, float*,
+                          float*);
 using ProbsFn = void (*)(const float*, int, int, int64_t, const int*, const int*, const float*, const float*, float*);
 using GradFn = void (*)(const float*, const float*, int, int, int64_t, const int*, const int*, const float*, float,
                         float*);
@@ -107,6 +115,7 @@ using TransposeFn = void (*)(const float*, int, int64_t, float*);
 
 struct Isa {
   GemmFn gemm;
+  GemmMaxFn gemm_rowmax;
   FinishFn finish_scores;
   OnlineFn online_step;
   ProbsFn probs;
@@ -119,8 +128,8 @@ struct Isa {
 
 #define PYLLMOPS_ATTN_ISA(ns, label)                                                                       \
   Isa {                                                                                                    \
-    ns::gemm, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, ns::load_rows, \
-        ns::transpose, label                                                                               \
+    ns::gemm, ns::gemm_rowmax, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, \
+        ns::load_rows, ns::transpose, label                                                                \
   }
 
 const Isa& isa() {
@@ -232,10 +241,24 @@ void tile_gemm(bool b_finite, bool full, int64_t I, int64_t J, int64_t K, const 
 }
 
 // Base-2 logits of query rows [i0, i0 + rows) x keys [j0, j0 + cols) into s[kBlockM][kBlockN]; row r sees
-// columns [lo[r], hi[r]) (lo = hi = 0: none); every other entry, padding included, is -inf.
-void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* qf,
-            const float* kt, float* s, int* lo, int* hi) {
-  isa().gemm(kBlockM, kBlockN, cx.dp, qf, cx.dp, 1, kt, kBlockN, s, kBlockN, false);
+// columns [lo[r], hi[r]) (lo = hi = 0: none); every other entry, padding included, is -inf. With lane_max (a
+// kBlockM x 16 buffer), a tile that the mask does not cut, without a softcap and without padding columns also gets
+// its row maxima from the tile product (gemm_rowmax); then lane_max is returned, else nullptr.
+const float* scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                    const float* qf, const float* kt, float* s, int* lo, int* hi, float* lane_max = nullptr) {
+  // a tile without masked or padding columns and without a softcap: the products are the logits as they are
+  const bool plain = cx.softcap == 0.0f && cols == kBlockN && mask.tile_is_full(i0, i0 + rows, j0, j0 + cols);
+  if (!plain) lane_max = nullptr;
+  if (lane_max)
+    isa().gemm_rowmax(kBlockM, kBlockN, cx.dp, qf, cx.dp, 1, kt, kBlockN, s, kBlockN, lane_max);
+  else
+    isa().gemm(kBlockM, kBlockN, cx.dp, qf, cx.dp, 1, kt, kBlockN, s, kBlockN, false);
+  if (plain) {
+    std::fill(lo, lo + kBlockM, 0);
+    std::fill(hi, hi + rows, kBlockN);
+    std::fill(hi + rows, hi + kBlockM, 0);
+    return lane_max;
+  }
   for (int r = 0; r < kBlockM; ++r) {
     int a = 0, b = 0;
     if (r < rows) {
@@ -251,6 +274,7 @@ void scores(const Ctx& cx, const Mask& mask, int64_t i0, int64_t rows, int64_t j
   // Q was loaded times q_mul (the raw products are the logits without a softcap; with one, q_mul is 1)
   isa().finish_scores(s, kBlockM, kBlockN, lo, hi, cx.q_mul == 1.0f ? cx.scale_log2 : 1.0f, cx.scale * cx.inv_softcap,
                       cx.softcap_log2);
+  return lane_max;
 }
 
 // P = exp2(s - m) / l on the visible columns, 0 elsewhere (padding rows included); m and l: row 0 of the tile on.
@@ -259,10 +283,10 @@ void probs(const float* s, const int* lo, const int* hi, int64_t rows, const flo
 }
 
 // Online softmax step for one tile (the ISA file's online_step): m, l take in the tile's logits s, pb gets
-// exp2(s - m_new), factor[r] is what row r's accumulator must be scaled by.
-void online_step(const float* s, const int* lo, const int* hi, int64_t rows, float* m, float* l, float* pb,
-                 float* factor) {
-  isa().online_step(s, kBlockM, kBlockN, rows, lo, hi, m, l, pb, factor);
+// exp2(s - m_new), factor[r] is what row r's accumulator must be scaled by; lane_max: scores' row maxima or nullptr.
+void online_step(const float* s, const int* lo, const int* hi, const float* lane_max, int64_t rows, float* m, float* l,
+                 float* pb, float* factor) {
+  isa().online_step(s, kBlockM, kBlockN, rows, lo, hi, lane_max, m, l, pb, factor);
 }
 
 // One work item of the query-tile loops (forward, dq pass): sequence, head, rows [i0, i1).
@@ -380,6 +404,7 @@ struct Buffers {
   Scratch qf, gf, kf, kt, vf, vt, s, pb, ds, acc, acc2;
   int lo[kBlockM], hi[kBlockM];
   float m[kBlockM], l[kBlockM], factor[kBlockM];
+  float lane_max[kBlockM * 16];  // scores' row maxima, kVecWidth <= 16 lanes a row
   explicit Buffers(const Ctx& cx)
       : qf(kBlockM * cx.dp), gf(kBlockM * cx.dp), kf(kBlockN * cx.dp), kt(kBlockN * cx.dp), vf(kBlockN * cx.dp),
         vt(kBlockN * cx.dp), s(kBlockM * kBlockN), pb(kBlockM * kBlockN), ds(kBlockM * kBlockN),
@@ -424,8 +449,9 @@ void forward_impl(const Params& p) {
       for (int64_t nt = nb; nt < ne; ++nt) {
         const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
         const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
-        online_step(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.s.data(), bf.factor);  // P over S
+        const float* lane_max =
+            scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi, bf.lane_max);
+        online_step(bf.s.data(), bf.lo, bf.hi, lane_max, t.rows, bf.m, bf.l, bf.s.data(), bf.factor);  // P over S
         isa().scale_rows(bf.acc.data(), t.rows, dp, dp, bf.factor);
         tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.s.data(),
                   kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
@@ -493,8 +519,9 @@ void row_stats(const Params& p, const Ctx& cx, const Mask& mask, int64_t i0, int
   mask.key_tiles(i0, i0 + rows, kBlockN, &nb, &ne);
   for (int64_t nt = nb; nt < ne; ++nt) {
     const int64_t j0 = nt * kBlockN, cols = std::min(sk, j0 + kBlockN) - j0;
-    scores(cx, mask, i0, rows, j0, cols, qf, key_t(nt, j0, cols), bf.s.data(), bf.lo, bf.hi);
-    online_step(bf.s.data(), bf.lo, bf.hi, rows, m, l, bf.pb.data(), bf.factor);
+    const float* lane_max =
+        scores(cx, mask, i0, rows, j0, cols, qf, key_t(nt, j0, cols), bf.s.data(), bf.lo, bf.hi, bf.lane_max);
+    online_step(bf.s.data(), bf.lo, bf.hi, lane_max, rows, m, l, bf.pb.data(), bf.factor);
   }
 }
 
