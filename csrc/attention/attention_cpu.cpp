@@ -638,16 +638,23 @@ void fused_bwd_impl(const Params& p) {
   const int64_t dp = cx.dp, group = p.heads_q / p.heads_kv, tile = kBlockM * dp;
   parallel_for(p.batch * p.heads_kv, 1, [&](int64_t t0, int64_t t1) {
     Buffers bf(cx);
-    std::vector<float> work;
+    std::unique_ptr<float[]> work;  // the task's Q, dO and dQ tiles and (m, l): grows, never zero-filled whole
+    int64_t work_size = 0;
     std::vector<uint8_t> q_fin, g_fin;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t hk = task % p.heads_kv, b = task / p.heads_kv;
       const SeqInfo si = seq_info(p, b);
       const Mask mask = seq_mask(p, si);
       const int64_t m_tiles = num_tiles(si.sq, kBlockM), n_items = group * m_tiles;  // item = (head in group, tile)
-      work.assign(static_cast<size_t>(n_items * (3 * tile + 2 * kBlockM)), 0.0f);
-      float *qs = work.data(), *gs = qs + n_items * tile, *dqs = gs + n_items * tile;
+      const int64_t need = n_items * (3 * tile + 2 * kBlockM);
+      if (need > work_size) {
+        work.reset(new float[static_cast<size_t>(need)]);
+        work_size = need;
+      }
+      // Q and dO tiles are written whole by load_tile, m and l by row_stats; only dQ accumulates from 0
+      float *qs = work.get(), *gs = qs + n_items * tile, *dqs = gs + n_items * tile;
       float *ms = dqs + n_items * tile, *ls = ms + n_items * kBlockM;
+      std::fill(dqs, dqs + n_items * tile, 0.0f);
       q_fin.assign(static_cast<size_t>(n_items), 0);
       g_fin.assign(static_cast<size_t>(n_items), 0);
       for (int64_t g = 0; g < group; ++g) {
