@@ -727,7 +727,9 @@ def _nan_case(device, dtype, poison, causal, window, group=2, dout_row=None, d=3
 def test_nan_policy(request, device, case):
     """A NaN reaches exactly the outputs and gradients it touches (the float64 reference), never 0, -inf or a zero
     gradient (std::max used to drop it and make the row look empty), and a NaN outside the window touches nothing."""
-    if on_cuda(device):  # strict: the marker must go when the CUDA kernels give the exact pattern
+    # strict: the marker must go when the CUDA kernels give the exact pattern (the full-tile cases have no masked
+    # pair for a NaN to leak across, so the CUDA kernels give it there already)
+    if on_cuda(device) and case not in ("q_full_tile", "k_full_tile"):
         request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA kernels propagate NaN (never 0 / -inf) but "
                                               "over-approximate: 0 * NaN inside a visited tile reaches rows of that "
                                               "tile that do not see the NaN (test_attention_cuda.py checks no laundering)"))
