@@ -112,6 +112,7 @@ using GradFn = void (*)(const float*, const float*, int, int, int64_t, const int
 using ScaleRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*);
 using LoadRowsFn = bool (*)(const float*, int64_t, int64_t, int64_t, int64_t, int, float, float*);
 using TransposeFn = void (*)(const float*, int, int64_t, float*);
+using StoreFn = void (*)(const float*, int64_t, int64_t, int64_t, float, float*, int64_t);
 
 struct Isa {
   GemmFn gemm;
@@ -123,13 +124,14 @@ struct Isa {
   ScaleRowsFn scale_rows;
   LoadRowsFn load_rows;
   TransposeFn transpose;
+  StoreFn store_f32;
   const char* name;
 };
 
 #define PYLLMOPS_ATTN_ISA(ns, label)                                                                       \
   Isa {                                                                                                    \
     ns::gemm, ns::gemm_rowmax, ns::finish_scores, ns::online_step, ns::probs, ns::grad_scores, ns::scale_rows, \
-        ns::load_rows, ns::transpose, label                                                                \
+        ns::load_rows, ns::transpose, ns::store_f32, label                                                 \
   }
 
 const Isa& isa() {
@@ -208,6 +210,9 @@ void transpose(const float* src, int block, int64_t dp, float* dst) { isa().tran
 
 template <typename T>
 void store_rows(const float* src, float mul, int64_t rows, const Ctx& cx, T* base, int64_t row_stride, int64_t r0) {
+  if constexpr (std::is_same_v<T, float>) {
+    return isa().store_f32(src, cx.dp, rows, cx.d, mul, base + r0 * row_stride, row_stride);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = base + (r0 + r) * row_stride;
     for (int64_t c = 0; c < cx.d; ++c) dst[c] = from_float<T>(src[r * cx.dp + c] * mul);
