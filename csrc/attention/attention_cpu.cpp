@@ -433,11 +433,12 @@ bool load_values(const Params& p, const Ctx& cx, const SeqInfo& si, int64_t hk, 
   return fin;
 }
 
-// ---- forward -----------------------------------------------------------------------------------
-template <typename T>
-void forward_impl(const Params& p) {
-  const Ctx cx(p);
-  const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
+// The query-tile loop of the forward and of the dq pass: parallel over (batch x heads x query tiles), per thread
+// one set of tiles and one key / value tile cache; body(t, bf, cache) runs per query tile with its Q tile in bf.qf
+// (times q_mul).
+template <typename T, typename Body>
+void for_each_query_tile(const Params& p, const Ctx& cx, Body body) {
+  const int64_t m_tiles = num_tiles(p.seqlen_q, kBlockM);
   parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffers bf(cx);
     TileCache cache(cx, p.seqlen_k);
@@ -446,28 +447,38 @@ void forward_impl(const Params& p) {
       if (!t.decode(p, task, m_tiles)) continue;
       load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
                 bf.qf.data(), cx.q_mul);
-      std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
-      std::fill(bf.m, bf.m + kBlockM, -INFINITY);
-      std::fill(bf.l, bf.l + kBlockM, 0.0f);
-      int64_t nb, ne;
-      t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
-      for (int64_t nt = nb; nt < ne; ++nt) {
-        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
-        const float* lane_max =
-            scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi, bf.lane_max);
-        online_step(bf.s.data(), bf.lo, bf.hi, lane_max, t.rows, bf.m, bf.l, bf.s.data(), bf.factor);  // P over S
-        isa().scale_rows(bf.acc.data(), t.rows, dp, dp, bf.factor);
-        tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.s.data(),
-                  kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
-      }
-      T* ob = q_row(static_cast<T*>(p.o), p.lo, t.si, 0, t.h);
-      float* lse = p.lse + lse_index(p, t.si, 0, t.h);
-      for (int64_t r = 0; r < t.rows; ++r) {
-        const float l = bf.l[r];  // 0: the row saw no key; NaN propagates
-        store_rows(&bf.acc[r * dp], l == 0.0f ? 0.0f : 1.0f / l, 1, cx, ob, p.lo.seq, t.i0 + r);
-        lse[t.i0 + r] = l == 0.0f ? -INFINITY : (bf.m[r] + std::log2(l)) * kLn2;
-      }
+      body(static_cast<const QueryTile&>(t), bf, cache);
+    }
+  });
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+template <typename T>
+void forward_impl(const Params& p) {
+  const Ctx cx(p);
+  const int64_t dp = cx.dp;
+  for_each_query_tile<T>(p, cx, [&](const QueryTile& t, Buffers& bf, TileCache& cache) {
+    std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
+    std::fill(bf.m, bf.m + kBlockM, -INFINITY);
+    std::fill(bf.l, bf.l + kBlockM, 0.0f);
+    int64_t nb, ne;
+    t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
+    for (int64_t nt = nb; nt < ne; ++nt) {
+      const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
+      const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT | TileCache::kV);
+      const float* lane_max =
+          scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi, bf.lane_max);
+      online_step(bf.s.data(), bf.lo, bf.hi, lane_max, t.rows, bf.m, bf.l, bf.s.data(), bf.factor);  // P over S
+      isa().scale_rows(bf.acc.data(), t.rows, dp, dp, bf.factor);
+      tile_gemm(kv.v_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.s.data(),
+                kBlockN, 1, kv.vf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
+    }
+    T* ob = q_row(static_cast<T*>(p.o), p.lo, t.si, 0, t.h);
+    float* lse = p.lse + lse_index(p, t.si, 0, t.h);
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float l = bf.l[r];  // 0: the row saw no key; NaN propagates
+      store_rows(&bf.acc[r * dp], l == 0.0f ? 0.0f : 1.0f / l, 1, cx, ob, p.lo.seq, t.i0 + r);
+      lse[t.i0 + r] = l == 0.0f ? -INFINITY : (bf.m[r] + std::log2(l)) * kLn2;
     }
   });
 }
@@ -535,44 +546,36 @@ void row_stats(const Params& p, const Ctx& cx, const Mask& mask, int64_t i0, int
 template <typename T>
 void dq_impl(const Params& p, float* ws_m, float* ws_l) {
   const Ctx cx(p);
-  const int64_t dp = cx.dp, m_tiles = num_tiles(p.seqlen_q, kBlockM);
-  parallel_for(p.batch * p.heads_q * m_tiles, 1, [&](int64_t t0, int64_t t1) {
-    Buffers bf(cx);
-    TileCache cache(cx, p.seqlen_k);
-    QueryTile t;
-    for (int64_t task = t0; task < t1; ++task) {
-      if (!t.decode(p, task, m_tiles)) continue;
-      load_tile(q_row(static_cast<const T*>(p.q), p.lq, t.si, 0, t.h), p.lq.seq, t.i0, t.rows, cx, kBlockM,
-                bf.qf.data(), cx.q_mul);
-      load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, t.si, 0, t.h), p.ldo.seq, t.i0, t.rows, cx, kBlockM,
-                bf.gf.data());
-      const int64_t off = lse_index(p, t.si, 0, t.h) + t.i0;
-      const float* delta = p.delta + off;
-      int64_t nb, ne;
-      t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
-      row_stats(p, cx, t.mask, t.i0, t.rows, t.si.sk, off, bf.qf.data(), bf, bf.m, bf.l, [&](int64_t nt, int64_t j0,
-                                                                                           int64_t cols) {
-        return cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT).kt;
-      });
-      for (int64_t r = 0; r < t.rows; ++r) {
-        ws_m[off + r] = bf.m[r];
-        ws_l[off + r] = bf.l[r];
-      }
-      std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
-      for (int64_t nt = nb; nt < ne; ++nt) {  // dq
-        const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
-        const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols,
-                                        TileCache::kK | TileCache::kKT | TileCache::kVT);
-        scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
-        probs(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data());
-        isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, kv.vt, kBlockN, bf.ds.data(), kBlockN, false);
-        grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, t.rows, delta, bf.ds.data());
-        tile_gemm(kv.k_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.ds.data(),
-                  kBlockN, 1, kv.kf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
-      }
-      store_rows(bf.acc.data(), p.scale, t.rows, cx, q_row(static_cast<T*>(p.dq), p.ldq, t.si, 0, t.h), p.ldq.seq,
-                 t.i0);
+  const int64_t dp = cx.dp;
+  for_each_query_tile<T>(p, cx, [&](const QueryTile& t, Buffers& bf, TileCache& cache) {
+    load_tile(q_row(static_cast<const T*>(p.dout), p.ldo, t.si, 0, t.h), p.ldo.seq, t.i0, t.rows, cx, kBlockM,
+              bf.gf.data());
+    const int64_t off = lse_index(p, t.si, 0, t.h) + t.i0;
+    const float* delta = p.delta + off;
+    int64_t nb, ne;
+    t.mask.key_tiles(t.i0, t.i1, kBlockN, &nb, &ne);
+    row_stats(p, cx, t.mask, t.i0, t.rows, t.si.sk, off, bf.qf.data(), bf, bf.m, bf.l,
+              [&](int64_t nt, int64_t j0, int64_t cols) {
+                return cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols, TileCache::kKT).kt;
+              });
+    for (int64_t r = 0; r < t.rows; ++r) {
+      ws_m[off + r] = bf.m[r];
+      ws_l[off + r] = bf.l[r];
     }
+    std::fill(bf.acc.begin(), bf.acc.begin() + kBlockM * dp, 0.0f);
+    for (int64_t nt = nb; nt < ne; ++nt) {  // dq
+      const int64_t j0 = nt * kBlockN, cols = std::min(t.si.sk, j0 + kBlockN) - j0;
+      const KvTiles kv = cache.get<T>(p, cx, t.si, t.b, t.hk, nt, j0, cols,
+                                      TileCache::kK | TileCache::kKT | TileCache::kVT);
+      scores(cx, t.mask, t.i0, t.rows, j0, cols, bf.qf.data(), kv.kt, bf.s.data(), bf.lo, bf.hi);
+      probs(bf.s.data(), bf.lo, bf.hi, t.rows, bf.m, bf.l, bf.pb.data());
+      isa().gemm(kBlockM, kBlockN, dp, bf.gf.data(), dp, 1, kv.vt, kBlockN, bf.ds.data(), kBlockN, false);
+      grad_scores(cx, bf.s.data(), bf.pb.data(), bf.lo, bf.hi, t.rows, delta, bf.ds.data());
+      tile_gemm(kv.k_fin, t.mask.tile_is_full(t.i0, t.i1, j0, j0 + cols), kBlockM, dp, kBlockN, bf.ds.data(),
+                kBlockN, 1, kv.kf, dp, bf.acc.data(), dp, bf.lo, bf.hi, true);
+    }
+    store_rows(bf.acc.data(), p.scale, t.rows, cx, q_row(static_cast<T*>(p.dq), p.ldq, t.si, 0, t.h), p.ldq.seq,
+               t.i0);
   });
 }
 
