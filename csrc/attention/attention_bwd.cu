@@ -646,7 +646,9 @@ __global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(
             visible_rows<32>(mask, wj0 + 16 * (r / 2) + acc_row(2 * (r % 2)), ti0, &lo[r], &hi[r]);
         }
       };
-      const auto p_of_scores = [&](auto masked) {
+      // s[mt][n8][e] = f(mt, n8, e, column c) over the warp's 2 x 4 x 4 fragments, exactly 0 outside the rows'
+      // visible columns when masked (the P and the dS^T passes below).
+      const auto for_each_fragment = [&](auto masked, auto f) {
         int lo[4], hi[4];
         bounds(masked, lo, hi);
 #pragma unroll
@@ -656,44 +658,34 @@ __global__ void __launch_bounds__(Fa2BwdConfig<kD>::kThreads, 1) dkdv_dq_kernel(
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int r = 2 * mt + e / 2, c = acc_col(n8, e);
-              const float pr = ptx::ex2_approx(score(s[mt][n8][e], capped, pre).s * mul - sLt[c]);
-              s[mt][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? pr : 0.0f;
+              const float v = f(mt, n8, e, c);
+              s[mt][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? v : 0.0f;
             }
       };
-      if (full)
-        p_of_scores(std::false_type());
-      else
-        p_of_scores(std::true_type());
+      const auto over_tile = [&](auto f) {
+        if (full)
+          for_each_fragment(std::false_type(), f);
+        else
+          for_each_fragment(std::true_type(), f);
+      };
+      over_tile([&](int mt, int n8, int e, int c) {
+        return ptx::ex2_approx(score(s[mt][n8][e], capped, pre).s * mul - sLt[c]);
+      });
       store_tile(sP, s);
       float dp[2][4][4];
       zero(dp);
       gemm_abt<T, 2, 32, kD, kStride>(dp, SmemA<T, kStride>{sV + 32 * kb * kStride}, sdO + 32 * hb * kStride);
       // dS^T = P^T (dP^T - delta) (x (1 - t^2) when capped, t recovered from P as in dkdv_kernel), exactly 0 where
       // masked (also where dP^T is NaN).
-      const auto ds_of_p = [&](auto masked) {
-        int lo[4], hi[4];
-        bounds(masked, lo, hi);
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int n8 = 0; n8 < 4; ++n8)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int r = 2 * mt + e / 2, c = acc_col(n8, e);
-              const float pr = s[mt][n8][e];
-              float dt = 1.0f;
-              if (capped && pr > 0.0f) {
-                const float t = (ptx::lg2_approx(pr) + sLt[c]) * inv_mul;
-                dt = 1.0f - t * t;
-              }
-              const float ds = pr * (dp[mt][n8][e] - sDt[c]) * dt;
-              s[mt][n8][e] = !decltype(masked)::value || (c >= lo[r] && c <= hi[r]) ? ds : 0.0f;
-            }
-      };
-      if (full)
-        ds_of_p(std::false_type());
-      else
-        ds_of_p(std::true_type());
+      over_tile([&](int mt, int n8, int e, int c) {
+        const float pr = s[mt][n8][e];
+        float dt = 1.0f;
+        if (capped && pr > 0.0f) {
+          const float t = (ptx::lg2_approx(pr) + sLt[c]) * inv_mul;
+          dt = 1.0f - t * t;
+        }
+        return pr * (dp[mt][n8][e] - sDt[c]) * dt;
+      });
       store_tile(sdS, s);
     }
     __syncthreads();  // B2: sP and sdS hold the item
