@@ -150,11 +150,11 @@ def _float32_on_kernel(q, k, cu_seqlens_q, max_seqlen_q, backward):
     (the masked half of a 512-token causal call included): forward 1.13-1.38x SDPA, forward+backward 1.18-1.38x.
     Full attention: the same tile products as torch's (the micro-kernel is as fast per FLOP as its MKL GEMMs) with
     no finiteness pass over the inputs before the call (the kernel flags non-finite tiles as it loads them) and, for
-    varlen, one call for all sequences: 0.98-1.04x SDPA where the route to torch's kernel read 0.93-0.98 (b1, h4 and
-    GQA 8:2, d64, s512-2048, one thread, docs/attention.md). Not bf16 / fp16: torch's kernel runs bf16 / fp16 GEMMs
-    where ours converts to float32 (bf16 causal forward: ours 0.45-0.59x). The backward only when it takes its
-    single pass (enough (sequence, kv head) tasks for the threads; the two-pass backward does seven tile
-    products)."""
+    varlen, one call for all sequences: 1.03-1.24x SDPA (bench, 64-byte aligned tiles) where the route to torch's
+    kernel read 0.93-0.98 (b1, h4 and GQA 8:2, d64, s512-2048, one thread, docs/attention.md). Not bf16 / fp16:
+    torch's kernel runs bf16 / fp16 GEMMs where ours converts to float32 (bf16 causal forward: ours 0.45-0.59x).
+    The backward only when it takes its single pass (enough (sequence, kv head) tasks for the threads; the two-pass
+    backward does seven tile products)."""
     if q.dtype != torch.float32:
         return False
     if not backward:
