@@ -318,10 +318,10 @@ struct QueryTile {
 
 // A float buffer on a 64-byte boundary, left uninitialized. Aligned: the tiles are whole multiples of 16 floats, so
 // every vector load and store of a tile product then stays within one cache line (new float[] promises 16 bytes, and
-// at any other offset each 64-byte load spans two lines: the tile products measured 2-4% slower). Uninitialized: a std::vector
-// would zero ~0.5 MB of tiles per call and thread (1% of a 512-token forward), and every element is written before it
-// is read (loads zero-pad, the tile products without accumulation write the whole tile, the accumulators are cleared
-// by their loops).
+// at any other offset each 64-byte load spans two lines: the tile products measured 2-4% slower). Uninitialized: a
+// std::vector would zero ~0.5 MB of tiles per call and thread (1% of a 512-token forward), and every element is
+// written before it is read (loads zero-pad, the tile products without accumulation write the whole tile, the
+// accumulators are cleared by their loops).
 class Scratch {
  public:
   Scratch() = default;
